@@ -631,6 +631,47 @@ mod tests {
     }
 
     #[test]
+    fn field_offsets_match_the_document() {
+        let r = SiteRecord {
+            site_rel: 0x0101_0101,
+            save_rel: 0x0202_0202,
+            kind: 0x0303,
+            flags: 0x0404,
+            site_len: 5,
+            insn_len: 6,
+            width: 7,
+            reg: 8,
+            base: 9,
+            index: 10,
+            scale: 11,
+            reserved: 0,
+            imm: 0x0c0c_0c0c,
+            resume_rel: 0x0d0d_0d0d,
+            origin_rel: 0x0e0e_0e0e,
+        };
+        let b = r.to_bytes();
+        let at = |f: usize| b[f];
+        assert_eq!(
+            [at(field::SITE), at(field::SAVE), at(field::KIND), at(field::FLAGS), at(field::SITE_LEN)],
+            [1, 2, 3, 4, 5]
+        );
+        assert_eq!([at(field::INSN_LEN), at(field::WIDTH), at(field::REG), at(field::BASE)], [6, 7, 8, 9]);
+        assert_eq!(
+            [at(field::INDEX), at(field::SCALE), at(field::IMM), at(field::RESUME), at(field::ORIGIN)],
+            [10, 11, 12, 13, 14]
+        );
+    }
+
+    #[test]
+    fn document_lists_every_kind_with_its_number() {
+        let doc = include_str!("../../docs/site-abi.md");
+        for k in KINDS {
+            let row = std::format!("| {} | `{}` | {} |", k.kind as u16, k.name, k.class.name());
+            assert!(doc.contains(&row), "docs/site-abi.md lacks the row {row}");
+        }
+    }
+
+    #[test]
     fn chunks_skip_padding_and_reject_garbage() {
         let mut table = Vec::new();
         table.extend_from_slice(&ChunkHeader::new(Producer::Assembler, 1).to_bytes());
