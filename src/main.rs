@@ -11,8 +11,25 @@ struct Cli {
 }
 
 #[derive(Subcommand)]
-enum Command {}
+enum Command {
+    /// Count, list or export the sensitive instructions of x86-64 ELF files (vmlinux, .o, .ko, executables).
+    Scan(previrt_rewriter::cli::ScanArgs),
+    /// Boot a kernel on previrt's in-tree KVM hypervisor.
+    Run(previrt_vmm::RunArgs),
+    /// Install the CROSS_COMPILE toolchain that pre-virtualizes at assembler level.
+    #[command(subcommand)]
+    Toolchain(previrt_toolchain::ToolchainCommand),
+}
 
 fn main() {
-    let _cli = Cli::parse();
+    // Invoked as a toolchain tool (x86_64-previrt-linux-gnu-gcc, as, …): before any parsing.
+    if let Some(status) = previrt_toolchain::dispatch() {
+        std::process::exit(status);
+    }
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Scan(a) => std::process::exit(previrt_rewriter::cli::run(&a)),
+        Command::Run(a) => std::process::exit(previrt_vmm::main_run(&a)),
+        Command::Toolchain(c) => std::process::exit(previrt_toolchain::run(c)),
+    }
 }

@@ -1,0 +1,118 @@
+//! `previrt-vmm`: previrt's in-tree KVM hypervisor, behind `previrt run`.
+//!
+//! One vCPU, guest RAM from 0, kernels loaded as ELF (PVH, multiboot v1, 64-bit entry) or
+//! Linux bzImage ([`boot`]); a UART, isa-debug-exit and the in-kernel PIC/PIT ([`devices`]);
+//! per-exit accounting ([`stats`]); instructions the host emulator refuses completed with
+//! iced-x86 ([`emulate`]); the previrt paravirtual ABI ([`pv`]) and a Xen personality ([`xen`]).
+//!
+//! Public API: [`RunArgs`] (the command line), [`run`] (boot and run to the end) and
+//! [`main_run`] (both, with the process exit status `previrt run` uses).
+
+pub mod boot;
+pub mod devices;
+pub mod emulate;
+mod kick;
+pub mod layout;
+pub mod pv;
+pub mod stats;
+mod vm;
+pub mod xen;
+
+use std::path::PathBuf;
+
+pub use vm::{run, Error, RunResult};
+
+/// Which paravirtual interface the VMM offers the guest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum AbiKind {
+    /// The previrt ABI (docs/hv-abi.md).
+    Previrt,
+    /// Xen-compatible: 'XenVMMXenVMM' CPUID leaves and Xen hypercalls.
+    Xen,
+    /// No paravirtual interface: plain trap-and-emulate.
+    None,
+}
+
+/// How guest code executes on this host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Backend {
+    /// The ordinary KVM path (instruction-emulated ring 0 on KVM-PVM).
+    Pv,
+    /// KVM-PVM's native-execution mode, when the host has it (probed, never assumed).
+    Native,
+}
+
+/// `previrt run` arguments.
+#[derive(Debug, Clone, clap::Args)]
+pub struct RunArgs {
+    /// Kernel: ELF (PVH note, multiboot v1 header or 64-bit entry) or Linux bzImage.
+    pub kernel: PathBuf,
+    /// Guest RAM, with optional K/M/G suffix (at most 3G).
+    #[arg(long, default_value = "128M")]
+    pub mem: String,
+    /// Kernel command line.
+    #[arg(long, default_value = "")]
+    pub append: String,
+    /// Initial ramdisk / boot module.
+    #[arg(long)]
+    pub initrd: Option<PathBuf>,
+    /// File backing the paravirtual block device.
+    #[arg(long)]
+    pub disk: Option<PathBuf>,
+    /// Execution backend.
+    #[arg(long, value_enum, default_value = "pv")]
+    pub backend: Backend,
+    /// Paravirtual interface offered to the guest.
+    #[arg(long, value_enum, default_value = "previrt")]
+    pub abi: AbiKind,
+    /// Print the exit accounting table to stderr at the end.
+    #[arg(long)]
+    pub stats: bool,
+    /// Write the exit accounting as JSON to FILE (atomically).
+    #[arg(long, value_name = "FILE")]
+    pub stats_json: Option<PathBuf>,
+}
+
+/// Parse "128M", "1G", "65536K" or bytes.
+pub fn parse_size(s: &str) -> Option<u64> {
+    let s = s.trim();
+    let (num, mul) = match s.char_indices().last()? {
+        (i, 'K' | 'k') => (&s[..i], 1u64 << 10),
+        (i, 'M' | 'm') => (&s[..i], 1 << 20),
+        (i, 'G' | 'g') => (&s[..i], 1 << 30),
+        _ => (s, 1),
+    };
+    num.parse::<u64>().ok()?.checked_mul(mul)
+}
+
+/// Run `previrt run` and return the process exit status: the guest's isa-debug-exit status
+/// ((v << 1) | 1) or its shutdown status; 2 for bad input; 4 when the guest is stopped by the
+/// VMM (triple fault, instruction nobody can complete, ABI violation); 1 for host failures.
+pub fn main_run(args: &RunArgs) -> i32 {
+    let res = run(args, Box::new(std::io::stdout()));
+    let status = match &res {
+        Ok(r) => r.status,
+        Err(e) => {
+            eprintln!("previrt run: {e}");
+            e.exit_status()
+        }
+    };
+    let stats = match &res {
+        Ok(r) => Some(&r.stats),
+        Err(Error::Guest { stats, .. }) => Some(stats),
+        Err(_) => None,
+    };
+    if let Some(st) = stats {
+        if args.stats {
+            eprint!("{}", st.render());
+        }
+        if let Some(p) = &args.stats_json {
+            let json = serde_json::to_vec_pretty(&st.to_json()).unwrap_or_default();
+            if let Err(e) = stats::write_atomic(p, &json) {
+                eprintln!("previrt run: cannot write {}: {e}", p.display());
+                return 1;
+            }
+        }
+    }
+    status
+}

@@ -1,0 +1,532 @@
+//! The VM: KVM setup and the vCPU run loop.
+
+use std::fs::File;
+use std::time::{Duration, Instant};
+
+use kvm_bindings::{
+    kvm_enable_cap, kvm_msr_entry, kvm_pit_config, kvm_regs, kvm_userspace_memory_region, CpuId, Msrs,
+    KVM_CAP_X86_USER_SPACE_MSR, KVM_MAX_CPUID_ENTRIES, KVM_MSR_EXIT_REASON_INVAL, KVM_MSR_EXIT_REASON_UNKNOWN,
+    KVM_PIT_SPEAKER_DUMMY,
+};
+use kvm_ioctls::{Cap, IoEventAddress, Kvm, NoDatamatch, VcpuExit, VcpuFd, VmFd};
+use previrt_hv_abi as abi;
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::boot::{self, BadInput};
+use crate::devices::{ConsoleOut, IrqLine, PortBus, PortEffect, COM1_IRQ};
+use crate::emulate::{self, Completion};
+use crate::kick::Kicker;
+use crate::pv::{Outcome, Pv};
+use crate::stats::{Stats, Table};
+use crate::xen::Xen;
+use crate::{AbiKind, Backend, RunArgs};
+
+/// Why a run ended without a guest-chosen status.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{0}")]
+    BadInput(String),
+    #[error("{0}")]
+    Host(String),
+    #[error("guest stopped: {msg}")]
+    Guest { msg: String, stats: Stats },
+}
+
+impl Error {
+    pub fn exit_status(&self) -> i32 {
+        match self {
+            Error::BadInput(_) => 2,
+            Error::Host(_) => 1,
+            Error::Guest { .. } => 4,
+        }
+    }
+}
+
+impl From<BadInput> for Error {
+    fn from(e: BadInput) -> Self {
+        Error::BadInput(e.0)
+    }
+}
+
+fn host<E: std::fmt::Display>(what: &'static str) -> impl FnOnce(E) -> Error {
+    move |e| Error::Host(format!("{what}: {e}"))
+}
+
+/// A finished run.
+#[derive(Debug)]
+pub struct RunResult {
+    /// Process exit status chosen by the guest.
+    pub status: i32,
+    pub stats: Stats,
+}
+
+/// The paravirtual personality offered to the guest.
+enum Personality {
+    None,
+    Previrt(Pv),
+    Xen(Xen),
+}
+
+impl Personality {
+    fn cpuid(&self) -> Vec<(u32, u32, u32, u32, u32)> {
+        match self {
+            Personality::None => vec![],
+            Personality::Previrt(p) => p.cpuid().to_vec(),
+            Personality::Xen(x) => x.cpuid().to_vec(),
+        }
+    }
+}
+
+const EFLAGS_IF: u64 = 1 << 9;
+const MSR_PVM_MODE: u32 = 0x4b56_4d10;
+const MSR_PVM_SIGNATURE: u32 = 0x4b56_4d11;
+const PVM_SIGNATURE: u64 = 0x4d_5650;
+
+fn read_file(p: &std::path::Path, what: &str) -> Result<Vec<u8>, Error> {
+    std::fs::read(p).map_err(|e| Error::BadInput(format!("cannot read {what} {}: {e}", p.display())))
+}
+
+struct Vm {
+    _vm: VmFd,
+    vcpu: VcpuFd,
+    mem: GuestMemoryMmap,
+    bus: PortBus,
+    persona: Personality,
+    stats: Stats,
+    kicker: Option<Kicker>,
+}
+
+/// Boot `args.kernel` and run it until it stops; console output goes to `out`.
+pub fn run(args: &RunArgs, out: Box<dyn std::io::Write + Send>) -> Result<RunResult, Error> {
+    let mem_size = crate::parse_size(&args.mem)
+        .filter(|&s| s >= 2 << 20 && s <= crate::layout::MAX_RAM && s % 4096 == 0)
+        .ok_or_else(|| Error::BadInput(format!("--mem {}: need 2M..=3G in whole pages (e.g. 128M)", args.mem)))?;
+    let image = read_file(&args.kernel, "kernel")?;
+    let initrd = args.initrd.as_deref().map(|p| read_file(p, "initrd")).transpose()?;
+    let disk = match &args.disk {
+        None => None,
+        Some(p) => Some(
+            File::options()
+                .read(true)
+                .write(true)
+                .open(p)
+                .map_err(|e| Error::BadInput(format!("cannot open disk {}: {e}", p.display())))?,
+        ),
+    };
+    let console = ConsoleOut::new(out);
+    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), mem_size as usize)]).map_err(host("guest memory"))?;
+    let loaded = boot::load_kernel(&mem, &image)?;
+    boot::write_boot_info(&mem, mem_size, &loaded, &args.append, initrd.as_deref())?;
+    let persona = match args.abi {
+        AbiKind::None => Personality::None,
+        AbiKind::Previrt => Personality::Previrt(Pv::new(console.clone(), disk).map_err(host("disk"))?),
+        AbiKind::Xen => Personality::Xen(Xen::new(console.clone(), &loaded)),
+    };
+
+    let kvm = Kvm::new().map_err(|e| {
+        Error::Host(format!("cannot open /dev/kvm: {e} (is KVM available and accessible? see scripts/install-deps.sh)"))
+    })?;
+    let vm = kvm.create_vm().map_err(host("KVM_CREATE_VM"))?;
+    let region = kvm_userspace_memory_region {
+        slot: 0,
+        flags: 0,
+        guest_phys_addr: 0,
+        memory_size: mem_size,
+        userspace_addr: mem.get_host_address(GuestAddress(0)).map_err(host("guest memory"))? as u64,
+    };
+    // SAFETY: the region is guest memory we own; it outlives the VM (both live in `Vm`, and
+    // the VM fd is dropped first when the run ends).
+    unsafe { vm.set_user_memory_region(region) }.map_err(host("KVM_SET_USER_MEMORY_REGION"))?;
+    let _ = vm.set_tss_address(0xfffb_d000);
+    if vm.check_extension(Cap::Irqchip) {
+        vm.create_irq_chip().map_err(host("KVM_CREATE_IRQCHIP"))?;
+        if vm.check_extension(Cap::Pit2) {
+            vm.create_pit2(kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() })
+                .map_err(host("KVM_CREATE_PIT2"))?;
+        }
+    }
+    // Unknown and invalid MSRs come to us: the paravirtual MSRs live there, and a wrong MSR
+    // access is counted and answered with #GP like on hardware.
+    let cap = kvm_enable_cap {
+        cap: KVM_CAP_X86_USER_SPACE_MSR,
+        args: [(KVM_MSR_EXIT_REASON_UNKNOWN | KVM_MSR_EXIT_REASON_INVAL) as u64, 0, 0, 0],
+        ..Default::default()
+    };
+    vm.enable_cap(&cap).map_err(host("KVM_CAP_X86_USER_SPACE_MSR"))?;
+    let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(host("eventfd"))?;
+    vm.register_irqfd(&irq, COM1_IRQ).map_err(host("KVM_IRQFD"))?;
+    let mut persona = persona;
+    if let Personality::Previrt(pv) = &mut persona {
+        pv.doorbell = start_doorbell(&vm, pv, &mem);
+    }
+
+    let vcpu = vm.create_vcpu(0).map_err(host("KVM_CREATE_VCPU"))?;
+    let mut cpuid = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(host("KVM_GET_SUPPORTED_CPUID"))?;
+    cpuid = with_hypervisor_leaves(&cpuid, &persona.cpuid()).map_err(host("CPUID table"))?;
+    vcpu.set_cpuid2(&cpuid).map_err(host("KVM_SET_CPUID2"))?;
+    let sregs = vcpu.get_sregs().map_err(host("KVM_GET_SREGS"))?;
+    let (regs, sregs) = boot::initial_state(&mem, &loaded, sregs)?;
+    vcpu.set_sregs(&sregs).map_err(host("KVM_SET_SREGS"))?;
+    vcpu.set_regs(&regs).map_err(host("KVM_SET_REGS"))?;
+    let fpu = kvm_bindings::kvm_fpu { fcw: 0x37f, mxcsr: 0x1f80, ..Default::default() };
+    vcpu.set_fpu(&fpu).map_err(host("KVM_SET_FPU"))?;
+    if vm.check_extension(Cap::Irqchip) {
+        set_lint(&vcpu).map_err(host("KVM_SET_LAPIC"))?;
+    }
+    if args.backend == Backend::Native {
+        enable_native(&vcpu);
+    }
+
+    let kicker = match persona {
+        Personality::Previrt(_) => Some(Kicker::for_current_thread().map_err(host("timer thread"))?),
+        _ => None,
+    };
+    let bus = PortBus::new(IrqLine(irq), console);
+    let mut vm = Vm { _vm: vm, vcpu, mem, bus, persona, stats: Stats::default(), kicker };
+    let start = Instant::now();
+    let res = vm.run_loop();
+    vm.stats.wall = start.elapsed();
+    vm.bus.flush();
+    match res {
+        Ok(status) => Ok(RunResult { status, stats: vm.stats }),
+        Err(Stop::Guest(msg)) => Err(Error::Guest { msg, stats: vm.stats }),
+        Err(Stop::Host(msg)) => Err(Error::Host(msg)),
+    }
+}
+
+/// Register the console doorbell as an ioeventfd served by a thread; false if the host
+/// cannot (the port then exits to user space like any other and is handled synchronously).
+fn start_doorbell(vm: &VmFd, pv: &Pv, mem: &GuestMemoryMmap) -> bool {
+    let Ok(evt) = EventFd::new(0) else { return false };
+    if vm.register_ioevent(&evt, &IoEventAddress::Pio(abi::CONSOLE_DOORBELL_PORT as u64), NoDatamatch).is_err() {
+        return false;
+    }
+    let shared = pv.shared.clone();
+    let mem = mem.clone();
+    // The thread lives as long as the process: it only ever drains the console ring, and a
+    // corrupt ring is reported by the next synchronous flush on the vCPU thread.
+    std::thread::Builder::new()
+        .name("previrt-doorbell".into())
+        .spawn(move || {
+            while evt.read().is_ok() {
+                let _ = shared.drain_console(&mem);
+            }
+        })
+        .is_ok()
+}
+
+/// Replace the host's 0x40000000.. leaves (KVM's) with the personality's.
+fn with_hypervisor_leaves(base: &CpuId, leaves: &[(u32, u32, u32, u32, u32)]) -> Result<CpuId, String> {
+    let mut v: Vec<_> = base.as_slice().iter().filter(|e| e.function & 0xf000_0000 != 0x4000_0000).copied().collect();
+    for &(function, eax, ebx, ecx, edx) in leaves {
+        v.push(kvm_bindings::kvm_cpuid_entry2 {
+            function,
+            index: 0,
+            flags: 0,
+            eax,
+            ebx,
+            ecx,
+            edx,
+            ..Default::default()
+        });
+    }
+    CpuId::from_entries(&v).map_err(|e| format!("{e:?}"))
+}
+
+/// LAPIC LINT0 = ExtINT (the PIC's output reaches the CPU), LINT1 = NMI, as firmware leaves it.
+fn set_lint(vcpu: &VcpuFd) -> Result<(), kvm_ioctls::Error> {
+    let mut l = vcpu.get_lapic()?;
+    for (off, mode) in [(0x350usize, 0x700u32), (0x360, 0x400)] {
+        let b = &mut l.regs[off..off + 4];
+        let v = u32::from_le_bytes([b[0] as u8, b[1] as u8, b[2] as u8, b[3] as u8]);
+        let v = (v & !0x1_0700) | mode;
+        for (d, s) in b.iter_mut().zip(v.to_le_bytes()) {
+            *d = s as _;
+        }
+    }
+    vcpu.set_lapic(&l)
+}
+
+/// KVM-PVM native execution: only if the host answers the PVM signature MSR.
+fn enable_native(vcpu: &VcpuFd) {
+    let mut m = Msrs::from_entries(&[kvm_msr_entry { index: MSR_PVM_SIGNATURE, ..Default::default() }]).unwrap();
+    let has = matches!(vcpu.get_msrs(&mut m), Ok(1)) && m.as_slice()[0].data == PVM_SIGNATURE;
+    if !has {
+        eprintln!("previrt run: host has no KVM-PVM native mode (MSR {MSR_PVM_SIGNATURE:#x}); using the ordinary path");
+        return;
+    }
+    let on = Msrs::from_entries(&[kvm_msr_entry { index: MSR_PVM_MODE, data: 1, ..Default::default() }]).unwrap();
+    if !matches!(vcpu.set_msrs(&on), Ok(1)) {
+        eprintln!("previrt run: enabling KVM-PVM native mode failed; using the ordinary path");
+    }
+}
+
+/// Why the run loop stopped without a guest status.
+enum Stop {
+    Guest(String),
+    Host(String),
+}
+
+/// Work left over from an exit whose data borrowed the vCPU.
+enum After {
+    Nothing,
+    Hypercall(u64),
+    Emulate,
+    Exit(i32),
+    Stop(Stop),
+}
+
+fn msr_name(index: u32, write: bool) -> String {
+    format!("{index:#x} {}", if write { "wr" } else { "rd" })
+}
+
+impl Vm {
+    fn guest<T>(&self, msg: String) -> Result<T, Stop> {
+        Err(Stop::Guest(msg))
+    }
+
+    fn regs(&self) -> Result<kvm_regs, Stop> {
+        self.vcpu.get_regs().map_err(|e| Stop::Host(format!("KVM_GET_REGS: {e}")))
+    }
+
+    fn run_loop(&mut self) -> Result<i32, Stop> {
+        loop {
+            self.before_entry()?;
+            let t0 = Instant::now();
+            let exit = self.vcpu.run();
+            let t1 = Instant::now();
+            self.stats.in_kvm += t1 - t0;
+            let (reason, detail, after) = match exit {
+                Err(e) if e.errno() == libc::EINTR => ("interrupted", None, After::Nothing),
+                Err(e) => return Err(Stop::Host(format!("KVM_RUN: {e}"))),
+                Ok(exit) => match exit {
+                    VcpuExit::IoOut(port, data) => {
+                        let mut v = [0u8; 4];
+                        v[..data.len().min(4)].copy_from_slice(&data[..data.len().min(4)]);
+                        let after = if port == abi::HYPERCALL_PORT && !matches!(self.persona, Personality::None) {
+                            After::Hypercall(u32::from_le_bytes(v) as u64)
+                        } else if port == abi::CONSOLE_DOORBELL_PORT && matches!(self.persona, Personality::Previrt(_))
+                        {
+                            After::Hypercall(abi::hc::CONSOLE_FLUSH)
+                        } else {
+                            match self.bus.write(port, data) {
+                                PortEffect::Exit(s) => After::Exit(s),
+                                PortEffect::None => After::Nothing,
+                            }
+                        };
+                        ("io_out", Some((Table::Port, format!("{port:#x} out"))), after)
+                    }
+                    VcpuExit::IoIn(port, data) => {
+                        self.bus.read(port, data);
+                        ("io_in", Some((Table::Port, format!("{port:#x} in"))), After::Nothing)
+                    }
+                    VcpuExit::MmioRead(addr, data) => {
+                        data.fill(0xff);
+                        ("mmio_read", Some((Table::Mmio, format!("{addr:#x} rd"))), After::Nothing)
+                    }
+                    VcpuExit::MmioWrite(addr, _) => {
+                        ("mmio_write", Some((Table::Mmio, format!("{addr:#x} wr"))), After::Nothing)
+                    }
+                    VcpuExit::X86Rdmsr(m) => {
+                        let v = match &self.persona {
+                            Personality::Previrt(p) => p.rdmsr(m.index),
+                            Personality::Xen(x) => x.rdmsr(m.index),
+                            Personality::None => None,
+                        };
+                        match v {
+                            Some(v) => *m.data = v,
+                            None => *m.error = 1,
+                        }
+                        ("rdmsr", Some((Table::Msr, msr_name(m.index, false))), After::Nothing)
+                    }
+                    VcpuExit::X86Wrmsr(m) => {
+                        let ok = match &mut self.persona {
+                            Personality::Previrt(p) => p.wrmsr(&self.mem, m.index, m.data),
+                            Personality::Xen(x) => x.wrmsr(&self.mem, m.index, m.data),
+                            Personality::None => None,
+                        };
+                        if ok != Some(true) {
+                            *m.error = 1;
+                        }
+                        ("wrmsr", Some((Table::Msr, msr_name(m.index, true))), After::Nothing)
+                    }
+                    VcpuExit::Hlt => ("hlt", None, After::Nothing),
+                    VcpuExit::Shutdown => ("shutdown", None, After::Stop(Stop::Guest(String::new()))),
+                    VcpuExit::InternalError => ("internal_error", None, After::Emulate),
+                    VcpuExit::FailEntry(r, _) => {
+                        ("fail_entry", None, After::Stop(Stop::Host(format!("KVM_EXIT_FAIL_ENTRY, reason {r:#x}"))))
+                    }
+                    VcpuExit::SystemEvent(t, _) => (
+                        "system_event",
+                        None,
+                        After::Stop(Stop::Guest(format!("system event {t} (reset or power-off)"))),
+                    ),
+                    VcpuExit::IrqWindowOpen | VcpuExit::Intr => ("interrupt_window", None, After::Nothing),
+                    other => {
+                        let name = format!("{other:?}");
+                        ("other", None, After::Stop(Stop::Host(format!("unhandled KVM exit {name}"))))
+                    }
+                },
+            };
+            let status = match after {
+                After::Nothing => None,
+                After::Exit(s) => Some(s),
+                After::Hypercall(nr) => self.hypercall(nr)?,
+                After::Emulate => {
+                    self.emulate()?;
+                    None
+                }
+                After::Stop(Stop::Guest(m)) if m.is_empty() => {
+                    let rip = self.regs().map(|r| r.rip).unwrap_or(0);
+                    return self.guest(format!("triple fault (KVM_EXIT_SHUTDOWN) at RIP {rip:#x}"));
+                }
+                After::Stop(s) => return Err(s),
+            };
+            let dt = t1.elapsed();
+            self.stats.add(Table::Reason, reason, dt);
+            if let Some((t, k)) = detail {
+                self.stats.add(t, k, dt);
+            }
+            if let Some(s) = status {
+                return Ok(s);
+            }
+        }
+    }
+
+    /// Timer expiry and event injection for the previrt ABI, before each KVM_RUN.
+    fn before_entry(&mut self) -> Result<(), Stop> {
+        let Personality::Previrt(pv) = &mut self.persona else { return Ok(()) };
+        pv.tick(&self.mem, Instant::now());
+        if let Some(k) = &self.kicker {
+            k.set(pv.timer.deadline);
+        }
+        let sh = pv.shared.clone();
+        let (Some(pending), Some(vif)) =
+            (sh.read_u64(&self.mem, abi::offsets::PENDING), sh.read_u32(&self.mem, abi::offsets::VIF))
+        else {
+            return Ok(());
+        };
+        if pending == 0 || vif == 0 || pv.event_vector == 0 {
+            return Ok(());
+        }
+        let vector = pv.event_vector;
+        let regs = self.regs()?;
+        let mut ev = self.vcpu.get_vcpu_events().map_err(|e| Stop::Host(format!("KVM_GET_VCPU_EVENTS: {e}")))?;
+        if regs.rflags & EFLAGS_IF == 0
+            || ev.interrupt.injected != 0
+            || ev.exception.injected != 0
+            || ev.interrupt.shadow != 0
+        {
+            return Ok(());
+        }
+        ev.interrupt.injected = 1;
+        ev.interrupt.nr = vector;
+        ev.interrupt.soft = 0;
+        ev.flags = 0;
+        self.vcpu.set_vcpu_events(&ev).map_err(|e| Stop::Host(format!("KVM_SET_VCPU_EVENTS: {e}")))?;
+        sh.write_u32(&self.mem, abi::offsets::VIF, 0);
+        let n = sh.read_u64(&self.mem, abi::offsets::UPCALLS).unwrap_or(0);
+        sh.write_u64(&self.mem, abi::offsets::UPCALLS, n.wrapping_add(1));
+        self.stats.add(Table::Reason, "upcall_injected", Duration::ZERO);
+        Ok(())
+    }
+
+    /// A hypercall through the stub port: number in eax, arguments in registers.
+    fn hypercall(&mut self, nr: u64) -> Result<Option<i32>, Stop> {
+        let t = Instant::now();
+        let mut regs = self.regs()?;
+        let (name, out) = match &mut self.persona {
+            Personality::Previrt(pv) => {
+                let a = [regs.rdi, regs.rsi, regs.rdx, regs.rcx];
+                let mut out = pv.hypercall(&self.mem, nr, a, Instant::now());
+                if out == Outcome::Halt {
+                    out = halt(pv, &self.mem);
+                }
+                (format!("previrt:{}", Pv::name(nr)), out)
+            }
+            Personality::Xen(x) => {
+                let a = [regs.rdi, regs.rsi, regs.rdx, regs.r10, regs.r8];
+                let sregs = self.vcpu.get_sregs().map_err(|e| Stop::Host(format!("KVM_GET_SREGS: {e}")))?;
+                let mem = &self.mem;
+                let tr = |la| emulate::translate(mem, &sregs, la);
+                (format!("xen:{}", crate::xen::name(nr)), x.hypercall(mem, nr, a, &tr))
+            }
+            Personality::None => unreachable!("hypercall port is only routed with a personality"),
+        };
+        let r = match out {
+            Outcome::Ret(v) => {
+                regs.rax = v as u64;
+                self.vcpu.set_regs(&regs).map_err(|e| Stop::Host(format!("KVM_SET_REGS: {e}")))?;
+                None
+            }
+            Outcome::Shutdown(s) => Some(s),
+            Outcome::Fatal(m) => return self.guest(format!("{name} at RIP {:#x}: {m}", regs.rip)),
+            Outcome::Halt => unreachable!("halt is resolved above"),
+        };
+        self.stats.add(Table::Hypercall, name, t.elapsed());
+        Ok(r)
+    }
+
+    /// KVM gave up on an instruction: complete it ourselves or stop with its description.
+    fn emulate(&mut self) -> Result<(), Stop> {
+        let run = self.vcpu.get_kvm_run();
+        // SAFETY: the exit reason is KVM_EXIT_INTERNAL_ERROR, so `internal` is the live member.
+        let (sub, ndata, data) = unsafe {
+            let i = &run.__bindgen_anon_1.internal;
+            (i.suberror, i.ndata, i.data)
+        };
+        let mut regs = self.regs()?;
+        let sregs = self.vcpu.get_sregs().map_err(|e| Stop::Host(format!("KVM_GET_SREGS: {e}")))?;
+        let what = match emulate::fetch(&self.mem, &regs, &sregs) {
+            Ok(f) => f,
+            Err(e) => {
+                return self.guest(format!(
+                    "KVM internal error {sub} ({ndata} words {:x?}); {e}",
+                    &data[..(ndata as usize).min(4)]
+                ))
+            }
+        };
+        const KVM_INTERNAL_ERROR_EMULATION: u32 = 1;
+        let c = match emulate::completion(&what.insn, regs.rflags) {
+            Some(c) if sub == KVM_INTERNAL_ERROR_EMULATION => c,
+            _ => return self.guest(format!("KVM internal error {sub}: cannot complete {}", what.describe())),
+        };
+        regs.rip = regs.rip.wrapping_add(what.bytes.len() as u64);
+        if let Completion::Flags(set, clear) = c {
+            regs.rflags = (regs.rflags | set) & !clear;
+        }
+        self.vcpu.set_regs(&regs).map_err(|e| Stop::Host(format!("KVM_SET_REGS: {e}")))?;
+        if let Completion::Interrupt(v) | Completion::Exception(v) = c {
+            let mut ev = self.vcpu.get_vcpu_events().map_err(|e| Stop::Host(format!("KVM_GET_VCPU_EVENTS: {e}")))?;
+            if let Completion::Interrupt(_) = c {
+                ev.interrupt.injected = 1;
+                ev.interrupt.nr = v;
+                ev.interrupt.soft = 0;
+            } else {
+                ev.exception.injected = 1;
+                ev.exception.nr = v;
+                ev.exception.has_error_code = 0;
+            }
+            ev.flags = 0;
+            self.vcpu.set_vcpu_events(&ev).map_err(|e| Stop::Host(format!("KVM_SET_VCPU_EVENTS: {e}")))?;
+        }
+        self.stats.add(Table::Insn, format!("{:?}", what.insn.mnemonic()).to_lowercase(), Duration::ZERO);
+        Ok(())
+    }
+}
+
+/// HALT: wait for the timer if no event is pending; return the pending bits.
+fn halt(pv: &mut Pv, mem: &GuestMemoryMmap) -> Outcome {
+    loop {
+        pv.tick(mem, Instant::now());
+        let pending = pv.shared.read_u64(mem, abi::offsets::PENDING).unwrap_or(0);
+        if pending != 0 {
+            return Outcome::Ret(pending as i64);
+        }
+        match pv.timer.deadline {
+            Some(d) => std::thread::sleep(d.saturating_duration_since(Instant::now())),
+            None => return Outcome::Fatal("halt with no event pending and no timer armed would sleep forever".into()),
+        }
+    }
+}
