@@ -1,0 +1,147 @@
+//! Helpers shared by integration tests: the example kernel, built once per test process, and
+//! QEMU runs of it. Every missing prerequisite is a failure naming `scripts/install-deps.sh`.
+#![allow(dead_code)] // each test binary uses a different subset
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+
+pub fn repo_root() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+pub fn kernel_src() -> PathBuf {
+    repo_root().join("examples/kernel")
+}
+
+/// Fails the test unless `tool` is on PATH.
+pub fn require_tool(tool: &str) {
+    let found =
+        std::env::var_os("PATH").map(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file())).unwrap_or(false);
+    assert!(found, "`{tool}` not found on PATH; run scripts/install-deps.sh");
+}
+
+/// The outputs of one `make` of the example kernel.
+pub struct KernelBuild {
+    pub dir: PathBuf,
+}
+
+impl KernelBuild {
+    /// Multiboot header and PVH note; QEMU boots it through multiboot.
+    pub fn elf(&self) -> PathBuf {
+        self.dir.join("kernel.elf")
+    }
+    /// The same objects without the multiboot header, so QEMU boots it through PVH.
+    pub fn pvh_elf(&self) -> PathBuf {
+        self.dir.join("kernel-pvh.elf")
+    }
+}
+
+/// Builds the example kernel into `out` with `make O=out [CROSS_COMPILE=prefix]`.
+pub fn build_example_kernel(out: &Path, cross_compile: Option<&str>) -> KernelBuild {
+    require_tool("make");
+    let mut make = Command::new("make");
+    make.arg("-s").arg("-C").arg(kernel_src()).arg(format!("O={}", out.display()));
+    if let Some(prefix) = cross_compile {
+        make.arg(format!("CROSS_COMPILE={prefix}"));
+    }
+    let o = make.output().expect("running make");
+    assert!(
+        o.status.success(),
+        "building the example kernel failed ({}); is gcc installed (scripts/install-deps.sh)?\n{}{}",
+        o.status,
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    KernelBuild { dir: out.to_path_buf() }
+}
+
+/// The example kernel built with the host gcc/ld, once per test process, in a directory of
+/// its own under cargo's target tmp dir (directories of processes that are gone are removed).
+pub fn example_kernel() -> &'static KernelBuild {
+    static BUILD: OnceLock<KernelBuild> = OnceLock::new();
+    BUILD.get_or_init(|| {
+        let base = Path::new(env!("CARGO_TARGET_TMPDIR"));
+        remove_dirs_of_dead_processes(base, "example-kernel-");
+        let dir = base.join(format!("example-kernel-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        build_example_kernel(&dir, None)
+    })
+}
+
+fn remove_dirs_of_dead_processes(base: &Path, prefix: &str) {
+    let Ok(entries) = std::fs::read_dir(base) else { return };
+    for e in entries.flatten() {
+        let name = e.file_name();
+        let Some(pid) = name.to_str().and_then(|n| n.strip_prefix(prefix)) else { continue };
+        if pid.parse::<u32>().is_ok() && !Path::new("/proc").join(pid).exists() {
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
+}
+
+/// A finished `examples/kernel/run-qemu.sh` run.
+pub struct QemuRun {
+    /// run-qemu.sh's status: 0 PASS, 1 FAIL, 3 no verdict, 124 timeout.
+    pub status: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+/// Boots `kernel` under QEMU TCG with `cmdline` through `examples/kernel/run-qemu.sh`.
+pub fn run_qemu(kernel: &Path, cmdline: &str) -> QemuRun {
+    run_qemu_with_env(kernel, cmdline, &[])
+}
+
+pub fn run_qemu_with_env(kernel: &Path, cmdline: &str, env: &[(&str, &str)]) -> QemuRun {
+    require_tool("qemu-system-x86_64");
+    let o = Command::new(kernel_src().join("run-qemu.sh"))
+        .arg(kernel)
+        .arg(cmdline)
+        .envs(env.iter().copied())
+        .output()
+        .expect("running run-qemu.sh");
+    QemuRun {
+        status: o.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&o.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&o.stderr).into_owned(),
+    }
+}
+
+/// One `WORKLOAD` line of the kernel's output.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WorkloadLine {
+    pub name: String,
+    pub pass: bool,
+    /// 16 hex digits on PASS lines, None on FAIL lines.
+    pub checksum: Option<String>,
+    pub seq: u64,
+}
+
+pub fn workload_lines(output: &str) -> Vec<WorkloadLine> {
+    output
+        .lines()
+        .filter_map(|l| l.strip_prefix("WORKLOAD "))
+        .map(|rest| {
+            let mut words = rest.split(' ');
+            let name = words.next().unwrap_or_default().to_string();
+            let pass = words.next() == Some("PASS");
+            let mut checksum = None;
+            let mut seq = None;
+            for w in words {
+                if let Some(c) = w.strip_prefix("checksum=") {
+                    checksum = Some(c.to_string());
+                } else if let Some(s) = w.strip_prefix("seq=") {
+                    seq = s.parse().ok();
+                }
+            }
+            WorkloadLine { name, pass, checksum, seq: seq.unwrap_or_else(|| panic!("no seq= in `WORKLOAD {rest}`")) }
+        })
+        .collect()
+}
+
+/// The output lines that must be identical for one command line on every platform and
+/// backend: all but the boot banner and the TIMING lines.
+pub fn deterministic_lines(output: &str) -> Vec<&str> {
+    output.lines().filter(|l| !l.starts_with("kernel: ") && !l.starts_with("TIMING ")).collect()
+}
