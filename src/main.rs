@@ -19,6 +19,8 @@ enum Command {
     /// Install the CROSS_COMPILE toolchain that pre-virtualizes at assembler level.
     #[command(subcommand)]
     Toolchain(previrt_toolchain::ToolchainCommand),
+    /// Link the guest runtime into a kernel ELF: it patches the kernel's sites at boot.
+    Link(previrt_link::cli::LinkArgs),
 }
 
 fn main() {
@@ -31,5 +33,6 @@ fn main() {
         Command::Scan(a) => std::process::exit(previrt_rewriter::cli::run(&a)),
         Command::Run(a) => std::process::exit(previrt_vmm::main_run(&a)),
         Command::Toolchain(c) => std::process::exit(previrt_toolchain::run(c)),
+        Command::Link(a) => std::process::exit(previrt_link::cli::run(&a)),
     }
 }

@@ -1,0 +1,52 @@
+//! `previrt link KERNEL -o OUT [--backend native|trace|auto] [--json]`.
+
+use crate::{link, DefaultBackend, LinkError};
+use std::path::PathBuf;
+
+#[derive(clap::Args, Debug)]
+pub struct LinkArgs {
+    /// Linked kernel ELF with a PVH entry note (never modified).
+    pub kernel: PathBuf,
+    /// Output ELF (written atomically).
+    #[arg(short, long)]
+    pub output: PathBuf,
+    /// Backend used when the kernel command line has no `previrt.backend=`.
+    #[arg(long, default_value = "native", value_parser = ["native", "trace", "auto"])]
+    pub backend: String,
+    /// Print the report as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Run the subcommand; returns the exit status (2 for bad input, 1 for other failures).
+pub fn run(a: &LinkArgs) -> i32 {
+    let backend = DefaultBackend::parse(&a.backend).unwrap_or(DefaultBackend::Native);
+    match link(&a.kernel, &a.output, backend) {
+        Ok(r) if a.json => {
+            let v = serde_json::json!({
+                "kernel": a.kernel, "output": a.output,
+                "runtime_virt": r.runtime_virt, "runtime_phys": r.runtime_phys,
+                "runtime_file_size": r.runtime_file_size, "runtime_mem_size": r.runtime_mem_size,
+                "sites": r.sites, "kernel_pvh_entry": r.kernel_pvh_entry,
+                "runtime_pvh_entry": r.runtime_pvh_entry, "default_backend": a.backend,
+            });
+            println!("{v}");
+            0
+        }
+        Ok(r) => {
+            println!(
+                "previrt link: {} -> {}: runtime at {:#x} (phys {:#x}, {} bytes, {} in memory), {} sites, PVH entry {:#x} -> {:#x}, default backend {}",
+                a.kernel.display(), a.output.display(), r.runtime_virt, r.runtime_phys, r.runtime_file_size,
+                r.runtime_mem_size, r.sites, r.kernel_pvh_entry, r.runtime_pvh_entry, a.backend
+            );
+            0
+        }
+        Err(e) => {
+            eprintln!("previrt link: {}: {e}", a.kernel.display());
+            match e {
+                LinkError::Input(_) => 2,
+                LinkError::Environment(_) => 1,
+            }
+        }
+    }
+}

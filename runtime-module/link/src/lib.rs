@@ -1,0 +1,266 @@
+//! `previrt link`: append the guest runtime to a linked kernel ELF and make it the PVH entry.
+//!
+//! The runtime (built by this crate's build script from `runtime-module/` with the kernel
+//! flags, GOT-free and checked for SSE/x87 by disassembly) is linked with the system `ld` at
+//! the first page after the kernel's highest loaded byte, with the kernel's virt − phys
+//! offset, and appended as a new PT_LOAD. The program header table moves to the end of the
+//! file; the PVH note (XEN_ELFNOTE_PHYS32_ENTRY) and `e_entry` point at the runtime, which
+//! patches the kernel's sites and then enters the kernel's original PVH entry.
+//! docs/runtime-entry.md has the convention.
+
+pub mod cli;
+mod ld;
+
+use object::elf;
+use object::read::elf::{FileHeader, ProgramHeader, SectionHeader};
+use object::LittleEndian as LE;
+use std::path::Path;
+
+/// The runtime object, built and checked by build.rs.
+pub const RUNTIME_OBJECT: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/previrt-runtime.o"));
+
+/// Backend the runtime uses when the command line names none.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DefaultBackend {
+    Native,
+    Trace,
+    /// The best backend for the detected platform; today that is `native` everywhere.
+    Auto,
+}
+
+impl DefaultBackend {
+    /// Parse `native`, `trace` or `auto`.
+    pub fn parse(s: &str) -> Option<DefaultBackend> {
+        [("native", DefaultBackend::Native), ("trace", DefaultBackend::Trace), ("auto", DefaultBackend::Auto)]
+            .into_iter()
+            .find_map(|(n, b)| (n == s).then_some(b))
+    }
+    /// The runtime's backend id (previrt_runtime::backend::BACKENDS).
+    fn id(self) -> u32 {
+        match self {
+            DefaultBackend::Native | DefaultBackend::Auto => 0,
+            DefaultBackend::Trace => 1,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LinkError {
+    /// The input kernel cannot be handled (exit status 2).
+    #[error("{0}")]
+    Input(String),
+    /// The system linker or the file system failed.
+    #[error("{0}")]
+    Environment(String),
+}
+
+/// What `link` did.
+#[derive(Debug, Clone)]
+pub struct LinkReport {
+    /// Runtime placement (virtual and physical), bytes in the file and in memory.
+    pub runtime_virt: u64,
+    pub runtime_phys: u64,
+    pub runtime_file_size: u64,
+    pub runtime_mem_size: u64,
+    /// Site records found in `.previrt.sites`.
+    pub sites: usize,
+    pub kernel_pvh_entry: u64,
+    pub runtime_pvh_entry: u64,
+    pub default_backend: DefaultBackend,
+}
+
+/// The facts about a kernel ELF that linking needs.
+struct Kernel {
+    /// Highest loaded virtual address (end of memsz) and virt − phys.
+    end_virt: u64,
+    delta: u64,
+    /// File offset and size of the PVH entry note's descriptor, and its value.
+    pvh_desc: (usize, usize),
+    pvh_entry: u64,
+    sites: (u64, u64),
+    site_count: usize,
+}
+
+fn bad(msg: impl Into<String>) -> LinkError {
+    LinkError::Input(msg.into())
+}
+
+const XEN_ELFNOTE_PHYS32_ENTRY: u32 = 18;
+const GIB: u64 = 1 << 30;
+
+fn inspect(data: &[u8]) -> Result<Kernel, LinkError> {
+    let hdr = elf::FileHeader64::<LE>::parse(data).map_err(|_| bad("not a 64-bit little-endian ELF file"))?;
+    if hdr.e_machine(LE) != elf::EM_X86_64 || hdr.e_type(LE) != elf::ET_EXEC {
+        return Err(bad("not an x86-64 executable (ET_EXEC) ELF"));
+    }
+    let phdrs = hdr.program_headers(LE, data).map_err(|e| bad(format!("bad program headers: {e}")))?;
+    if phdrs.iter().any(|p| p.p_type(LE) == elf::PT_PHDR) {
+        return Err(bad("kernel has a PT_PHDR segment; previrt link moves the program headers and cannot keep it"));
+    }
+    let loads: Vec<_> = phdrs.iter().filter(|p| p.p_type(LE) == elf::PT_LOAD && p.p_memsz(LE) > 0).collect();
+    let first = loads.first().ok_or_else(|| bad("kernel has no PT_LOAD segment"))?;
+    let delta = first.p_vaddr(LE).wrapping_sub(first.p_paddr(LE));
+    if loads.iter().any(|p| p.p_vaddr(LE).wrapping_sub(p.p_paddr(LE)) != delta) {
+        return Err(bad("kernel segments have different virt-phys offsets"));
+    }
+    if delta != 0 && (delta % GIB != 0 || (delta >> 39) & 511 == 0 || (delta >> 30) & 511 > 510) {
+        return Err(bad(format!("kernel virt-phys offset {delta:#x} is not supported (needs 0, or 1 GiB aligned outside the low 512 GiB)")));
+    }
+    let end_virt = loads.iter().map(|p| p.p_vaddr(LE) + p.p_memsz(LE)).max().unwrap_or(0);
+
+    let mut pvh = None;
+    for p in phdrs.iter().filter(|p| p.p_type(LE) == elf::PT_NOTE) {
+        let Ok(Some(mut notes)) = p.notes(LE, data) else { continue };
+        while let Ok(Some(n)) = notes.next() {
+            if n.name() == b"Xen" && n.n_type(LE).0 == XEN_ELFNOTE_PHYS32_ENTRY {
+                let desc = n.desc();
+                let off = desc.as_ptr() as usize - data.as_ptr() as usize;
+                let value = match desc.len() {
+                    4 => u32::from_le_bytes(desc.try_into().unwrap()) as u64,
+                    8 => u64::from_le_bytes(desc.try_into().unwrap()),
+                    n => return Err(bad(format!("PVH entry note has a {n}-byte value"))),
+                };
+                pvh = Some(((off, desc.len()), value));
+            }
+        }
+    }
+    let (pvh_desc, pvh_entry) =
+        pvh.ok_or_else(|| bad("kernel has no PVH entry note (Xen ELF note 18, XEN_ELFNOTE_PHYS32_ENTRY)"))?;
+
+    let (mut sites, mut site_count) = ((0, 0), 0);
+    if let Ok(sections) = hdr.sections(LE, data) {
+        if let Some((_, s)) = sections.section_by_name(LE, previrt_site_abi::SITES_SECTION.as_bytes()) {
+            let addr = s.sh_addr(LE);
+            let size = s.sh_size(LE);
+            let loaded = loads.iter().any(|p| addr >= p.p_vaddr(LE) && addr + size <= p.p_vaddr(LE) + p.p_memsz(LE));
+            if !loaded {
+                return Err(bad(format!("{} is not inside a loaded segment", previrt_site_abi::SITES_SECTION)));
+            }
+            let bytes = s.data(LE, data).map_err(|e| bad(format!("cannot read the site table: {e}")))?;
+            for c in previrt_site_abi::chunks(bytes) {
+                site_count += c.map_err(|e| bad(format!("site table: {e}")))?.len();
+            }
+            sites = (addr, addr + size);
+        }
+    }
+    Ok(Kernel { end_virt, delta, pvh_desc, pvh_entry, sites, site_count })
+}
+
+/// The runtime linked at `base`: its load segment's bytes, memory size and entry.
+struct LinkedRuntime {
+    bytes: Vec<u8>,
+    mem_size: u64,
+    entry: u64,
+}
+
+fn link_runtime(p: &ld::Placement) -> Result<LinkedRuntime, LinkError> {
+    let env = |e: std::io::Error| LinkError::Environment(e.to_string());
+    let dir = tempdir().map_err(env)?;
+    let obj = dir.join("previrt-runtime.o");
+    let elf_path = dir.join("previrt-runtime.elf");
+    std::fs::write(&obj, RUNTIME_OBJECT).map_err(env)?;
+    let linked = ld::link_runtime(&obj, &elf_path, p).map_err(LinkError::Environment);
+    let data = linked.and_then(|()| std::fs::read(&elf_path).map_err(env));
+    let _ = std::fs::remove_dir_all(&dir);
+    let data = data?;
+    let internal = |m: &str| LinkError::Environment(format!("linked runtime: {m}"));
+    let hdr = elf::FileHeader64::<LE>::parse(&*data).map_err(|_| internal("not ELF"))?;
+    let phdrs = hdr.program_headers(LE, &*data).map_err(|_| internal("no program headers"))?;
+    let load = phdrs.iter().find(|ph| ph.p_type(LE) == elf::PT_LOAD).ok_or_else(|| internal("no load segment"))?;
+    if load.p_vaddr(LE) != p.base {
+        return Err(internal("load segment not at the requested address"));
+    }
+    let bytes = load.data(LE, &*data).map_err(|_| internal("segment data"))?.to_vec();
+    Ok(LinkedRuntime { bytes, mem_size: load.p_memsz(LE), entry: hdr.e_entry(LE) })
+}
+
+fn tempdir() -> std::io::Result<std::path::PathBuf> {
+    let dir = std::env::temp_dir().join(format!("previrt-link-{}-{:x}", std::process::id(), nanos()));
+    std::fs::create_dir_all(&dir)?;
+    Ok(dir)
+}
+
+fn nanos() -> u128 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos())
+}
+
+fn put(buf: &mut [u8], at: usize, bytes: &[u8]) {
+    buf[at..at + bytes.len()].copy_from_slice(bytes);
+}
+
+/// Link the runtime into `input`, writing `output` atomically. `input` is never modified.
+pub fn link(input: &Path, output: &Path, backend: DefaultBackend) -> Result<LinkReport, LinkError> {
+    let data = std::fs::read(input).map_err(|e| bad(format!("cannot read {}: {e}", input.display())))?;
+    let k = inspect(&data)?;
+    let page = 4096u64;
+    let base = k.end_virt.div_ceil(page) * page;
+    let placement = ld::Placement {
+        base,
+        sites_start: k.sites.0,
+        sites_end: k.sites.1,
+        kernel_pvh_entry: k.pvh_entry,
+        default_backend: backend.id(),
+        virt_delta: k.delta,
+    };
+    let rt = link_runtime(&placement)?;
+    let phys = base.wrapping_sub(k.delta);
+    let entry_phys = rt.entry.wrapping_sub(k.delta);
+    if entry_phys > u32::MAX as u64 {
+        return Err(bad(format!("runtime would load at physical {phys:#x}, above 4 GiB")));
+    }
+
+    // Layout: original file, runtime segment (page aligned), new program header table.
+    let hdr = elf::FileHeader64::<LE>::parse(&*data).map_err(|_| bad("not ELF"))?;
+    let (phoff, phnum, phentsize) = (hdr.e_phoff(LE) as usize, hdr.e_phnum(LE) as usize, hdr.e_phentsize(LE) as usize);
+    let old_entry = hdr.e_entry(LE);
+    let mut out = data.clone();
+    out.resize(out.len().div_ceil(page as usize) * page as usize, 0);
+    let rt_off = out.len();
+    out.extend_from_slice(&rt.bytes);
+    out.resize(out.len().div_ceil(8) * 8, 0);
+    let new_phoff = out.len();
+    out.extend_from_slice(&data[phoff..phoff + phnum * phentsize]);
+    let mut ph = [0u8; 56];
+    put(&mut ph, 0, &elf::PT_LOAD.0.to_le_bytes());
+    put(&mut ph, 4, &(elf::PF_R.0 | elf::PF_W.0 | elf::PF_X.0).to_le_bytes());
+    put(&mut ph, 8, &(rt_off as u64).to_le_bytes());
+    put(&mut ph, 16, &base.to_le_bytes());
+    put(&mut ph, 24, &phys.to_le_bytes());
+    put(&mut ph, 32, &(rt.bytes.len() as u64).to_le_bytes());
+    put(&mut ph, 40, &rt.mem_size.to_le_bytes());
+    put(&mut ph, 48, &page.to_le_bytes());
+    out.extend_from_slice(&ph[..phentsize.min(56)]);
+
+    // e_phoff (+32), e_phnum (+56); e_entry (+24) keeps the original's address space.
+    put(&mut out, 32, &(new_phoff as u64).to_le_bytes());
+    put(&mut out, 56, &((phnum + 1) as u16).to_le_bytes());
+    let new_entry = if old_entry == k.pvh_entry { entry_phys } else { rt.entry };
+    put(&mut out, 24, &new_entry.to_le_bytes());
+    let (desc_off, desc_len) = k.pvh_desc;
+    put(&mut out, desc_off, &entry_phys.to_le_bytes()[..desc_len]);
+
+    write_atomically(output, &out).map_err(|e| LinkError::Environment(format!("cannot write {}: {e}", output.display())))?;
+    Ok(LinkReport {
+        runtime_virt: base,
+        runtime_phys: phys,
+        runtime_file_size: rt.bytes.len() as u64,
+        runtime_mem_size: rt.mem_size,
+        sites: k.site_count,
+        kernel_pvh_entry: k.pvh_entry,
+        runtime_pvh_entry: entry_phys,
+        default_backend: backend,
+    })
+}
+
+/// Write via a temporary file in the same directory and rename; executable like the input.
+fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
+    std::fs::write(&tmp, bytes)?;
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o755))?;
+    std::fs::rename(&tmp, path).inspect_err(|_| {
+        let _ = std::fs::remove_file(&tmp);
+    })
+}

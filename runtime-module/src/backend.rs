@@ -1,0 +1,54 @@
+//! Backends: which sites a backend routes through the runtime. This is the seam later
+//! backends (the in-tree hypervisor's `hv`, Xen PV, `pvm`) implement: a row here saying which
+//! kinds they take over, plus an [`crate::emulate::Machine`] giving the platform primitives
+//! the shared per-kind handlers run on.
+
+use previrt_site_abi::{flags, SiteRecord};
+
+/// What a site becomes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Route {
+    /// The original instruction (plus NOP filler) runs in place.
+    Original,
+    /// A `call` into the runtime's stub, which finds the record by return address.
+    Stub,
+}
+
+/// A backend as the patcher sees it.
+#[derive(Debug)]
+pub struct Backend {
+    /// Stable number (link-time default, `previrt_repatch` argument).
+    pub id: u32,
+    /// Name on the kernel command line (`previrt.backend=NAME`) and in the boot log.
+    pub name: &'static str,
+    pub route: fn(&SiteRecord) -> Route,
+}
+
+fn original(_: &SiteRecord) -> Route {
+    Route::Original
+}
+
+/// Every long-mode site with room for a call. 16/32-bit and trap-only sites keep the original.
+fn long_mode_sites(r: &SiteRecord) -> Route {
+    if r.has(flags::CODE32 | flags::CODE16 | flags::TRAP) {
+        Route::Original
+    } else {
+        Route::Stub
+    }
+}
+
+/// Sites run the original instruction.
+pub const NATIVE: Backend = Backend { id: 0, name: "native", route: original };
+/// Every site is counted and its effect performed by the runtime.
+pub const TRACE: Backend = Backend { id: 1, name: "trace", route: long_mode_sites };
+
+/// All backends, by id.
+pub const BACKENDS: &[&Backend] = &[&NATIVE, &TRACE];
+
+pub fn by_name(name: &[u8]) -> Option<&'static Backend> {
+    BACKENDS.iter().copied().find(|b| b.name.as_bytes() == name)
+}
+
+pub fn by_id(id: u32) -> Option<&'static Backend> {
+    BACKENDS.iter().copied().find(|b| b.id == id)
+}

@@ -1,0 +1,199 @@
+//! The PVH boot path (docs/runtime-entry.md).
+//!
+//! `previrt_pvh_entry` is the kernel's PVH entry after `previrt link`: it is entered in 32-bit
+//! protected mode, paging off, `%ebx` = hvm_start_info. It builds its own page tables
+//! (identity map of the low 4 GiB with 2 MiB pages, plus the kernel's virtual window when the
+//! kernel is linked at virt != phys), enters long mode, calls [`super::boot`] at its virtual
+//! address, then goes back to 32-bit protected mode with paging off and the original CR0, CR4
+//! and EFER, and jumps to the kernel's original PVH entry with the original `%ebx`. So any PVH
+//! kernel works unmodified.
+//!
+//! The 32-bit code is position independent (it runs at physical addresses): data is addressed
+//! relative to a `call`/`pop` anchor; the link provides the absolute symbols
+//! `__previrt_kernel_pvh_entry` (physical) and `__previrt_virt_delta` (virt − phys).
+
+core::arch::global_asm!(
+    r#"
+    .set BOOT_PT_PAGES, 9
+    .section .text.previrt_boot32, "ax", @progbits
+    .code32
+    .globl previrt_pvh_entry
+previrt_pvh_entry:
+    cli
+    cld
+    call 1f
+1:  popl %ebp
+    movl %ebx, (pvh_ebx - 1b)(%ebp)
+    leal (boot_stack_top - 1b)(%ebp), %esp
+
+    movl %cr0, %eax
+    movl %eax, (saved_cr0 - 1b)(%ebp)
+    movl %cr4, %eax
+    movl %eax, (saved_cr4 - 1b)(%ebp)
+    movl $0xc0000080, %ecx
+    rdmsr
+    movl %eax, (saved_efer - 1b)(%ebp)
+
+    /* Zero the page tables. */
+    leal (boot_pml4 - 1b)(%ebp), %edi
+    xorl %eax, %eax
+    movl $(BOOT_PT_PAGES * 1024), %ecx
+    rep stosl
+
+    /* Identity map 0..4 GiB: pml4[0] -> pdpt_lo; pdpt_lo[0..4] -> pd_lo[0..4]. */
+    leal (boot_pdpt_lo - 1b)(%ebp), %eax
+    orl $3, %eax
+    movl %eax, (boot_pml4 - 1b)(%ebp)
+    leal (boot_pd_lo - 1b)(%ebp), %eax
+    orl $3, %eax
+    leal (boot_pdpt_lo - 1b)(%ebp), %edi
+    movl $4, %ecx
+2:  movl %eax, (%edi)
+    addl $4096, %eax
+    addl $8, %edi
+    loop 2b
+    leal (boot_pd_lo - 1b)(%ebp), %edi
+    xorl %ecx, %ecx
+3:  movl %ecx, %eax
+    shll $21, %eax
+    orl $0x83, %eax
+    movl %eax, (%edi, %ecx, 8)
+    incl %ecx
+    cmpl $2048, %ecx
+    jb 3b
+
+    /* Kernel window: virt [delta, delta + 2 GiB) -> phys [0, 2 GiB) when delta != 0.
+       previrt link checks delta is 1 GiB aligned, leaves pml4[0] alone and fits one pdpt. */
+    movl (virt_delta - 1b)(%ebp), %esi
+    movl (virt_delta + 4 - 1b)(%ebp), %edx
+    movl %esi, %eax
+    orl %edx, %eax
+    jz 5f
+    movl %edx, %eax
+    shrl $7, %eax
+    andl $511, %eax
+    leal (boot_pdpt_hi - 1b)(%ebp), %ebx
+    orl $3, %ebx
+    leal (boot_pml4 - 1b)(%ebp), %edi
+    movl %ebx, (%edi, %eax, 8)
+    movl %edx, %eax
+    andl $0x7f, %eax
+    shll $2, %eax
+    shrl $30, %esi
+    orl %esi, %eax
+    leal (boot_pdpt_hi - 1b)(%ebp), %edi
+    leal (boot_pd_hi - 1b)(%ebp), %ebx
+    orl $3, %ebx
+    movl %ebx, (%edi, %eax, 8)
+    addl $4096, %ebx
+    movl %ebx, 8(%edi, %eax, 8)
+    leal (boot_pd_hi - 1b)(%ebp), %edi
+    xorl %ecx, %ecx
+4:  movl %ecx, %eax
+    shll $21, %eax
+    orl $0x83, %eax
+    movl %eax, (%edi, %ecx, 8)
+    incl %ecx
+    cmpl $1024, %ecx
+    jb 4b
+5:
+    /* Long mode: PAE, CR3, EFER.LME, our GDT, paging. */
+    movl %cr4, %eax
+    orl $0x20, %eax
+    movl %eax, %cr4
+    leal (boot_pml4 - 1b)(%ebp), %eax
+    movl %eax, %cr3
+    movl $0xc0000080, %ecx
+    rdmsr
+    orl $0x100, %eax
+    wrmsr
+    leal (boot_gdt - 1b)(%ebp), %eax
+    movl %eax, (boot_gdtr + 2 - 1b)(%ebp)
+    lgdt (boot_gdtr - 1b)(%ebp)
+    movl %cr0, %eax
+    orl $0x80000001, %eax
+    movl %eax, %cr0
+    leal (boot_long - 1b)(%ebp), %eax
+    pushl $0x18
+    pushl %eax
+    lret
+
+    .code32
+boot_exit32:
+    movl $0x10, %eax
+    movl %eax, %ds
+    movl %eax, %es
+    movl %eax, %ss
+    movl %eax, %fs
+    movl %eax, %gs
+    call 6f
+6:  popl %ebp
+    /* The entry CR0 has paging off: restoring it leaves long mode. */
+    movl (saved_cr0 - 6b)(%ebp), %eax
+    movl %eax, %cr0
+    movl $0xc0000080, %ecx
+    rdmsr
+    movl (saved_efer - 6b)(%ebp), %eax
+    wrmsr
+    movl (saved_cr4 - 6b)(%ebp), %eax
+    movl %eax, %cr4
+    movl (pvh_ebx - 6b)(%ebp), %ebx
+    xorl %eax, %eax
+    xorl %ecx, %ecx
+    xorl %edx, %edx
+    xorl %esi, %esi
+    xorl %edi, %edi
+    xorl %ebp, %ebp
+    /* PVH leaves %esp undefined: use it to hold the target. */
+    movl $__previrt_kernel_pvh_entry, %esp
+    jmp *%esp
+    .code64
+
+    .section .text.previrt_boot64, "ax", @progbits
+    .code64
+boot_long:
+    movl $0x10, %eax
+    movl %eax, %ds
+    movl %eax, %es
+    movl %eax, %ss
+    movl %esp, %esp
+    movl pvh_ebx(%rip), %edi
+    movabsq $previrt_boot, %rax
+    callq *%rax
+    leaq boot_exit32(%rip), %rax
+    pushq $0x08
+    pushq %rax
+    lretq
+
+
+    .section .data.previrt_boot, "aw", @progbits
+    .balign 8
+pvh_ebx:    .quad 0
+saved_cr0:  .quad 0
+saved_cr4:  .quad 0
+saved_efer: .quad 0
+virt_delta: .quad __previrt_virt_delta
+boot_gdt:
+    .quad 0
+    .quad 0x00cf9a000000ffff    /* 0x08: 32-bit code */
+    .quad 0x00cf92000000ffff    /* 0x10: data */
+    .quad 0x00af9a000000ffff    /* 0x18: 64-bit code */
+boot_gdt_end:
+    .balign 8
+boot_gdtr:
+    .word boot_gdt_end - boot_gdt - 1
+    .long 0
+
+    .section .bss.previrt_boot, "aw", @nobits
+    .balign 4096
+boot_pml4:    .skip 4096
+boot_pdpt_lo: .skip 4096
+boot_pd_lo:   .skip 4 * 4096
+boot_pdpt_hi: .skip 4096
+boot_pd_hi:   .skip 2 * 4096
+boot_stack:   .skip 32768
+boot_stack_top:
+    .text
+"#,
+    options(att_syntax, raw)
+);

@@ -1,0 +1,131 @@
+//! The hardware [`Machine`]: the real privileged instructions, for backends running at CPL 0
+//! on real or fully virtualized hardware (`trace`).
+
+use crate::emulate::{DescTable, Machine};
+use core::arch::asm;
+
+pub struct Hardware;
+
+pub fn cpuid(leaf: u32, subleaf: u32) -> [u32; 4] {
+    let r = core::arch::x86_64::__cpuid_count(leaf, subleaf);
+    [r.eax, r.ebx, r.ecx, r.edx]
+}
+
+pub fn rdtsc() -> u64 {
+    // SAFETY: rdtsc has no memory effects.
+    unsafe { core::arch::x86_64::_rdtsc() }
+}
+
+pub fn inb(port: u16) -> u8 {
+    Hardware.port_in(port, 1) as u8
+}
+
+pub fn outb(port: u16, v: u8) {
+    Hardware.port_out(port, 1, v as u32)
+}
+
+fn table_image(t: DescTable) -> [u8; 10] {
+    let mut b = [0u8; 10];
+    b[..2].copy_from_slice(&t.limit.to_le_bytes());
+    b[2..].copy_from_slice(&t.base.to_le_bytes());
+    b
+}
+
+// SAFETY (all asm below): the runtime runs at CPL 0 and performs exactly the operation the
+// kernel's own instruction at the site would have performed.
+impl Machine for Hardware {
+    fn read(&mut self, addr: u64, buf: &mut [u8]) {
+        unsafe { core::ptr::copy_nonoverlapping(addr as *const u8, buf.as_mut_ptr(), buf.len()) }
+    }
+    fn write(&mut self, addr: u64, buf: &[u8]) {
+        unsafe { core::ptr::copy_nonoverlapping(buf.as_ptr(), addr as *mut u8, buf.len()) }
+    }
+    fn port_in(&mut self, port: u16, width: u8) -> u32 {
+        let v: u32;
+        unsafe {
+            match width {
+                1 => asm!("in al, dx", out("eax") v, in("dx") port, options(nomem, nostack, preserves_flags)),
+                2 => asm!("in ax, dx", out("eax") v, in("dx") port, options(nomem, nostack, preserves_flags)),
+                _ => asm!("in eax, dx", out("eax") v, in("dx") port, options(nomem, nostack, preserves_flags)),
+            }
+        }
+        v & match width {
+            1 => 0xff,
+            2 => 0xffff,
+            _ => u32::MAX,
+        }
+    }
+    fn port_out(&mut self, port: u16, width: u8, value: u32) {
+        unsafe {
+            match width {
+                1 => asm!("out dx, al", in("eax") value, in("dx") port, options(nomem, nostack, preserves_flags)),
+                2 => asm!("out dx, ax", in("eax") value, in("dx") port, options(nomem, nostack, preserves_flags)),
+                _ => asm!("out dx, eax", in("eax") value, in("dx") port, options(nomem, nostack, preserves_flags)),
+            }
+        }
+    }
+    fn cpuid(&mut self, leaf: u32, subleaf: u32) -> [u32; 4] {
+        cpuid(leaf, subleaf)
+    }
+    fn rdmsr(&mut self, msr: u32) -> u64 {
+        let (lo, hi): (u32, u32);
+        unsafe { asm!("rdmsr", in("ecx") msr, out("eax") lo, out("edx") hi, options(nomem, nostack, preserves_flags)) };
+        ((hi as u64) << 32) | lo as u64
+    }
+    fn wrmsr(&mut self, msr: u32, value: u64) {
+        unsafe {
+            asm!("wrmsr", in("ecx") msr, in("eax") value as u32, in("edx") (value >> 32) as u32, options(nostack, preserves_flags))
+        };
+    }
+    fn read_cr(&mut self, n: u8) -> u64 {
+        let v: u64;
+        unsafe {
+            match n {
+                0 => asm!("mov {}, cr0", out(reg) v, options(nomem, nostack, preserves_flags)),
+                2 => asm!("mov {}, cr2", out(reg) v, options(nomem, nostack, preserves_flags)),
+                3 => asm!("mov {}, cr3", out(reg) v, options(nomem, nostack, preserves_flags)),
+                4 => asm!("mov {}, cr4", out(reg) v, options(nomem, nostack, preserves_flags)),
+                8 => asm!("mov {}, cr8", out(reg) v, options(nomem, nostack, preserves_flags)),
+                _ => v = 0,
+            }
+        }
+        v
+    }
+    fn write_cr(&mut self, n: u8, v: u64) {
+        unsafe {
+            match n {
+                0 => asm!("mov cr0, {}", in(reg) v, options(nostack, preserves_flags)),
+                2 => asm!("mov cr2, {}", in(reg) v, options(nostack, preserves_flags)),
+                3 => asm!("mov cr3, {}", in(reg) v, options(nostack, preserves_flags)),
+                4 => asm!("mov cr4, {}", in(reg) v, options(nostack, preserves_flags)),
+                8 => asm!("mov cr8, {}", in(reg) v, options(nostack, preserves_flags)),
+                _ => {}
+            }
+        }
+    }
+    fn invlpg(&mut self, addr: u64) {
+        unsafe { asm!("invlpg [{}]", in(reg) addr, options(nostack, preserves_flags)) };
+    }
+    fn halt(&mut self, interrupts: bool) {
+        // The stub runs with IF=0; `sti; hlt` is atomic (interrupt shadow), so a wakeup
+        // between the check and the halt is not lost. The interrupt is taken here.
+        unsafe {
+            if interrupts {
+                asm!("sti", "hlt", "cli", options(nomem, nostack));
+            } else {
+                asm!("hlt", options(nomem, nostack, preserves_flags));
+            }
+        }
+    }
+    fn load_gdt(&mut self, t: DescTable) {
+        let img = table_image(t);
+        unsafe { asm!("lgdt [{}]", in(reg) img.as_ptr(), options(readonly, nostack, preserves_flags)) };
+    }
+    fn load_idt(&mut self, t: DescTable) {
+        let img = table_image(t);
+        unsafe { asm!("lidt [{}]", in(reg) img.as_ptr(), options(readonly, nostack, preserves_flags)) };
+    }
+    fn load_tr(&mut self, selector: u16) {
+        unsafe { asm!("ltr {:x}", in(reg) selector, options(nomem, nostack, preserves_flags)) };
+    }
+}

@@ -1,0 +1,322 @@
+//! The in-kernel runtime: start of day, the trace stub and its dispatcher, `previrt_repatch`.
+//!
+//! Link-time parameters are absolute symbols defined by `previrt link`
+//! (docs/runtime-entry.md): the kernel's site table bounds, its original PVH entry, the default
+//! backend and virt − phys.
+
+mod boot;
+mod hw;
+mod rt;
+mod serial;
+
+use crate::backend::{self, Backend};
+use crate::emulate::{self, gpr, Op, Regs};
+use crate::patch::{encode_call, IndexEntry, Patcher, CALL_LEN};
+use crate::platform::{self, Platform};
+use crate::trace::Counters;
+use core::cell::UnsafeCell;
+use core::fmt::Write;
+use previrt_site_abi::{flags, Kind};
+use serial::Com1;
+
+/// Most sites the runtime indexes; a bigger table is refused at boot (left unpatched).
+const MAX_SITES: usize = 8192;
+/// Out-of-line slot per site: the original instruction (≤ 15 bytes) and a `jmp rel32` back.
+const OOL_SLOT: usize = 24;
+/// Writing here (isa-debug-exit) ends the run: the trace summary is printed first.
+const EXIT_PORT: u16 = 0xf4;
+
+extern "C" {
+    static __previrt_sites_start: u8;
+    static __previrt_sites_end: u8;
+    /// Absolute symbol: its address is the default backend's id.
+    static __previrt_default_backend: u8;
+}
+
+/// Single-CPU global state: written at boot and by `previrt_repatch`, which run with
+/// interrupts off and no CPU inside a site.
+struct Global<T>(UnsafeCell<T>);
+// SAFETY: see the type's documentation.
+unsafe impl<T> Sync for Global<T> {}
+impl<T> Global<T> {
+    #[allow(clippy::mut_from_ref)]
+    unsafe fn get(&self) -> &mut T {
+        &mut *self.0.get()
+    }
+}
+
+struct State {
+    patcher: Option<Patcher<'static>>,
+    active: &'static Backend,
+    platform: Platform,
+}
+
+static STATE: Global<State> = Global(UnsafeCell::new(State { patcher: None, active: &backend::NATIVE, platform: Platform::BareMetal }));
+static INDEX: Global<[IndexEntry; MAX_SITES]> = Global(UnsafeCell::new([IndexEntry { site: 0, record_addr: 0 }; MAX_SITES]));
+static OOL: Global<[[u8; OOL_SLOT]; MAX_SITES]> = Global(UnsafeCell::new([[0; OOL_SLOT]; MAX_SITES]));
+static COUNTERS: Counters<MAX_SITES> = Counters::new();
+
+fn stop() -> ! {
+    loop {
+        // SAFETY: parking the CPU for good.
+        unsafe { core::arch::asm!("cli", "hlt") };
+    }
+}
+
+/// Serialize the instruction stream after patching.
+fn serialize() {
+    hw::cpuid(0, 0);
+}
+
+fn table() -> (u64, usize) {
+    let start = &raw const __previrt_sites_start as u64;
+    let end = &raw const __previrt_sites_end as u64;
+    (start, end.saturating_sub(start) as usize)
+}
+
+/// TSC ticks per millisecond, from PIT channel 2 (10 ms, mode 0). 0 if the PIT never fires.
+fn tsc_per_ms() -> u64 {
+    const MS: u64 = 10;
+    const PIT_COUNT: u16 = (1_193_182 * MS / 1000) as u16;
+    let gate = hw::inb(0x61);
+    hw::outb(0x61, (gate & !0x02) | 0x01);
+    hw::outb(0x43, 0xb0);
+    hw::outb(0x42, PIT_COUNT as u8);
+    hw::outb(0x42, (PIT_COUNT >> 8) as u8);
+    let t0 = hw::rdtsc();
+    let mut t1 = t0;
+    while hw::inb(0x61) & 0x20 == 0 {
+        t1 = hw::rdtsc();
+        if t1 - t0 > 50_000_000_000 {
+            t1 = t0;
+            break;
+        }
+    }
+    hw::outb(0x61, gate);
+    (t1 - t0) / MS
+}
+
+/// The kernel command line from PVH `hvm_start_info` (magic 0x336ec578, cmdline_paddr at
+/// +24), identity-mapped by the boot page tables.
+fn pvh_cmdline(start_info: u64) -> &'static [u8] {
+    const MAGIC: u32 = 0x336e_c578;
+    if start_info == 0 {
+        return &[];
+    }
+    // SAFETY: the loader passes a valid start_info; low memory is identity-mapped.
+    unsafe {
+        if (start_info as *const u32).read_unaligned() != MAGIC {
+            return &[];
+        }
+        let p = ((start_info + 24) as *const u64).read_unaligned() as *const u8;
+        if p.is_null() {
+            return &[];
+        }
+        let len = (0..4096).find(|&i| p.add(i).read() == 0).unwrap_or(4096);
+        core::slice::from_raw_parts(p, len)
+    }
+}
+
+/// Out-of-line copy of site `i`'s original instruction followed by `jmp resume`; RIP-relative
+/// displacements are adjusted for the new location.
+unsafe fn build_ool(slot: &mut [u8; OOL_SLOT], site: &crate::patch::Site) {
+    let n = site.record.insn_len as usize;
+    core::ptr::copy_nonoverlapping(site.at.save as *const u8, slot.as_mut_ptr(), n);
+    let slot_addr = slot.as_ptr() as u64;
+    if site.record.has(flags::RIP_RELATIVE) {
+        let at = (site.record.imm as usize).min(n.saturating_sub(4));
+        let disp = i32::from_le_bytes(slot[at..at + 4].try_into().unwrap_or([0; 4])) as i64;
+        let moved = disp + site.at.site as i64 - slot_addr as i64;
+        slot[at..at + 4].copy_from_slice(&(moved as i32).to_le_bytes());
+    }
+    let mut jmp = [0u8; CALL_LEN];
+    // A jmp is a call with opcode e9; both are rel32 from the end of the 5 bytes.
+    let _ = encode_call(slot_addr + n as u64, site.at.resume, &mut jmp);
+    jmp[0] = 0xe9;
+    slot[n..n + CALL_LEN].copy_from_slice(&jmp);
+}
+
+/// The trace stub's address, taken RIP-relative: with the kernel code model LLVM may fold
+/// `symbol + constant` into an absolute 32S relocation that only fits for kernels linked in
+/// the top 2 GiB, and the runtime also runs at low identity-mapped addresses.
+fn stub_address() -> u64 {
+    let a: u64;
+    // SAFETY: computes an address, no memory access.
+    unsafe { core::arch::asm!("lea {}, [rip + previrt_trace_entry]", out(reg) a, options(nomem, nostack, preserves_flags)) };
+    a
+}
+
+/// Patch every site for `to`. Code is made writable by clearing CR0.WP for the duration (the
+/// kernel may have mapped its text read-only by the time of a later repatch).
+unsafe fn apply(state: &mut State, to: &'static Backend) -> Option<crate::patch::Stats> {
+    let p = state.patcher.as_ref()?;
+    let cr0 = emulate::Machine::read_cr(&mut hw::Hardware, 0);
+    emulate::Machine::write_cr(&mut hw::Hardware, 0, cr0 & !(1 << 16));
+    let stats = p.apply(to, stub_address());
+    emulate::Machine::write_cr(&mut hw::Hardware, 0, cr0);
+    serialize();
+    state.active = to;
+    Some(stats)
+}
+
+/// Called by the boot path in long mode with the PVH start_info address.
+#[no_mangle]
+extern "C" fn previrt_boot(start_info: u64) {
+    serial::init();
+    let mut out = Com1;
+    // SAFETY: boot runs once, single-threaded, interrupts off.
+    let state = unsafe { STATE.get() };
+    state.platform = platform::detect(|leaf| hw::cpuid(leaf, 0));
+    let default = backend::by_id(&raw const __previrt_default_backend as u64 as u32).unwrap_or(&backend::NATIVE);
+    let chosen = match platform::cmdline_value(pvh_cmdline(start_info), b"previrt.backend") {
+        None => default,
+        Some(name) => backend::by_name(name).unwrap_or_else(|| {
+            let name = core::str::from_utf8(name).unwrap_or("?");
+            let _ = writeln!(out, "previrt: unknown backend '{name}', using {}", default.name);
+            default
+        }),
+    };
+    let per_ms = tsc_per_ms();
+    let t0 = hw::rdtsc();
+    let (start, len) = table();
+    // SAFETY: the table and the sites it names are in the loaded kernel image, identity- or
+    // window-mapped and writable under the boot page tables.
+    let prepared = unsafe { Patcher::prepare(start, len, INDEX.get()) };
+    let result = prepared.map(|p| unsafe {
+        for (slot, e) in OOL.get().iter_mut().zip(&p.index[..p.sites]) {
+            build_ool(slot, &p.site(e));
+        }
+        state.patcher = Some(p);
+        apply(state, chosen)
+    });
+    let cycles = hw::rdtsc() - t0;
+    match result {
+        Ok(Some(stats)) => {
+            let _ = write!(out, "previrt: backend={} sites={} patched in ", chosen.name, stats.sites);
+            let _ = match per_ms {
+                0 => write!(out, "{cycles} cycles"),
+                _ => write!(out, "{} us", cycles * 1000 / per_ms),
+            };
+            let kept = match stats.kept_original {
+                0 => "",
+                _ => " (some sites kept the original instruction)",
+            };
+            let _ = writeln!(out, " (platform={}){kept}", state.platform.name());
+        }
+        Ok(None) => {}
+        Err(e) => {
+            let _ = writeln!(out, "previrt: site table unusable, kernel left unpatched: {e}");
+        }
+    }
+}
+
+/// Re-patch every site for backend `id` (see [`backend::BACKENDS`]). Callable by the kernel
+/// or a suspend/resume path at any time with interrupts off and no CPU inside a site.
+/// Returns 0, or -1 for an unknown backend or an unpatched kernel.
+#[no_mangle]
+pub extern "C" fn previrt_repatch(id: u32) -> i32 {
+    let Some(to) = backend::by_id(id) else { return -1 };
+    // SAFETY: the caller guarantees quiescence (documented above).
+    match unsafe { apply(STATE.get(), to) } {
+        Some(_) => 0,
+        None => -1,
+    }
+}
+
+/// The trace stub's Rust half: find the site by return address, count it, perform its effect
+/// (emulated, or out of line), and set up the iret frame.
+#[no_mangle]
+extern "C" fn previrt_trace_dispatch(regs: &mut Regs) {
+    // SAFETY: interrupts are off in the stub; the state is only written at boot/repatch.
+    let state = unsafe { STATE.get() };
+    let site_addr = regs.rip.wrapping_sub(CALL_LEN as u64);
+    let Some((p, i)) = state.patcher.as_ref().and_then(|p| Some((p, p.find(site_addr)?))) else {
+        let _ = writeln!(Com1, "previrt: call into the runtime from {site_addr:#x}, which is no site");
+        stop()
+    };
+    // SAFETY: index entries name records and save slots of the loaded table.
+    let (site, saved) = unsafe {
+        let site = p.site(&p.index[i]);
+        (site, core::slice::from_raw_parts(site.at.save as *const u8, site.record.insn_len as usize))
+    };
+    COUNTERS.hit(site.record.kind, i);
+    regs.rip = site.at.resume;
+    let op = Op::new(&site.record, site.at.site, saved);
+    if op.is_some_and(|op| op.kind == Kind::Out && op.port(regs) == EXIT_PORT) {
+        let _ = COUNTERS.summary(p.sites, &mut Com1);
+    }
+    if !op.is_some_and(|op| emulate::emulate(&op, regs, &mut hw::Hardware)) {
+        // SAFETY: slot i was built at boot for site i.
+        regs.rip = unsafe { OOL.get()[i].as_ptr() } as u64;
+    }
+    regs.iret_rsp = regs.gpr[gpr::RSP];
+}
+
+// The stub below hard-codes this frame size.
+const _: () = assert!(core::mem::size_of::<Regs>() == 168);
+
+// The trace stub. Sites call it (`call rel32`), so on entry [rsp] is the return address
+// (site + 5) and the site's %rsp is rsp + 8. It saves a `Regs` frame below the return address
+// (16 GPRs, then an iretq frame), disables interrupts, calls the dispatcher with 16-byte
+// stack alignment and DF clear, restores the GPRs and returns through the iretq frame — which
+// restores RFLAGS (IF, DF) and RSP and goes to the resume address, the out-of-line slot, or
+// wherever an emulated iret goes. Flags are not touched before they are saved (lea/mov only).
+core::arch::global_asm!(
+    r#"
+    .section .text.previrt_trace, "ax", @progbits
+    .globl previrt_trace_entry
+previrt_trace_entry:
+    leaq -168(%rsp), %rsp
+    movq %rax, 0(%rsp)
+    movq %rcx, 8(%rsp)
+    movq %rdx, 16(%rsp)
+    movq %rbx, 24(%rsp)
+    movq %rbp, 40(%rsp)
+    movq %rsi, 48(%rsp)
+    movq %rdi, 56(%rsp)
+    movq %r8, 64(%rsp)
+    movq %r9, 72(%rsp)
+    movq %r10, 80(%rsp)
+    movq %r11, 88(%rsp)
+    movq %r12, 96(%rsp)
+    movq %r13, 104(%rsp)
+    movq %r14, 112(%rsp)
+    movq %r15, 120(%rsp)
+    pushfq
+    popq 144(%rsp)
+    cli
+    leaq 176(%rsp), %rax
+    movq %rax, 32(%rsp)
+    movq 168(%rsp), %rax
+    movq %rax, 128(%rsp)
+    movq %cs, %rax
+    movq %rax, 136(%rsp)
+    movq %ss, %rax
+    movq %rax, 160(%rsp)
+    movq %rsp, %rdi
+    movq %rsp, %rbx
+    andq $-16, %rsp
+    cld
+    call previrt_trace_dispatch
+    movq %rbx, %rsp
+    movq 0(%rsp), %rax
+    movq 8(%rsp), %rcx
+    movq 16(%rsp), %rdx
+    movq 24(%rsp), %rbx
+    movq 40(%rsp), %rbp
+    movq 48(%rsp), %rsi
+    movq 56(%rsp), %rdi
+    movq 64(%rsp), %r8
+    movq 72(%rsp), %r9
+    movq 80(%rsp), %r10
+    movq 88(%rsp), %r11
+    movq 96(%rsp), %r12
+    movq 104(%rsp), %r13
+    movq 112(%rsp), %r14
+    movq 120(%rsp), %r15
+    leaq 128(%rsp), %rsp
+    iretq
+    .text
+"#,
+    options(att_syntax, raw)
+);

@@ -1,0 +1,24 @@
+//! previrt's guest runtime: linked into a pre-virtualized kernel by `previrt link`, it gets
+//! control before the kernel's first site runs, detects the platform, patches every site of
+//! `.previrt.sites` for the chosen backend and enters the kernel (docs/runtime-entry.md).
+//!
+//! - [`patch`]: table walk, saving originals, per-site encoding, the sorted site index.
+//! - [`backend`]: which sites each backend routes through the runtime (the backend seam).
+//! - [`emulate`]: per-kind handlers over a register file and a [`emulate::Machine`].
+//! - [`trace`]: per-kind and per-site execution counters.
+//! - [`platform`]: start-of-day detection, command-line parsing.
+//! - `guest` (feature `guest`): boot entry, trace stub, the hardware machine, COM1 output.
+//!
+//! Built for kernels with no SSE/x87, no red zone, kernel code model (see previrt-link); the
+//! host-only parts are ordinary no_std code so the tests and the benchmark use them too.
+
+#![no_std]
+
+pub mod backend;
+pub mod emulate;
+pub mod patch;
+pub mod platform;
+pub mod trace;
+
+#[cfg(feature = "guest")]
+mod guest;

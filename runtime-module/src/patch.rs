@@ -1,0 +1,230 @@
+//! The patcher: walks a loaded `.previrt.sites` table, saves every site's original bytes into
+//! its `.previrt.save` slot (once), and rewrites sites for a backend.
+//!
+//! It works on real memory through raw pointers, both in the guest and in host processes (the
+//! tests and `bench/patch` build a table in a buffer and patch it with this same code).
+
+use crate::backend::{Backend, Route};
+use previrt_site_abi::{chunks, AbiError, ChunkHeader, Resolved, SiteRecord, HEADER_SIZE, RECORD_SIZE};
+
+/// Largest site the patcher writes (instruction plus scratch).
+pub const MAX_SITE_LEN: usize = 64;
+/// Length of the `call rel32` the runtime writes into routed sites.
+pub const CALL_LEN: usize = 5;
+
+/// One site of a loaded table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Site {
+    /// Address of the record.
+    pub record_addr: u64,
+    pub record: SiteRecord,
+    pub at: Resolved,
+}
+
+/// Why a table could not be patched.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PatchError {
+    Abi(AbiError),
+    /// A record whose lengths are impossible (`insn_len` 0 or > 15, `site_len` < `insn_len`
+    /// or > [`MAX_SITE_LEN`]).
+    BadRecord { record_addr: u64 },
+    /// The index has room for fewer sites than the table holds.
+    IndexFull { capacity: usize },
+}
+
+impl core::fmt::Display for PatchError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match *self {
+            PatchError::Abi(e) => write!(f, "{e}"),
+            PatchError::BadRecord { record_addr } => write!(f, "site record at {record_addr:#x} has impossible lengths"),
+            PatchError::IndexFull { capacity } => write!(f, "more than {capacity} sites"),
+        }
+    }
+}
+
+/// Site address → record address, sorted by site, for the trace stub's lookup by return
+/// address.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct IndexEntry {
+    pub site: u64,
+    pub record_addr: u64,
+}
+
+/// Read a record from memory.
+///
+/// # Safety
+/// `addr` must point at [`RECORD_SIZE`] readable bytes.
+pub unsafe fn read_record(addr: u64) -> SiteRecord {
+    SiteRecord::from_bytes(&*(addr as *const [u8; RECORD_SIZE]))
+}
+
+/// Walk the table `[start, start + len)` in memory and call `f` for every chunk header
+/// address and every site.
+///
+/// # Safety
+/// The range must be a readable site table.
+pub unsafe fn for_each_site(
+    start: u64,
+    len: usize,
+    mut chunk: impl FnMut(u64, &ChunkHeader),
+    mut site: impl FnMut(Site) -> Result<(), PatchError>,
+) -> Result<usize, PatchError> {
+    let table = core::slice::from_raw_parts(start as *const u8, len);
+    let mut n = 0;
+    for c in chunks(table) {
+        let c = c.map_err(PatchError::Abi)?;
+        chunk(start + c.offset as u64, &c.header);
+        for (off, record) in c.records() {
+            let record_addr = start + off as u64;
+            let ok = record.insn_len >= 1
+                && record.insn_len <= 15
+                && record.site_len >= record.insn_len
+                && record.site_len as usize <= MAX_SITE_LEN;
+            if !ok {
+                return Err(PatchError::BadRecord { record_addr });
+            }
+            site(Site { record_addr, record, at: record.resolve(record_addr) })?;
+            n += 1;
+        }
+    }
+    Ok(n)
+}
+
+/// Fill `buf` with the recommended multi-byte NOPs (at most 9 bytes each).
+pub fn nop_fill(buf: &mut [u8]) {
+    const NOPS: [&[u8]; 9] = [
+        &[0x90],
+        &[0x66, 0x90],
+        &[0x0f, 0x1f, 0x00],
+        &[0x0f, 0x1f, 0x40, 0x00],
+        &[0x0f, 0x1f, 0x44, 0x00, 0x00],
+        &[0x66, 0x0f, 0x1f, 0x44, 0x00, 0x00],
+        &[0x0f, 0x1f, 0x80, 0x00, 0x00, 0x00, 0x00],
+        &[0x0f, 0x1f, 0x84, 0x00, 0x00, 0x00, 0x00, 0x00],
+        &[0x66, 0x0f, 0x1f, 0x84, 0x00, 0x00, 0x00, 0x00, 0x00],
+    ];
+    let mut rest = buf;
+    while !rest.is_empty() {
+        let n = rest.len().min(NOPS.len());
+        rest[..n].copy_from_slice(NOPS[n - 1]);
+        rest = &mut rest[n..];
+    }
+}
+
+/// Encode `call target` at `from` into `out[..5]`; None if the target is out of rel32 reach.
+pub fn encode_call(from: u64, target: u64, out: &mut [u8]) -> Option<()> {
+    let rel = target.wrapping_sub(from.wrapping_add(CALL_LEN as u64)) as i64;
+    let rel = i32::try_from(rel).ok()?;
+    out[0] = 0xe8;
+    out[1..CALL_LEN].copy_from_slice(&rel.to_le_bytes());
+    Some(())
+}
+
+/// The bytes a site gets for `route`: the saved original plus NOPs, or a call to `stub` plus
+/// NOPs. Falls back to the original when the site cannot hold a call (too short, a trap-only
+/// site) or the stub is out of reach; returns the route actually taken.
+pub fn encode(site: &Site, saved: &[u8], route: Route, stub: u64, out: &mut [u8]) -> Route {
+    let len = site.record.site_len as usize;
+    let out = &mut out[..len];
+    if route == Route::Stub && len >= CALL_LEN && encode_call(site.at.site, stub, out).is_some() {
+        nop_fill(&mut out[CALL_LEN..]);
+        return Route::Stub;
+    }
+    let n = site.record.insn_len as usize;
+    out[..n].copy_from_slice(&saved[..n]);
+    nop_fill(&mut out[n..]);
+    Route::Original
+}
+
+/// Counts from one patching pass.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Stats {
+    pub sites: usize,
+    /// Sites now calling the runtime.
+    pub routed: usize,
+    /// Sites the backend wanted routed that had to keep the original instruction.
+    pub kept_original: usize,
+}
+
+/// A loaded site table and the runtime's index over it.
+pub struct Patcher<'a> {
+    pub start: u64,
+    pub len: usize,
+    pub index: &'a mut [IndexEntry],
+    /// Number of valid entries in `index` (sorted by site after [`Patcher::prepare`]).
+    pub sites: usize,
+}
+
+impl<'a> Patcher<'a> {
+    /// Save every site's original bytes (chunks whose state says "saved" are skipped, so this
+    /// is safe to call again) and build the sorted index.
+    ///
+    /// # Safety
+    /// The table, the sites and the save slots it names must be mapped and writable.
+    pub unsafe fn prepare(start: u64, len: usize, index: &'a mut [IndexEntry]) -> Result<Patcher<'a>, PatchError> {
+        let capacity = index.len();
+        let mut n = 0;
+        let saving = core::cell::Cell::new(false);
+        for_each_site(
+            start,
+            len,
+            |hdr_addr, hdr| {
+                // The state bit is set before the chunk's records are visited; they are
+                // saved in the same pass, before anything reads the slots.
+                saving.set(hdr.state & ChunkHeader::STATE_SAVED == 0);
+                if saving.get() {
+                    let state = (hdr_addr + HEADER_SIZE as u64 - 2) as *mut u16;
+                    state.write_unaligned(hdr.state | ChunkHeader::STATE_SAVED);
+                }
+            },
+            |s| {
+                if saving.get() {
+                    core::ptr::copy_nonoverlapping(s.at.site as *const u8, s.at.save as *mut u8, s.record.insn_len as usize);
+                }
+                let slot = index.get_mut(n).ok_or(PatchError::IndexFull { capacity })?;
+                *slot = IndexEntry { site: s.at.site, record_addr: s.record_addr };
+                n += 1;
+                Ok(())
+            },
+        )?;
+        index[..n].sort_unstable_by_key(|e| e.site);
+        Ok(Patcher { start, len, index, sites: n })
+    }
+
+    /// Rewrite every site for `backend`; routed sites call `stub`. Sites are written with
+    /// plain stores: the caller makes code writable and serializes afterwards.
+    ///
+    /// # Safety
+    /// As for [`Patcher::prepare`]; no CPU may be executing inside a site.
+    pub unsafe fn apply(&self, backend: &Backend, stub: u64) -> Stats {
+        let mut stats = Stats { sites: self.sites, ..Default::default() };
+        let mut buf = [0u8; MAX_SITE_LEN];
+        for e in &self.index[..self.sites] {
+            let site = self.site(e);
+            let saved = core::slice::from_raw_parts(site.at.save as *const u8, site.record.insn_len as usize);
+            let want = (backend.route)(&site.record);
+            let got = encode(&site, saved, want, stub, &mut buf);
+            match (want, got) {
+                (_, Route::Stub) => stats.routed += 1,
+                (Route::Stub, Route::Original) => stats.kept_original += 1,
+                _ => {}
+            }
+            core::ptr::copy_nonoverlapping(buf.as_ptr(), site.at.site as *mut u8, site.record.site_len as usize);
+        }
+        stats
+    }
+
+    /// The site of an index entry.
+    ///
+    /// # Safety
+    /// The entry must come from this patcher's index.
+    pub unsafe fn site(&self, e: &IndexEntry) -> Site {
+        let record = read_record(e.record_addr);
+        Site { record_addr: e.record_addr, record, at: record.resolve(e.record_addr) }
+    }
+
+    /// Position in the index of the site starting at `site`.
+    pub fn find(&self, site: u64) -> Option<usize> {
+        self.index[..self.sites].binary_search_by_key(&site, |e| e.site).ok()
+    }
+}
