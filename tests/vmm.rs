@@ -185,7 +185,10 @@ fn instruction_nobody_can_complete_stops_with_bytes_mnemonic_and_rip() {
     let o = run(&k, &[]);
     let err = stderr(&o);
     if o.status.code() == Some(4) {
-        assert!(err.contains("0f ae 2c 24") && err.to_lowercase().contains("xrstor") && err.contains("0x100000"), "{err}");
+        assert!(
+            err.contains("0f ae 2c 24") && err.to_lowercase().contains("xrstor") && err.contains("0x100000"),
+            "{err}"
+        );
         assert_eq!(err.lines().count(), 1, "one line: {err}");
     } else {
         // A host whose KVM executes xrstor raises #GP/#UD with no IDT: a triple fault.

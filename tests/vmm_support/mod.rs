@@ -22,7 +22,8 @@ pub fn require_kvm() {
 }
 
 fn tool(cmd: &mut Command, what: &str) {
-    let out = cmd.output().unwrap_or_else(|e| panic!("cannot run {what} ({e}); run scripts/install-deps.sh (binutils)"));
+    let out =
+        cmd.output().unwrap_or_else(|e| panic!("cannot run {what} ({e}); run scripts/install-deps.sh (binutils)"));
     assert!(out.status.success(), "{what} failed:\n{}", String::from_utf8_lossy(&out.stderr));
 }
 
@@ -34,7 +35,10 @@ pub fn guest(dir: &Path, name: &str, src: &str, entry: &str) -> PathBuf {
     std::fs::write(&s, src).unwrap();
     tool(Command::new("as").arg("--64").arg("-o").arg(&o).arg(&s), "as");
     tool(
-        Command::new("ld").args(["-m", "elf_x86_64", "-z", "max-page-size=4096", "-Ttext=0x100000", "-e", entry, "-o"]).arg(&elf).arg(&o),
+        Command::new("ld")
+            .args(["-m", "elf_x86_64", "-z", "max-page-size=4096", "-Ttext=0x100000", "-e", entry, "-o"])
+            .arg(&elf)
+            .arg(&o),
         "ld",
     );
     elf

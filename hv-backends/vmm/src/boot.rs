@@ -34,11 +34,12 @@ fn bad<T>(msg: impl Into<String>) -> Result<T, BadInput> {
 }
 
 /// How the kernel is entered.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Protocol {
     Pvh,
     Multiboot,
     Elf64,
+    #[value(name = "bzimage")]
     LinuxBzImage,
 }
 
@@ -84,30 +85,44 @@ fn write_bytes(mem: &GuestMemoryMmap, gpa: u64, b: &[u8]) -> Result<(), BadInput
         .or_else(|_| bad(format!("{} bytes at {gpa:#x} do not fit in guest memory", b.len())))
 }
 
-/// Load `image` into guest memory.
-pub fn load_kernel(mem: &GuestMemoryMmap, image: &[u8]) -> Result<Loaded, BadInput> {
+/// Load `image` into guest memory, entering it by `force` if given (and offered by the
+/// image), else by the first protocol it offers in the order above.
+pub fn load_kernel(mem: &GuestMemoryMmap, image: &[u8], force: Option<Protocol>) -> Result<Loaded, BadInput> {
     if image.len() > 0x206 && &image[0x202..0x206] == b"HdrS" {
+        if force.is_some_and(|p| p != Protocol::LinuxBzImage) {
+            return bad("a bzImage is entered only through the Linux 64-bit boot protocol");
+        }
         return load_bzimage(mem, image);
     }
     if image.len() < 5 || &image[..4] != b"\x7fELF" {
         return bad("kernel is neither an ELF file nor a Linux bzImage");
     }
     match image[4] {
-        1 => load_elf::<elf::FileHeader32<Endianness>>(mem, image),
-        2 => load_elf::<elf::FileHeader64<Endianness>>(mem, image),
+        1 => load_elf::<elf::FileHeader32<Endianness>>(mem, image, force),
+        2 => load_elf::<elf::FileHeader64<Endianness>>(mem, image, force),
         c => bad(format!("ELF class {c} is not supported")),
     }
 }
 
-fn multiboot_header(image: &[u8]) -> bool {
+/// The multiboot v1 header, if any: its entry (the a.out-kludge `entry_addr` when flag 16 is
+/// set, else None meaning the ELF entry).
+fn multiboot_header(image: &[u8]) -> Option<Option<u64>> {
     // The header is 4-byte aligned within the first 8 KiB; magic + flags + checksum == 0.
-    let words = |i: usize| u32::from_le_bytes(image[i..i + 4].try_into().unwrap());
-    (0..image.len().min(8192).saturating_sub(11))
-        .step_by(4)
-        .any(|i| words(i) == MULTIBOOT_MAGIC && words(i).wrapping_add(words(i + 4)).wrapping_add(words(i + 8)) == 0)
+    let word = |i: usize| image.get(i..i + 4).map(|b| u32::from_le_bytes(b.try_into().unwrap()));
+    let at = (0..image.len().min(8192)).step_by(4).find(|&i| {
+        matches!((word(i), word(i + 4), word(i + 8)), (Some(m), Some(f), Some(c))
+            if m == MULTIBOOT_MAGIC && m.wrapping_add(f).wrapping_add(c) == 0)
+    })?;
+    const AOUT_KLUDGE: u32 = 1 << 16;
+    let flags = word(at + 4)?;
+    Some(if flags & AOUT_KLUDGE != 0 { word(at + 28).map(u64::from) } else { None })
 }
 
-fn load_elf<H: FileHeader<Endian = Endianness>>(mem: &GuestMemoryMmap, image: &[u8]) -> Result<Loaded, BadInput> {
+fn load_elf<H: FileHeader<Endian = Endianness>>(
+    mem: &GuestMemoryMmap,
+    image: &[u8],
+    force: Option<Protocol>,
+) -> Result<Loaded, BadInput> {
     let hdr = H::parse(image).or_else(|e| bad(format!("bad ELF header: {e}")))?;
     let endian = hdr.endian().or_else(|e| bad(format!("bad ELF header: {e}")))?;
     if hdr.e_machine(endian) != elf::EM_X86_64 && hdr.e_machine(endian) != elf::EM_386 {
@@ -163,12 +178,20 @@ fn load_elf<H: FileHeader<Endian = Endianness>>(mem: &GuestMemoryMmap, image: &[
         return bad("ELF has no loadable segment");
     }
     let e_entry: u64 = hdr.e_entry(endian).into();
-    let (protocol, entry) = match notes.phys32_entry {
-        Some(e) => (Protocol::Pvh, e),
-        None if multiboot_header(image) => (Protocol::Multiboot, e_entry),
-        None if hdr.is_class_64() => (Protocol::Elf64, e_entry),
-        None => return bad("32-bit ELF without a PVH note or multiboot header: no known entry"),
-    };
+    let offered = [
+        notes.phys32_entry.map(|e| (Protocol::Pvh, e)),
+        multiboot_header(image).map(|e| (Protocol::Multiboot, e.unwrap_or(e_entry))),
+        hdr.is_class_64().then_some((Protocol::Elf64, e_entry)),
+    ];
+    let mut offered = offered.into_iter().flatten();
+    let (protocol, entry) = match force {
+        None => offered.next(),
+        Some(p) => offered.find(|(o, _)| *o == p),
+    }
+    .ok_or_else(|| match force {
+        Some(p) => BadInput(format!("kernel does not offer the {} entry", p.name())),
+        None => BadInput("32-bit ELF without a PVH note or multiboot header: no known entry".into()),
+    })?;
     Ok(Loaded { protocol, entry, kernel_end, notes })
 }
 

@@ -59,6 +59,9 @@ pub struct RunArgs {
     /// File backing the paravirtual block device.
     #[arg(long)]
     pub disk: Option<PathBuf>,
+    /// Boot protocol (default: the first the kernel offers of bzimage, pvh, multiboot, elf64).
+    #[arg(long, value_enum)]
+    pub boot: Option<boot::Protocol>,
     /// Execution backend.
     #[arg(long, value_enum, default_value = "pv")]
     pub backend: Backend,

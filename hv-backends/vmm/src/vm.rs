@@ -116,7 +116,7 @@ pub fn run(args: &RunArgs, out: Box<dyn std::io::Write + Send>) -> Result<RunRes
     };
     let console = ConsoleOut::new(out);
     let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), mem_size as usize)]).map_err(host("guest memory"))?;
-    let loaded = boot::load_kernel(&mem, &image)?;
+    let loaded = boot::load_kernel(&mem, &image, args.boot)?;
     boot::write_boot_info(&mem, mem_size, &loaded, &args.append, initrd.as_deref())?;
     let persona = match args.abi {
         AbiKind::None => Personality::None,
@@ -163,7 +163,7 @@ pub fn run(args: &RunArgs, out: Box<dyn std::io::Write + Send>) -> Result<RunRes
 
     let vcpu = vm.create_vcpu(0).map_err(host("KVM_CREATE_VCPU"))?;
     let mut cpuid = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(host("KVM_GET_SUPPORTED_CPUID"))?;
-    cpuid = with_hypervisor_leaves(&cpuid, &persona.cpuid()).map_err(host("CPUID table"))?;
+    cpuid = guest_cpuid(&cpuid, &persona.cpuid()).map_err(host("CPUID table"))?;
     vcpu.set_cpuid2(&cpuid).map_err(host("KVM_SET_CPUID2"))?;
     let sregs = vcpu.get_sregs().map_err(host("KVM_GET_SREGS"))?;
     let (regs, sregs) = boot::initial_state(&mem, &loaded, sregs)?;
@@ -216,9 +216,20 @@ fn start_doorbell(vm: &VmFd, pv: &Pv, mem: &GuestMemoryMmap) -> bool {
         .is_ok()
 }
 
-/// Replace the host's 0x40000000.. leaves (KVM's) with the personality's.
-fn with_hypervisor_leaves(base: &CpuId, leaves: &[(u32, u32, u32, u32, u32)]) -> Result<CpuId, String> {
+/// The guest's CPUID table: the host's supported leaves with the APIC IDs of vCPU 0 (KVM
+/// reports whichever host CPU answered the ioctl), and the personality's 0x40000000.. leaves
+/// instead of KVM's.
+fn guest_cpuid(base: &CpuId, leaves: &[(u32, u32, u32, u32, u32)]) -> Result<CpuId, String> {
     let mut v: Vec<_> = base.as_slice().iter().filter(|e| e.function & 0xf000_0000 != 0x4000_0000).copied().collect();
+    for e in &mut v {
+        match e.function {
+            // ebx[31:24] initial APIC ID, ebx[23:16] logical processors per package.
+            1 => e.ebx = (e.ebx & 0xffff) | (1 << 16),
+            // x2APIC topology leaves: edx = x2APIC ID.
+            0xb | 0x1f => e.edx = 0,
+            _ => {}
+        }
+    }
     for &(function, eax, ebx, ecx, edx) in leaves {
         v.push(kvm_bindings::kvm_cpuid_entry2 {
             function,
