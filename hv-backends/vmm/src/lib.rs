@@ -21,6 +21,8 @@ pub mod xen;
 use std::path::PathBuf;
 
 pub use vm::{run, Error, RunResult};
+/// Guest memory types of the public API ([`pv::Pv`] and [`xen::Xen`] take a `GuestMemoryMmap`).
+pub use vm_memory;
 
 /// Which paravirtual interface the VMM offers the guest.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]

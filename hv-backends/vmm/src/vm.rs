@@ -121,7 +121,7 @@ pub fn run(args: &RunArgs, out: Box<dyn std::io::Write + Send>) -> Result<RunRes
     let persona = match args.abi {
         AbiKind::None => Personality::None,
         AbiKind::Previrt => Personality::Previrt(Pv::new(console.clone(), disk).map_err(host("disk"))?),
-        AbiKind::Xen => Personality::Xen(Xen::new(console.clone(), &loaded)),
+        AbiKind::Xen => Personality::Xen(Xen::new(console.clone())),
     };
 
     let kvm = Kvm::new().map_err(|e| {

@@ -9,7 +9,6 @@ use std::io::Write;
 
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
-use crate::boot::Loaded;
 use crate::devices::ConsoleOut;
 use crate::pv::Outcome;
 
@@ -56,7 +55,7 @@ pub struct Xen {
 }
 
 impl Xen {
-    pub fn new(console: ConsoleOut, _k: &Loaded) -> Xen {
+    pub fn new(console: ConsoleOut) -> Xen {
         Xen { console, hypercall_msr: 0 }
     }
 
