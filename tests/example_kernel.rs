@@ -84,6 +84,17 @@ fn command_line_selects_workloads_repeat_and_sizes() {
 }
 
 #[test]
+fn compute_checksum_matches_the_same_loop_built_for_the_host() {
+    let k = example_kernel();
+    let run = run_qemu(&k.elf(), "workloads=compute compute=123457");
+    assert_eq!(run.status, 0, "{}", run.stdout);
+    let host = tool_output(k.compute_host().to_str().unwrap(), &["123457"]);
+    let host_line = host.lines().next().unwrap();
+    let kernel_line = run.stdout.lines().find(|l| l.starts_with("WORKLOAD compute ")).unwrap();
+    assert_eq!(kernel_line, format!("{host_line} seq=1"));
+}
+
+#[test]
 fn exception_reports_vector_error_and_rip_then_fails() {
     let k = example_kernel();
     let run = run_qemu(&k.elf(), "workloads=fault");

@@ -35,6 +35,10 @@ impl KernelBuild {
     pub fn pvh_elf(&self) -> PathBuf {
         self.dir.join("kernel-pvh.elf")
     }
+    /// The compute workload's loop as a host program: `compute-host [ITERATIONS]`.
+    pub fn compute_host(&self) -> PathBuf {
+        self.dir.join("compute-host")
+    }
 }
 
 /// Builds the example kernel into `out` with `make O=out [CROSS_COMPILE=prefix]`.

@@ -2,6 +2,7 @@
 #ifndef COMPUTE_H
 #define COMPUTE_H
 
+#include "checksum.h"
 #include "types.h"
 
 #define COMPUTE_SEED 0x9e3779b97f4a7c15UL
@@ -15,6 +16,12 @@ static inline u64 compute_hash(u64 iterations)
 		x ^= x >> 29;
 	}
 	return x;
+}
+
+/* What the compute workload reports for a given iteration count. */
+static inline u64 compute_checksum(u64 iterations)
+{
+	return csum_add(csum_add(CSUM_INIT, iterations), compute_hash(iterations));
 }
 
 #endif

@@ -2,6 +2,7 @@
 #ifndef KERNEL_H
 #define KERNEL_H
 
+#include "checksum.h"
 #include "types.h"
 
 /* Console (8250 UART on COM1, polled). */
@@ -31,9 +32,6 @@ extern volatile u64 stray_interrupts;
 bool probe_read(const volatile u64 *addr, u64 *val);
 extern volatile u64 last_fault_addr;
 
-/* Checksums: FNV-1a over 64-bit words (or bytes), deterministic by construction. */
-#define CSUM_INIT 0xcbf29ce484222325UL
-static inline u64 csum_add(u64 h, u64 v) { return (h ^ v) * 0x100000001b3UL; }
 
 /* libc-like helpers gcc may also call on its own. */
 void *memset(void *d, int c, size_t n);
