@@ -354,9 +354,74 @@ impl<'data> Elf<'data> {
                 }
             }
         }
+        // A linked kernel's PVH entry (Xen ELF note PHYS32_ENTRY) is 32-bit code even when the
+        // image is stripped.
+        if let Some(addr) = self.pvh_entry() {
+            if let Some(s) = self.section_at_address(addr).filter(|s| s.is_exec()) {
+                let start = addr - s.addr;
+                if !regions.iter().any(|r| r.section == s.index && r.start <= start && start < r.end) {
+                    let end = self.symbols[s.index]
+                        .iter()
+                        .map(|n| n.offset)
+                        .find(|&o| o > start)
+                        .unwrap_or(s.data.len() as u64)
+                        .min(s.data.len() as u64);
+                    regions.push(Region {
+                        section: s.index,
+                        start,
+                        end,
+                        bits: 32,
+                        reason: "Xen ELF note PHYS32_ENTRY (PVH entry)".into(),
+                    });
+                }
+            }
+        }
+        // Symbol- and note-started regions end at the mode switch; whole sections stay whole.
+        for r in regions.iter_mut().filter(|r| !r.reason.starts_with("section ")) {
+            if let Some(s) = self.sections.get(r.section) {
+                r.end = mode_switch_end(s.data, r.start, r.end, r.bits);
+            }
+        }
         regions.sort_by_key(|r| (r.section, r.start));
         regions.dedup_by(|b, a| a.section == b.section && a.start == b.start);
         self.regions = regions;
+    }
+
+    /// The PVH 32-bit entry point as a virtual address: Xen note `XEN_ELFNOTE_PHYS32_ENTRY`
+    /// (18) holds a physical address, mapped through the `PT_LOAD` segments.
+    pub fn pvh_entry(&self) -> Option<u64> {
+        use object::read::elf::ProgramHeader;
+        const XEN_ELFNOTE_PHYS32_ENTRY: u32 = 18;
+        let mut phys = None;
+        for (i, sh) in self.section_table.iter().enumerate() {
+            if sh.sh_type(LE) != elf::SHT_NOTE {
+                continue;
+            }
+            let Ok(Some(mut notes)) = sh.notes(LE, self.data) else { continue };
+            let _ = i;
+            while let Ok(Some(n)) = notes.next() {
+                if n.name() == b"Xen" && n.n_type(LE).0 == XEN_ELFNOTE_PHYS32_ENTRY {
+                    let d = n.desc();
+                    phys = match d.len() {
+                        4 => Some(u32::from_le_bytes(d.try_into().ok()?) as u64),
+                        8 => Some(u64::from_le_bytes(d.try_into().ok()?)),
+                        _ => None,
+                    };
+                }
+            }
+        }
+        let phys = phys?;
+        let phdrs = self.header.program_headers(LE, self.data).ok()?;
+        for ph in phdrs {
+            if ph.p_type(LE) != elf::PT_LOAD {
+                continue;
+            }
+            let (pa, va, sz) = (ph.p_paddr(LE), ph.p_vaddr(LE), ph.p_filesz(LE));
+            if phys >= pa && phys - pa < sz {
+                return Some(va.wrapping_add(phys - pa));
+            }
+        }
+        None
     }
 
     /// Code symbols of a section, sorted by offset.
@@ -395,6 +460,31 @@ impl<'data> Elf<'data> {
         let inside = |s: &&Section| s.is_alloc() && s.addr != 0 && addr >= s.addr && addr - s.addr < s.size.max(1);
         self.sections.iter().filter(|s| s.is_exec()).find(inside).or_else(|| self.sections.iter().find(inside))
     }
+}
+
+/// 16/32-bit code ends where it switches mode: after the first direct far jump (`ljmp
+/// $sel,$off`) or far return (`lret`), the usual mode-switch idioms. Returns the refined end.
+fn mode_switch_end(data: &[u8], start: u64, end: u64, bits: u32) -> u64 {
+    use iced_x86::{Code, Decoder, DecoderOptions, Instruction};
+    let (s, e) = (start.min(data.len() as u64), end.min(data.len() as u64));
+    let mut d = Decoder::with_ip(bits, &data[s as usize..e as usize], s, DecoderOptions::NONE);
+    let mut i = Instruction::default();
+    while d.can_decode() {
+        d.decode_out(&mut i);
+        if matches!(
+            i.code(),
+            Code::Jmp_ptr1616
+                | Code::Jmp_ptr1632
+                | Code::Retfw
+                | Code::Retfd
+                | Code::Retfq
+                | Code::Retfw_imm16
+                | Code::Retfd_imm16
+        ) {
+            return i.next_ip();
+        }
+    }
+    end
 }
 
 fn read_section<'data>(
