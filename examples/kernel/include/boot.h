@@ -26,8 +26,8 @@
 
 #define MULTIBOOT_HEADER_MAGIC 0x1badb002
 #define MULTIBOOT_BOOTLOADER_MAGIC 0x2badb002
-/* page-align modules | memory info | the a.out-kludge address fields (needed for ELF64) */
-#define MULTIBOOT_HEADER_FLAGS 0x00010003
+/* Only the a.out-kludge address fields (needed for ELF64); no modules or memory map used. */
+#define MULTIBOOT_HEADER_FLAGS 0x00010000
 #define MULTIBOOT_INFO_CMDLINE (1 << 2)
 #define MULTIBOOT_CMDLINE_OFFSET 16
 
