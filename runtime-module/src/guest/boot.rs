@@ -5,8 +5,8 @@
 //! (identity map of the low 4 GiB with 2 MiB pages, plus the kernel's virtual window when the
 //! kernel is linked at virt != phys), enters long mode, calls [`super::boot`] at its virtual
 //! address, then goes back to 32-bit protected mode with paging off and the original CR0, CR4
-//! and EFER, and jumps to the kernel's original PVH entry with the original `%ebx`. So any PVH
-//! kernel works unmodified.
+//! and EFER, and jumps to the kernel's original PVH entry with the original `%ebx` (and
+//! `%esp` at the top of the runtime's boot stack). So any PVH kernel works unmodified.
 //!
 //! The 32-bit code is position independent (it runs at physical addresses): data is addressed
 //! relative to a `call`/`pop` anchor; the link provides the absolute symbols
@@ -138,15 +138,16 @@ boot_exit32:
     movl (saved_cr4 - 6b)(%ebp), %eax
     movl %eax, %cr4
     movl (pvh_ebx - 6b)(%ebp), %ebx
-    xorl %eax, %eax
     xorl %ecx, %ecx
     xorl %edx, %edx
     xorl %esi, %esi
     xorl %edi, %edi
+    /* PVH leaves %esp undefined; the kernel gets the runtime's boot stack, so that its
+       sites that run before it sets up a stack can still call the runtime. */
+    leal (boot_stack_top - 6b)(%ebp), %esp
     xorl %ebp, %ebp
-    /* PVH leaves %esp undefined: use it to hold the target. */
-    movl $__previrt_kernel_pvh_entry, %esp
-    jmp *%esp
+    movl $__previrt_kernel_pvh_entry, %eax
+    jmp *%eax
     .code64
 
     .section .text.previrt_boot64, "ax", @progbits

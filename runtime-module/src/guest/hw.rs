@@ -6,6 +6,54 @@ use core::arch::asm;
 
 pub struct Hardware;
 
+/// Page-table pages the runtime may need to map itself into a kernel's address space.
+const POOL_PAGES: usize = 8;
+#[repr(C, align(4096))]
+struct Pool([[u64; 512]; POOL_PAGES]);
+static POOL: super::Global<(Pool, usize)> = super::Global(core::cell::UnsafeCell::new((Pool([[0; 512]; POOL_PAGES]), 0)));
+
+const PRESENT: u64 = 1;
+const WRITABLE: u64 = 2;
+const HUGE: u64 = 1 << 7;
+const ADDR: u64 = 0x000f_ffff_ffff_f000;
+
+/// Make sure the address space rooted at `cr3` maps the runtime (its handlers and data), so
+/// that routed sites keep working after the kernel switches to page tables of its own that
+/// map only its image. Missing 4 KiB entries are filled in; missing intermediate tables come
+/// from a small static pool. Applies to identity-mapped kernels (virt = phys), whose page
+/// tables are reachable at their physical addresses; kernels linked high map the runtime with
+/// their image window (docs/runtime-entry.md).
+unsafe fn map_runtime(cr3: u64) {
+    if super::link_value!("__previrt_virt_delta") != 0 {
+        return;
+    }
+    let (pool, used) = POOL.get();
+    let start = super::link_value!("__previrt_runtime_start");
+    let end = super::link_value!("__previrt_runtime_end");
+    for va in (start..end).step_by(4096) {
+        let mut table = (cr3 & ADDR) as *mut u64;
+        for shift in [39u32, 30, 21, 12] {
+            let entry = table.add(((va >> shift) & 511) as usize);
+            let e = entry.read_volatile();
+            if shift == 12 {
+                if e & PRESENT == 0 {
+                    entry.write_volatile(va | PRESENT | WRITABLE);
+                }
+                break;
+            }
+            if e & PRESENT != 0 && e & HUGE != 0 {
+                break;
+            }
+            if e & PRESENT == 0 {
+                let Some(page) = pool.0.get_mut(*used) else { return };
+                *used += 1;
+                entry.write_volatile(page.as_mut_ptr() as u64 | PRESENT | WRITABLE);
+            }
+            table = (entry.read_volatile() & ADDR) as *mut u64;
+        }
+    }
+}
+
 pub fn cpuid(leaf: u32, subleaf: u32) -> [u32; 4] {
     let r = core::arch::x86_64::__cpuid_count(leaf, subleaf);
     [r.eax, r.ebx, r.ecx, r.edx]
@@ -96,7 +144,10 @@ impl Machine for Hardware {
             match n {
                 0 => asm!("mov cr0, {}", in(reg) v, options(nostack, preserves_flags)),
                 2 => asm!("mov cr2, {}", in(reg) v, options(nostack, preserves_flags)),
-                3 => asm!("mov cr3, {}", in(reg) v, options(nostack, preserves_flags)),
+                3 => {
+                    map_runtime(v);
+                    asm!("mov cr3, {}", in(reg) v, options(nostack, preserves_flags))
+                }
                 4 => asm!("mov cr4, {}", in(reg) v, options(nostack, preserves_flags)),
                 8 => asm!("mov cr8, {}", in(reg) v, options(nostack, preserves_flags)),
                 _ => {}

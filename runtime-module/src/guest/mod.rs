@@ -26,12 +26,18 @@ const OOL_SLOT: usize = 24;
 /// Writing here (isa-debug-exit) ends the run: the trace summary is printed first.
 const EXIT_PORT: u16 = 0xf4;
 
-extern "C" {
-    static __previrt_sites_start: u8;
-    static __previrt_sites_end: u8;
-    /// Absolute symbol: its address is the default backend's id.
-    static __previrt_default_backend: u8;
+/// The value of an absolute link-time symbol. Read through `movabs` because the compiler
+/// assumes the address of an extern static is never 0 (and may fold comparisons), while
+/// these symbols are numbers, 0 included.
+macro_rules! link_value {
+    ($sym:literal) => {{
+        let v: u64;
+        // SAFETY: loads a link-time constant, no memory access.
+        unsafe { core::arch::asm!(concat!("movabsq $", $sym, ", {}"), out(reg) v, options(att_syntax, nomem, nostack, preserves_flags)) };
+        v
+    }};
 }
+pub(crate) use link_value;
 
 /// Single-CPU global state: written at boot and by `previrt_repatch`, which run with
 /// interrupts off and no CPU inside a site.
@@ -69,8 +75,8 @@ fn serialize() {
 }
 
 fn table() -> (u64, usize) {
-    let start = &raw const __previrt_sites_start as u64;
-    let end = &raw const __previrt_sites_end as u64;
+    let start = link_value!("__previrt_sites_start");
+    let end = link_value!("__previrt_sites_end");
     (start, end.saturating_sub(start) as usize)
 }
 
@@ -167,7 +173,7 @@ extern "C" fn previrt_boot(start_info: u64) {
     // SAFETY: boot runs once, single-threaded, interrupts off.
     let state = unsafe { STATE.get() };
     state.platform = platform::detect(|leaf| hw::cpuid(leaf, 0));
-    let default = backend::by_id(&raw const __previrt_default_backend as u64 as u32).unwrap_or(&backend::NATIVE);
+    let default = backend::by_id(link_value!("__previrt_default_backend") as u32).unwrap_or(&backend::NATIVE);
     let chosen = match platform::cmdline_value(pvh_cmdline(start_info), b"previrt.backend") {
         None => default,
         Some(name) => backend::by_name(name).unwrap_or_else(|| {
