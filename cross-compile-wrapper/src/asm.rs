@@ -136,7 +136,7 @@ pub fn main(args: Vec<OsString>) -> i32 {
         return status;
     }
     let object = parsed.output.clone().unwrap_or_else(|| PathBuf::from("a.out"));
-    let filled: Option<ObjectReport> = match objfill::fill_and_verify(&object) {
+    let filled: Option<ObjectReport> = match objfill::fill_and_verify(&object, &stats.narrow_code) {
         Ok(r) => Some(r),
         Err(e) => {
             line.error = Some(e.to_string());

@@ -9,13 +9,15 @@
 //! file offsets (no size change), and the file is replaced atomically.
 
 use anyhow::{anyhow, Context, Result};
-use iced_x86::{Decoder, DecoderOptions, Instruction};
-use previrt_rewriter::catalogue::{self, Entry};
-use previrt_rewriter::elf::{self as relf, Elf};
-use previrt_rewriter::record;
-use previrt_site_abi::{chunks, field, SiteRecord, RECORD_SIZE, SITES_SECTION};
+use iced_x86::{Decoder, DecoderOptions};
+use previrt_rewriter::elf::Elf;
+use previrt_rewriter::scan::{scan_elf, Hit};
+use previrt_rewriter::sites::{self, Reason};
+use previrt_rewriter::{catalogue, record};
+use crate::text::Narrow;
+use previrt_site_abi::SiteRecord;
 use serde::Serialize;
-use std::collections::{BTreeMap, HashSet};
+use std::collections::BTreeMap;
 use std::path::Path;
 
 /// A sensitive instruction no site covers.
@@ -25,7 +27,9 @@ pub struct Uncovered {
     pub offset: u64,
     pub function: Option<String>,
     pub kind: &'static str,
+    /// `previrt_rewriter::sites::Reason` token (`no_site`, `code32`, …).
     pub reason: &'static str,
+    pub detail: String,
 }
 
 /// A record whose site does not hold what the text side announced.
@@ -45,31 +49,25 @@ pub struct ObjectReport {
     pub padding_bytes: u64,
     /// Bytes of executable sections.
     pub code_bytes: u64,
-    /// Bytes of executable sections that are 16/32-bit code (not rewritten, not verified).
-    pub narrow_code_bytes: u64,
+    /// Sensitive instructions found by the scan, and those starting a site of their kind.
+    pub found: usize,
+    pub covered: usize,
     pub uncovered: Vec<Uncovered>,
     pub mismatches: Vec<Mismatch>,
 }
 
 /// Why an instruction has no site when the text side never saw it as a statement.
-pub const REASON_NOT_IN_TEXT: &str =
+pub const NOT_IN_TEXT: &str =
     "no instruction statement in the assembler input (.byte/.incbin-encoded or built from macro arguments)";
 
-struct Site {
-    section: usize,
-    offset: u64,
-    /// File offset of the record.
-    record_at: usize,
-    record: SiteRecord,
-}
-
 /// Fill every record of the object at `path` and verify coverage; rewrite the file
-/// atomically when a record changed.
-pub fn fill_and_verify(path: &Path) -> Result<ObjectReport> {
+/// atomically when a record changed. `narrow` lists the sensitive statements the text side
+/// left alone as 16/32-bit code, to explain (with file:line) what the scan finds there.
+pub fn fill_and_verify(path: &Path, narrow: &[Narrow]) -> Result<ObjectReport> {
     let mut data = std::fs::read(path).with_context(|| format!("{}: cannot read", path.display()))?;
     let (report, patches) = {
         let elf = Elf::parse(&data).map_err(|e| anyhow!("{}: {e}", path.display()))?;
-        analyse(&elf)?
+        analyse(&elf, narrow)?
     };
     if !patches.is_empty() {
         for (at, bytes) in patches {
@@ -88,111 +86,99 @@ pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
     std::fs::rename(&tmp, path).with_context(|| format!("{}: cannot replace", path.display()))
 }
 
-fn decode_at(section: &[u8], offset: u64) -> Instruction {
-    let bytes = section.get(offset as usize..).unwrap_or(&[]);
-    Decoder::with_ip(64, bytes, offset, DecoderOptions::NONE).decode()
-}
-
 /// Patches are `(file offset, bytes)`.
-fn analyse(elf: &Elf<'_>) -> Result<(ObjectReport, Vec<(usize, Vec<u8>)>)> {
+fn analyse(elf: &Elf<'_>, narrow: &[Narrow]) -> Result<(ObjectReport, Vec<(usize, Vec<u8>)>)> {
     let mut report = ObjectReport::default();
-    let sites = read_sites(elf)?;
     let mut patches = Vec::new();
-    let mut covered = HashSet::new();
-    for site in &sites {
-        covered.insert((site.section, site.offset));
-        let sec = &elf.sections[site.section];
-        let instr = decode_at(sec.data, site.offset);
-        let mismatch = |problem: String| Mismatch { section: sec.name.to_string(), offset: site.offset, problem };
+    let hits = scan_elf(elf);
+    report.code_bytes = elf.exec_sections().map(|s| s.data.len() as u64).sum();
+    let Some(mut table) = sites::read(elf).map_err(|e| anyhow!("{e}"))? else {
+        report_coverage(elf, &hits, &sites::SiteTable { section: 0, sites: Vec::new() }, narrow, &mut report);
+        return Ok((report, patches));
+    };
+    let table_base = elf.sections[table.section].data.as_ptr() as usize - elf.data.as_ptr() as usize;
+    for site in &mut table.sites {
+        let Some((sec, off)) = site.site.section_offset() else {
+            report.mismatches.push(Mismatch { section: String::new(), offset: 0, problem: format!("site at {:?}", site.site) });
+            continue;
+        };
+        let sec = &elf.sections[sec];
+        let mismatch = |problem: String| Mismatch { section: sec.name.to_string(), offset: off, problem };
+        let bytes = sec.data.get(off as usize..).unwrap_or(&[]);
+        let instr = Decoder::with_ip(64, bytes, off, DecoderOptions::NONE).decode();
         let Some(entry) = catalogue::classify(&instr) else {
             report.mismatches.push(mismatch(format!("site holds `{instr}`, not a sensitive instruction")));
             continue;
         };
-        let filled = fill(&site.record, &instr, entry, &sec.name);
-        if filled.insn_len != site.record.insn_len || filled.site_len != site.record.site_len {
+        let mut filled = record::operands(&instr, entry, 64);
+        filled.flags |= record::section_flags(&sec.name);
+        // Lengths stay as assembled: the padding and the save slot were laid out with them.
+        let filled = SiteRecord { site_len: site.record.site_len, insn_len: site.record.insn_len, ..keep_targets(filled, &site.record) };
+        if instr.len() != usize::from(site.record.insn_len) || entry.site_len(instr.len()) != site.record.site_len {
             report.mismatches.push(mismatch(format!(
-                "assembled lengths insn {} site {}, catalogue wants insn {} site {}",
-                site.record.insn_len, site.record.site_len, filled.insn_len, filled.site_len
+                "assembled insn {} site {} bytes, catalogue wants insn {} site {}",
+                site.record.insn_len,
+                site.record.site_len,
+                instr.len(),
+                entry.site_len(instr.len())
             )));
         }
         *report.sites.entry(entry.name()).or_default() += 1;
         report.padding_bytes += u64::from(site.record.site_len.saturating_sub(site.record.insn_len));
         if filled != site.record {
-            patches.push((site.record_at, filled.to_bytes().to_vec()));
+            patches.push((table_base + site.record_offset, filled.to_bytes().to_vec()));
+            site.record = filled;
         }
     }
-    for sec in elf.exec_sections() {
-        report.code_bytes += sec.data.len() as u64;
-        let narrow: Vec<(u64, u64)> = elf.regions_in(sec.index).map(|r| (r.start, r.end)).collect();
-        report.narrow_code_bytes += narrow.iter().map(|(s, e)| e - s).sum::<u64>();
-        let mut decoder = Decoder::with_ip(64, sec.data, 0, DecoderOptions::NONE);
-        let mut instr = Instruction::default();
-        while decoder.can_decode() {
-            decoder.decode_out(&mut instr);
-            let ip = instr.ip();
-            if let Some(&(_, end)) = narrow.iter().find(|(s, e)| (*s..*e).contains(&ip)) {
-                decoder.set_position(end as usize).ok();
-                decoder.set_ip(end);
-                continue;
-            }
-            let Some(entry) = catalogue::classify(&instr) else { continue };
-            if entry.patched_by_default && !covered.contains(&(sec.index, ip)) {
-                report.uncovered.push(Uncovered {
-                    section: sec.name.to_string(),
-                    offset: ip,
-                    function: elf.function_at(sec.index, ip),
-                    kind: entry.name(),
-                    reason: REASON_NOT_IN_TEXT,
-                });
-            }
-        }
-    }
+    report_coverage(elf, &hits, &table, narrow, &mut report);
     Ok((report, patches))
 }
 
-/// The record with operand fields and kind from the instruction, section flags from where it
-/// lives, and the assembler-computed PC-relative fields and lengths kept.
-fn fill(text: &SiteRecord, instr: &Instruction, entry: &Entry, section: &str) -> SiteRecord {
-    let ops = record::operands(instr, entry, 64);
+/// `filled` with the assembler-resolved PC-relative fields of `text`.
+fn keep_targets(filled: SiteRecord, text: &SiteRecord) -> SiteRecord {
     SiteRecord {
-        kind: ops.kind,
-        flags: ops.flags | record::section_flags(section),
-        width: ops.width,
-        reg: ops.reg,
-        base: ops.base,
-        index: ops.index,
-        scale: ops.scale,
-        imm: ops.imm,
-        insn_len: ops.insn_len,
-        site_len: ops.site_len,
-        ..*text
+        site_rel: text.site_rel,
+        save_rel: text.save_rel,
+        resume_rel: text.resume_rel,
+        origin_rel: text.origin_rel,
+        ..filled
     }
 }
 
-/// Every record of the object's site table with the section and offset its site relocation
-/// points at. Records without a resolvable site relocation are skipped (not ours).
-fn read_sites(elf: &Elf<'_>) -> Result<Vec<Site>> {
-    let Some(table) = elf.section_by_name(SITES_SECTION) else { return Ok(Vec::new()) };
-    let file_base = table.data.as_ptr() as usize - elf.data.as_ptr() as usize;
-    let relocs: std::collections::HashMap<u64, (u32, i64)> = relf::relocations_for(elf, table.index)
-        .map_err(|e| anyhow!("{e}"))?
-        .into_iter()
-        .map(|(off, _ty, sym, addend)| (off, (sym, addend)))
-        .collect();
-    let symtab = elf.symbol_table().map_err(|e| anyhow!("{e}"))?;
-    let mut out = Vec::new();
-    for chunk in chunks(table.data) {
-        let chunk = chunk.map_err(|e| anyhow!("{SITES_SECTION}: {e}"))?;
-        for (at, record) in chunk.records() {
-            let Some(&(sym, addend)) = relocs.get(&((at + field::SITE) as u64)) else { continue };
-            let Some(symtab) = &symtab else { continue };
-            let (Some(section), value, _, _) = relf::symbol_by_index(symtab, sym).map_err(|e| anyhow!("{e}"))? else {
-                continue;
-            };
-            let offset = (value as i64 + addend) as u64;
-            debug_assert!(at + RECORD_SIZE <= table.data.len());
-            out.push(Site { section, offset, record_at: file_base + at, record });
+fn report_coverage(
+    elf: &Elf<'_>,
+    hits: &[Hit],
+    table: &sites::SiteTable,
+    narrow: &[Narrow],
+    report: &mut ObjectReport,
+) {
+    let cov = sites::coverage(hits, table);
+    report.found = cov.total;
+    report.covered = cov.covered;
+    let mut narrow_left: Vec<&Narrow> = narrow.iter().collect();
+    for u in cov.uncovered {
+        if u.reason == Reason::NotPatchedByDefault {
+            continue;
         }
+        let (mut reason, mut detail) = (u.reason.token(), u.detail);
+        if u.reason == Reason::NoSite {
+            // The text side saw this kind as 16/32-bit code: say where.
+            let section = &elf.sections[u.section].name;
+            detail = match narrow_left.iter().position(|n| n.kind == u.kind.name() && n.section == *section) {
+                Some(i) => {
+                    reason = "code16_32";
+                    format!("16/32-bit code at {}: not rewritten", narrow_left.remove(i).at)
+                }
+                None => NOT_IN_TEXT.to_string(),
+            };
+        }
+        report.uncovered.push(Uncovered {
+            section: elf.sections[u.section].name.to_string(),
+            offset: u.offset,
+            function: elf.function_at(u.section, u.offset),
+            kind: u.kind.name(),
+            reason,
+            detail,
+        });
     }
-    Ok(out)
 }

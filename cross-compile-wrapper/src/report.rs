@@ -72,14 +72,14 @@ pub fn print_problems(line: &LogLine<'_>) {
         for u in &t.unparsed {
             eprintln!("previrt as: {what}:{}: not parsed ({}), passed through", u.line, u.reason);
         }
-        if t.narrow_code > 0 {
-            eprintln!("previrt as: {what}: {} sensitive instructions in 16/32-bit code left alone", t.narrow_code);
+        for n in &t.narrow_code {
+            eprintln!("previrt as: {}: {} in 16/32-bit code left alone", n.at, n.kind);
         }
     }
     if let Some(r) = line.object_report {
         for u in &r.uncovered {
             let func = u.function.as_deref().map(|f| format!(" ({f})")).unwrap_or_default();
-            eprintln!("previrt as: {what}: uncovered {} at {}+{:#x}{func}: {}", u.kind, u.section, u.offset, u.reason);
+            eprintln!("previrt as: {what}: uncovered {} at {}+{:#x}{func}: {}: {}", u.kind, u.section, u.offset, u.reason, u.detail);
         }
         for m in &r.mismatches {
             eprintln!("previrt as: {what}: site at {}+{:#x}: {}", m.section, m.offset, m.problem);

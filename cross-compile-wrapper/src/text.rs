@@ -39,6 +39,15 @@ pub struct Unparsed {
     pub reason: &'static str,
 }
 
+/// A sensitive statement in 16/32-bit code, left alone.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Narrow {
+    /// `file:line` (`-` for standard input).
+    pub at: String,
+    pub section: String,
+    pub kind: &'static str,
+}
+
 /// What the rewriter did.
 #[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct Stats {
@@ -47,7 +56,7 @@ pub struct Stats {
     /// Of those, statements inside `.macro` bodies (each expansion becomes one site).
     pub macro_sites: u32,
     /// Sensitive statements left alone because they are 16- or 32-bit code.
-    pub narrow_code: u32,
+    pub narrow_code: Vec<Narrow>,
     pub unparsed: Vec<Unparsed>,
 }
 
@@ -90,6 +99,7 @@ pub struct Rewriter {
     intel: Option<String>,
     macro_depth: u32,
     in_block_comment: bool,
+    file: String,
     line_no: usize,
 }
 
@@ -108,6 +118,7 @@ impl Rewriter {
             intel: cfg.intel.then(|| ".intel_syntax".to_string()),
             macro_depth: 0,
             in_block_comment: false,
+            file: String::new(),
             line_no: 0,
         }
     }
@@ -120,6 +131,7 @@ impl Rewriter {
             self.out.extend_from_slice(format!("# 1 \"{}\"\n", name.replace('\\', "\\\\").replace('"', "\\\"")).as_bytes());
         }
         self.line_no = 0;
+        self.file = name.unwrap_or("-").to_string();
         self.out.reserve(input.len() + input.len() / 16);
         for line in input.split_inclusive(|&b| b == b'\n') {
             self.line_no += 1;
@@ -235,7 +247,8 @@ impl Rewriter {
             return Parsed::Other;
         }
         if !self.code64 {
-            self.stats.narrow_code += 1;
+            let at = format!("{}:{}", self.file, self.line_no);
+            self.stats.narrow_code.push(Narrow { at, section: self.current.name.clone(), kind: kind.name() });
             return Parsed::Other;
         }
         Parsed::Site(body_at, kind)
