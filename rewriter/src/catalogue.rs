@@ -365,3 +365,61 @@ mod tests {
         assert_eq!(classify_code(Code::Mov_cr_r64).unwrap().kind, Kind::MovCr);
     }
 }
+
+/// The text of `docs/sensitive-instructions.md`, generated from [`ENTRIES`] (a test checks the
+/// committed file is up to date; `PREVIRT_BLESS=1 cargo test -p previrt-rewriter --test docs`
+/// rewrites it).
+pub fn markdown() -> String {
+    use std::fmt::Write as _;
+    let mut s = String::new();
+    s += "# Sensitive x86-64 instructions\n\n";
+    s += "<!-- Generated from rewriter/src/catalogue.rs (ENTRIES) by `catalogue::markdown()`; \
+          do not edit by hand. Regenerate: PREVIRT_BLESS=1 cargo test -p previrt-rewriter --test docs -->\n\n";
+    s += "These are the instructions a deprivileged (ring 1/3) or hypervisor-hosted kernel must not run \
+natively. `previrt scan` finds them; the assembler wrapper and the post-link patcher turn each into a \
+site of the site ABI (`docs/site-abi.md`). The catalogue is one data table, `ENTRIES` in \
+`rewriter/src/catalogue.rs`, classified by iced-x86 `Code` (the exact encoding), so an instruction \
+decoded from bytes and one built by the encoder get the same answer.\n\n";
+    s += "Sensitivity:\n\n";
+    s += "- **trapping**: faults (`#GP`/`#UD`) outside ring 0; the kernel would crash, or the hypervisor \
+must trap and emulate each execution at great cost (~2 µs on this project's KVM-PVM machines).\n";
+    s += "- **silent**: runs outside ring 0 without a fault but gives a different result — the classic \
+x86 virtualization holes: `popf` silently dropping IF, `pushf` exposing the real IF/IOPL, `sgdt`/`sidt` \
+leaking the host's tables, `smsw`/`str`/`sldt`, `lar`/`lsl`/`verr`/`verw` and segment loads checking \
+against the real CPL, far `call`/`jmp`/`ret` with RPL checks.\n";
+    s += "- **conditional**: either, depending on a control bit the hypervisor may not own (IOPL and the \
+TSS I/O bitmap, CR4.UMIP, CR4.TSD, CR4.PCE, CR4.FSGSBASE, CPUID faulting).\n\n";
+    s += "Every site is at least `min_site_len` bytes (`site_len = max(insn_len, min_site_len)`): the \
+runtime replaces a site with at most a 5-byte `call rel32` into its handler. The time class (`rdtsc`, \
+`rdtscp`) is reported but not patched by default.\n\n";
+    s += "Not in the catalogue, on purpose: `int3` (Linux has millions of int3 padding bytes), `int1`, \
+`into`, `syscall`/`sysenter` (user-to-kernel entries handled by the runtime's entry path), push/pop of \
+es/cs/ss/ds (invalid in 64-bit code), `monitorx`/`mwaitx` (unprivileged AMD variants), the 386 \
+test-register moves.\n\n";
+    let mut classes: Vec<Class> = ENTRIES.iter().map(|e| e.class()).collect();
+    classes.dedup();
+    for class in classes {
+        let _ = writeln!(s, "## Class `{}`\n", class.name());
+        s += "| kind | forms | sensitivity | patched by default | min site | why |\n";
+        s += "| --- | --- | --- | --- | --- | --- |\n";
+        for e in ENTRIES.iter().filter(|e| e.class() == class) {
+            let _ = writeln!(
+                s,
+                "| `{}` | {} | {} | {} | {} | {} |",
+                e.name(),
+                e.forms.replace('|', "\\|"),
+                e.sensitivity.name(),
+                if e.patched_by_default { "yes" } else { "no" },
+                e.min_site_len,
+                e.why.replace('|', "\\|")
+            );
+        }
+        s += "\n";
+    }
+    s += "## Encodings\n\nThe iced-x86 `Code`s of each row, for reviewers:\n\n";
+    for e in ENTRIES {
+        let codes: Vec<String> = e.codes.iter().map(|c| format!("`{c:?}`")).collect();
+        let _ = writeln!(s, "- `{}` ({}): {}", e.name(), e.forms.replace('|', "\\|"), codes.join(", "));
+    }
+    s
+}

@@ -422,7 +422,13 @@ fn write_json(out: &mut impl Write, reports: &[FileReport], errors: &[FileError]
 }
 
 fn mib(b: u64) -> String {
-    format!("{:.2} MiB", b as f64 / (1024.0 * 1024.0))
+    if b < 1024 {
+        format!("{b} B")
+    } else if b < 1024 * 1024 {
+        format!("{:.1} KiB", b as f64 / 1024.0)
+    } else {
+        format!("{:.2} MiB", b as f64 / (1024.0 * 1024.0))
+    }
 }
 
 fn class_of(name: &str) -> &'static str {
