@@ -98,7 +98,8 @@ pub fn run_qemu(kernel: &Path, cmdline: &str) -> QemuRun {
 }
 
 pub fn run_qemu_with_env(kernel: &Path, cmdline: &str, env: &[(&str, &str)]) -> QemuRun {
-    require_tool("qemu-system-x86_64");
+    // run-qemu.sh runs $QEMU when set.
+    require_tool(&std::env::var("QEMU").unwrap_or_else(|_| "qemu-system-x86_64".into()));
     let o = Command::new(kernel_src().join("run-qemu.sh"))
         .arg(kernel)
         .arg(cmdline)
