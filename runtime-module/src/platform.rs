@@ -10,6 +10,8 @@ pub enum Platform {
     XenHvm,
     XenPv,
     Kvm,
+    /// QEMU's software emulation (TCG): bare metal as far as the kernel can tell.
+    QemuTcg,
     /// A hypervisor with a signature this runtime does not know.
     OtherHypervisor,
 }
@@ -22,6 +24,7 @@ impl Platform {
             Platform::XenHvm => "xen-hvm",
             Platform::XenPv => "xen-pv",
             Platform::Kvm => "kvm",
+            Platform::QemuTcg => "qemu-tcg",
             Platform::OtherHypervisor => "hypervisor",
         }
     }
@@ -31,6 +34,7 @@ const SIGNATURES: &[([u8; 12], Platform)] = &[
     (sig::PREVIRT_HV_SIGNATURE, Platform::PrevirtHv),
     (sig::XEN_SIGNATURE, Platform::XenHvm),
     (sig::KVM_SIGNATURE, Platform::Kvm),
+    (*b"TCGTCGTCGTCG", Platform::QemuTcg),
 ];
 
 /// Detect the platform of an HVM-style start (PVH, multiboot) from CPUID: leaf 1 ECX bit 31

@@ -14,6 +14,7 @@ mod ld;
 use object::elf;
 use object::read::elf::{FileHeader, ProgramHeader, SectionHeader};
 use object::LittleEndian as LE;
+use previrt_site_abi::flags;
 use std::path::Path;
 
 /// The runtime object, built and checked by build.rs.
@@ -64,6 +65,8 @@ pub struct LinkReport {
     pub runtime_mem_size: u64,
     /// Site records found in `.previrt.sites`.
     pub sites: usize,
+    /// Per kind name: (all sites, sites in 64-bit code that a routing backend can take over).
+    pub kinds: std::collections::BTreeMap<&'static str, (usize, usize)>,
     pub kernel_pvh_entry: u64,
     pub runtime_pvh_entry: u64,
     pub default_backend: DefaultBackend,
@@ -79,6 +82,7 @@ struct Kernel {
     pvh_entry: u64,
     sites: (u64, u64),
     site_count: usize,
+    kinds: std::collections::BTreeMap<&'static str, (usize, usize)>,
 }
 
 fn bad(msg: impl Into<String>) -> LinkError {
@@ -127,7 +131,7 @@ fn inspect(data: &[u8]) -> Result<Kernel, LinkError> {
     let (pvh_desc, pvh_entry) =
         pvh.ok_or_else(|| bad("kernel has no PVH entry note (Xen ELF note 18, XEN_ELFNOTE_PHYS32_ENTRY)"))?;
 
-    let (mut sites, mut site_count) = ((0, 0), 0);
+    let (mut sites, mut site_count, mut kinds) = ((0, 0), 0, std::collections::BTreeMap::new());
     if let Ok(sections) = hdr.sections(LE, data) {
         if let Some((_, s)) = sections.section_by_name(LE, previrt_site_abi::SITES_SECTION.as_bytes()) {
             let addr = s.sh_addr(LE);
@@ -138,12 +142,20 @@ fn inspect(data: &[u8]) -> Result<Kernel, LinkError> {
             }
             let bytes = s.data(LE, data).map_err(|e| bad(format!("cannot read the site table: {e}")))?;
             for c in previrt_site_abi::chunks(bytes) {
-                site_count += c.map_err(|e| bad(format!("site table: {e}")))?.len();
+                let c = c.map_err(|e| bad(format!("site table: {e}")))?;
+                site_count += c.len();
+                for (_, r) in c.records() {
+                    let name = r.kind().map_or("unknown", |k| k.name());
+                    let long = !r.has(flags::CODE32 | flags::CODE16 | flags::TRAP);
+                    let e = kinds.entry(name).or_insert((0, 0));
+                    e.0 += 1;
+                    e.1 += long as usize;
+                }
             }
             sites = (addr, addr + size);
         }
     }
-    Ok(Kernel { end_virt, delta, pvh_desc, pvh_entry, sites, site_count })
+    Ok(Kernel { end_virt, delta, pvh_desc, pvh_entry, sites, site_count, kinds })
 }
 
 /// The runtime linked at `base`: its load segment's bytes, memory size and entry.
@@ -246,6 +258,7 @@ pub fn link(input: &Path, output: &Path, backend: DefaultBackend) -> Result<Link
         runtime_file_size: rt.bytes.len() as u64,
         runtime_mem_size: rt.mem_size,
         sites: k.site_count,
+        kinds: k.kinds,
         kernel_pvh_entry: k.pvh_entry,
         runtime_pvh_entry: entry_phys,
         default_backend: backend,
