@@ -117,10 +117,11 @@ fn exception_reports_vector_error_and_rip_then_fails() {
 #[test]
 fn bad_command_line_fails_before_any_workload() {
     let k = example_kernel();
-    let run = run_qemu(&k.elf(), "workloads=compute,bogus repeat=x");
+    let run = run_qemu(&k.elf(), "workloads=compute,bogus repeat=x hz=0");
     assert_eq!(run.status, 1, "{}", run.stdout);
     assert!(run.stdout.contains("ERROR bad number in \"repeat=x\"\n"), "{}", run.stdout);
     assert!(run.stdout.contains("ERROR unknown workload \"bogus\"\n"), "{}", run.stdout);
+    assert!(run.stdout.contains("ERROR hz must be positive\n"), "{}", run.stdout);
     assert!(workload_lines(&run.stdout).is_empty(), "{}", run.stdout);
     assert_eq!(run.stdout.lines().last(), Some("RESULT FAIL"));
 }

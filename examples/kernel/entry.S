@@ -2,10 +2,6 @@
  * 64-bit entry points: kernel_entry64 (the documented long-mode entry, see README.md), the
  * interrupt and exception stubs, and the few helpers that need exact instruction control.
  */
-#include "boot.h"
-
-#define KERNEL_CS 0x10
-
 	.text
 	.code64
 

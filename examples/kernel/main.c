@@ -163,6 +163,10 @@ void __attribute__((noreturn)) kernel_main(const struct boot_info *bi)
 	printk("kernel: boot=%s cmdline=\"%s\"\n", source, cmdline);
 	bool pass = parse_cmdline();
 	pass = check_workload_list() && pass;
+	if (!pass) {
+		con_write("RESULT FAIL\n");
+		machine_exit(false);
+	}
 
 	gdt_init();
 	idt_init();
@@ -173,7 +177,7 @@ void __attribute__((noreturn)) kernel_main(const struct boot_info *bi)
 
 	u64 seq = 0;
 	for (u64 round = 0; pass && (opt.repeat == 0 || round < opt.repeat); round++)
-		pass = run_list(&seq) && pass;
+		pass = run_list(&seq);
 
 	if (stray_interrupts) {
 		printk("ERROR %lu unexpected interrupts\n", stray_interrupts);

@@ -13,7 +13,7 @@ static pte_t pt_pool[PT_POOL_PAGES][PTES_PER_TABLE]
 static unsigned pt_pool_used;
 pte_t *kernel_pml4;
 
-pte_t *pt_alloc(void)
+static pte_t *pt_alloc(void)
 {
 	if (pt_pool_used == PT_POOL_PAGES) {
 		con_write("FATAL page-table pool exhausted\nRESULT FAIL\n");

@@ -24,7 +24,6 @@ static inline pte_t make_pte(u64 pa, u64 flags) { return (pte_t){ (pa & PTE_ADDR
 extern pte_t *kernel_pml4;
 
 void paging_init(void);
-pte_t *pt_alloc(void);
 /* A new top-level table sharing every kernel mapping of kernel_pml4. */
 pte_t *pml4_clone_kernel(void);
 void map_page(pte_t *pml4, u64 va, u64 pa, u64 flags);
