@@ -90,6 +90,8 @@ common32:
 	movl %eax, %cr0
 	ljmp $BOOT_CS64, $start64_from32
 
+	/* 64-bit code from here on: it belongs in .text, not in the 32-bit section. */
+	.text
 	.code64
 start64_from32:
 	movl $BOOT_DS, %eax
