@@ -21,6 +21,10 @@ enum Command {
     Toolchain(previrt_toolchain::ToolchainCommand),
     /// Link the guest runtime into a kernel ELF: it patches the kernel's sites at boot.
     Link(previrt_link::cli::LinkArgs),
+    /// Post-link patch a kernel or module (.o, .ko, vmlinux) or a directory of them: sensitive instructions move into trampolines.
+    Patch(previrt_postlink::cli::PatchArgs),
+    /// Prove a post-link patch preserved the original: exit 0 pass, 1 fail, 2 bad input.
+    Verify(previrt_postlink::cli::VerifyArgs),
 }
 
 fn main() {
@@ -34,5 +38,7 @@ fn main() {
         Command::Run(a) => std::process::exit(previrt_vmm::main_run(&a)),
         Command::Toolchain(c) => std::process::exit(previrt_toolchain::run(c)),
         Command::Link(a) => std::process::exit(previrt_link::cli::run(&a)),
+        Command::Patch(a) => std::process::exit(previrt_postlink::cli::patch_cmd(&a)),
+        Command::Verify(a) => std::process::exit(previrt_postlink::cli::verify_cmd(&a)),
     }
 }
