@@ -321,11 +321,43 @@ fn walk(dir: &Path, out: &mut Vec<Input>, errors: &mut Vec<FileError>) {
     }
 }
 
+/// A file's bytes: memory-mapped (only the pages that are read are loaded: a vmlinux scan
+/// touches its code, not its 50 MB of data), or read into memory where mapping fails.
+pub enum FileBytes {
+    Mapped(memmap2::Mmap),
+    Read(Vec<u8>),
+}
+
+impl FileBytes {
+    pub fn open(path: &Path) -> std::io::Result<FileBytes> {
+        let f = std::fs::File::open(path)?;
+        let len = f.metadata()?.len();
+        if len > 0 {
+            // SAFETY: the map is read-only and private to this process; previrt never writes
+            // the files it scans. A file truncated by another process while mapped could
+            // fault; scans of files being rewritten are not supported.
+            if let Ok(m) = unsafe { memmap2::Mmap::map(&f) } {
+                return Ok(FileBytes::Mapped(m));
+            }
+        }
+        let mut v = Vec::with_capacity(len as usize);
+        let mut f = f;
+        f.read_to_end(&mut v)?;
+        Ok(FileBytes::Read(v))
+    }
+    pub fn bytes(&self) -> &[u8] {
+        match self {
+            FileBytes::Mapped(m) => m,
+            FileBytes::Read(v) => v,
+        }
+    }
+}
+
 fn scan_one(input: &Input, list: bool) -> Result<FileReport, FileError> {
     let path = input.path.display().to_string();
     let err = |error: String| FileError { path: path.clone(), error };
-    let data = std::fs::read(&input.path).map_err(|e| err(e.to_string()))?;
-    let res = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| report_bytes(&path, &data, list)));
+    let data = FileBytes::open(&input.path).map_err(|e| err(e.to_string()))?;
+    let res = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| report_bytes(&path, data.bytes(), list)));
     match res {
         Ok(r) => r.map_err(err),
         Err(_) => Err(err("internal error while reading this file (please report it)".into())),
