@@ -153,6 +153,12 @@ pub fn patch_cmd(a: &PatchArgs) -> i32 {
             return 2;
         }
     };
+    if let [(_, Err(e))] = &results[..] {
+        if !dir {
+            eprintln!("previrt patch: {}: {e}", a.input.display());
+            return 2;
+        }
+    }
     let mut s = Summary { files: results.len(), ..Default::default() };
     let mut reports = Vec::new();
     for (rel, r) in results {
