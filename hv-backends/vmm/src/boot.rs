@@ -221,12 +221,14 @@ pub fn memory_map(mem_size: u64) -> [(u64, u64, u32); 3] {
 }
 
 /// Place the command line, the initrd and the protocol's boot-info structure.
+/// `start_flags` goes to hvm_start_info.flags (Xen's SIF_* bits).
 pub fn write_boot_info(
     mem: &GuestMemoryMmap,
     mem_size: u64,
     k: &Loaded,
     cmdline: &str,
     initrd: Option<&[u8]>,
+    start_flags: u32,
 ) -> Result<(), BadInput> {
     if cmdline.len() >= CMDLINE_MAX {
         return bad(format!("command line longer than {} bytes", CMDLINE_MAX - 1));
@@ -257,6 +259,7 @@ pub fn write_boot_info(
             let si = hvm_start_info {
                 magic: PVH_START_MAGIC,
                 version: 1,
+                flags: start_flags,
                 nr_modules: initrd_at.is_some() as u32,
                 modlist_paddr: if initrd_at.is_some() { MODLIST } else { 0 },
                 cmdline_paddr: CMDLINE,

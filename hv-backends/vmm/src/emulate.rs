@@ -75,19 +75,47 @@ pub fn translate(mem: &GuestMemoryMmap, sregs: &kvm_sregs, la: u64) -> Option<u6
     Some(table | (la & 0xfff))
 }
 
-/// Read `buf.len()` bytes at linear address `la`, page by page. Returns how many were read.
-pub fn read_linear(mem: &GuestMemoryMmap, sregs: &kvm_sregs, la: u64, buf: &mut [u8]) -> usize {
+/// A translator from linear to guest-physical addresses (the vCPU's page tables).
+pub type Translate<'a> = &'a dyn Fn(u64) -> Option<u64>;
+
+/// The pieces of linear range [la, la+len) as (guest-physical address, range in the buffer),
+/// one per page; None for a piece whose page is not mapped.
+fn pieces(la: u64, len: usize, tr: Translate) -> impl Iterator<Item = Option<(u64, std::ops::Range<usize>)>> + '_ {
     let mut done = 0;
-    while done < buf.len() {
+    std::iter::from_fn(move || {
+        if done >= len {
+            return None;
+        }
         let a = la.wrapping_add(done as u64);
-        let chunk = (0x1000 - (a & 0xfff) as usize).min(buf.len() - done);
-        let Some(pa) = translate(mem, sregs, a) else { break };
-        if mem.read_slice(&mut buf[done..done + chunk], GuestAddress(pa)).is_err() {
+        let n = (0x1000 - (a & 0xfff) as usize).min(len - done);
+        let r = tr(a).map(|pa| (pa, done..done + n));
+        done += n;
+        Some(r)
+    })
+}
+
+/// Read linear memory into `buf`; the number of leading bytes read before an unmapped page
+/// or the end of guest RAM.
+pub fn read_linear_with(mem: &GuestMemoryMmap, tr: Translate, la: u64, buf: &mut [u8]) -> usize {
+    let mut n = 0;
+    for p in pieces(la, buf.len(), tr) {
+        let Some((pa, r)) = p else { break };
+        if mem.read_slice(&mut buf[r.clone()], GuestAddress(pa)).is_err() {
             break;
         }
-        done += chunk;
+        n = r.end;
     }
-    done
+    n
+}
+
+/// Write `data` to linear memory; false (possibly after a partial write) on an unmapped page.
+pub fn write_linear_with(mem: &GuestMemoryMmap, tr: Translate, la: u64, data: &[u8]) -> bool {
+    pieces(la, data.len(), tr).all(|p| p.is_some_and(|(pa, r)| mem.write_slice(&data[r], GuestAddress(pa)).is_ok()))
+}
+
+/// Read linear memory through the vCPU's current page tables.
+pub fn read_linear(mem: &GuestMemoryMmap, sregs: &kvm_sregs, la: u64, buf: &mut [u8]) -> usize {
+    read_linear_with(mem, &|a| translate(mem, sregs, a), la, buf)
 }
 
 /// The instruction at CS:RIP.
@@ -157,4 +185,93 @@ pub fn completion(insn: &Instruction, rflags: u64) -> Option<Completion> {
         Mnemonic::Stac => Completion::Flags(RFLAGS_AC, 0),
         _ => return None,
     })
+}
+
+/// A 64-bit IDT gate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Gate {
+    pub target: u64,
+    pub selector: u16,
+    pub ist: u8,
+    /// 0xe interrupt gate (clears IF), 0xf trap gate.
+    pub kind: u8,
+    pub dpl: u8,
+}
+
+/// The present long-mode gate for `vector`, if any.
+pub fn read_gate(mem: &GuestMemoryMmap, sregs: &kvm_sregs, vector: u8) -> Option<Gate> {
+    if sregs.efer & EFER_LMA == 0 || (sregs.idt.limit as u64) < vector as u64 * 16 + 15 {
+        return None;
+    }
+    let mut g = [0u8; 16];
+    if read_linear(mem, sregs, sregs.idt.base + vector as u64 * 16, &mut g) != 16 || g[5] & 0x80 == 0 {
+        return None;
+    }
+    let w = |i: usize| u16::from_le_bytes([g[i], g[i + 1]]) as u64;
+    Some(Gate {
+        target: w(0) | w(6) << 16 | (u32::from_le_bytes(g[8..12].try_into().unwrap()) as u64) << 32,
+        selector: w(2) as u16,
+        ist: g[4] & 7,
+        kind: g[5] & 0xf,
+        dpl: (g[5] >> 5) & 3,
+    })
+}
+
+const RFLAGS_IF: u64 = 1 << 9;
+pub const UD_VECTOR: u8 = 6;
+const GP_VECTOR: u8 = 13;
+
+/// The vCPU sits at the entry of the guest's #UD handler (a breakpoint the VMM keeps there).
+/// If the #UD was raised by the host for a user-mode `int n` it cannot deliver (KVM-PVM runs
+/// ring 3 natively and turns `int n` into #UD), turn this delivery into the one the CPU would
+/// have made: vector n past the instruction, or #GP(n*8+2) when the gate's DPL forbids it.
+/// Returns the completed mnemonic, or None to let the #UD handler run.
+pub fn revector_user_int(mem: &GuestMemoryMmap, regs: &mut kvm_regs, sregs: &kvm_sregs) -> Option<&'static str> {
+    let tr = |a| translate(mem, sregs, a);
+    // The #UD frame: RIP, CS, RFLAGS, RSP, SS (no error code).
+    let mut frame = [0u8; 40];
+    if read_linear_with(mem, &tr, regs.rsp, &mut frame) != 40 {
+        return None;
+    }
+    let word = |i: usize| u64::from_le_bytes(frame[i * 8..i * 8 + 8].try_into().unwrap());
+    let (rip, cs, rflags) = (word(0), word(1), word(2));
+    if cs & 3 != 3 {
+        return None;
+    }
+    let mut bytes = [0u8; 15];
+    let n = read_linear_with(mem, &tr, rip, &mut bytes);
+    let insn = Decoder::with_ip(64, &bytes[..n], rip, DecoderOptions::NONE).decode();
+    if insn.mnemonic() != Mnemonic::Int {
+        return None;
+    }
+    let vector = insn.immediate8();
+    let ud = read_gate(mem, sregs, UD_VECTOR)?;
+    let (gate, err) = match read_gate(mem, sregs, vector) {
+        Some(g) if g.dpl == 3 => (g, None),
+        // Not present or DPL < CPL: #GP with the IDT-vector error code, RIP at the int.
+        _ => (read_gate(mem, sregs, GP_VECTOR)?, Some(vector as u64 * 8 + 2)),
+    };
+    // Same code segment and stack as the #UD delivery, or the frame we have is the wrong one.
+    if gate.selector != ud.selector || gate.ist != ud.ist {
+        return None;
+    }
+    match err {
+        None => {
+            frame[..8].copy_from_slice(&insn.next_ip().to_le_bytes());
+            if !write_linear_with(mem, &tr, regs.rsp, &frame[..8]) {
+                return None;
+            }
+        }
+        Some(e) => {
+            if !write_linear_with(mem, &tr, regs.rsp.wrapping_sub(8), &e.to_le_bytes()) {
+                return None;
+            }
+            regs.rsp = regs.rsp.wrapping_sub(8);
+        }
+    }
+    regs.rip = gate.target;
+    // Interrupt gates enter with IF clear; trap gates keep the interrupted context's IF.
+    regs.rflags =
+        if gate.kind == 0xe { regs.rflags & !RFLAGS_IF } else { (regs.rflags & !RFLAGS_IF) | (rflags & RFLAGS_IF) };
+    Some(if err.is_some() { "int(user,#gp)" } else { "int(user)" })
 }

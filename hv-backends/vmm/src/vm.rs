@@ -4,11 +4,12 @@ use std::fs::File;
 use std::time::{Duration, Instant};
 
 use kvm_bindings::{
-    kvm_enable_cap, kvm_msr_entry, kvm_pit_config, kvm_regs, kvm_userspace_memory_region, CpuId, Msrs,
-    KVM_CAP_X86_USER_SPACE_MSR, KVM_MAX_CPUID_ENTRIES, KVM_MSR_EXIT_REASON_INVAL, KVM_MSR_EXIT_REASON_UNKNOWN,
-    KVM_PIT_SPEAKER_DUMMY,
+    kvm_enable_cap, kvm_guest_debug, kvm_msr_entry, kvm_pit_config, kvm_regs, kvm_sregs, kvm_userspace_memory_region,
+    CpuId, Msrs, KVM_CAP_EXIT_ON_EMULATION_FAILURE, KVM_CAP_X86_USER_SPACE_MSR, KVM_GUESTDBG_ENABLE,
+    KVM_GUESTDBG_SINGLESTEP, KVM_GUESTDBG_USE_HW_BP, KVM_MAX_CPUID_ENTRIES, KVM_MSR_EXIT_REASON_INVAL,
+    KVM_MSR_EXIT_REASON_UNKNOWN, KVM_PIT_SPEAKER_DUMMY, KVM_SYNC_X86_REGS, KVM_SYNC_X86_SREGS,
 };
-use kvm_ioctls::{Cap, IoEventAddress, Kvm, NoDatamatch, VcpuExit, VcpuFd, VmFd};
+use kvm_ioctls::{Cap, IoEventAddress, Kvm, NoDatamatch, SyncReg, VcpuExit, VcpuFd, VmFd};
 use previrt_hv_abi as abi;
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
@@ -95,6 +96,12 @@ struct Vm {
     persona: Personality,
     stats: Stats,
     kicker: Option<Kicker>,
+    /// Where the #UD-handler breakpoint is armed (see `emulate::revector_user_int`).
+    ud_bp: Option<u64>,
+    /// Single-stepping over the #UD handler's first instruction.
+    ud_stepping: bool,
+    /// Registers are read and written through kvm_run (KVM_CAP_SYNC_REGS).
+    sync_regs: bool,
 }
 
 /// Boot `args.kernel` and run it until it stops; console output goes to `out`.
@@ -117,7 +124,8 @@ pub fn run(args: &RunArgs, out: Box<dyn std::io::Write + Send>) -> Result<RunRes
     let console = ConsoleOut::new(out);
     let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), mem_size as usize)]).map_err(host("guest memory"))?;
     let loaded = boot::load_kernel(&mem, &image, args.boot)?;
-    boot::write_boot_info(&mem, mem_size, &loaded, &args.append, initrd.as_deref())?;
+    let start_flags = if args.abi == AbiKind::Xen { crate::xen::SIF_INITDOMAIN } else { 0 };
+    boot::write_boot_info(&mem, mem_size, &loaded, &args.append, initrd.as_deref(), start_flags)?;
     let persona = match args.abi {
         AbiKind::None => Personality::None,
         AbiKind::Previrt => Personality::Previrt(Pv::new(console.clone(), disk).map_err(host("disk"))?),
@@ -154,6 +162,12 @@ pub fn run(args: &RunArgs, out: Box<dyn std::io::Write + Send>) -> Result<RunRes
         ..Default::default()
     };
     vm.enable_cap(&cap).map_err(host("KVM_CAP_X86_USER_SPACE_MSR"))?;
+    // KVM turns an emulation failure at CPL > 0 into #UD for the guest; we want every one, so
+    // user-mode `int n` (which the host emulator refuses) is completed like kernel-mode ones.
+    if vm.check_extension_raw(KVM_CAP_EXIT_ON_EMULATION_FAILURE as libc::c_ulong) > 0 {
+        let cap = kvm_enable_cap { cap: KVM_CAP_EXIT_ON_EMULATION_FAILURE, args: [1, 0, 0, 0], ..Default::default() };
+        vm.enable_cap(&cap).map_err(host("KVM_CAP_EXIT_ON_EMULATION_FAILURE"))?;
+    }
     let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(host("eventfd"))?;
     vm.register_irqfd(&irq, COM1_IRQ).map_err(host("KVM_IRQFD"))?;
     let mut persona = persona;
@@ -183,7 +197,26 @@ pub fn run(args: &RunArgs, out: Box<dyn std::io::Write + Send>) -> Result<RunRes
         _ => None,
     };
     let bus = PortBus::new(IrqLine(irq), console);
-    let mut vm = Vm { _vm: vm, vcpu, mem, bus, persona, stats: Stats::default(), kicker };
+    const KVM_CAP_SYNC_REGS: libc::c_ulong = 74;
+    let sync = (KVM_SYNC_X86_REGS | KVM_SYNC_X86_SREGS) as i32;
+    let sync_regs = vm.check_extension_raw(KVM_CAP_SYNC_REGS) & sync == sync;
+    let mut vcpu = vcpu;
+    if sync_regs {
+        vcpu.set_sync_valid_reg(SyncReg::Register);
+        vcpu.set_sync_valid_reg(SyncReg::SystemRegister);
+    }
+    let mut vm = Vm {
+        _vm: vm,
+        vcpu,
+        mem,
+        bus,
+        persona,
+        stats: Stats::default(),
+        kicker,
+        ud_bp: None,
+        ud_stepping: false,
+        sync_regs,
+    };
     let start = Instant::now();
     let res = vm.run_loop();
     vm.stats.wall = start.elapsed();
@@ -284,6 +317,7 @@ enum After {
     Nothing,
     Hypercall(u64),
     Emulate,
+    UdBreakpoint,
     Exit(i32),
     Stop(Stop),
 }
@@ -297,8 +331,29 @@ impl Vm {
         Err(Stop::Guest(msg))
     }
 
+    // Registers come from kvm_run's sync area when the host offers it: each register ioctl
+    // costs ~12 µs on this host, the copy inside KVM_RUN next to nothing.
     fn regs(&self) -> Result<kvm_regs, Stop> {
+        if self.sync_regs {
+            return Ok(self.vcpu.sync_regs().regs);
+        }
         self.vcpu.get_regs().map_err(|e| Stop::Host(format!("KVM_GET_REGS: {e}")))
+    }
+
+    fn sregs(&self) -> Result<kvm_sregs, Stop> {
+        if self.sync_regs {
+            return Ok(self.vcpu.sync_regs().sregs);
+        }
+        self.vcpu.get_sregs().map_err(|e| Stop::Host(format!("KVM_GET_SREGS: {e}")))
+    }
+
+    fn set_regs(&mut self, regs: &kvm_regs) -> Result<(), Stop> {
+        if self.sync_regs {
+            self.vcpu.sync_regs_mut().regs = *regs;
+            self.vcpu.set_sync_dirty_reg(SyncReg::Register);
+            return Ok(());
+        }
+        self.vcpu.set_regs(regs).map_err(|e| Stop::Host(format!("KVM_SET_REGS: {e}")))
     }
 
     fn run_loop(&mut self) -> Result<i32, Stop> {
@@ -363,6 +418,7 @@ impl Vm {
                         ("wrmsr", Some((Table::Msr, msr_name(m.index, true))), After::Nothing)
                     }
                     VcpuExit::Hlt => ("hlt", None, After::Nothing),
+                    VcpuExit::Debug(_) => ("debug", None, After::UdBreakpoint),
                     VcpuExit::Shutdown => ("shutdown", None, After::Stop(Stop::Guest(String::new()))),
                     VcpuExit::InternalError => ("internal_error", None, After::Emulate),
                     VcpuExit::FailEntry(r, _) => {
@@ -388,6 +444,10 @@ impl Vm {
                     self.emulate()?;
                     None
                 }
+                After::UdBreakpoint => {
+                    self.ud_breakpoint()?;
+                    None
+                }
                 After::Stop(Stop::Guest(m)) if m.is_empty() => {
                     let rip = self.regs().map(|r| r.rip).unwrap_or(0);
                     return self.guest(format!("triple fault (KVM_EXIT_SHUTDOWN) at RIP {rip:#x}"));
@@ -405,8 +465,59 @@ impl Vm {
         }
     }
 
-    /// Timer expiry and event injection for the previrt ABI, before each KVM_RUN.
+    /// Keep a hardware breakpoint on the guest's #UD handler, so a user-mode `int n` that the
+    /// host turns into #UD comes to us (KVM-PVM runs ring 3 natively: no exit otherwise). The
+    /// IDT is re-read at every exit; a guest that changes it and enters user mode without
+    /// any exit in between is not covered. The breakpoint takes over debug register 0.
+    fn arm_ud_breakpoint(&mut self) -> Result<(), Stop> {
+        if self.ud_stepping {
+            return Ok(());
+        }
+        let sregs = self.sregs()?;
+        let target = emulate::read_gate(&self.mem, &sregs, emulate::UD_VECTOR).map(|g| g.target);
+        if target == self.ud_bp {
+            return Ok(());
+        }
+        let mut dbg = kvm_guest_debug::default();
+        if let Some(t) = target {
+            dbg.control = KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_USE_HW_BP;
+            dbg.arch.debugreg[0] = t;
+            // DR7: L0 enabled, execute breakpoint (R/W0 = 00, LEN0 = 00).
+            dbg.arch.debugreg[7] = 1;
+        }
+        self.vcpu.set_guest_debug(&dbg).map_err(|e| Stop::Host(format!("KVM_SET_GUEST_DEBUG: {e}")))?;
+        self.ud_bp = target;
+        Ok(())
+    }
+
+    /// The #UD-handler breakpoint fired: re-vector a user-mode `int n`, or let the handler run.
+    fn ud_breakpoint(&mut self) -> Result<(), Stop> {
+        if self.ud_stepping {
+            self.ud_stepping = false;
+            self.ud_bp = None;
+            return Ok(());
+        }
+        let mut regs = self.regs()?;
+        let sregs = self.sregs()?;
+        match emulate::revector_user_int(&self.mem, &mut regs, &sregs) {
+            Some(what) => self.stats.add(Table::Insn, what, Duration::ZERO),
+            // Resume flag: execute the handler's first instruction without re-hitting.
+            None => {
+                // Step over the handler's first instruction with the breakpoint off (the host
+                // ignores RFLAGS.RF); the single-step exit re-arms it.
+                let dbg =
+                    kvm_guest_debug { control: KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_SINGLESTEP, ..Default::default() };
+                self.vcpu.set_guest_debug(&dbg).map_err(|e| Stop::Host(format!("KVM_SET_GUEST_DEBUG: {e}")))?;
+                self.ud_stepping = true;
+                return Ok(());
+            }
+        }
+        self.set_regs(&regs)
+    }
+
+    /// Before each KVM_RUN: the #UD breakpoint, then the previrt ABI's timer and events.
     fn before_entry(&mut self) -> Result<(), Stop> {
+        self.arm_ud_breakpoint()?;
         let Personality::Previrt(pv) = &mut self.persona else { return Ok(()) };
         pv.tick(&self.mem, Instant::now());
         if let Some(k) = &self.kicker {
@@ -447,6 +558,10 @@ impl Vm {
     fn hypercall(&mut self, nr: u64) -> Result<Option<i32>, Stop> {
         let t = Instant::now();
         let mut regs = self.regs()?;
+        let sregs = match self.persona {
+            Personality::Xen(_) => Some(self.sregs()?),
+            _ => None,
+        };
         let (name, out) = match &mut self.persona {
             Personality::Previrt(pv) => {
                 let a = [regs.rdi, regs.rsi, regs.rdx, regs.rcx];
@@ -458,7 +573,7 @@ impl Vm {
             }
             Personality::Xen(x) => {
                 let a = [regs.rdi, regs.rsi, regs.rdx, regs.r10, regs.r8];
-                let sregs = self.vcpu.get_sregs().map_err(|e| Stop::Host(format!("KVM_GET_SREGS: {e}")))?;
+                let sregs = sregs.unwrap_or_default();
                 let mem = &self.mem;
                 let tr = |la| emulate::translate(mem, &sregs, la);
                 (format!("xen:{}", crate::xen::name(nr)), x.hypercall(mem, nr, a, &tr))
@@ -468,7 +583,7 @@ impl Vm {
         let r = match out {
             Outcome::Ret(v) => {
                 regs.rax = v as u64;
-                self.vcpu.set_regs(&regs).map_err(|e| Stop::Host(format!("KVM_SET_REGS: {e}")))?;
+                self.set_regs(&regs)?;
                 None
             }
             Outcome::Shutdown(s) => Some(s),
@@ -488,7 +603,7 @@ impl Vm {
             (i.suberror, i.ndata, i.data)
         };
         let mut regs = self.regs()?;
-        let sregs = self.vcpu.get_sregs().map_err(|e| Stop::Host(format!("KVM_GET_SREGS: {e}")))?;
+        let sregs = self.sregs()?;
         let what = match emulate::fetch(&self.mem, &regs, &sregs) {
             Ok(f) => f,
             Err(e) => {
@@ -507,7 +622,7 @@ impl Vm {
         if let Completion::Flags(set, clear) = c {
             regs.rflags = (regs.rflags | set) & !clear;
         }
-        self.vcpu.set_regs(&regs).map_err(|e| Stop::Host(format!("KVM_SET_REGS: {e}")))?;
+        self.set_regs(&regs)?;
         if let Completion::Interrupt(v) | Completion::Exception(v) = c {
             let mut ev = self.vcpu.get_vcpu_events().map_err(|e| Stop::Host(format!("KVM_GET_VCPU_EVENTS: {e}")))?;
             if let Completion::Interrupt(_) = c {

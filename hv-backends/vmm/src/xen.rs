@@ -10,10 +10,14 @@ use std::io::Write;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 use crate::devices::ConsoleOut;
+use crate::emulate::{read_linear_with, write_linear_with, Translate};
 use crate::pv::Outcome;
 
 /// Xen 4.17, as CPUID leaf 0x40000001 reports it.
 pub const XEN_VERSION: u32 = (4 << 16) | 17;
+/// hvm_start_info.flags bit: this domain is the initial domain (xen.h SIF_INITDOMAIN). The
+/// personality presents the guest as dom0: no xenstore or PV console to look for.
+pub const SIF_INITDOMAIN: u32 = 1 << 1;
 /// MSR a Xen HVM guest writes its hypercall page address to (CPUID 0x40000002.ebx).
 pub const MSR_HYPERCALL: u32 = 0x4000_0000;
 
@@ -26,8 +30,9 @@ mod xerr {
 }
 
 /// Hypercall numbers we answer (xen.h), with names for the accounting. Others get -ENOSYS.
-const HYPERCALLS: [(u64, &str); 9] = [
+const HYPERCALLS: [(u64, &str); 10] = [
     (12, "memory_op"),
+    (20, "grant_table_op"),
     (17, "xen_version"),
     (18, "console_io"),
     (24, "vcpu_op"),
@@ -45,9 +50,6 @@ pub fn name(nr: u64) -> &'static str {
 /// SCHEDOP_shutdown reasons (sched.h) → `previrt run` exit status: poweroff is success.
 const SHUTDOWN_STATUS: [(u32, i32, &str); 5] =
     [(0, 0, "poweroff"), (1, 1, "reboot"), (2, 2, "suspend"), (3, 3, "crash"), (4, 4, "watchdog")];
-
-/// A translator from guest linear to guest-physical addresses.
-pub type Translate<'a> = &'a dyn Fn(u64) -> Option<u64>;
 
 pub struct Xen {
     console: ConsoleOut,
@@ -100,7 +102,7 @@ impl Xen {
             29 => return sched_op(&g, a[0], a[1]),
             6 => return sched_op_compat(a[0], a[1]),
             34 => hvm_op(&g, a[0], a[1]),
-            12 | 24 | 32 | 33 => xerr::ENOSYS,
+            12 => memory_op(&g, a[0], a[1]),
             _ => xerr::ENOSYS,
         };
         Outcome::Ret(r)
@@ -217,6 +219,33 @@ fn hvm_op(g: &Guest, cmd: u64, arg: u64) -> i64 {
     }
 }
 
+fn memory_op(g: &Guest, cmd: u64, arg: u64) -> i64 {
+    const XENMEM_ADD_TO_PHYSMAP: u64 = 7;
+    const XENMAPSPACE_SHARED_INFO: u32 = 0;
+    const XENMAPSPACE_GRANT_TABLE: u32 = 1;
+    const GRANT_FRAMES: u64 = 32;
+    if cmd != XENMEM_ADD_TO_PHYSMAP {
+        return xerr::ENOSYS;
+    }
+    // struct xen_add_to_physmap { domid_t domid; uint16_t size; unsigned int space;
+    //                             xen_ulong_t idx; xen_pfn_t gpfn; } (24 bytes).
+    let Some(p) = g.read::<24>(arg) else { return xerr::EFAULT };
+    let space = u32::from_le_bytes(p[4..8].try_into().unwrap());
+    let idx = u64::from_le_bytes(p[8..16].try_into().unwrap());
+    let gpfn = u64::from_le_bytes(p[16..24].try_into().unwrap());
+    match (space, idx) {
+        (XENMAPSPACE_SHARED_INFO, 0) | (XENMAPSPACE_GRANT_TABLE, 0..GRANT_FRAMES) => {}
+        _ => return xerr::EINVAL,
+    }
+    // Zeroes are a valid, quiet shared_info (no events pending, no wallclock) and an empty
+    // grant-table frame (v1, no grants).
+    let Some(gpa) = gpfn.checked_mul(4096) else { return xerr::EINVAL };
+    match g.mem.write_slice(&[0u8; 4096], GuestAddress(gpa)) {
+        Ok(()) => 0,
+        Err(_) => xerr::EINVAL,
+    }
+}
+
 /// Guest memory seen through linear addresses.
 struct Guest<'a> {
     mem: &'a GuestMemoryMmap,
@@ -224,19 +253,8 @@ struct Guest<'a> {
 }
 
 impl Guest<'_> {
-    /// Copy linear [la, la+len) into `buf`, page by page. False on any unmapped page.
     fn read_into(&self, la: u64, buf: &mut [u8]) -> bool {
-        let mut done = 0;
-        while done < buf.len() {
-            let a = la.wrapping_add(done as u64);
-            let n = (0x1000 - (a & 0xfff) as usize).min(buf.len() - done);
-            let Some(pa) = (self.tr)(a) else { return false };
-            if self.mem.read_slice(&mut buf[done..done + n], GuestAddress(pa)).is_err() {
-                return false;
-            }
-            done += n;
-        }
-        true
+        read_linear_with(self.mem, self.tr, la, buf) == buf.len()
     }
 
     fn read<const N: usize>(&self, la: u64) -> Option<[u8; N]> {
@@ -246,16 +264,10 @@ impl Guest<'_> {
 
     /// Write `data` at linear `la`; 0 or -EFAULT.
     fn write(&self, la: u64, data: &[u8]) -> i64 {
-        let mut done = 0;
-        while done < data.len() {
-            let a = la.wrapping_add(done as u64);
-            let n = (0x1000 - (a & 0xfff) as usize).min(data.len() - done);
-            let Some(pa) = (self.tr)(a) else { return xerr::EFAULT };
-            if self.mem.write_slice(&data[done..done + n], GuestAddress(pa)).is_err() {
-                return xerr::EFAULT;
-            }
-            done += n;
+        if write_linear_with(self.mem, self.tr, la, data) {
+            0
+        } else {
+            xerr::EFAULT
         }
-        0
     }
 }
