@@ -329,43 +329,6 @@ pub fn entries_for(kind: Kind) -> impl Iterator<Item = &'static Entry> {
     ENTRIES.iter().filter(move |e| e.kind == kind)
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn table_is_consistent() {
-        let _ = by_code(); // asserts no code is in two rows
-        let mut last = 0u16;
-        for e in ENTRIES {
-            assert!(e.kind as u16 >= last, "{:?} out of order", e.kind);
-            last = e.kind as u16;
-            assert!(!e.codes.is_empty());
-            assert!(e.min_site_len >= CALL_REL32_LEN);
-            assert_eq!(e.patched_by_default, e.class() != Class::Time, "{:?}", e.kind);
-            assert!(!e.why.is_empty() && !e.forms.is_empty());
-        }
-    }
-
-    #[test]
-    fn every_instruction_kind_is_catalogued() {
-        // Every site-ABI kind of the instruction classes has at least one row.
-        for info in previrt_site_abi::KINDS {
-            let instr_class = !matches!(info.class, Class::MemoryAccess | Class::ParavirtCall);
-            assert_eq!(instr_class, entries_for(info.kind).next().is_some(), "{}", info.name);
-        }
-    }
-
-    #[test]
-    fn excluded_codes() {
-        for c in [Code::Int3, Code::Int1, Code::Into, Code::Syscall, Code::Nopd, Code::Pushq_imm32, Code::Push_r64] {
-            assert!(classify_code(c).is_none(), "{c:?}");
-        }
-        assert_eq!(classify_code(Code::Int_imm8).unwrap().kind, Kind::Int);
-        assert_eq!(classify_code(Code::Mov_cr_r64).unwrap().kind, Kind::MovCr);
-    }
-}
-
 /// The text of `docs/sensitive-instructions.md`, generated from [`ENTRIES`] (a test checks the
 /// committed file is up to date; `PREVIRT_BLESS=1 cargo test -p previrt-rewriter --test docs`
 /// rewrites it).
@@ -422,4 +385,41 @@ test-register moves.\n\n";
         let _ = writeln!(s, "- `{}` ({}): {}", e.name(), e.forms.replace('|', "\\|"), codes.join(", "));
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn table_is_consistent() {
+        let _ = by_code(); // asserts no code is in two rows
+        let mut last = 0u16;
+        for e in ENTRIES {
+            assert!(e.kind as u16 >= last, "{:?} out of order", e.kind);
+            last = e.kind as u16;
+            assert!(!e.codes.is_empty());
+            assert!(e.min_site_len >= CALL_REL32_LEN);
+            assert_eq!(e.patched_by_default, e.class() != Class::Time, "{:?}", e.kind);
+            assert!(!e.why.is_empty() && !e.forms.is_empty());
+        }
+    }
+
+    #[test]
+    fn every_instruction_kind_is_catalogued() {
+        // Every site-ABI kind of the instruction classes has at least one row.
+        for info in previrt_site_abi::KINDS {
+            let instr_class = !matches!(info.class, Class::MemoryAccess | Class::ParavirtCall);
+            assert_eq!(instr_class, entries_for(info.kind).next().is_some(), "{}", info.name);
+        }
+    }
+
+    #[test]
+    fn excluded_codes() {
+        for c in [Code::Int3, Code::Int1, Code::Into, Code::Syscall, Code::Nopd, Code::Pushq_imm32, Code::Push_r64] {
+            assert!(classify_code(c).is_none(), "{c:?}");
+        }
+        assert_eq!(classify_code(Code::Int_imm8).unwrap().kind, Kind::Int);
+        assert_eq!(classify_code(Code::Mov_cr_r64).unwrap().kind, Kind::MovCr);
+    }
 }

@@ -546,15 +546,37 @@ pub fn relocations_for(elf: &Elf<'_>, target: usize) -> Result<Vec<(u64, u32, u3
     Ok(out)
 }
 
-/// A symbol of the symbol table, by index: `(section index or None, value, name)`.
+/// A symbol of the symbol table, as [`symbol_ref`] returns it.
+#[derive(Debug, Clone, Copy)]
+pub struct SymbolRef<'data> {
+    /// Section index, or `None` (undefined, absolute, common).
+    pub section: Option<usize>,
+    pub value: u64,
+    pub name: &'data [u8],
+    /// `STT_SECTION`.
+    pub is_section: bool,
+}
+
+/// A symbol of the symbol table, by index: `(section index or None, value, name,
+/// is STT_SECTION)`. Kept in this tuple form for existing callers; [`symbol_ref`] gives the
+/// same as a struct.
+#[allow(clippy::type_complexity)]
 pub fn symbol_by_index<'data>(
     table: &SymbolTable<'data, FileHeader64<LE>>,
     index: u32,
 ) -> Result<(Option<usize>, u64, &'data [u8], bool), ElfError> {
+    symbol_ref(table, index).map(|s| (s.section, s.value, s.name, s.is_section))
+}
+
+/// A symbol of the symbol table, by index.
+pub fn symbol_ref<'data>(
+    table: &SymbolTable<'data, FileHeader64<LE>>,
+    index: u32,
+) -> Result<SymbolRef<'data>, ElfError> {
     let sym: &Sym64<LE> = table
         .symbol(object::SymbolIndex(index as usize))
         .map_err(|e| ElfError::Corrupt(format!("symbol {index}: {e}")))?;
     let section = table.symbol_section(LE, sym, object::SymbolIndex(index as usize)).ok().flatten().map(|s| s.0);
     let name = table.symbol_name(LE, sym).unwrap_or(b"");
-    Ok((section, sym.st_value(LE), name, sym.st_type() == elf::STT_SECTION))
+    Ok(SymbolRef { section, value: sym.st_value(LE), name, is_section: sym.st_type() == elf::STT_SECTION })
 }

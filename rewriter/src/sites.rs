@@ -16,7 +16,7 @@
 //! the result as `covered`/`uncovered`; the assembler wrapper runs the same check after
 //! assembling ([`check_object`]).
 
-use crate::elf::{relocations_for, symbol_by_index, Elf, ElfError};
+use crate::elf::{relocations_for, symbol_ref, Elf, ElfError};
 use crate::scan::{scan_elf, Hit};
 use previrt_site_abi::{chunks, field, AbiError, Kind, Producer, SiteRecord, SITES_SECTION};
 use std::collections::HashMap;
@@ -114,8 +114,8 @@ pub fn read(elf: &Elf<'_>) -> Result<Option<SiteTable>, SitesError> {
             let name_of = |s: u32| -> String {
                 symtab
                     .as_ref()
-                    .and_then(|t| symbol_by_index(t, s).ok())
-                    .map(|(_, _, n, _)| String::from_utf8_lossy(n).into_owned())
+                    .and_then(|t| symbol_ref(t, s).ok())
+                    .map(|s| String::from_utf8_lossy(s.name).into_owned())
                     .unwrap_or_default()
             };
             if ty == R_X86_64_NONE {
@@ -130,11 +130,11 @@ pub fn read(elf: &Elf<'_>) -> Result<Option<SiteTable>, SitesError> {
                     reason: "relocations but no symbol table".into(),
                 });
             };
-            let (section, value, name, _) = symbol_by_index(t, sym)
-                .map_err(|e| SitesError::Relocation { offset: field_off, reason: e.to_string() })?;
-            return Ok(match section {
-                Some(section) => Target::Section { section, offset: value.wrapping_add(addend as u64) },
-                None => Target::Symbol { name: String::from_utf8_lossy(name).into_owned(), addend },
+            let s =
+                symbol_ref(t, sym).map_err(|e| SitesError::Relocation { offset: field_off, reason: e.to_string() })?;
+            return Ok(match s.section {
+                Some(section) => Target::Section { section, offset: s.value.wrapping_add(addend as u64) },
+                None => Target::Symbol { name: String::from_utf8_lossy(s.name).into_owned(), addend },
             });
         }
         Ok(if linked {

@@ -117,9 +117,9 @@ fn mutated_and_truncated_elf_never_panics() {
                         let at = if rng.below(2) == 0 { rng.below(64) } else { shoff + rng.below(d.len() - shoff) };
                         let v = rng.next().to_le_bytes();
                         let n = [1, 2, 4, 8][rng.below(4)];
-                        for k in 0..n {
+                        for (k, byte) in v.iter().enumerate().take(n) {
                             if let Some(b) = d.get_mut(at + k) {
-                                *b = v[k];
+                                *b = *byte;
                             }
                         }
                     }

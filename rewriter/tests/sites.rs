@@ -72,8 +72,8 @@ fn check(path: &std::path::Path, linked: bool) {
 
     let mut sites: Vec<_> = table.sites.iter().collect();
     sites.sort_by_key(|s| s.site.section_offset());
-    let targets: Vec<(Option<(usize, u64)>, Option<Kind>)> =
-        sites.iter().map(|s| (s.site.section_offset(), s.kind())).collect();
+    type SiteKey = (Option<(usize, u64)>, Option<Kind>);
+    let targets: Vec<SiteKey> = sites.iter().map(|s| (s.site.section_offset(), s.kind())).collect();
     let mut want = vec![
         (Some((text, 0)), Some(Kind::Cli)),
         (Some((text, 5)), Some(Kind::Out)),
