@@ -204,9 +204,7 @@ fn load_bzimage(mem: &GuestMemoryMmap, image: &[u8]) -> Result<Loaded, BadInput>
     if version < 0x020c {
         return bad(format!("bzImage boot protocol {version:#x} is older than 2.12 (no 64-bit entry)"));
     }
-    let mut bp = boot_params::default();
-    bp.hdr = hdr;
-    write(mem, ZERO_PAGE, bp)?;
+    write(mem, ZERO_PAGE, boot_params { hdr, ..Default::default() })?;
     Ok(Loaded {
         protocol: Protocol::LinuxBzImage,
         entry: r.kernel_load.0 + 0x200,
@@ -239,7 +237,7 @@ pub fn write_boot_info(
     let initrd_at = match initrd {
         None => None,
         Some(d) => {
-            let addr = (mem_size.checked_sub(d.len() as u64).unwrap_or(0)) & !0xfff;
+            let addr = mem_size.saturating_sub(d.len() as u64) & !0xfff;
             if addr < k.kernel_end.max(HIGH_START) {
                 return bad(format!("initrd of {} bytes does not fit above the kernel (try a larger --mem)", d.len()));
             }

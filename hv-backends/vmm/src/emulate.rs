@@ -80,7 +80,7 @@ pub type Translate<'a> = &'a dyn Fn(u64) -> Option<u64>;
 
 /// The pieces of linear range [la, la+len) as (guest-physical address, range in the buffer),
 /// one per page; None for a piece whose page is not mapped.
-fn pieces(la: u64, len: usize, tr: Translate) -> impl Iterator<Item = Option<(u64, std::ops::Range<usize>)>> + '_ {
+fn pieces(la: u64, len: usize, tr: Translate<'_>) -> impl Iterator<Item = Option<(u64, std::ops::Range<usize>)>> + '_ {
     let mut done = 0;
     std::iter::from_fn(move || {
         if done >= len {

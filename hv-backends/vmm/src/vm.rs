@@ -107,7 +107,7 @@ struct Vm {
 /// Boot `args.kernel` and run it until it stops; console output goes to `out`.
 pub fn run(args: &RunArgs, out: Box<dyn std::io::Write + Send>) -> Result<RunResult, Error> {
     let mem_size = crate::parse_size(&args.mem)
-        .filter(|&s| s >= 2 << 20 && s <= crate::layout::MAX_RAM && s % 4096 == 0)
+        .filter(|&s| (2 << 20..=crate::layout::MAX_RAM).contains(&s) && s % 4096 == 0)
         .ok_or_else(|| Error::BadInput(format!("--mem {}: need 2M..=3G in whole pages (e.g. 128M)", args.mem)))?;
     let image = read_file(&args.kernel, "kernel")?;
     let initrd = args.initrd.as_deref().map(|p| read_file(p, "initrd")).transpose()?;
@@ -572,11 +572,18 @@ impl Vm {
                 (format!("previrt:{}", Pv::name(nr)), out)
             }
             Personality::Xen(x) => {
-                let a = [regs.rdi, regs.rsi, regs.rdx, regs.r10, regs.r8];
                 let sregs = sregs.unwrap_or_default();
+                // Xen's two register conventions: 64-bit code passes rdi, rsi, rdx, r10, r8;
+                // 32-bit code ebx, ecx, edx, esi, edi.
+                let bits64 = sregs.cs.l == 1;
+                let a = if bits64 {
+                    [regs.rdi, regs.rsi, regs.rdx, regs.r10, regs.r8]
+                } else {
+                    [regs.rbx, regs.rcx, regs.rdx, regs.rsi, regs.rdi].map(|r| r & 0xffff_ffff)
+                };
                 let mem = &self.mem;
                 let tr = |la| emulate::translate(mem, &sregs, la);
-                (format!("xen:{}", crate::xen::name(nr)), x.hypercall(mem, nr, a, &tr))
+                (format!("xen:{}", crate::xen::name(nr)), x.hypercall(mem, nr, a, bits64, &tr))
             }
             Personality::None => unreachable!("hypercall port is only routed with a personality"),
         };

@@ -93,9 +93,10 @@ impl Xen {
         Some(mem.write_slice(&page, GuestAddress(gpa)).is_ok())
     }
 
-    /// Dispatch Xen hypercall `nr` with arguments rdi, rsi, rdx, r10, r8.
-    pub fn hypercall(&mut self, mem: &GuestMemoryMmap, nr: u64, a: [u64; 5], tr: Translate) -> Outcome {
-        let g = Guest { mem, tr };
+    /// Dispatch Xen hypercall `nr` with its five arguments; `bits64`: the guest runs 64-bit
+    /// code (C `long` and `xen_pfn_t` are 8 bytes, else 4).
+    pub fn hypercall(&mut self, mem: &GuestMemoryMmap, nr: u64, a: [u64; 5], bits64: bool, tr: Translate) -> Outcome {
+        let g = Guest { mem, tr, long: if bits64 { 8 } else { 4 } };
         let r = match nr {
             17 => self.xen_version(&g, a[0], a[1]),
             18 => self.console_io(&g, a[0], a[1], a[2]),
@@ -127,7 +128,7 @@ impl Xen {
             // XENVER_changeset: char[64].
             4 => g.write(arg, &pad::<64>(b"previrt")),
             // XENVER_platform_parameters: { unsigned long virt_start; }.
-            5 => g.write(arg, &0xffff_8000_0000_0000u64.to_le_bytes()),
+            5 => g.write(arg, &0xffff_8000_0000_0000u64.to_le_bytes()[8 - g.long..]),
             // XENVER_get_features: { uint submap_idx; uint32 submap; }.
             6 => match g.read::<4>(arg) {
                 Some(_) => g.write(arg + 4, &0u32.to_le_bytes()),
@@ -228,11 +229,19 @@ fn memory_op(g: &Guest, cmd: u64, arg: u64) -> i64 {
         return xerr::ENOSYS;
     }
     // struct xen_add_to_physmap { domid_t domid; uint16_t size; unsigned int space;
-    //                             xen_ulong_t idx; xen_pfn_t gpfn; } (24 bytes).
-    let Some(p) = g.read::<24>(arg) else { return xerr::EFAULT };
+    //                             xen_ulong_t idx; xen_pfn_t gpfn; }: 24 bytes for 64-bit
+    // guests, 16 for 32-bit ones (xen_ulong_t and xen_pfn_t are 4 bytes there).
+    let mut p = [0u8; 24];
+    if !g.read_into(arg, &mut p[..8 + 2 * g.long]) {
+        return xerr::EFAULT;
+    }
     let space = u32::from_le_bytes(p[4..8].try_into().unwrap());
-    let idx = u64::from_le_bytes(p[8..16].try_into().unwrap());
-    let gpfn = u64::from_le_bytes(p[16..24].try_into().unwrap());
+    let field = |at: usize| {
+        let mut v = [0u8; 8];
+        v[..g.long].copy_from_slice(&p[at..at + g.long]);
+        u64::from_le_bytes(v)
+    };
+    let (idx, gpfn) = (field(8), field(8 + g.long));
     match (space, idx) {
         (XENMAPSPACE_SHARED_INFO, 0) | (XENMAPSPACE_GRANT_TABLE, 0..GRANT_FRAMES) => {}
         _ => return xerr::EINVAL,
@@ -250,6 +259,8 @@ fn memory_op(g: &Guest, cmd: u64, arg: u64) -> i64 {
 struct Guest<'a> {
     mem: &'a GuestMemoryMmap,
     tr: Translate<'a>,
+    /// Size of C `long` in the guest: 8 or 4.
+    long: usize,
 }
 
 impl Guest<'_> {

@@ -1,0 +1,141 @@
+//! The Xen personality (`previrt run --abi xen`): the Xen Test Framework's hvm64 `example`
+//! and `selftest` (built from a fetched snapshot by scripts/xtf.sh, outside the repository)
+//! print "Test result: SUCCESS", and a PVH guest of our own makes the same calls.
+
+mod vmm_support;
+use std::path::PathBuf;
+use std::process::Command;
+use vmm_support::*;
+
+/// Build XTF (idempotent) and return its directory.
+fn xtf() -> PathBuf {
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("scripts/xtf.sh");
+    let o = Command::new("bash").arg(&script).output().expect("bash");
+    assert!(
+        o.status.success(),
+        "scripts/xtf.sh failed (needs the andyhhp/xtf snapshot and the toolchain from scripts/install-deps.sh):\n{}",
+        stderr(&o)
+    );
+    PathBuf::from(stdout(&o).trim())
+}
+
+#[test]
+fn xtf_hvm64_example_and_selftest_succeed() {
+    let dir = xtf();
+    for t in ["example", "selftest"] {
+        let k = dir.join(format!("tests/{t}/test-hvm64-{t}"));
+        let o = run(&k, &["--abi", "xen"]);
+        let out = stdout(&o);
+        assert!(out.contains("Test result: SUCCESS"), "{t}: {out}\nstderr: {}", stderr(&o));
+        // XTF powers off with SCHEDOP_shutdown(poweroff): status 0.
+        assert_eq!(o.status.code(), Some(0), "{t}: {}", stderr(&o));
+    }
+}
+
+/// Our own PVH guest, 32-bit and unpaged: finds the Xen leaves, installs the hypercall page
+/// through the MSR they name, and calls xen_version, console_io, memory_op (shared_info),
+/// hvm_op (a parameter that dom0 does not have) and sched_op(shutdown) — the calls XTF makes.
+#[test]
+fn xen_pvh_guest_of_our_own() {
+    let d = scratch("xen_own");
+    let src = r#"
+.section .note.pvh, "a"
+.balign 4
+.long 4, 4, 18
+.asciz "Xen"
+.long pvh_start
+.text
+.code32
+.globl pvh_start
+pvh_start:
+    mov $stack_top, %esp
+    mov %ebx, start_info
+    mov $1, %edi                       /* step 1: signature */
+    mov $0x40000000, %eax
+    cpuid
+    cmp $0x566e6558, %ebx              /* "XenV" */
+    jne fail
+    cmp $0x65584d4d, %ecx              /* "MMXe" */
+    jne fail
+    cmp $0x4d4d566e, %edx              /* "nVMM" */
+    jne fail
+    mov $2, %edi                       /* step 2: started as the initial domain */
+    mov start_info, %eax
+    testl $2, 8(%eax)                  /* SIF_INITDOMAIN */
+    jz fail
+    mov $3, %edi                       /* step 3: hypercall page via the MSR of leaf 2 */
+    mov $0x40000002, %eax
+    cpuid
+    mov %ebx, %ecx
+    mov $hypercall_page, %eax
+    xor %edx, %edx
+    wrmsr
+    cmpb $0xb8, hypercall_page         /* mov $nr, %eax */
+    jne fail
+    mov $4, %edi                       /* step 4: xen_version(XENVER_version) = 4.17 */
+    xor %ebx, %ebx
+    call hypercall_page + 17 * 32
+    cmp $0x40011, %eax
+    jne fail
+    mov $5, %edi                       /* step 5: console_io(CONSOLEIO_write) */
+    xor %ebx, %ebx
+    mov $msg_len, %ecx
+    mov $msg, %edx
+    call hypercall_page + 18 * 32
+    test %eax, %eax
+    jnz fail
+    mov $6, %edi                       /* step 6: memory_op(add_to_physmap, shared_info) */
+    mov $shared_info, %eax
+    shr $12, %eax
+    mov %eax, xatp + 12                /* gpfn */
+    mov $7, %ebx
+    mov $xatp, %ecx
+    call hypercall_page + 12 * 32
+    test %eax, %eax
+    jnz fail
+    mov $7, %edi                       /* step 7: hvm_op(get_param CONSOLE_PFN) refused */
+    mov $1, %ebx
+    mov $param, %ecx
+    call hypercall_page + 34 * 32
+    test %eax, %eax
+    jns fail
+    mov $8, %edi                       /* step 8: an unknown hypercall is -ENOSYS */
+    call hypercall_page + 99 * 32
+    cmp $-38, %eax
+    jne fail
+    mov $2, %ebx                       /* sched_op(SCHEDOP_shutdown, {crash}) */
+    mov $reason, %ecx
+    call hypercall_page + 29 * 32
+    mov $9, %edi
+fail:
+    mov %edi, %eax
+    or $0x40, %eax
+    mov $0xf4, %dx
+    out %eax, %dx
+    hlt
+msg: .ascii "xen guest: console_io ok\n"
+.equ msg_len, . - msg
+.data
+.balign 8
+start_info: .long 0
+reason: .long 3                        /* SHUTDOWN_crash */
+xatp: .short 0x7ff0, 0                 /* DOMID_SELF */
+      .long 0                          /* XENMAPSPACE_shared_info */
+      .long 0                          /* idx */
+      .long 0                          /* gpfn, filled in */
+param: .short 0x7ff0, 0
+      .long 17                         /* HVM_PARAM_CONSOLE_PFN */
+      .quad 0
+.bss
+.balign 4096
+hypercall_page: .skip 4096
+shared_info: .skip 4096
+.skip 4096
+stack_top:
+"#;
+    let k = guest(&d, "g", src, "pvh_start");
+    let o = run(&k, &["--abi", "xen"]);
+    assert_eq!(stdout(&o), "xen guest: console_io ok\n", "stderr: {}", stderr(&o));
+    // SHUTDOWN_crash is reason 3: the exit status.
+    assert_eq!(o.status.code(), Some(3), "stderr: {}", stderr(&o));
+}
