@@ -160,7 +160,7 @@ fn popf_matches_the_cpu_in_ring_3() {
         for i in 0..2000 {
             let v = match i {
                 0 => 0,
-                1 => u64::MAX & LOADABLE,
+                1 => LOADABLE,
                 _ => rng.next() & LOADABLE | rng.next() & (rflags::IF | rflags::IOPL),
             };
             let before = current_flags();
@@ -204,7 +204,7 @@ fn pushf_matches_the_cpu_in_ring_3() {
                 }
             }
             let mut stack = [0u64; 2];
-            let top = stack.as_ptr() as u64 + 16;
+            let top = stack.as_mut_ptr() as u64 + 16;
             let mut regs = Regs { cs: code_seg, rflags: flags, ..Default::default() };
             regs.gpr[gpr::RSP] = top;
             assert!(emulate(&op, &mut regs, &mut Model::default()));
