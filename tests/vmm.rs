@@ -223,3 +223,74 @@ fn triple_fault_is_reported() {
     assert_eq!(o.status.code(), Some(4), "{}", stderr(&o));
     assert!(stderr(&o).contains("triple fault"), "{}", stderr(&o));
 }
+
+#[test]
+fn bzimage_64bit_boot_protocol() {
+    let d = scratch("bzimage");
+    // A minimal bzImage: one setup sector after the boot sector, then the protected-mode
+    // kernel whose 64-bit entry (load address + 0x200) prints the command line from
+    // boot_params and exits with the number of E820 entries.
+    let src = format!(
+        r#".code64
+.globl _start
+_start:
+.fill 0x200, 1, 0x90
+    mov %rsi, %rbx
+    mov 0x228(%rbx), %esi        /* hdr.cmd_line_ptr */
+    call puts
+    movzbl 0x1e8(%rbx), %eax     /* e820_entries */
+    jmp exit
+{PUTS64}{EXIT64}"#
+    );
+    let elf = guest(&d, "pm", &src, "_start");
+    let bin = d.join("pm.bin");
+    let st =
+        std::process::Command::new("objcopy").args(["-O", "binary"]).arg(&elf).arg(&bin).status().expect("objcopy");
+    assert!(st.success());
+    let mut img = vec![0u8; 1024];
+    img[0x1f1] = 1; // setup_sects
+    img[0x1fe..0x200].copy_from_slice(&0xaa55u16.to_le_bytes());
+    img[0x202..0x206].copy_from_slice(b"HdrS");
+    img[0x206..0x208].copy_from_slice(&0x020fu16.to_le_bytes());
+    img[0x211] = 1; // loadflags: LOADED_HIGH
+    img[0x214..0x218].copy_from_slice(&0x10_0000u32.to_le_bytes()); // code32_start
+    img.extend(std::fs::read(&bin).unwrap());
+    let k = d.join("bzImage");
+    std::fs::write(&k, img).unwrap();
+    let o = run(&k, &["--append", "console=ttyS0 bz"]);
+    assert_eq!(stdout(&o), "console=ttyS0 bz", "stderr: {}", stderr(&o));
+    assert_eq!(o.status.code(), Some((3 << 1) | 1), "three E820 entries");
+}
+
+#[test]
+fn pvh_initrd_is_module_zero() {
+    let d = scratch("initrd");
+    // Print module 0 (the initrd) byte by byte; exit with nr_modules.
+    let src = r#".section .note.pvh, "a"
+.balign 4
+.long 4, 4, 18
+.asciz "Xen"
+.long pvh_start
+.text
+.code32
+.globl pvh_start
+pvh_start:
+    mov 16(%ebx), %edi        /* modlist_paddr */
+    mov (%edi), %esi          /* paddr */
+    mov 8(%edi), %ecx         /* size */
+    mov $0x3f8, %dx
+1:  lodsb
+    out %al, %dx
+    loop 1b
+    mov 12(%ebx), %eax        /* nr_modules */
+    mov $0xf4, %dx
+    out %eax, %dx
+    hlt
+"#;
+    let k = guest(&d, "g", src, "pvh_start");
+    let initrd = d.join("initrd");
+    std::fs::write(&initrd, "an initrd of 27 bytes here\n").unwrap();
+    let o = run(&k, &["--initrd", initrd.to_str().unwrap(), "--mem", "16M"]);
+    assert_eq!(stdout(&o), "an initrd of 27 bytes here\n", "stderr: {}", stderr(&o));
+    assert_eq!(o.status.code(), Some(3));
+}
