@@ -294,3 +294,32 @@ pvh_start:
     assert_eq!(stdout(&o), "an initrd of 27 bytes here\n", "stderr: {}", stderr(&o));
     assert_eq!(o.status.code(), Some(3));
 }
+
+#[test]
+fn native_backend_is_probed_and_used_or_refused_with_a_line() {
+    let d = scratch("native");
+    // In KVM-PVM's native mode a bare cpuid answers from the outer machine, not from the
+    // VMM's table: the previrt signature disappears. Exit 1 if we see it, 2 if not.
+    let (b, _, _) = previrt_hv_abi::signature_regs();
+    let src = format!(
+        r#".code64
+.globl _start
+_start:
+    mov $0x40000000, %eax
+    cpuid
+    mov $1, %eax
+    cmp ${b:#x}, %ebx
+    je exit
+    mov $2, %eax
+    jmp exit
+{EXIT64}"#
+    );
+    let k = guest(&d, "g", &src, "_start");
+    assert_eq!(run(&k, &[]).status.code(), Some(3), "ordinary path: the VMM's CPUID table");
+    let o = run(&k, &["--backend", "native"]);
+    if stderr(&o).contains("no KVM-PVM native mode") || stderr(&o).contains("native mode failed") {
+        assert_eq!(o.status.code(), Some(3), "fell back to the ordinary path");
+    } else {
+        assert_eq!(o.status.code(), Some(5), "native execution: cpuid answered by the outer machine; {}", stderr(&o));
+    }
+}
