@@ -120,7 +120,6 @@ fn trace_routes_native_restores_and_repatch_keeps_the_first_saved_originals() {
 
     // A later re-patch (e.g. after migration) prepares again: the state bits say the slots
     // hold the originals, so the calls now in the code are not saved over them.
-    drop(p);
     let p = unsafe { Patcher::prepare(start, t.len, &mut index) }.unwrap();
     let stats = unsafe { p.apply(&NATIVE, stub) };
     assert_eq!((stats.routed, stats.kept_original), (0, 0));
