@@ -343,3 +343,57 @@ _start:
     assert_eq!(run(&k, &["--abi", "none"]).status.code(), Some(3), "no signature with --abi none");
     assert_eq!(run(&k, &[]).status.code(), Some(5), "signature by default");
 }
+
+#[test]
+fn hypercalls_from_user_mode_are_refused() {
+    // The kernel installs the pages, then drops to ring 3 with IOPL 3 (so `out` works there)
+    // and calls VERSION: the VMM must answer -EPERM (-1). Exit 1 if refused, 2 if answered.
+    let k = pv_guest(
+        "pv_user",
+        r#"
+main:
+    lgdt gdtr(%rip)
+    lea tss(%rip), %rax
+    lea gdt+0x28(%rip), %rdi
+    movw $0x67, (%rdi)
+    mov %ax, 2(%rdi)
+    shr $16, %rax
+    mov %al, 4(%rdi)
+    movb $0x89, 5(%rdi)
+    mov %ah, 7(%rdi)
+    mov $0x28, %ax
+    ltr %ax
+    pushq $0x23
+    lea ustack_top(%rip), %rax
+    push %rax
+    pushq $0x3002                /* IOPL 3 */
+    pushq $0x1b
+    lea user(%rip), %rax
+    push %rax
+    iretq
+user:
+    call hcpage + STUB * HC_VERSION
+    mov $1, %edi
+    cmp $-1, %rax
+    je 1f
+    mov $2, %edi
+1:  mov %edi, %eax
+    mov $0xf4, %dx
+    out %eax, %dx
+    hlt
+.data
+.balign 16
+gdt: .quad 0, 0x00af9b000000ffff, 0x00cf93000000ffff, 0x00affb000000ffff, 0x00cff3000000ffff, 0, 0
+gdtr: .word 7*8-1
+      .quad gdt
+tss: .fill 104, 1, 0
+.bss
+.balign 4096
+.skip 4096
+ustack_top:
+"#,
+    );
+    let o = run(&k, &["--stats"]);
+    assert_eq!(o.status.code(), Some(3), "stderr: {}", stderr(&o));
+    assert!(stderr(&o).contains("refused:user-mode"), "{}", stderr(&o));
+}

@@ -106,6 +106,8 @@ pub mod hc {
 
 /// Negative return values of hypercalls (Linux errno values, negated).
 pub mod err {
+    /// The caller is not the guest kernel (CPL > 0).
+    pub const PERM: i64 = -1;
     pub const IO: i64 = -5;
     pub const FAULT: i64 = -14;
     pub const NODEV: i64 = -19;

@@ -558,10 +558,14 @@ impl Vm {
     fn hypercall(&mut self, nr: u64) -> Result<Option<i32>, Stop> {
         let t = Instant::now();
         let mut regs = self.regs()?;
-        let sregs = match self.persona {
-            Personality::Xen(_) => Some(self.sregs()?),
-            _ => None,
-        };
+        let sregs = self.sregs()?;
+        // Only the guest kernel may call the hypervisor (as Xen: -EPERM from user mode), even
+        // if it lets user code reach the port through IOPL or the I/O bitmap.
+        if sregs.cs.selector & 3 != 0 {
+            regs.rax = abi::err::PERM as u64;
+            self.stats.add(Table::Hypercall, "refused:user-mode", t.elapsed());
+            return self.set_regs(&regs).map(|_| None);
+        }
         let (name, out) = match &mut self.persona {
             Personality::Previrt(pv) => {
                 let a = [regs.rdi, regs.rsi, regs.rdx, regs.rcx];
@@ -572,7 +576,6 @@ impl Vm {
                 (format!("previrt:{}", Pv::name(nr)), out)
             }
             Personality::Xen(x) => {
-                let sregs = sregs.unwrap_or_default();
                 // Xen's two register conventions: 64-bit code passes rdi, rsi, rdx, r10, r8;
                 // 32-bit code ebx, ecx, edx, esi, edi.
                 let bits64 = sregs.cs.l == 1;
