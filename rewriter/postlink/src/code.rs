@@ -1,7 +1,7 @@
 //! One executable section, decoded by a linear sweep, with a mark byte per code byte saying
 //! what the patcher must respect there.
 
-use iced_x86::{Code as Op, Decoder, DecoderOptions, FlowControl, Instruction};
+use iced_x86::{Code as Op, Decoder, DecoderOptions, FlowControl, Instruction, OpKind};
 use previrt_rewriter::catalogue::{classify, Entry};
 use previrt_rewriter::elf::{Elf, Section};
 
@@ -134,35 +134,40 @@ impl<'a> Code<'a> {
         d.decode()
     }
 
-    /// Direct branch targets and block ends become boundaries.
-    pub fn mark_flow(&mut self) {
-        let mut marks = std::mem::take(&mut self.marks);
-        let end = self.base + self.bytes.len() as u64;
+    /// Block ends become boundaries here; the addresses the code refers to — direct branch
+    /// targets, RIP-relative operands, immediates (a linked kernel compares `%rip` against
+    /// code labels held as immediates, e.g. the NMI and entry code) — are returned for the
+    /// caller to mark, since they may lie in another section.
+    pub fn mark_flow(&mut self) -> Vec<u64> {
+        let mut refs = Vec::new();
         let mut after_block_end = true;
         for k in 0..self.insns.len() {
             let ins = self.insns[k];
             // Padding never moves, so only the first real instruction after it is marked.
             if after_block_end && !self.is_int3(k) {
-                marks[ins.off as usize] |= BOUNDARY;
+                self.marks[ins.off as usize] |= BOUNDARY;
             }
             after_block_end = ins.mobility != Mobility::Movable;
-            if ins.bits == 64
-                && ins.mobility != Mobility::Fixed
-                && self.bytes[ins.off as usize..].len() >= ins.len as usize
-            {
-                let i = self.decode_at(k);
-                if matches!(
-                    i.flow_control(),
-                    FlowControl::ConditionalBranch | FlowControl::UnconditionalBranch | FlowControl::Call
-                ) {
-                    let t = i.near_branch_target();
-                    if t >= self.base && t < end {
-                        marks[(t - self.base) as usize] |= BOUNDARY;
-                    }
+            if ins.bits != 64 || ins.mobility == Mobility::Fixed {
+                continue;
+            }
+            let i = self.decode_at(k);
+            if matches!(
+                i.flow_control(),
+                FlowControl::ConditionalBranch | FlowControl::UnconditionalBranch | FlowControl::Call
+            ) {
+                refs.push(i.near_branch_target());
+            }
+            if i.is_ip_rel_memory_operand() {
+                refs.push(i.ip_rel_memory_address());
+            }
+            for op in 0..i.op_count() {
+                if matches!(i.op_kind(op), OpKind::Immediate32to64 | OpKind::Immediate64) {
+                    refs.push(i.immediate(op));
                 }
             }
         }
-        self.marks = marks;
+        refs
     }
 
     /// Pin every instruction `pred` accepts.

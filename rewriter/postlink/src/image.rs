@@ -164,6 +164,7 @@ impl<'a> Image<'a> {
     fn mark(&mut self) {
         let mut boundaries: Vec<Loc> = Vec::new();
         let mut pins: Vec<(Loc, Option<u8>)> = Vec::new();
+        let mut refs: Vec<u64> = Vec::new();
         for t in &self.table_refs {
             match t.role {
                 Role::Boundary => boundaries.push(t.target),
@@ -206,8 +207,17 @@ impl<'a> Image<'a> {
                 .filter(|t| t.could_be_site.is_some() && self.elf.section_by_name(t.section).is_none())
                 .collect()
         };
+        let linked = !self.is_rel();
         for code in &mut self.code {
-            code.mark_flow();
+            // In an object, an unrelocated reference stays within its own section.
+            let (sec, base, len) = (code.sec, code.base, code.bytes.len() as u64);
+            for addr in code.mark_flow() {
+                if linked {
+                    refs.push(addr);
+                } else if addr < len {
+                    boundaries.push(Loc { sec, off: addr - base });
+                }
+            }
             for t in &missing {
                 code.pin_matching(t.could_be_site.unwrap());
             }
@@ -218,6 +228,7 @@ impl<'a> Image<'a> {
                 }
             }
         }
+        boundaries.extend(refs.into_iter().filter_map(|a| self.loc_of_addr(a)));
         for b in boundaries {
             if let Some(i) = self.code_index(b.sec) {
                 self.code[i].mark_range(b.off, 1, BOUNDARY);

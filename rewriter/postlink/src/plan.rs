@@ -107,16 +107,19 @@ enum Space {
 struct Pool {
     sec: usize,
     keeps: bool,
+    /// Unused padding, sorted by start; a run shrinks from its start as it is used.
     runs: Vec<(u64, u64)>,
-    first: usize,
 }
 
 impl Pool {
-    fn take(&mut self, size: u64) -> Option<u64> {
-        while self.first < self.runs.len() && self.runs[self.first].1 - self.runs[self.first].0 < 16 {
-            self.first += 1;
-        }
-        let r = self.runs[self.first..].iter_mut().find(|r| r.1 - r.0 >= size)?;
+    /// `size` bytes in the first run after `near` that fits, else the last one before it.
+    /// Staying close keeps a trampoline in the same part of the image as its site — e.g. the
+    /// entry code's 2 MiB region, the only text mapped in user page tables under PTI.
+    fn take(&mut self, size: u64, near: u64) -> Option<u64> {
+        let k = self.runs.partition_point(|r| r.0 < near);
+        let fits = |r: &&mut (u64, u64)| r.1 - r.0 >= size;
+        let (earlier, later) = self.runs.split_at_mut(k);
+        let r = later.iter_mut().find(fits).or_else(|| earlier.iter_mut().rev().find(fits))?;
         r.0 += size;
         Some(r.0 - size)
     }
@@ -131,26 +134,25 @@ impl Space {
             .code
             .iter()
             .filter(|c| section_flags(&c.name) & flags::IN_ALTINSTR == 0)
-            .map(|c| Pool {
-                sec: c.sec,
-                keeps: section_flags(&c.name) & flags::INIT == 0,
-                runs: c.padding_runs(16),
-                first: 0,
-            })
+            .map(|c| Pool { sec: c.sec, keeps: section_flags(&c.name) & flags::INIT == 0, runs: c.padding_runs(16) })
             .collect();
         Space::Padding(pools)
     }
 
-    /// Room for `size` bytes for a trampoline of section `sec` whose appended tail (objects)
-    /// is `tail_len` long: the location.
-    fn take(&mut self, code: &Code, size: u64, tail_len: usize) -> Option<Loc> {
+    /// Room for `size` bytes for a trampoline of the window at `near` in `code`, whose
+    /// appended tail (objects) is `tail_len` long.
+    fn take(&mut self, code: &Code, near: u64, size: u64, tail_len: usize) -> Option<Loc> {
         match self {
             Space::Tail => Some(Loc { sec: code.sec, off: code.bytes.len() as u64 + tail_len as u64 }),
             Space::Padding(pools) => {
                 let own = pools.iter().position(|p| p.sec == code.sec);
                 let order = own.into_iter().chain((0..pools.len()).filter(|&i| Some(i) != own && pools[i].keeps));
                 let order: Vec<usize> = order.collect();
-                order.into_iter().find_map(|i| pools[i].take(size).map(|off| Loc { sec: pools[i].sec, off }))
+                order.into_iter().find_map(|i| {
+                    let p = &mut pools[i];
+                    let near = if p.sec == code.sec { near } else { 0 };
+                    p.take(size, near).map(|off| Loc { sec: p.sec, off })
+                })
             }
         }
     }
@@ -290,7 +292,7 @@ fn plan_section(img: &Image, code: &Code, opts: &Options, space: &mut Space, pla
             trap(code, k, entry, TrapReason::NoWindow, plan);
             continue;
         };
-        let Some(at) = space.take(code, tramp_len, tail.len()) else {
+        let Some(at) = space.take(code, code.insns[a].off as u64, tramp_len, tail.len()) else {
             trap(code, k, entry, TrapReason::NoSpace, plan);
             continue;
         };
