@@ -323,3 +323,97 @@ _start:
         assert_eq!(o.status.code(), Some(5), "native execution: cpuid answered by the outer machine; {}", stderr(&o));
     }
 }
+
+#[test]
+fn cmpxchg16b_and_rdssp_are_completed_with_their_semantics() {
+    let d = scratch("cx16");
+    // Exit code bits: 1 = first cmpxchg16b swapped (ZF=1, memory = rcx:rbx), 2 = second one
+    // failed and loaded rdx:rax from memory (ZF=0), 4 = rdsspq left %rax alone (CET off).
+    let src = format!(
+        r#".code64
+.globl _start
+_start:
+    xor %r15d, %r15d
+    mov $1, %rax
+    mov $2, %rdx
+    mov $3, %rbx
+    mov $4, %rcx
+    lock cmpxchg16b m(%rip)
+    jnz 1f
+    cmpq $3, m(%rip)
+    jne 1f
+    cmpq $4, m+8(%rip)
+    jne 1f
+    or $1, %r15d
+1:  mov $9, %rax
+    mov $9, %rdx
+    lock cmpxchg16b m(%rip)
+    jz 2f
+    cmp $3, %rax
+    jne 2f
+    cmp $4, %rdx
+    jne 2f
+    or $2, %r15d
+2:  mov $0x1234, %rax
+    rdsspq %rax
+    cmp $0x1234, %rax
+    jne 3f
+    or $4, %r15d
+3:  mov %r15d, %eax
+    jmp exit
+{EXIT64}
+.data
+.balign 16
+m: .quad 1, 2
+"#
+    );
+    let k = guest(&d, "g", &src, "_start");
+    let o = run(&k, &[]);
+    assert_eq!(o.status.code(), Some((7 << 1) | 1), "stderr: {}", stderr(&o));
+}
+
+#[test]
+fn protected_mode_int_and_iret_are_completed() {
+    let d = scratch("iret32");
+    // 32-bit PVH guest with an IDT: int $0x30 → handler counts and irets, twice.
+    let src = r#".section .note.pvh, "a"
+.balign 4
+.long 4, 4, 18
+.asciz "Xen"
+.long pvh_start
+.text
+.code32
+.globl pvh_start
+pvh_start:
+    mov $stack_top, %esp
+    mov $handler, %eax
+    mov $idt + 0x30 * 8, %edi
+    mov %ax, (%edi)
+    movw $0x08, 2(%edi)          /* the VMM's flat 32-bit code segment */
+    movw $0x8e00, 4(%edi)        /* present, DPL 0, 32-bit interrupt gate */
+    shr $16, %eax
+    mov %ax, 6(%edi)
+    lidt idtr
+    int $0x30
+    int $0x30
+    mov count, %eax
+    mov $0xf4, %dx
+    out %eax, %dx
+    hlt
+handler:
+    incl count
+    iret
+.data
+count: .long 0
+idtr: .word 256 * 8 - 1
+      .long idt
+.bss
+.balign 4096
+idt: .skip 2048
+.skip 4096
+stack_top:
+"#;
+    let k = guest(&d, "g", src, "pvh_start");
+    let o = run(&k, &["--stats"]);
+    assert_eq!(o.status.code(), Some((2 << 1) | 1), "stderr: {}", stderr(&o));
+}

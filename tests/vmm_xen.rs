@@ -20,15 +20,18 @@ fn xtf() -> PathBuf {
 }
 
 #[test]
-fn xtf_hvm64_example_and_selftest_succeed() {
+fn xtf_hvm64_and_hvm32_example_and_selftest_succeed() {
     let dir = xtf();
-    for t in ["example", "selftest"] {
-        let k = dir.join(format!("tests/{t}/test-hvm64-{t}"));
+    // hvm64 is the acceptance; hvm32 (unpaged protected mode) needs the VMM to complete
+    // 32-bit iret and user-mode int n, which KVM-PVM refuses. hvm32pae/pse are not here:
+    // KVM-PVM cannot enable legacy 32-bit paging (a triple fault on the CR0.PG write).
+    for (env, t) in [("hvm64", "example"), ("hvm64", "selftest"), ("hvm32", "example"), ("hvm32", "selftest")] {
+        let k = dir.join(format!("tests/{t}/test-{env}-{t}"));
         let o = run(&k, &["--abi", "xen"]);
         let out = stdout(&o);
-        assert!(out.contains("Test result: SUCCESS"), "{t}: {out}\nstderr: {}", stderr(&o));
+        assert!(out.contains("Test result: SUCCESS"), "{env} {t}: {out}\nstderr: {}", stderr(&o));
         // XTF powers off with SCHEDOP_shutdown(poweroff): status 0.
-        assert_eq!(o.status.code(), Some(0), "{t}: {}", stderr(&o));
+        assert_eq!(o.status.code(), Some(0), "{env} {t}: {}", stderr(&o));
     }
 }
 

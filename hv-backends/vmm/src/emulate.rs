@@ -157,34 +157,233 @@ pub fn fetch(mem: &GuestMemoryMmap, regs: &kvm_regs, sregs: &kvm_sregs) -> Resul
     Ok(Fetched { rip: regs.rip, bytes: buf[..insn.len()].to_vec(), insn })
 }
 
-/// What to do to complete an instruction.
+/// An event to deliver after a completed instruction.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Completion {
-    /// Advance RIP past it, then deliver interrupt `vector` (int n: no error code).
+pub enum Inject {
+    /// Interrupt `vector` (int n: no error code).
     Interrupt(u8),
-    /// Advance RIP past it, then deliver exception `vector` (trap-like: int3, into, int1).
+    /// Exception `vector`, trap-like (int3, into, int1): RIP already past the instruction.
     Exception(u8),
-    /// Advance RIP past it after setting/clearing RFLAGS bits (or, and-not).
-    Flags(u64, u64),
-    /// Advance RIP only.
-    Skip,
 }
+
+/// The vCPU state an instruction completion may change.
+pub struct Cpu<'a> {
+    pub mem: &'a GuestMemoryMmap,
+    pub regs: kvm_regs,
+    pub sregs: kvm_sregs,
+    /// Segment state changed: the caller must write `sregs` back.
+    pub sregs_dirty: bool,
+}
+
+/// Completes one instruction: Ok(event to deliver), or Err(why not).
+type Handler = fn(&mut Cpu, &Instruction) -> Result<Option<Inject>, String>;
+
+/// What the VMM completes itself, one row per mnemonic (tables over branches).
+const HANDLERS: &[(Mnemonic, Handler)] = &[
+    (Mnemonic::Int, |c, i| c.skip(i, Some(Inject::Interrupt(i.immediate8())))),
+    (Mnemonic::Int3, |c, i| c.skip(i, Some(Inject::Exception(3)))),
+    (Mnemonic::Int1, |c, i| c.skip(i, Some(Inject::Exception(1)))),
+    (Mnemonic::Into, |c, i| {
+        let of = c.regs.rflags & RFLAGS_OF != 0;
+        c.skip(i, of.then_some(Inject::Exception(4)))
+    }),
+    (Mnemonic::Clac, |c, i| {
+        c.regs.rflags &= !RFLAGS_AC;
+        c.skip(i, None)
+    }),
+    (Mnemonic::Stac, |c, i| {
+        c.regs.rflags |= RFLAGS_AC;
+        c.skip(i, None)
+    }),
+    // Shadow-stack reads are NOPs while CET is off (CR4.CET clear).
+    (Mnemonic::Rdsspd, rdssp),
+    (Mnemonic::Rdsspq, rdssp),
+    (Mnemonic::Cmpxchg16b, cmpxchg16b),
+    (Mnemonic::Iretd, iret32),
+];
 
 const RFLAGS_OF: u64 = 1 << 11;
 const RFLAGS_AC: u64 = 1 << 18;
+const RFLAGS_ZF: u64 = 1 << 6;
+const CR4_CET: u64 = 1 << 23;
 
-/// How to complete `insn`, if we know. Tables over branches: one row per mnemonic.
-pub fn completion(insn: &Instruction, rflags: u64) -> Option<Completion> {
-    Some(match insn.mnemonic() {
-        Mnemonic::Int => Completion::Interrupt(insn.immediate8()),
-        Mnemonic::Int3 => Completion::Exception(3),
-        Mnemonic::Int1 => Completion::Exception(1),
-        Mnemonic::Into if rflags & RFLAGS_OF != 0 => Completion::Exception(4),
-        Mnemonic::Into => Completion::Skip,
-        Mnemonic::Clac => Completion::Flags(0, RFLAGS_AC),
-        Mnemonic::Stac => Completion::Flags(RFLAGS_AC, 0),
-        _ => return None,
-    })
+/// Complete `insn` on `cpu`. Err: the VMM does not know how (or the instruction faults in a
+/// way the VMM does not model); the message says why.
+pub fn complete(cpu: &mut Cpu, insn: &Instruction) -> Result<Option<Inject>, String> {
+    match HANDLERS.iter().find(|(m, _)| *m == insn.mnemonic()) {
+        Some((_, h)) => h(cpu, insn),
+        None => Err("no completion for this instruction".into()),
+    }
+}
+
+impl Cpu<'_> {
+    fn skip(&mut self, insn: &Instruction, inject: Option<Inject>) -> Result<Option<Inject>, String> {
+        self.regs.rip = insn.next_ip();
+        Ok(inject)
+    }
+
+    fn translate(&self) -> impl Fn(u64) -> Option<u64> + '_ {
+        |a| translate(self.mem, &self.sregs, a)
+    }
+
+    fn read(&self, la: u64, buf: &mut [u8]) -> Result<(), String> {
+        if read_linear_with(self.mem, &self.translate(), la, buf) == buf.len() {
+            Ok(())
+        } else {
+            Err(format!("operand at {la:#x} is not mapped"))
+        }
+    }
+
+    fn write(&self, la: u64, data: &[u8]) -> Result<(), String> {
+        if write_linear_with(self.mem, &self.translate(), la, data) {
+            Ok(())
+        } else {
+            Err(format!("operand at {la:#x} is not mapped"))
+        }
+    }
+
+    /// Linear address of memory operand 0.
+    fn operand_address(&self, insn: &Instruction) -> Result<u64, String> {
+        use iced_x86::Register as R;
+        let r = &self.regs;
+        let gpr = |reg: R| -> Option<u64> {
+            let full = match reg.full_register() {
+                R::RAX => r.rax,
+                R::RCX => r.rcx,
+                R::RDX => r.rdx,
+                R::RBX => r.rbx,
+                R::RSP => r.rsp,
+                R::RBP => r.rbp,
+                R::RSI => r.rsi,
+                R::RDI => r.rdi,
+                R::R8 => r.r8,
+                R::R9 => r.r9,
+                R::R10 => r.r10,
+                R::R11 => r.r11,
+                R::R12 => r.r12,
+                R::R13 => r.r13,
+                R::R14 => r.r14,
+                R::R15 => r.r15,
+                R::RIP => insn.next_ip(),
+                R::ES => self.sregs.es.base,
+                R::CS => self.sregs.cs.base,
+                R::SS => self.sregs.ss.base,
+                R::DS => self.sregs.ds.base,
+                R::FS => self.sregs.fs.base,
+                R::GS => self.sregs.gs.base,
+                _ => return None,
+            };
+            Some(full & if reg.size() == 4 { 0xffff_ffff } else { u64::MAX })
+        };
+        insn.virtual_address(0, 0, |reg, _, _| gpr(reg)).ok_or_else(|| "cannot compute the operand address".into())
+    }
+}
+
+fn rdssp(c: &mut Cpu, i: &Instruction) -> Result<Option<Inject>, String> {
+    if c.sregs.cr4 & CR4_CET != 0 {
+        return Err("shadow stacks are enabled".into());
+    }
+    c.skip(i, None)
+}
+
+/// cmpxchg16b m128: if rdx:rax == m128 { m128 = rcx:rbx; ZF = 1 } else { rdx:rax = m128; ZF = 0 }.
+/// One vCPU: no other CPU can observe the read-compare-write as non-atomic.
+fn cmpxchg16b(c: &mut Cpu, i: &Instruction) -> Result<Option<Inject>, String> {
+    let la = c.operand_address(i)?;
+    if la % 16 != 0 {
+        return Err("misaligned operand (#GP)".into());
+    }
+    let mut m = [0u8; 16];
+    c.read(la, &mut m)?;
+    let lo = u64::from_le_bytes(m[..8].try_into().unwrap());
+    let hi = u64::from_le_bytes(m[8..].try_into().unwrap());
+    if (lo, hi) == (c.regs.rax, c.regs.rdx) {
+        let mut new = [0u8; 16];
+        new[..8].copy_from_slice(&c.regs.rbx.to_le_bytes());
+        new[8..].copy_from_slice(&c.regs.rcx.to_le_bytes());
+        c.write(la, &new)?;
+        c.regs.rflags |= RFLAGS_ZF;
+    } else {
+        (c.regs.rax, c.regs.rdx) = (lo, hi);
+        c.regs.rflags &= !RFLAGS_ZF;
+    }
+    c.skip(i, None)
+}
+
+/// A segment descriptor from the GDT (or LDT) as KVM's segment register state.
+fn load_descriptor(c: &Cpu, selector: u16) -> Result<kvm_bindings::kvm_segment, String> {
+    let table = if selector & 4 != 0 { &c.sregs.ldt.base } else { &c.sregs.gdt.base };
+    let limit = if selector & 4 != 0 { c.sregs.ldt.limit } else { c.sregs.gdt.limit as u32 };
+    let off = (selector & !7) as u64;
+    if selector & !3 == 0 || off + 7 > limit as u64 {
+        return Err(format!("selector {selector:#x} outside its descriptor table (#GP)"));
+    }
+    let mut d = [0u8; 8];
+    c.read(table + off, &mut d)?;
+    let d = u64::from_le_bytes(d);
+    let g = (d >> 55) & 1;
+    let raw_limit = ((d & 0xffff) | ((d >> 32) & 0xf_0000)) as u32;
+    let seg = kvm_bindings::kvm_segment {
+        base: ((d >> 16) & 0xff_ffff) | ((d >> 32) & 0xff00_0000),
+        limit: if g == 1 { (raw_limit << 12) | 0xfff } else { raw_limit },
+        selector,
+        type_: ((d >> 40) & 0xf) as u8,
+        s: ((d >> 44) & 1) as u8,
+        dpl: ((d >> 45) & 3) as u8,
+        present: ((d >> 47) & 1) as u8,
+        avl: ((d >> 52) & 1) as u8,
+        l: ((d >> 53) & 1) as u8,
+        db: ((d >> 54) & 1) as u8,
+        g: g as u8,
+        unusable: 0,
+        padding: 0,
+    };
+    if seg.present == 0 {
+        return Err(format!("selector {selector:#x} not present (#NP)"));
+    }
+    Ok(seg)
+}
+
+/// 32-bit protected-mode iret (KVM's emulator only does real-mode iret): pop EIP, CS,
+/// EFLAGS, and ESP, SS when returning to an outer privilege level. No task return (NT) and
+/// no return to virtual-8086 mode.
+fn iret32(c: &mut Cpu, _i: &Instruction) -> Result<Option<Inject>, String> {
+    const NT: u64 = 1 << 14;
+    const VM: u64 = 1 << 17;
+    if c.sregs.efer & EFER_LMA != 0 || c.sregs.cr0 & 1 == 0 || c.regs.rflags & NT != 0 {
+        return Err("iret outside 32-bit protected mode, or a task return".into());
+    }
+    let sp_mask = if c.sregs.ss.db == 1 { 0xffff_ffff } else { 0xffff };
+    let sp = c.regs.rsp & sp_mask;
+    let pop = |at: u64| -> Result<u64, String> {
+        let mut w = [0u8; 4];
+        c.read(c.sregs.ss.base.wrapping_add(at) & 0xffff_ffff, &mut w)?;
+        Ok(u32::from_le_bytes(w) as u64)
+    };
+    let (eip, cs, eflags) = (pop(sp)?, pop(sp + 4)? as u16, pop(sp + 8)?);
+    if eflags & VM != 0 {
+        return Err("iret to virtual-8086 mode".into());
+    }
+    let cpl = c.sregs.cs.selector & 3;
+    let rpl = cs & 3;
+    if rpl < cpl {
+        return Err(format!("iret to a more privileged level (CS {cs:#x}) (#GP)"));
+    }
+    let new_cs = load_descriptor(c, cs)?;
+    let mut new_sp = sp + 12;
+    if rpl > cpl {
+        let (esp, ss) = (pop(sp + 12)?, pop(sp + 16)? as u16);
+        c.sregs.ss = load_descriptor(c, ss)?;
+        new_sp = esp;
+    }
+    c.sregs.cs = new_cs;
+    c.sregs_dirty = true;
+    // At CPL 0 every flag iret may restore is restored; bit 1 is always set.
+    const IRET_MASK: u64 = 0x25_7fd5;
+    c.regs.rflags = (eflags & IRET_MASK) | 2;
+    c.regs.rip = eip;
+    c.regs.rsp = (c.regs.rsp & !sp_mask) | (new_sp & sp_mask);
+    Ok(None)
 }
 
 /// A 64-bit IDT gate.
@@ -198,20 +397,23 @@ pub struct Gate {
     pub dpl: u8,
 }
 
-/// The present long-mode gate for `vector`, if any.
+/// The present gate for `vector`, if any: 16-byte long-mode gates, 8-byte protected-mode ones.
 pub fn read_gate(mem: &GuestMemoryMmap, sregs: &kvm_sregs, vector: u8) -> Option<Gate> {
-    if sregs.efer & EFER_LMA == 0 || (sregs.idt.limit as u64) < vector as u64 * 16 + 15 {
+    let size: u64 = if sregs.efer & EFER_LMA != 0 { 16 } else { 8 };
+    if sregs.cr0 & 1 == 0 || (sregs.idt.limit as u64) < vector as u64 * size + size - 1 {
         return None;
     }
     let mut g = [0u8; 16];
-    if read_linear(mem, sregs, sregs.idt.base + vector as u64 * 16, &mut g) != 16 || g[5] & 0x80 == 0 {
+    let g = &mut g[..size as usize];
+    if read_linear(mem, sregs, sregs.idt.base + vector as u64 * size, g) != g.len() || g[5] & 0x80 == 0 {
         return None;
     }
     let w = |i: usize| u16::from_le_bytes([g[i], g[i + 1]]) as u64;
+    let high = if size == 16 { (u32::from_le_bytes(g[8..12].try_into().unwrap()) as u64) << 32 } else { 0 };
     Some(Gate {
-        target: w(0) | w(6) << 16 | (u32::from_le_bytes(g[8..12].try_into().unwrap()) as u64) << 32,
+        target: w(0) | w(6) << 16 | high,
         selector: w(2) as u16,
-        ist: g[4] & 7,
+        ist: if size == 16 { g[4] & 7 } else { 0 },
         kind: g[5] & 0xf,
         dpl: (g[5] >> 5) & 3,
     })
@@ -225,53 +427,52 @@ const GP_VECTOR: u8 = 13;
 /// If the #UD was raised by the host for a user-mode `int n` it cannot deliver (KVM-PVM runs
 /// ring 3 natively and turns `int n` into #UD), turn this delivery into the one the CPU would
 /// have made: vector n past the instruction, or #GP(n*8+2) when the gate's DPL forbids it.
-/// Returns the completed mnemonic, or None to let the #UD handler run.
-pub fn revector_user_int(mem: &GuestMemoryMmap, regs: &mut kvm_regs, sregs: &kvm_sregs) -> Option<&'static str> {
-    let tr = |a| translate(mem, sregs, a);
-    // The #UD frame: RIP, CS, RFLAGS, RSP, SS (no error code).
-    let mut frame = [0u8; 40];
-    if read_linear_with(mem, &tr, regs.rsp, &mut frame) != 40 {
-        return None;
-    }
-    let word = |i: usize| u64::from_le_bytes(frame[i * 8..i * 8 + 8].try_into().unwrap());
-    let (rip, cs, rflags) = (word(0), word(1), word(2));
+/// Works for 64-bit and 32-bit protected-mode kernels. Returns the completed mnemonic, or
+/// None to let the #UD handler run.
+pub fn revector_user_int(cpu: &mut Cpu) -> Option<&'static str> {
+    let long = cpu.sregs.efer & EFER_LMA != 0;
+    // Stack slots are 8 bytes in long mode, 4 in protected mode.
+    let slot: u64 = if long { 8 } else { 4 };
+    let stack = |sp: u64| if long { sp } else { cpu.sregs.ss.base.wrapping_add(sp) & 0xffff_ffff };
+    let read_slot = |sp: u64| -> Option<u64> {
+        let mut b = [0u8; 8];
+        cpu.read(stack(sp), &mut b[..slot as usize]).ok()?;
+        Some(u64::from_le_bytes(b))
+    };
+    // The #UD frame: RIP, CS, RFLAGS, then RSP and SS (no error code).
+    let sp = cpu.regs.rsp;
+    let (rip, cs, rflags) = (read_slot(sp)?, read_slot(sp + slot)? as u16, read_slot(sp + 2 * slot)?);
     if cs & 3 != 3 {
         return None;
     }
+    let user_cs = load_descriptor(cpu, cs).ok()?;
+    let (bits, la) = if user_cs.l == 1 { (64, rip) } else { (32, user_cs.base.wrapping_add(rip) & 0xffff_ffff) };
     let mut bytes = [0u8; 15];
-    let n = read_linear_with(mem, &tr, rip, &mut bytes);
-    let insn = Decoder::with_ip(64, &bytes[..n], rip, DecoderOptions::NONE).decode();
+    let n = read_linear_with(cpu.mem, &cpu.translate(), la, &mut bytes);
+    let insn = Decoder::with_ip(bits, &bytes[..n], rip, DecoderOptions::NONE).decode();
     if insn.mnemonic() != Mnemonic::Int {
         return None;
     }
     let vector = insn.immediate8();
-    let ud = read_gate(mem, sregs, UD_VECTOR)?;
-    let (gate, err) = match read_gate(mem, sregs, vector) {
+    let ud = read_gate(cpu.mem, &cpu.sregs, UD_VECTOR)?;
+    let (gate, err) = match read_gate(cpu.mem, &cpu.sregs, vector) {
         Some(g) if g.dpl == 3 => (g, None),
         // Not present or DPL < CPL: #GP with the IDT-vector error code, RIP at the int.
-        _ => (read_gate(mem, sregs, GP_VECTOR)?, Some(vector as u64 * 8 + 2)),
+        _ => (read_gate(cpu.mem, &cpu.sregs, GP_VECTOR)?, Some(vector as u64 * 8 + 2)),
     };
     // Same code segment and stack as the #UD delivery, or the frame we have is the wrong one.
     if gate.selector != ud.selector || gate.ist != ud.ist {
         return None;
     }
-    match err {
-        None => {
-            frame[..8].copy_from_slice(&insn.next_ip().to_le_bytes());
-            if !write_linear_with(mem, &tr, regs.rsp, &frame[..8]) {
-                return None;
-            }
-        }
-        Some(e) => {
-            if !write_linear_with(mem, &tr, regs.rsp.wrapping_sub(8), &e.to_le_bytes()) {
-                return None;
-            }
-            regs.rsp = regs.rsp.wrapping_sub(8);
-        }
-    }
-    regs.rip = gate.target;
+    let (at, value) = match err {
+        None => (sp, insn.next_ip()),
+        Some(e) => (sp.wrapping_sub(slot), e),
+    };
+    cpu.write(stack(at), &value.to_le_bytes()[..slot as usize]).ok()?;
+    cpu.regs.rsp = at;
+    cpu.regs.rip = gate.target;
     // Interrupt gates enter with IF clear; trap gates keep the interrupted context's IF.
-    regs.rflags =
-        if gate.kind == 0xe { regs.rflags & !RFLAGS_IF } else { (regs.rflags & !RFLAGS_IF) | (rflags & RFLAGS_IF) };
+    let interrupt_gate = gate.kind == 0xe || gate.kind == 0x6;
+    cpu.regs.rflags = (cpu.regs.rflags & !RFLAGS_IF) | if interrupt_gate { 0 } else { rflags & RFLAGS_IF };
     Some(if err.is_some() { "int(user,#gp)" } else { "int(user)" })
 }

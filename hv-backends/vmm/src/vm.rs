@@ -16,7 +16,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::boot::{self, BadInput};
 use crate::devices::{ConsoleOut, IrqLine, PortBus, PortEffect, COM1_IRQ};
-use crate::emulate::{self, Completion};
+use crate::emulate::{self, Inject};
 use crate::kick::Kicker;
 use crate::pv::{Outcome, Pv};
 use crate::stats::{Stats, Table};
@@ -499,7 +499,10 @@ impl Vm {
         }
         let mut regs = self.regs()?;
         let sregs = self.sregs()?;
-        match emulate::revector_user_int(&self.mem, &mut regs, &sregs) {
+        let mut cpu = emulate::Cpu { mem: &self.mem, regs, sregs, sregs_dirty: false };
+        let done = emulate::revector_user_int(&mut cpu);
+        regs = cpu.regs;
+        match done {
             Some(what) => self.stats.add(Table::Insn, what, Duration::ZERO),
             // Resume flag: execute the handler's first instruction without re-hitting.
             None => {
@@ -612,7 +615,7 @@ impl Vm {
             let i = &run.__bindgen_anon_1.internal;
             (i.suberror, i.ndata, i.data)
         };
-        let mut regs = self.regs()?;
+        let regs = self.regs()?;
         let sregs = self.sregs()?;
         let what = match emulate::fetch(&self.mem, &regs, &sregs) {
             Ok(f) => f,
@@ -624,25 +627,34 @@ impl Vm {
             }
         };
         const KVM_INTERNAL_ERROR_EMULATION: u32 = 1;
-        let c = match emulate::completion(&what.insn, regs.rflags) {
-            Some(c) if sub == KVM_INTERNAL_ERROR_EMULATION => c,
-            _ => return self.guest(format!("KVM internal error {sub}: cannot complete {}", what.describe())),
-        };
-        regs.rip = regs.rip.wrapping_add(what.bytes.len() as u64);
-        if let Completion::Flags(set, clear) = c {
-            regs.rflags = (regs.rflags | set) & !clear;
+        if sub != KVM_INTERNAL_ERROR_EMULATION {
+            return self.guest(format!("KVM internal error {sub} at {}", what.describe()));
         }
+        let mut cpu = emulate::Cpu { mem: &self.mem, regs, sregs, sregs_dirty: false };
+        let inject = match emulate::complete(&mut cpu, &what.insn) {
+            Ok(i) => i,
+            Err(why) => {
+                return self.guest(format!("host emulator gave up on {} and so does the VMM: {why}", what.describe()))
+            }
+        };
+        let (regs, sregs, dirty) = (cpu.regs, cpu.sregs, cpu.sregs_dirty);
         self.set_regs(&regs)?;
-        if let Completion::Interrupt(v) | Completion::Exception(v) = c {
+        if dirty {
+            self.vcpu.set_sregs(&sregs).map_err(|e| Stop::Host(format!("KVM_SET_SREGS: {e}")))?;
+        }
+        if let Some(inj) = inject {
             let mut ev = self.vcpu.get_vcpu_events().map_err(|e| Stop::Host(format!("KVM_GET_VCPU_EVENTS: {e}")))?;
-            if let Completion::Interrupt(_) = c {
-                ev.interrupt.injected = 1;
-                ev.interrupt.nr = v;
-                ev.interrupt.soft = 0;
-            } else {
-                ev.exception.injected = 1;
-                ev.exception.nr = v;
-                ev.exception.has_error_code = 0;
+            match inj {
+                Inject::Interrupt(v) => {
+                    ev.interrupt.injected = 1;
+                    ev.interrupt.nr = v;
+                    ev.interrupt.soft = 0;
+                }
+                Inject::Exception(v) => {
+                    ev.exception.injected = 1;
+                    ev.exception.nr = v;
+                    ev.exception.has_error_code = 0;
+                }
             }
             ev.flags = 0;
             self.vcpu.set_vcpu_events(&ev).map_err(|e| Stop::Host(format!("KVM_SET_VCPU_EVENTS: {e}")))?;
