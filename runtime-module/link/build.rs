@@ -32,7 +32,7 @@ fn main() {
     let manifest = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").unwrap());
     let runtime = manifest.parent().unwrap().to_path_buf();
     let out = PathBuf::from(std::env::var("OUT_DIR").unwrap());
-    for p in ["src", "Cargo.toml", "Cargo.lock", "../site-abi/src", "../site-abi/Cargo.toml"] {
+    for p in ["src", "Cargo.toml", "Cargo.lock", "../site-abi/src", "../site-abi/Cargo.toml", "../hv-backends/hv-abi/src"] {
         println!("cargo:rerun-if-changed={}", runtime.join(p).display());
     }
     println!("cargo:rerun-if-changed=src/runtime.ld");
@@ -51,6 +51,7 @@ fn main() {
         kernel_pvh_entry: 0x10_0000,
         default_backend: 0,
         virt_delta: 0,
+        kernel_entry64: 0x10_0000,
     };
     let linked = out.join("previrt-runtime-check.elf");
     ld::link_runtime(&obj_path, &linked, &sample).unwrap_or_else(|e| panic!("check link of the runtime: {e}"));

@@ -42,8 +42,12 @@ pub const NATIVE: Backend = Backend { id: 0, name: "native", route: original };
 /// Every site is counted and its effect performed by the runtime.
 pub const TRACE: Backend = Backend { id: 1, name: "trace", route: long_mode_sites };
 
+/// Xen PV (runtime-module/src/xen, docs/xen-pv.md): chosen by the Xen entry, which only Xen
+/// enters; every long-mode site is routed to hypercalls and in-guest models.
+pub const XEN: Backend = Backend { id: 2, name: "xen", route: long_mode_sites };
+
 /// All backends, by id.
-pub const BACKENDS: &[&Backend] = &[&NATIVE, &TRACE];
+pub const BACKENDS: &[&Backend] = &[&NATIVE, &TRACE, &XEN];
 
 pub fn by_name(name: &[u8]) -> Option<&'static Backend> {
     BACKENDS.iter().copied().find(|b| b.name.as_bytes() == name)

@@ -22,3 +22,5 @@ pub mod trace;
 
 #[cfg(feature = "guest")]
 mod guest;
+#[cfg(feature = "guest")]
+mod xen;

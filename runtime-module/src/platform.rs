@@ -1,7 +1,5 @@
 //! Start-of-day detection: where is the kernel running?
 
-use previrt_site_abi::platform as sig;
-
 /// The platforms the runtime tells apart.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Platform {
@@ -30,10 +28,11 @@ impl Platform {
     }
 }
 
+/// CPUID 0x40000000 EBX:ECX:EDX signatures; the in-tree hypervisor's comes from its ABI crate.
 const SIGNATURES: &[([u8; 12], Platform)] = &[
-    (sig::PREVIRT_HV_SIGNATURE, Platform::PrevirtHv),
-    (sig::XEN_SIGNATURE, Platform::XenHvm),
-    (sig::KVM_SIGNATURE, Platform::Kvm),
+    (previrt_hv_abi::SIGNATURE, Platform::PrevirtHv),
+    (*b"XenVMMXenVMM", Platform::XenHvm),
+    (*b"KVMKVMKVM\0\0\0", Platform::Kvm),
     (*b"TCGTCGTCGTCG", Platform::QemuTcg),
 ];
 

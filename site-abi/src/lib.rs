@@ -271,14 +271,6 @@ pub mod reg {
     pub const SEG: u8 = 0x40;
 }
 
-/// CPUID leaf 0x40000000 signatures (EBX, ECX, EDX bytes) the guest runtime recognizes at
-/// start of day; the in-tree hypervisor answers with [`platform::PREVIRT_HV_SIGNATURE`].
-pub mod platform {
-    pub const PREVIRT_HV_SIGNATURE: [u8; 12] = *b"PreVirtHVM!!";
-    pub const XEN_SIGNATURE: [u8; 12] = *b"XenVMMXenVMM";
-    pub const KVM_SIGNATURE: [u8; 12] = *b"KVMKVMKVM\0\0\0";
-}
-
 /// Bits of [`SiteRecord::flags`].
 pub mod flags {
     /// The site writes the special register / port / memory (`mov %rax,%cr3`, `out`,

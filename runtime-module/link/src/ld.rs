@@ -18,6 +18,9 @@ pub struct Placement {
     pub default_backend: u32,
     /// Kernel virtual minus physical address.
     pub virt_delta: u64,
+    /// The kernel's 64-bit entry (`kernel_entry64`), where the Xen PV entry hands over; 0 if
+    /// it has none.
+    pub kernel_entry64: u64,
 }
 
 const SCRIPT: &str = include_str!("runtime.ld");
@@ -33,10 +36,11 @@ pub fn link_runtime(object: &Path, out: &Path, p: &Placement) -> Result<(), Stri
         ("__previrt_kernel_pvh_entry", p.kernel_pvh_entry),
         ("__previrt_default_backend", p.default_backend as u64),
         ("__previrt_virt_delta", p.virt_delta),
+        ("__previrt_kernel_entry64", p.kernel_entry64),
     ];
     let mut cmd = Command::new("ld");
     cmd.args(["-m", "elf_x86_64", "-static", "-nostdlib", "--gc-sections", "--no-dynamic-linker"])
-        .args(["-z", "noexecstack", "-z", "max-page-size=4096", "--require-defined=previrt_repatch", "--no-warn-rwx-segments"])
+        .args(["-z", "noexecstack", "-z", "max-page-size=4096", "--require-defined=previrt_repatch", "--require-defined=previrt_xen_entry", "--no-warn-rwx-segments"])
         .arg("-T")
         .arg(&script)
         .args(defsyms.iter().map(|(n, v)| format!("--defsym={n}={v:#x}")))

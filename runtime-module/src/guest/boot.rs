@@ -21,8 +21,13 @@ core::arch::global_asm!(
 previrt_pvh_entry:
     cli
     cld
+    /* No stack yet (PVH leaves %esp undefined) but `call` needs one to find out where we
+       run: borrow the first word of hvm_start_info, then put it back. */
+    movl (%ebx), %eax
+    leal 4(%ebx), %esp
     call 1f
 1:  popl %ebp
+    movl %eax, (%ebx)
     movl %ebx, (pvh_ebx - 1b)(%ebp)
     leal (boot_stack_top - 1b)(%ebp), %esp
 
@@ -110,6 +115,15 @@ previrt_pvh_entry:
     leal (boot_gdt - 1b)(%ebp), %eax
     movl %eax, (boot_gdtr + 2 - 1b)(%ebp)
     lgdt (boot_gdtr - 1b)(%ebp)
+    /* Reload CS and the data segments from our GDT before paging: PVH promises flat
+       segments but nothing about the descriptor caches (KVM refuses CR0.PG with CS.L set). */
+    leal (7f - 1b)(%ebp), %eax
+    movl %eax, (8f + 1 - 1b)(%ebp)
+8:  ljmp $0x08, $0
+7:  movl $0x10, %eax
+    movl %eax, %ds
+    movl %eax, %es
+    movl %eax, %ss
     movl %cr0, %eax
     orl $0x80000001, %eax
     movl %eax, %cr0
@@ -176,9 +190,10 @@ saved_efer: .quad 0
 virt_delta: .quad __previrt_virt_delta
 boot_gdt:
     .quad 0
-    .quad 0x00cf9a000000ffff    /* 0x08: 32-bit code */
-    .quad 0x00cf92000000ffff    /* 0x10: data */
-    .quad 0x00af9a000000ffff    /* 0x18: 64-bit code */
+    /* Accessed bits preset, so loading a selector never writes the GDT. */
+    .quad 0x00cf9b000000ffff    /* 0x08: 32-bit code */
+    .quad 0x00cf93000000ffff    /* 0x10: data */
+    .quad 0x00af9b000000ffff    /* 0x18: 64-bit code */
 boot_gdt_end:
     .balign 8
 boot_gdtr:

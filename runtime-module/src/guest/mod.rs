@@ -41,12 +41,12 @@ pub(crate) use link_value;
 
 /// Single-CPU global state: written at boot and by `previrt_repatch`, which run with
 /// interrupts off and no CPU inside a site.
-struct Global<T>(UnsafeCell<T>);
+pub(crate) struct Global<T>(pub(crate) UnsafeCell<T>);
 // SAFETY: see the type's documentation.
 unsafe impl<T> Sync for Global<T> {}
 impl<T> Global<T> {
     #[allow(clippy::mut_from_ref)]
-    unsafe fn get(&self) -> &mut T {
+    pub(crate) unsafe fn get(&self) -> &mut T {
         &mut *self.0.get()
     }
 }
@@ -55,9 +55,12 @@ struct State {
     patcher: Option<Patcher<'static>>,
     active: &'static Backend,
     platform: Platform,
+    /// Where routed sites call: the trace stub, or a platform's own (Xen PV).
+    stub: u64,
 }
 
-static STATE: Global<State> = Global(UnsafeCell::new(State { patcher: None, active: &backend::NATIVE, platform: Platform::BareMetal }));
+static STATE: Global<State> =
+    Global(UnsafeCell::new(State { patcher: None, active: &backend::NATIVE, platform: Platform::BareMetal, stub: 0 }));
 static INDEX: Global<[IndexEntry; MAX_SITES]> = Global(UnsafeCell::new([IndexEntry { site: 0, record_addr: 0 }; MAX_SITES]));
 static OOL: Global<[[u8; OOL_SLOT]; MAX_SITES]> = Global(UnsafeCell::new([[0; OOL_SLOT]; MAX_SITES]));
 static COUNTERS: Counters<MAX_SITES> = Counters::new();
@@ -152,17 +155,43 @@ fn stub_address() -> u64 {
     a
 }
 
-/// Patch every site for `to`. Code is made writable by clearing CR0.WP for the duration (the
-/// kernel may have mapped its text read-only by the time of a later repatch).
+/// Patch every site for `to`. At CPL 0 code is made writable by clearing CR0.WP for the
+/// duration (the kernel may have mapped its text read-only by the time of a later repatch); a
+/// runtime running deprivileged (Xen PV, ring 3) has no CR0 and patches through mappings its
+/// platform made writable.
 unsafe fn apply(state: &mut State, to: &'static Backend) -> Option<crate::patch::Stats> {
     let p = state.patcher.as_ref()?;
-    let cr0 = emulate::Machine::read_cr(&mut hw::Hardware, 0);
-    emulate::Machine::write_cr(&mut hw::Hardware, 0, cr0 & !(1 << 16));
-    let stats = p.apply(to, stub_address());
-    emulate::Machine::write_cr(&mut hw::Hardware, 0, cr0);
+    let cs: u64;
+    core::arch::asm!("mov {}, cs", out(reg) cs, options(nomem, nostack, preserves_flags));
+    let cpl0 = cs & 3 == 0;
+    let cr0 = if cpl0 { emulate::Machine::read_cr(&mut hw::Hardware, 0) } else { 0 };
+    if cpl0 {
+        emulate::Machine::write_cr(&mut hw::Hardware, 0, cr0 & !(1 << 16));
+    }
+    let stats = p.apply(to, state.stub);
+    if cpl0 {
+        emulate::Machine::write_cr(&mut hw::Hardware, 0, cr0);
+    }
     serialize();
     state.active = to;
     Some(stats)
+}
+
+/// Start of day for any boot path: save the originals, build the index and the out-of-line
+/// slots, and patch every site for `to`, routed sites calling `stub`.
+///
+/// # Safety
+/// Once, at boot, single-threaded, with the kernel image mapped and writable.
+pub(crate) unsafe fn patch_at_boot(to: &'static Backend, stub: u64) -> Result<Option<crate::patch::Stats>, crate::patch::PatchError> {
+    let state = STATE.get();
+    state.stub = stub;
+    let (start, len) = table();
+    let p = Patcher::prepare(start, len, INDEX.get())?;
+    for (slot, e) in OOL.get().iter_mut().zip(&p.index[..p.sites]) {
+        build_ool(slot, &p.site(e));
+    }
+    state.patcher = Some(p);
+    Ok(apply(state, to))
 }
 
 /// Called by the boot path in long mode with the PVH start_info address.
@@ -184,17 +213,9 @@ extern "C" fn previrt_boot(start_info: u64) {
     };
     let per_ms = tsc_per_ms();
     let t0 = hw::rdtsc();
-    let (start, len) = table();
     // SAFETY: the table and the sites it names are in the loaded kernel image, identity- or
     // window-mapped and writable under the boot page tables.
-    let prepared = unsafe { Patcher::prepare(start, len, INDEX.get()) };
-    let result = prepared.map(|p| unsafe {
-        for (slot, e) in OOL.get().iter_mut().zip(&p.index[..p.sites]) {
-            build_ool(slot, &p.site(e));
-        }
-        state.patcher = Some(p);
-        apply(state, chosen)
-    });
+    let result = unsafe { patch_at_boot(chosen, stub_address()) };
     let cycles = hw::rdtsc() - t0;
     match result {
         Ok(Some(stats)) => {
@@ -235,11 +256,27 @@ pub extern "C" fn previrt_repatch(id: u32) -> i32 {
 extern "C" fn previrt_trace_dispatch(regs: &mut Regs) {
     // SAFETY: interrupts are off in the stub; the state is only written at boot/repatch.
     let state = unsafe { STATE.get() };
-    let site_addr = regs.rip.wrapping_sub(CALL_LEN as u64);
-    let Some((p, i)) = state.patcher.as_ref().and_then(|p| Some((p, p.find(site_addr)?))) else {
-        let _ = writeln!(Com1, "previrt: call into the runtime from {site_addr:#x}, which is no site");
+    let Some((op, ool)) = enter_site(regs) else {
+        let _ = writeln!(Com1, "previrt: call into the runtime from {:#x}, which is no site", regs.rip.wrapping_sub(CALL_LEN as u64));
         stop()
     };
+    if op.is_some_and(|op| op.kind == Kind::Out && op.port(regs) == EXIT_PORT) {
+        let _ = COUNTERS.summary(state.patcher.as_ref().map_or(0, |p| p.sites), &mut Com1);
+    }
+    if !op.is_some_and(|op| emulate::emulate(&op, regs, &mut hw::Hardware)) {
+        regs.rip = ool;
+    }
+    regs.iret_rsp = regs.gpr[gpr::RSP];
+}
+
+/// The site a stub was called from (`regs.rip` is the return address): counts it, sets
+/// `regs.rip` to its resume address and returns its op (None for an unknown kind) and the
+/// address of its out-of-line slot. None when the caller is no site.
+pub(crate) fn enter_site(regs: &mut Regs) -> Option<(Option<Op>, u64)> {
+    // SAFETY: the state is only written at boot/repatch, with no CPU inside a site.
+    let state = unsafe { STATE.get() };
+    let p = state.patcher.as_ref()?;
+    let i = p.find(regs.rip.wrapping_sub(CALL_LEN as u64))?;
     // SAFETY: index entries name records and save slots of the loaded table.
     let (site, saved) = unsafe {
         let site = p.site(&p.index[i]);
@@ -247,15 +284,9 @@ extern "C" fn previrt_trace_dispatch(regs: &mut Regs) {
     };
     COUNTERS.hit(site.record.kind, i);
     regs.rip = site.at.resume;
-    let op = Op::new(&site.record, site.at.site, saved);
-    if op.is_some_and(|op| op.kind == Kind::Out && op.port(regs) == EXIT_PORT) {
-        let _ = COUNTERS.summary(p.sites, &mut Com1);
-    }
-    if !op.is_some_and(|op| emulate::emulate(&op, regs, &mut hw::Hardware)) {
-        // SAFETY: slot i was built at boot for site i.
-        regs.rip = unsafe { OOL.get()[i].as_ptr() } as u64;
-    }
-    regs.iret_rsp = regs.gpr[gpr::RSP];
+    // SAFETY: slot i was built at boot for site i.
+    let ool = unsafe { OOL.get()[i].as_ptr() } as u64;
+    Some((Op::new(&site.record, site.at.site, saved), ool))
 }
 
 // The stub below hard-codes this frame size.

@@ -1,0 +1,196 @@
+//! The Xen PV ABI as the runtime uses it: hypercall numbers, sub-commands and the layouts of
+//! the structures it shares with Xen (xen/include/public/: xen.h, arch-x86/xen.h,
+//! arch-x86/xen-x86_64.h, event_channel.h, sched.h, vcpu.h, callback.h, physdev.h), and the
+//! hypercall itself: `call hypercall_page + nr * 32`, arguments in rdi, rsi, rdx, r10, r8,
+//! result in rax, rcx and r11 clobbered.
+
+use core::arch::asm;
+
+/// Hypercall numbers (xen.h), with the names the runtime prints in error messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u64)]
+pub enum Hypercall {
+    SetTrapTable = 0,
+    MmuUpdate = 1,
+    UpdateVaMapping = 14,
+    SetTimerOp = 15,
+    ConsoleIo = 18,
+    VcpuOp = 24,
+    SetSegmentBase = 25,
+    MmuextOp = 26,
+    SchedOp = 29,
+    CallbackOp = 30,
+    EventChannelOp = 32,
+    PhysdevOp = 33,
+}
+
+impl Hypercall {
+    pub const fn name(self) -> &'static str {
+        match self {
+            Hypercall::SetTrapTable => "set_trap_table",
+            Hypercall::MmuUpdate => "mmu_update",
+            Hypercall::UpdateVaMapping => "update_va_mapping",
+            Hypercall::SetTimerOp => "set_timer_op",
+            Hypercall::ConsoleIo => "console_io",
+            Hypercall::VcpuOp => "vcpu_op",
+            Hypercall::SetSegmentBase => "set_segment_base",
+            Hypercall::MmuextOp => "mmuext_op",
+            Hypercall::SchedOp => "sched_op",
+            Hypercall::CallbackOp => "callback_op",
+            Hypercall::EventChannelOp => "event_channel_op",
+            Hypercall::PhysdevOp => "physdev_op",
+        }
+    }
+}
+
+/// `iret` is entered by a jump with a frame on the stack, never called.
+pub const HYPERVISOR_IRET: u64 = 23;
+
+pub const CONSOLEIO_WRITE: u64 = 0;
+pub const SCHEDOP_BLOCK: u64 = 1;
+pub const SCHEDOP_SHUTDOWN: u64 = 2;
+pub const SHUTDOWN_POWEROFF: u32 = 0;
+pub const SHUTDOWN_CRASH: u32 = 3;
+pub const VCPUOP_STOP_PERIODIC_TIMER: u64 = 7;
+pub const EVTCHNOP_BIND_VIRQ: u64 = 1;
+pub const EVTCHNOP_UNMASK: u64 = 9;
+pub const VIRQ_TIMER: u32 = 0;
+pub const CALLBACKOP_REGISTER: u64 = 0;
+pub const CALLBACKTYPE_EVENT: u16 = 0;
+pub const CALLBACKTYPE_FAILSAFE: u16 = 1;
+/// Xen masks events when it enters the callback (like an interrupt gate).
+pub const CALLBACKF_MASK_EVENTS: u16 = 1;
+pub const PHYSDEVOP_SET_IOPL: u64 = 6;
+pub const SEGBASE_GS_USER: u64 = 1;
+pub const UVMF_INVLPG: u64 = 2;
+pub const DOMID_SELF: u64 = 0x7ff0;
+
+pub const MMUEXT_PIN_L4_TABLE: u32 = 3;
+pub const MMUEXT_NEW_BASEPTR: u32 = 5;
+pub const MMUEXT_TLB_FLUSH_LOCAL: u32 = 6;
+pub const MMUEXT_INVLPG_LOCAL: u32 = 7;
+
+/// start_info.flags: this is the initial domain (dom0).
+pub const SIF_INITDOMAIN: u32 = 1 << 1;
+/// trap_info.flags bit 2: mask events on entry (an interrupt gate rather than a trap gate).
+pub const TI_MASK_EVENTS: u8 = 1 << 2;
+
+/// Xen's flat 64-bit ring-3 selectors for PV guest kernels (arch-x86/xen-x86_64.h).
+pub const FLAT_KERNEL_CS: u16 = 0xe033;
+pub const FLAT_KERNEL_DS: u16 = 0xe02b;
+pub const FLAT_KERNEL_CS32: u16 = 0xe023;
+
+/// `struct start_info` offsets (x86_64).
+pub mod start_info {
+    pub const NR_PAGES: usize = 32;
+    pub const SHARED_INFO: usize = 40;
+    pub const FLAGS: usize = 48;
+    pub const PT_BASE: usize = 88;
+    pub const MFN_LIST: usize = 104;
+    pub const CMD_LINE: usize = 128;
+    pub const CMD_LINE_LEN: usize = 1024;
+}
+
+/// `struct vcpu_info` (64 bytes; vCPU 0's is at the start of shared_info).
+#[repr(C)]
+pub struct VcpuInfo {
+    pub upcall_pending: u8,
+    pub upcall_mask: u8,
+    _pad: [u8; 6],
+    pub pending_sel: u64,
+    /// arch_vcpu_info: the faulting address of the last #PF.
+    pub cr2: u64,
+    _arch_pad: u64,
+    pub time: VcpuTimeInfo,
+}
+
+/// `struct vcpu_time_info`: system time (ns since boot) = system_time + scaled TSC delta.
+#[repr(C)]
+pub struct VcpuTimeInfo {
+    pub version: u32,
+    _pad0: u32,
+    pub tsc_timestamp: u64,
+    pub system_time: u64,
+    pub tsc_to_system_mul: u32,
+    pub tsc_shift: i8,
+    pub flags: u8,
+    _pad1: [u8; 2],
+}
+
+/// Offsets in shared_info of the 2-level event channel bitmaps (after 32 vcpu_info).
+pub const EVTCHN_PENDING: usize = 32 * 64;
+pub const EVTCHN_MASK: usize = EVTCHN_PENDING + 64 * 8;
+
+/// `struct trap_info`.
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+pub struct TrapInfo {
+    pub vector: u8,
+    pub flags: u8,
+    pub cs: u16,
+    pub address: u64,
+}
+
+/// `struct mmu_update`: `ptr` = machine address of the entry (low bits 0: normal update).
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+pub struct MmuUpdate {
+    pub ptr: u64,
+    pub val: u64,
+}
+
+/// `struct mmuext_op`.
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+pub struct MmuextOp {
+    pub cmd: u32,
+    pub arg1: u64,
+    pub arg2: u64,
+}
+
+/// `struct callback_register` (x86_64: the address is an unsigned long).
+#[repr(C)]
+pub struct CallbackRegister {
+    pub kind: u16,
+    pub flags: u16,
+    pub address: u64,
+}
+
+/// `struct evtchn_bind_virq`: virq, vcpu in; port out.
+#[repr(C)]
+pub struct BindVirq {
+    pub virq: u32,
+    pub vcpu: u32,
+    pub port: u32,
+}
+
+const _: () = assert!(core::mem::size_of::<VcpuInfo>() == 64);
+const _: () = assert!(core::mem::size_of::<TrapInfo>() == 16);
+const _: () = assert!(core::mem::size_of::<MmuextOp>() == 24);
+
+/// The hypercall page Xen fills in (XEN_ELFNOTE_HYPERCALL_PAGE names it).
+pub fn hypercall_page() -> u64 {
+    addr_of_sym!("previrt_xen_hypercall_page")
+}
+
+/// Issue hypercall `nr` with up to five arguments; returns Xen's result (negative errno on
+/// failure).
+///
+/// # Safety
+/// The arguments must be what Xen expects for `nr` (pointers to valid structures).
+pub unsafe fn call(nr: Hypercall, a: [u64; 5]) -> i64 {
+    let ret: i64;
+    asm!(
+        "call {entry}",
+        entry = in(reg) hypercall_page() + nr as u64 * 32,
+        inlateout("rdi") a[0] => _,
+        inlateout("rsi") a[1] => _,
+        inlateout("rdx") a[2] => _,
+        inlateout("r10") a[3] => _,
+        inlateout("r8") a[4] => _,
+        lateout("rax") ret,
+        lateout("rcx") _,
+        lateout("r11") _,
+    );
+    ret
+}

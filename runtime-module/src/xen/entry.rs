@@ -1,0 +1,185 @@
+//! The Xen PV entry points, in assembly: the domain's entry (XEN_ELFNOTE_ENTRY), the site stub,
+//! the event upcall, the exception trampolines, the failsafe callback, and the pages Xen
+//! fills or shares (hypercall page, shared_info, the LAPIC model page).
+//!
+//! Xen enters `previrt_xen_entry` in long mode, ring 3, `%rsi` = start_info, events masked.
+//! Exceptions and upcalls arrive on the current stack with `%rcx` and `%r11` pushed above a
+//! hardware-style frame (`rip, cs, rflags, rsp, ss`, after the error code if any); the
+//! trampolines pop them so the kernel's own IDT handlers see what hardware would push.
+//! Returns that must restore the event mask atomically go through the `iret` hypercall.
+
+core::arch::global_asm!(
+    r#"
+    .section .text.previrt_xen, "ax", @progbits
+    .set XEN_IRET, previrt_xen_hypercall_page + 23 * 32
+
+    .globl previrt_xen_entry
+previrt_xen_entry:
+    cld
+    leaq xen_boot_stack_top(%rip), %rsp
+    movq %rsi, %rdi
+    call previrt_xen_boot
+    movq %rax, %rdi
+    movabsq $__previrt_kernel_entry64, %rax
+    jmp *%rax
+
+    /* Sites call here. Same frame as the trace stub (emulate::Regs); the virtual interrupt
+       flag (vcpu_info.evtchn_upcall_mask, set to 1 for the dispatch) goes into the saved
+       RFLAGS.IF. The dispatcher returns 0 to leave with iretq (same ring), 1 to leave through
+       the iret hypercall (interrupts on with events pending). */
+    .globl previrt_xen_stub
+previrt_xen_stub:
+    leaq -168(%rsp), %rsp
+    movq %rax, 0(%rsp)
+    movq %rcx, 8(%rsp)
+    movq %rdx, 16(%rsp)
+    movq %rbx, 24(%rsp)
+    movq %rbp, 40(%rsp)
+    movq %rsi, 48(%rsp)
+    movq %rdi, 56(%rsp)
+    movq %r8, 64(%rsp)
+    movq %r9, 72(%rsp)
+    movq %r10, 80(%rsp)
+    movq %r11, 88(%rsp)
+    movq %r12, 96(%rsp)
+    movq %r13, 104(%rsp)
+    movq %r14, 112(%rsp)
+    movq %r15, 120(%rsp)
+    pushfq
+    popq 144(%rsp)
+    movq previrt_xen_vcpu(%rip), %rax
+    movb $1, %cl
+    xchgb %cl, 1(%rax)
+    andq $~0x200, 144(%rsp)
+    testb %cl, %cl
+    jnz 1f
+    orq $0x200, 144(%rsp)
+1:  leaq 176(%rsp), %rax
+    movq %rax, 32(%rsp)
+    movq 168(%rsp), %rax
+    movq %rax, 128(%rsp)
+    movq %cs, %rax
+    movq %rax, 136(%rsp)
+    movq %ss, %rax
+    movq %rax, 160(%rsp)
+    movq %rsp, %rdi
+    movq %rsp, %rbx
+    andq $-16, %rsp
+    cld
+    call previrt_xen_dispatch
+    movq %rbx, %rsp
+    testq %rax, %rax
+    movq 0(%rsp), %rax
+    movq 8(%rsp), %rcx
+    movq 16(%rsp), %rdx
+    movq 24(%rsp), %rbx
+    movq 40(%rsp), %rbp
+    movq 48(%rsp), %rsi
+    movq 56(%rsp), %rdi
+    movq 64(%rsp), %r8
+    movq 72(%rsp), %r9
+    movq 80(%rsp), %r10
+    movq 88(%rsp), %r11
+    movq 96(%rsp), %r12
+    movq 104(%rsp), %r13
+    movq 112(%rsp), %r14
+    movq 120(%rsp), %r15
+    leaq 128(%rsp), %rsp
+    jnz 2f
+    iretq
+2:  pushq $0
+    jmp XEN_IRET
+
+    /* Save the caller-saved registers (and %rbx, used to realign) around a Rust call. */
+    .macro xen_call fn
+    pushq %rax
+    pushq %rcx
+    pushq %rdx
+    pushq %rsi
+    pushq %rdi
+    pushq %r8
+    pushq %r9
+    pushq %r10
+    pushq %r11
+    pushq %rbx
+    movq %rsp, %rbx
+    andq $-16, %rsp
+    cld
+    call \fn
+    movq %rbx, %rsp
+    .endm
+    .macro xen_restore
+    popq %rbx
+    popq %r11
+    popq %r10
+    popq %r9
+    popq %r8
+    popq %rdi
+    popq %rsi
+    popq %rdx
+    popq %rcx
+    .endm
+
+    /* Event upcall (events masked by Xen): the Rust half acknowledges the pending events and
+       names the kernel handler to run, which then sees a hardware interrupt frame. */
+    .globl previrt_xen_upcall
+previrt_xen_upcall:
+    popq %rcx
+    popq %r11
+    xen_call previrt_xen_event
+    movq %rax, previrt_xen_deliver(%rip)
+    xen_restore
+    cmpq $0, previrt_xen_deliver(%rip)
+    popq %rax
+    je 1f
+    jmp *previrt_xen_deliver(%rip)
+1:  pushq $0
+    jmp XEN_IRET
+
+    /* #PF: a fault on a page the kernel maps but the shadow does not yet is fixed and
+       retried; anything else goes to the kernel's handler. */
+    .globl previrt_xen_page_fault_entry
+previrt_xen_page_fault_entry:
+    popq %rcx
+    popq %r11
+    xen_call previrt_xen_page_fault
+    testq %rax, %rax
+    xen_restore
+    popq %rax
+    jz 1f
+    leaq 8(%rsp), %rsp
+    pushq $0
+    jmp XEN_IRET
+1:  jmp *(previrt_xen_vectors + 14 * 8)(%rip)
+
+    /* Exception vectors 0..31: 16 bytes each, to the kernel's IDT handler. */
+    .balign 16
+    .globl previrt_xen_traps
+previrt_xen_traps:
+    .set vec, 0
+    .rept 32
+    .balign 16
+    popq %rcx
+    popq %r11
+    jmp *(previrt_xen_vectors + 8 * vec)(%rip)
+    .set vec, vec + 1
+    .endr
+
+    .globl previrt_xen_failsafe
+previrt_xen_failsafe:
+    andq $-16, %rsp
+    call previrt_xen_failsafe_report
+    ud2
+
+    .section .bss.previrt_xen, "aw", @nobits
+    .balign 4096
+    .globl previrt_xen_hypercall_page, previrt_xen_shared_info, previrt_xen_lapic
+previrt_xen_hypercall_page: .skip 4096
+previrt_xen_shared_info: .skip 4096
+previrt_xen_lapic: .skip 4096
+xen_boot_stack: .skip 16384
+xen_boot_stack_top:
+    .text
+"#,
+    options(att_syntax, raw)
+);

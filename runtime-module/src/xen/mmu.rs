@@ -1,0 +1,275 @@
+//! Shadow page tables: the kernel's own 4-level tables (pseudo-physical frame numbers, written
+//! with plain stores) are translated into Xen-validated tables (machine frames) that the
+//! runtime owns and updates only through `mmu_update`.
+//!
+//! - A shadow table mirrors one guest table: key (level, guest table address, virtual base),
+//!   so tables the kernel shares between address spaces are shared in the shadows too.
+//! - A CR3 load resyncs the whole lower half of the new address space (only entries that
+//!   differ are written), pins a new root and switches with `MMUEXT_NEW_BASEPTR` (or flushes
+//!   the TLB when the root is the current one); `invlpg` resyncs one page and issues
+//!   `MMUEXT_INVLPG_LOCAL`; a page fault on a page the guest maps but the shadow does not
+//!   (a mapping added without `invlpg`, allowed on hardware) resyncs it and retries.
+//! - Every shadow also maps the runtime itself and the p2m list (Xen's identity layout), the
+//!   shadow tables read-only, and the shared_info page.
+//! - Guest pages naming frame 0xfee00 (the local APIC) map the runtime's LAPIC model page.
+//! - Global, huge (2 MiB/1 GiB) guest pages and accessed/dirty write-back are not supported.
+
+use super::abi::{self, Hypercall, MmuUpdate, MmuextOp};
+
+pub const PRESENT: u64 = 1;
+pub const WRITABLE: u64 = 1 << 1;
+pub const USER: u64 = 1 << 2;
+pub const ACCESSED: u64 = 1 << 5;
+pub const DIRTY: u64 = 1 << 6;
+pub const HUGE: u64 = 1 << 7;
+const ADDR: u64 = 0x000f_ffff_ffff_f000;
+/// Guest leaf flags carried into the shadow (not G: every CR3 load flushes everything).
+const LEAF_FLAGS: u64 = PRESENT | WRITABLE | USER | (1 << 3) | (1 << 4) | ACCESSED | DIRTY | (1 << 63);
+const TABLE_FLAGS: u64 = PRESENT | WRITABLE | USER | ACCESSED;
+/// Lower half of the address space: Xen owns L4 slots 256–271 and the kernel lives below.
+const LOWER_HALF: u64 = 1 << 47;
+const NO_GUEST: u64 = u64::MAX;
+
+pub const POOL_PAGES: usize = 64;
+#[repr(C, align(4096))]
+pub struct Page(pub [u64; 512]);
+
+/// The shadow table pool; read-only in every mapping once boot has remapped it.
+pub static mut POOL: [Page; POOL_PAGES] = [const { Page([0; 512]) }; POOL_PAGES];
+
+#[derive(Clone, Copy)]
+struct Shadow {
+    level: u8,
+    guest: u64,
+    base: u64,
+    mfn: u64,
+}
+
+const QUEUE: usize = 64;
+
+pub struct Mmu {
+    shadows: [Shadow; POOL_PAGES],
+    used: usize,
+    queue: [MmuUpdate; QUEUE],
+    queued: usize,
+    /// The guest CR3 loaded last (None: still on Xen's boot tables) and its root shadow.
+    pub guest_cr3: Option<u64>,
+    root: usize,
+    /// Layout facts from boot.
+    pub p2m: u64,
+    pub nr_pages: u64,
+    pub runtime: (u64, u64),
+    pub p2m_range: (u64, u64),
+    pub shared_info_va: u64,
+    pub shared_info_maddr: u64,
+    pub lapic_page: u64,
+}
+
+/// What went wrong, for the fatal-error message.
+pub enum MmuError {
+    Hypercall(Hypercall, [u64; 5], i64),
+    PoolFull,
+    Huge { va: u64 },
+    NotRam { va: u64, pfn: u64 },
+}
+
+type R<T> = Result<T, MmuError>;
+
+fn span(level: u8) -> u64 {
+    1u64 << (12 + 9 * (level as u32 - 1))
+}
+
+fn hypercall(h: Hypercall, a: [u64; 5]) -> R<()> {
+    // SAFETY: callers pass pointers to live, correctly laid out structures.
+    let rc = unsafe { abi::call(h, a) };
+    if rc < 0 {
+        return Err(MmuError::Hypercall(h, a, rc));
+    }
+    Ok(())
+}
+
+pub fn mmuext(cmd: u32, arg1: u64) -> R<()> {
+    let op = MmuextOp { cmd, arg1, arg2: 0 };
+    hypercall(Hypercall::MmuextOp, [&op as *const _ as u64, 1, 0, abi::DOMID_SELF, 0])
+}
+
+impl Mmu {
+    pub const fn new() -> Mmu {
+        Mmu {
+            shadows: [Shadow { level: 0, guest: 0, base: 0, mfn: 0 }; POOL_PAGES],
+            used: 0,
+            queue: [MmuUpdate { ptr: 0, val: 0 }; QUEUE],
+            queued: 0,
+            guest_cr3: None,
+            root: 0,
+            p2m: 0,
+            nr_pages: 0,
+            runtime: (0, 0),
+            p2m_range: (0, 0),
+            shared_info_va: 0,
+            shared_info_maddr: 0,
+            lapic_page: 0,
+        }
+    }
+
+    /// Machine frame of pseudo-physical frame `pfn` (Xen's p2m list, identity-mapped).
+    pub fn mfn(&self, pfn: u64) -> Option<u64> {
+        // SAFETY: the p2m list has nr_pages entries and every shadow maps it.
+        (pfn < self.nr_pages).then(|| unsafe { ((self.p2m + pfn * 8) as *const u64).read_volatile() })
+    }
+
+    fn pool_range() -> (u64, u64) {
+        let start = core::ptr::addr_of!(POOL) as u64;
+        (start, start + (POOL_PAGES * 4096) as u64)
+    }
+
+    /// Boot: make the pool read-only in Xen's boot tables, so its pages can become tables.
+    pub fn protect_pool(&self) -> R<()> {
+        let (start, end) = Self::pool_range();
+        for va in (start..end).step_by(4096) {
+            let mfn = self.mfn(va >> 12).unwrap_or(0);
+            hypercall(Hypercall::UpdateVaMapping, [va, mfn << 12 | PRESENT | ACCESSED, abi::UVMF_INVLPG, 0, 0])?;
+        }
+        Ok(())
+    }
+
+    /// The runtime's own mapping of `va`, if it is in a range every shadow maps.
+    fn extra(&self, va: u64) -> Option<u64> {
+        let inside = |(a, b): (u64, u64)| va >= a && va < b;
+        if va == self.shared_info_va {
+            return Some(self.shared_info_maddr | PRESENT | WRITABLE | ACCESSED | DIRTY);
+        }
+        if !inside(self.runtime) && !inside(self.p2m_range) {
+            return None;
+        }
+        let mfn = self.mfn(va >> 12)?;
+        let rw = if inside(Self::pool_range()) { 0 } else { WRITABLE | DIRTY };
+        Some(mfn << 12 | PRESENT | ACCESSED | rw)
+    }
+
+    fn extras_meet(&self, lo: u64, hi: u64) -> bool {
+        let meets = |(a, b): (u64, u64)| a < hi && lo < b;
+        meets(self.runtime) || meets(self.p2m_range)
+    }
+
+    /// The shadow leaf for guest entry `g` (present or None) at `va`.
+    fn leaf(&self, g: Option<u64>, va: u64) -> R<u64> {
+        if let Some(e) = self.extra(va) {
+            return Ok(e);
+        }
+        let Some(g) = g else { return Ok(0) };
+        let pfn = (g & ADDR) >> 12;
+        if pfn == super::devices::LAPIC_BASE >> 12 {
+            let mfn = self.mfn(self.lapic_page >> 12).unwrap_or(0);
+            return Ok(mfn << 12 | (g & (PRESENT | WRITABLE | USER | ACCESSED | DIRTY)));
+        }
+        let mfn = self.mfn(pfn).ok_or(MmuError::NotRam { va, pfn })?;
+        Ok(mfn << 12 | (g & LEAF_FLAGS))
+    }
+
+    fn shadow(&mut self, level: u8, guest: u64, base: u64) -> R<usize> {
+        if let Some(i) = self.shadows[..self.used].iter().position(|s| s.level == level && s.guest == guest && s.base == base) {
+            return Ok(i);
+        }
+        if self.used == POOL_PAGES {
+            return Err(MmuError::PoolFull);
+        }
+        let i = self.used;
+        // SAFETY: taking the address of a pool page.
+        let va = unsafe { core::ptr::addr_of!(POOL[i]) } as u64;
+        self.shadows[i] = Shadow { level, guest, base, mfn: self.mfn(va >> 12).unwrap_or(0) };
+        self.used += 1;
+        Ok(i)
+    }
+
+    fn set(&mut self, s: usize, i: usize, v: u64) -> R<()> {
+        // SAFETY: reading a pool page (mapped read-only); Xen writes it behind our back.
+        let cur = unsafe { core::ptr::addr_of!(POOL[s].0[i]).read_volatile() };
+        if cur == v {
+            return Ok(());
+        }
+        if self.queued == QUEUE {
+            self.flush()?;
+        }
+        self.queue[self.queued] = MmuUpdate { ptr: self.shadows[s].mfn << 12 | (i as u64 * 8), val: v };
+        self.queued += 1;
+        Ok(())
+    }
+
+    /// Write the queued entries, in order (children before the parents that point at them).
+    pub fn flush(&mut self) -> R<()> {
+        if self.queued == 0 {
+            return Ok(());
+        }
+        let n = self.queued as u64;
+        self.queued = 0;
+        hypercall(Hypercall::MmuUpdate, [self.queue.as_ptr() as u64, n, 0, abi::DOMID_SELF, 0])
+    }
+
+    /// Bring the shadow of guest table `guest` (level 4..1, covering from `base`) in line with
+    /// the guest for the addresses in [lo, hi); returns the shadow's index.
+    fn sync(&mut self, level: u8, guest: u64, base: u64, lo: u64, hi: u64) -> R<usize> {
+        let s = self.shadow(level, guest, base)?;
+        let step = span(level);
+        let first = (lo.max(base) - base) / step;
+        let end = if level == 4 { LOWER_HALF } else { base + 512 * step };
+        let mut i = first;
+        while i < 512 && base + i * step < hi.min(end) {
+            let va = base + i * step;
+            let g = (guest != NO_GUEST)
+                // SAFETY: guest tables are identity-mapped kernel memory (docs/xen-pv.md).
+                .then(|| unsafe { ((guest + i * 8) as *const u64).read_volatile() })
+                .filter(|e| e & PRESENT != 0);
+            let want = if level == 1 {
+                self.leaf(g, va)?
+            } else if g.is_some_and(|e| e & HUGE != 0) {
+                return Err(MmuError::Huge { va });
+            } else if g.is_some() || self.extras_meet(va, va + step) {
+                let child = g.map_or(NO_GUEST, |e| e & ADDR);
+                let c = self.sync(level - 1, child, va, lo, hi)?;
+                self.shadows[c].mfn << 12 | TABLE_FLAGS
+            } else {
+                0
+            };
+            self.set(s, i as usize, want)?;
+            i += 1;
+        }
+        Ok(s)
+    }
+
+    /// A CR3 load of guest table `cr3`.
+    pub fn load_cr3(&mut self, cr3: u64) -> R<()> {
+        let cr3 = cr3 & ADDR;
+        let fresh = !self.shadows[..self.used].iter().any(|s| s.level == 4 && s.guest == cr3);
+        let root = self.sync(4, cr3, 0, 0, LOWER_HALF)?;
+        self.flush()?;
+        let mfn = self.shadows[root].mfn;
+        if fresh {
+            mmuext(abi::MMUEXT_PIN_L4_TABLE, mfn)?;
+        }
+        if self.guest_cr3.is_some() && root == self.root {
+            mmuext(abi::MMUEXT_TLB_FLUSH_LOCAL, 0)?;
+        } else {
+            mmuext(abi::MMUEXT_NEW_BASEPTR, mfn)?;
+        }
+        self.root = root;
+        self.guest_cr3 = Some(cr3);
+        Ok(())
+    }
+
+    /// Resync the page at `va` in the current address space; true if its shadow changed.
+    pub fn sync_page(&mut self, va: u64) -> R<bool> {
+        let Some(cr3) = self.guest_cr3 else { return Ok(false) };
+        self.flush()?;
+        self.sync(4, cr3, 0, va, va + 1)?;
+        let changed = self.queued != 0;
+        self.flush()?;
+        Ok(changed)
+    }
+
+    /// `invlpg`: resync and flush one page.
+    pub fn invlpg(&mut self, va: u64) -> R<()> {
+        self.sync_page(va)?;
+        mmuext(abi::MMUEXT_INVLPG_LOCAL, va)
+    }
+}

@@ -1,0 +1,655 @@
+//! The Xen PV backend (docs/xen-pv.md): the runtime's Xen entry builds the environment the
+//! native kernel expects and maps the kernel's sensitive operations onto Xen.
+//!
+//! - [`abi`]: hypercall numbers, shared structures, the hypercall itself.
+//! - [`devices`]: in-guest UART, PIC, PIT, LAPIC-page and MSR models.
+//! - [`mmu`]: shadow page tables (the kernel's tables → Xen-validated tables).
+//! - `entry`: the assembly entry points (domain entry, site stub, upcall, traps).
+//!
+//! Sites are routed to [`previrt_xen_dispatch`], which runs the shared per-kind handlers of
+//! [`crate::emulate`] over [`Xen`] (the [`Machine`]) plus the Xen-only ones in
+//! [`XEN_HANDLERS`] (segment selectors). Anything Xen refuses, or that the backend does not
+//! model, stops the domain with a message naming it ([`fatal`]), never a silent hang.
+
+/// The address of an assembly symbol, RIP-relative (the runtime runs where it was linked,
+/// at low identity-mapped addresses, so no absolute 32-bit relocation).
+macro_rules! addr_of_sym {
+    ($sym:literal) => {{
+        let a: u64;
+        // SAFETY: computes an address, no memory access.
+        unsafe { core::arch::asm!(concat!("lea {}, [rip + ", $sym, "]"), out(reg) a, options(nomem, nostack, preserves_flags)) };
+        a
+    }};
+}
+
+mod abi;
+mod devices;
+mod entry;
+mod mmu;
+
+use crate::backend;
+use crate::emulate::{self, gpr, rflags, DescTable, Handler, Machine, Op, Regs};
+use crate::guest::{self, link_value, Global};
+use crate::platform::{self, Platform};
+use abi::{Hypercall, VcpuInfo};
+use core::cell::UnsafeCell;
+use core::fmt::{self, Write};
+use devices::{Dev, Msr, Pic, Pit, Uart};
+use mmu::{Mmu, MmuError};
+use previrt_site_abi::{flags, reg, Kind};
+
+/// vcpu_info of vCPU 0 (in the shared_info page); the stub reads it by this name.
+#[no_mangle]
+static mut previrt_xen_vcpu: u64 = 0;
+/// The kernel's handlers for exceptions 0..31, from its IDT (the trap trampolines jump here).
+#[no_mangle]
+static mut previrt_xen_vectors: [u64; 32] = [0; 32];
+/// The kernel handler the upcall is about to run.
+#[no_mangle]
+static mut previrt_xen_deliver: u64 = 0;
+
+/// Everything the backend knows; single vCPU, touched with events masked.
+pub struct Xen {
+    flags: u32,
+    mmu: Mmu,
+    uart: Uart,
+    pic: [Pic; 2],
+    pit: Pit,
+    timer_port: u32,
+    next_tick: u64,
+    gdt: Option<DescTable>,
+    idt: Option<DescTable>,
+    kernel_gs_base: u64,
+    cr0: u64,
+    cr4: u64,
+}
+
+static XEN: Global<Xen> = Global(UnsafeCell::new(Xen {
+    flags: 0,
+    mmu: Mmu::new(),
+    uart: Uart::new(),
+    pic: [Pic::new(), Pic::new()],
+    pit: Pit::new(),
+    timer_port: u32::MAX,
+    next_tick: 0,
+    gdt: None,
+    idt: None,
+    kernel_gs_base: 0,
+    // PE, MP, ET, NE, WP, AM, PG and PAE: what a long-mode kernel expects to read.
+    cr0: 0x8005_0033,
+    cr4: 0x20,
+}));
+
+/// The `boot_info` handed to the kernel's 64-bit entry (examples/kernel/README.md).
+#[repr(C)]
+struct BootInfo {
+    magic: u32,
+    version: u32,
+    cmdline: u64,
+    source: u32,
+    reserved: u32,
+}
+const BOOT_INFO_MAGIC: u32 = 0x4942_4b58;
+static BOOT: Global<(BootInfo, [u8; abi::start_info::CMD_LINE_LEN + 1])> =
+    Global(UnsafeCell::new((BootInfo { magic: 0, version: 0, cmdline: 0, source: 0, reserved: 0 }, [0; 1025])));
+
+fn vcpu() -> &'static mut VcpuInfo {
+    // SAFETY: set at boot to vCPU 0's vcpu_info in the mapped shared_info page.
+    unsafe { &mut *(previrt_xen_vcpu as *mut VcpuInfo) }
+}
+
+/// Guest console output through `console_io` (the initial domain's console).
+struct Console;
+
+impl Write for Console {
+    fn write_str(&mut self, s: &str) -> fmt::Result {
+        console_write(s.as_bytes());
+        Ok(())
+    }
+}
+
+fn console_write(b: &[u8]) {
+    // SAFETY: a buffer of b.len() readable bytes.
+    unsafe { abi::call(Hypercall::ConsoleIo, [abi::CONSOLEIO_WRITE, b.len() as u64, b.as_ptr() as u64, 0, 0]) };
+}
+
+fn shutdown(reason: u32) -> ! {
+    loop {
+        // SAFETY: sched_shutdown is one u32.
+        unsafe { abi::call(Hypercall::SchedOp, [abi::SCHEDOP_SHUTDOWN, &reason as *const u32 as u64, 0, 0, 0]) };
+    }
+}
+
+/// Print why the kernel cannot go on under Xen and crash the domain.
+fn fatal(what: fmt::Arguments) -> ! {
+    // SAFETY: single vCPU; flushing whatever the kernel had written so far.
+    let x = unsafe { XEN.get() };
+    flush_uart(x);
+    let _ = writeln!(Console, "previrt-xen: FATAL: {what}");
+    shutdown(abi::SHUTDOWN_CRASH)
+}
+
+const ERRNO: &[(i64, &str)] = &[(-1, "EPERM"), (-3, "ESRCH"), (-12, "ENOMEM"), (-14, "EFAULT"), (-16, "EBUSY"), (-22, "EINVAL"), (-38, "ENOSYS")];
+
+/// A hypercall whose failure the kernel cannot survive.
+fn must(h: Hypercall, a: [u64; 5]) -> i64 {
+    // SAFETY: callers pass arguments laid out for `h`.
+    let rc = unsafe { abi::call(h, a) };
+    if rc < 0 {
+        hypercall_failed(h, a, rc);
+    }
+    rc
+}
+
+fn hypercall_failed(h: Hypercall, a: [u64; 5], rc: i64) -> ! {
+    let name = ERRNO.iter().find(|(n, _)| *n == rc).map_or("?", |(_, s)| *s);
+    fatal(format_args!(
+        "hypercall {}({:#x}, {:#x}, {:#x}, {:#x}, {:#x}) failed: {rc} ({name})",
+        h.name(),
+        a[0],
+        a[1],
+        a[2],
+        a[3],
+        a[4]
+    ))
+}
+
+fn mmu_ok<T>(r: Result<T, MmuError>) -> T {
+    r.unwrap_or_else(|e| match e {
+        MmuError::Hypercall(h, a, rc) => hypercall_failed(h, a, rc),
+        MmuError::PoolFull => fatal(format_args!("shadow page-table pool exhausted ({} pages)", mmu::POOL_PAGES)),
+        MmuError::Huge { va } => fatal(format_args!("the kernel maps {va:#x} with a large page, not supported by the shadow tables")),
+        MmuError::NotRam { va, pfn } => fatal(format_args!("the kernel maps {va:#x} to frame {pfn:#x}, which is neither its RAM nor a modelled device")),
+    })
+}
+
+fn flush_uart(x: &mut Xen) {
+    console_write(&x.uart.buf[..x.uart.len]);
+    x.uart.len = 0;
+}
+
+fn rdtsc() -> u64 {
+    // SAFETY: no memory effects.
+    unsafe { core::arch::x86_64::_rdtsc() }
+}
+
+/// Xen system time (ns since boot) from vcpu_time_info and the TSC.
+fn now_ns() -> u64 {
+    let t = &vcpu().time;
+    loop {
+        // SAFETY: fields Xen updates under the version protocol (odd = being written).
+        let (v, stamp, sys, mul, shift) = unsafe {
+            let v = core::ptr::addr_of!(t.version).read_volatile();
+            core::sync::atomic::fence(core::sync::atomic::Ordering::Acquire);
+            (
+                v,
+                core::ptr::addr_of!(t.tsc_timestamp).read_volatile(),
+                core::ptr::addr_of!(t.system_time).read_volatile(),
+                core::ptr::addr_of!(t.tsc_to_system_mul).read_volatile(),
+                core::ptr::addr_of!(t.tsc_shift).read_volatile(),
+            )
+        };
+        let delta = tsc_to_ns(rdtsc().wrapping_sub(stamp), mul, shift);
+        core::sync::atomic::fence(core::sync::atomic::Ordering::Acquire);
+        // SAFETY: as above.
+        if v & 1 == 0 && unsafe { core::ptr::addr_of!(t.version).read_volatile() } == v {
+            return sys.wrapping_add(delta);
+        }
+    }
+}
+
+fn tsc_to_ns(delta: u64, mul: u32, shift: i8) -> u64 {
+    let d = if shift >= 0 { delta << shift } else { delta >> -shift };
+    ((d as u128 * mul as u128) >> 32) as u64
+}
+
+/// CPUID as Xen presents it to PV guests (the forced-emulation prefix `ud2; "xen"; cpuid`).
+fn xen_cpuid(leaf: u32, sub: u32) -> [u32; 4] {
+    let (a, b, c, d): (u32, u64, u32, u32);
+    // SAFETY: Xen emulates the prefixed cpuid; rbx is saved around it.
+    unsafe {
+        core::arch::asm!(
+            "mov {t}, rbx",
+            ".byte 0x0f, 0x0b, 0x78, 0x65, 0x6e",
+            "cpuid",
+            "xchg {t}, rbx",
+            t = out(reg) b,
+            inout("eax") leaf => a,
+            inout("ecx") sub => c,
+            out("edx") d,
+        )
+    };
+    [a, b as u32, c, d]
+}
+
+/// CPUID leaf 1 EDX: the APIC bit, set because the runtime models the LAPIC registers.
+const CPUID_1_EDX_APIC: u32 = 1 << 9;
+
+/// Entered from `previrt_xen_entry` with start_info; returns the boot_info for the kernel.
+#[no_mangle]
+extern "C" fn previrt_xen_boot(si: u64) -> u64 {
+    use abi::start_info as S;
+    // SAFETY: Xen maps start_info and everything it names (identity layout, VIRT_BASE 0).
+    let field = |off: usize| unsafe { ((si + off as u64) as *const u64).read_unaligned() };
+    // SAFETY: boot is single-threaded with events masked.
+    let x = unsafe { XEN.get() };
+    x.flags = field(S::FLAGS) as u32;
+    let shared_va = addr_of_sym!("previrt_xen_shared_info");
+    must(Hypercall::UpdateVaMapping, [shared_va, field(S::SHARED_INFO) | 0x63, abi::UVMF_INVLPG, 0, 0]);
+    // SAFETY: the page is mapped now; vCPU 0's vcpu_info is at its start.
+    unsafe { previrt_xen_vcpu = shared_va };
+
+    let m = &mut x.mmu;
+    m.nr_pages = field(S::NR_PAGES);
+    m.p2m = field(S::MFN_LIST);
+    m.p2m_range = (m.p2m & !0xfff, (m.p2m + m.nr_pages * 8 + 0xfff) & !0xfff);
+    m.runtime = (link_value!("__previrt_runtime_start"), link_value!("__previrt_runtime_end"));
+    m.shared_info_va = shared_va;
+    m.shared_info_maddr = field(S::SHARED_INFO) & !0xfff;
+    m.lapic_page = addr_of_sym!("previrt_xen_lapic");
+    mmu_ok(m.protect_pool());
+
+    if x.flags & abi::SIF_INITDOMAIN != 0 {
+        // Port I/O (isa-debug-exit) from the kernel ring: virtual IOPL 1.
+        let iopl = 1u32;
+        must(Hypercall::PhysdevOp, [abi::PHYSDEVOP_SET_IOPL, &iopl as *const u32 as u64, 0, 0, 0]);
+    }
+    for (kind, entry) in [(abi::CALLBACKTYPE_EVENT, addr_of_sym!("previrt_xen_upcall")), (abi::CALLBACKTYPE_FAILSAFE, addr_of_sym!("previrt_xen_failsafe"))] {
+        let cb = abi::CallbackRegister { kind, flags: abi::CALLBACKF_MASK_EVENTS, address: entry };
+        must(Hypercall::CallbackOp, [abi::CALLBACKOP_REGISTER, &cb as *const _ as u64, 0, 0, 0]);
+    }
+    // The tick comes from set_timer_op only (the PIT model's period), not Xen's default.
+    must(Hypercall::VcpuOp, [abi::VCPUOP_STOP_PERIODIC_TIMER, 0, 0, 0, 0]);
+    let mut bind = abi::BindVirq { virq: abi::VIRQ_TIMER, vcpu: 0, port: 0 };
+    must(Hypercall::EventChannelOp, [abi::EVTCHNOP_BIND_VIRQ, &mut bind as *mut _ as u64, 0, 0, 0]);
+    x.timer_port = bind.port;
+    must(Hypercall::EventChannelOp, [abi::EVTCHNOP_UNMASK, &bind.port as *const u32 as u64, 0, 0, 0]);
+
+    // SAFETY: the LAPIC model page is the runtime's, mapped writable.
+    let lapic = unsafe { &mut *(addr_of_sym!("previrt_xen_lapic") as *mut [u32; 1024]) };
+    lapic[devices::LAPIC_ID] = xen_cpuid(1, 0)[1] >> 24 << 24;
+    lapic[devices::LAPIC_VERSION] = devices::LAPIC_VERSION_VALUE;
+
+    // SAFETY: single-threaded boot.
+    let (info, cmdline) = unsafe { BOOT.get() };
+    for (i, b) in cmdline[..S::CMD_LINE_LEN].iter_mut().enumerate() {
+        // SAFETY: start_info.cmd_line is 1024 bytes.
+        *b = unsafe { ((si + (S::CMD_LINE + i) as u64) as *const u8).read() };
+    }
+    let len = cmdline.iter().position(|&b| b == 0).unwrap_or(S::CMD_LINE_LEN);
+    *info = BootInfo { magic: BOOT_INFO_MAGIC, version: 1, cmdline: cmdline.as_ptr() as u64, source: 0, reserved: 0 };
+    if let Some(name) = platform::cmdline_value(&cmdline[..len], b"previrt.backend").filter(|n| *n != backend::XEN.name.as_bytes()) {
+        let name = core::str::from_utf8(name).unwrap_or("?");
+        let _ = writeln!(Console, "previrt: backend '{name}' cannot run under Xen PV, using {}", backend::XEN.name);
+    }
+
+    let t0 = rdtsc();
+    // SAFETY: the kernel image is mapped writable by Xen's boot tables; nothing runs yet.
+    let result = unsafe { guest::patch_at_boot(&backend::XEN, addr_of_sym!("previrt_xen_stub")) };
+    let t = &vcpu().time;
+    let us = tsc_to_ns(rdtsc() - t0, t.tsc_to_system_mul, t.tsc_shift) / 1000;
+    match result {
+        Ok(Some(stats)) => {
+            let kept = if stats.kept_original == 0 { "" } else { " (some sites kept the original instruction)" };
+            let _ = writeln!(Console, "previrt: backend={} sites={} patched in {us} us (platform={}){kept}", backend::XEN.name, stats.sites, Platform::XenPv.name());
+        }
+        Ok(None) => {}
+        Err(e) => fatal(format_args!("site table unusable: {e}")),
+    }
+    if link_value!("__previrt_kernel_entry64") == 0 {
+        fatal(format_args!("the kernel has no 64-bit entry (previrt link found no kernel_entry64)"));
+    }
+    info as *const BootInfo as u64
+}
+
+/// Kinds whose effect differs under Xen PV: segment selectors name Xen's flat descriptors.
+const XEN_HANDLERS: &[(Kind, Handler)] = &[(Kind::MovSeg, mov_seg), (Kind::FarRet, far_ret)];
+
+/// The site stub's Rust half. Returns 1 to leave through the iret hypercall (interrupts on
+/// with events pending), 0 for a plain `iretq`.
+#[no_mangle]
+extern "C" fn previrt_xen_dispatch(regs: &mut Regs) -> u64 {
+    let Some((op, _)) = guest::enter_site(regs) else {
+        fatal(format_args!("call into the runtime from {:#x}, which is no site", regs.rip.wrapping_sub(5)))
+    };
+    let Some(op) = op else { fatal(format_args!("site before {:#x} has an unknown kind", regs.rip)) };
+    // SAFETY: events are masked for the dispatch (single vCPU).
+    let x = unsafe { XEN.get() };
+    // The kernel runs at virtual CPL 0: popf/iret may change IF and IOPL as at ring 0.
+    regs.cs &= !3;
+    let h = XEN_HANDLERS.iter().find(|(k, _)| *k == op.kind).map(|(_, h)| *h).or_else(|| emulate::handler(op.kind));
+    if !h.is_some_and(|h| h(&op, regs, x)) {
+        fatal(format_args!("{} at {:#x} (this form) is not available under Xen PV", op.kind.name(), op.addr));
+    }
+    regs.cs = x.selector(regs.cs as u16) as u64;
+    regs.ss = x.selector(regs.ss as u16) as u64;
+    regs.iret_rsp = regs.gpr[gpr::RSP];
+    leave(regs.rflags & rflags::IF != 0)
+}
+
+/// Set the event mask for returning with virtual IF `on`; 1 when pending events must be
+/// delivered through the iret hypercall (which unmasks atomically).
+fn leave(on: bool) -> u64 {
+    let v = vcpu();
+    // SAFETY (volatile accesses): shared with Xen.
+    unsafe {
+        if !on {
+            core::ptr::addr_of_mut!(v.upcall_mask).write_volatile(1);
+            return 0;
+        }
+        core::ptr::addr_of_mut!(v.upcall_mask).write_volatile(0);
+        core::sync::atomic::fence(core::sync::atomic::Ordering::SeqCst);
+        if core::ptr::addr_of!(v.upcall_pending).read_volatile() != 0 {
+            core::ptr::addr_of_mut!(v.upcall_mask).write_volatile(1);
+            return 1;
+        }
+    }
+    0
+}
+
+/// Event upcall: acknowledge pending events; a timer tick re-arms the timer and, when the
+/// kernel's PIC leaves IRQ0 unmasked, returns the kernel's handler for IRQ0's vector.
+#[no_mangle]
+extern "C" fn previrt_xen_event() -> u64 {
+    use core::sync::atomic::{AtomicU64, Ordering::SeqCst};
+    // SAFETY: events are masked in the upcall.
+    let x = unsafe { XEN.get() };
+    let v = vcpu();
+    // SAFETY: shared_info is mapped; the 2-level bitmaps are u64 words Xen sets atomically.
+    let (sel, shared) = unsafe {
+        core::ptr::addr_of_mut!(v.upcall_pending).write_volatile(0);
+        (AtomicU64::from_ptr(core::ptr::addr_of_mut!(v.pending_sel)).swap(0, SeqCst), previrt_xen_vcpu)
+    };
+    let mut tick = false;
+    for w in (0..64).filter(|w| sel & (1 << w) != 0) {
+        // SAFETY: word w of evtchn_pending / evtchn_mask.
+        let (pending, mask) = unsafe {
+            (
+                AtomicU64::from_ptr((shared + (abi::EVTCHN_PENDING + w * 8) as u64) as *mut u64),
+                ((shared + (abi::EVTCHN_MASK + w * 8) as u64) as *const u64).read_volatile(),
+            )
+        };
+        let ports = pending.load(SeqCst) & !mask;
+        pending.fetch_and(!ports, SeqCst);
+        tick |= x.timer_port / 64 == w as u32 && ports & (1 << (x.timer_port % 64)) != 0;
+    }
+    if !tick {
+        return 0;
+    }
+    x.arm_timer(false);
+    if x.pic[0].mask & 1 != 0 {
+        return 0;
+    }
+    x.kernel_vector(x.pic[0].base)
+}
+
+/// #PF: resync the faulting page; 1 if the shadow was behind the kernel's tables (retry).
+#[no_mangle]
+extern "C" fn previrt_xen_page_fault() -> u64 {
+    // SAFETY: exceptions arrive with events masked (interrupt-gate semantics).
+    let x = unsafe { XEN.get() };
+    let va = vcpu().cr2;
+    if mmu_ok(x.mmu.sync_page(va)) {
+        mmu_ok(mmu::mmuext(abi::MMUEXT_INVLPG_LOCAL, va));
+        return 1;
+    }
+    0
+}
+
+#[no_mangle]
+extern "C" fn previrt_xen_failsafe_report() -> ! {
+    fatal(format_args!("Xen's failsafe callback: a segment register or iret frame was refused"))
+}
+
+impl Xen {
+    /// The kernel's IDT handler for `vector` (0 when there is none).
+    fn kernel_vector(&self, vector: u8) -> u64 {
+        let Some(idt) = self.idt.filter(|t| (vector as u64 + 1) * 16 <= t.limit as u64 + 1) else { return 0 };
+        let mut g = [0u8; 16];
+        self.read_mem(idt.base + vector as u64 * 16, &mut g);
+        if g[5] & 0x80 == 0 {
+            return 0;
+        }
+        let lo = u16::from_le_bytes([g[0], g[1]]) as u64;
+        let mid = u16::from_le_bytes([g[6], g[7]]) as u64;
+        let hi = u32::from_le_bytes([g[8], g[9], g[10], g[11]]) as u64;
+        lo | mid << 16 | hi << 32
+    }
+
+    fn read_mem(&self, addr: u64, buf: &mut [u8]) {
+        // SAFETY: the kernel's own memory, identity-mapped.
+        unsafe { core::ptr::copy_nonoverlapping(addr as *const u8, buf.as_mut_ptr(), buf.len()) }
+    }
+
+    /// A kernel selector as one of Xen's flat ring-3 selectors, by the kind of descriptor
+    /// it names in the kernel's GDT. Xen's own selectors (0xe000 and up) pass unchanged.
+    fn selector(&self, sel: u16) -> u16 {
+        if sel >= 0xe000 {
+            return sel | 3;
+        }
+        if sel & !3 == 0 {
+            return 0;
+        }
+        let Some(gdt) = self.gdt.filter(|t| (sel as u64 & !7) + 7 <= t.limit as u64) else {
+            fatal(format_args!("selector {sel:#x} is outside the kernel's GDT"))
+        };
+        let mut d = [0u8; 8];
+        self.read_mem(gdt.base + (sel as u64 & !7), &mut d);
+        let desc = u64::from_le_bytes(d);
+        match (desc >> 43 & 1, desc >> 53 & 1) {
+            (1, 1) => abi::FLAT_KERNEL_CS,
+            (1, _) => abi::FLAT_KERNEL_CS32,
+            _ => abi::FLAT_KERNEL_DS,
+        }
+    }
+
+    /// Program the next tick: at boot of the PIT period (`restart`) or one period after the
+    /// previous deadline (never in the past).
+    fn arm_timer(&mut self, restart: bool) {
+        let period = self.pit.period_ns();
+        if period == 0 {
+            return;
+        }
+        let now = now_ns();
+        let next = if restart { now + period } else { self.next_tick + period };
+        self.next_tick = if next <= now { now + period } else { next };
+        must(Hypercall::SetTimerOp, [self.next_tick, 0, 0, 0, 0]);
+    }
+
+    fn exit(&mut self, value: u32) -> ! {
+        flush_uart(self);
+        if self.flags & abi::SIF_INITDOMAIN != 0 {
+            // isa-debug-exit when running as dom0 under QEMU; Xen emulates the port write
+            // (virtual IOPL 1).
+            // SAFETY: a port write; without the device it does nothing.
+            unsafe { core::arch::asm!("out dx, al", in("dx") 0xf4u16, in("al") value as u8, options(nomem, nostack)) };
+        }
+        shutdown(abi::SHUTDOWN_POWEROFF)
+    }
+}
+
+fn mov_seg(op: &Op, regs: &mut Regs, m: &mut dyn Machine) -> bool {
+    let _ = m;
+    // SAFETY: dispatch runs with events masked.
+    let x = unsafe { XEN.get() };
+    if op.flags & flags::MEM != 0 || reg::class(op.base) != reg::SEG || reg::class(op.reg) != reg::GPR {
+        return false;
+    }
+    let seg = reg::number(op.base);
+    if op.flags & flags::WRITE != 0 {
+        let sel = x.selector(regs.read(op.reg, 2) as u16);
+        // SAFETY: loading one of Xen's flat selectors (or null) into a data segment register.
+        unsafe {
+            match seg {
+                0 => core::arch::asm!("mov es, {:x}", in(reg) sel),
+                2 => regs.ss = sel as u64,
+                3 => core::arch::asm!("mov ds, {:x}", in(reg) sel),
+                4 => core::arch::asm!("mov fs, {:x}", in(reg) sel),
+                5 => core::arch::asm!("mov gs, {:x}", in(reg) sel),
+                _ => return false,
+            }
+        }
+    } else {
+        let v: u16;
+        // SAFETY: reading a segment register.
+        unsafe {
+            match seg {
+                0 => core::arch::asm!("mov {:x}, es", out(reg) v),
+                1 => v = regs.cs as u16,
+                2 => v = regs.ss as u16,
+                3 => core::arch::asm!("mov {:x}, ds", out(reg) v),
+                4 => core::arch::asm!("mov {:x}, fs", out(reg) v),
+                _ => core::arch::asm!("mov {:x}, gs", out(reg) v),
+            }
+        }
+        regs.write(op.reg, op.width.max(2), v as u64);
+    }
+    true
+}
+
+/// `lretq` (no immediate): pop RIP and CS; the selector is translated on the way out.
+fn far_ret(op: &Op, regs: &mut Regs, m: &mut dyn Machine) -> bool {
+    if op.width != 8 || op.insn_len > 2 {
+        return false;
+    }
+    let mut b = [0u8; 16];
+    m.read(regs.gpr[gpr::RSP], &mut b);
+    regs.rip = u64::from_le_bytes(b[..8].try_into().unwrap_or_default());
+    regs.cs = u64::from_le_bytes(b[8..].try_into().unwrap_or_default()) & 0xffff;
+    regs.gpr[gpr::RSP] += 16;
+    true
+}
+
+impl Machine for Xen {
+    fn read(&mut self, addr: u64, buf: &mut [u8]) {
+        self.read_mem(addr, buf)
+    }
+    fn write(&mut self, addr: u64, buf: &[u8]) {
+        // SAFETY: the kernel's own memory, identity-mapped.
+        unsafe { core::ptr::copy_nonoverlapping(buf.as_ptr(), addr as *mut u8, buf.len()) }
+    }
+    fn port_in(&mut self, port: u16, width: u8) -> u32 {
+        let Some((dev, r)) = devices::device(port).filter(|_| width == 1) else {
+            fatal(format_args!("in{} from port {port:#x} is not available under Xen PV", width * 8))
+        };
+        (match dev {
+            Dev::Uart => self.uart.read(r),
+            Dev::PicMaster => self.pic[0].read(r),
+            Dev::PicSlave => self.pic[1].read(r),
+            Dev::Pit => self.pit.read(r, now_ns()),
+            Dev::DebugExit => 0,
+        }) as u32
+    }
+    fn port_out(&mut self, port: u16, width: u8, value: u32) {
+        let Some((dev, r)) = devices::device(port).filter(|_| width == 1) else {
+            fatal(format_args!("out{} {value:#x} to port {port:#x} is not available under Xen PV", width * 8))
+        };
+        let v = value as u8;
+        match dev {
+            Dev::Uart => {
+                if self.uart.write(r, v) {
+                    flush_uart(self);
+                }
+            }
+            Dev::PicMaster => self.pic[0].write(r, v),
+            Dev::PicSlave => self.pic[1].write(r, v),
+            Dev::Pit => {
+                if self.pit.write(r, v, now_ns()).is_some() {
+                    self.arm_timer(true);
+                }
+            }
+            Dev::DebugExit => self.exit(value),
+        }
+    }
+    fn cpuid(&mut self, leaf: u32, subleaf: u32) -> [u32; 4] {
+        let mut r = xen_cpuid(leaf, subleaf);
+        if leaf == 1 {
+            r[3] |= CPUID_1_EDX_APIC;
+        }
+        r
+    }
+    fn rdmsr(&mut self, msr: u32) -> u64 {
+        match devices::msr(msr) {
+            Some(Msr::ApicBase) => devices::APIC_BASE_VALUE,
+            Some(Msr::KernelGsBase) => self.kernel_gs_base,
+            None => fatal(format_args!("rdmsr {msr:#x} is not available under Xen PV")),
+        }
+    }
+    fn wrmsr(&mut self, msr: u32, value: u64) {
+        match devices::msr(msr) {
+            Some(Msr::ApicBase) if value == devices::APIC_BASE_VALUE => {}
+            Some(Msr::KernelGsBase) => {
+                must(Hypercall::SetSegmentBase, [abi::SEGBASE_GS_USER, value, 0, 0, 0]);
+                self.kernel_gs_base = value;
+            }
+            _ => fatal(format_args!("wrmsr {msr:#x} <- {value:#x} is not available under Xen PV")),
+        }
+    }
+    fn read_cr(&mut self, n: u8) -> u64 {
+        match n {
+            0 => self.cr0,
+            2 => vcpu().cr2,
+            3 => self.mmu.guest_cr3.unwrap_or(0),
+            4 => self.cr4,
+            _ => fatal(format_args!("reading cr{n} is not available under Xen PV")),
+        }
+    }
+    fn write_cr(&mut self, n: u8, value: u64) {
+        match n {
+            // Xen owns paging and write protection: the values are kept for reads back.
+            0 => self.cr0 = value,
+            2 => vcpu().cr2 = value,
+            3 => mmu_ok(self.mmu.load_cr3(value)),
+            4 => self.cr4 = value,
+            _ => fatal(format_args!("writing cr{n} is not available under Xen PV")),
+        }
+    }
+    fn invlpg(&mut self, addr: u64) {
+        mmu_ok(self.mmu.invlpg(addr));
+    }
+    fn halt(&mut self, interrupts: bool) {
+        if !interrupts {
+            flush_uart(self);
+            let _ = writeln!(Console, "previrt-xen: the kernel halted with interrupts disabled");
+            shutdown(abi::SHUTDOWN_POWEROFF);
+        }
+        // SCHEDOP_block unmasks events and sleeps until one is pending; it is delivered on the
+        // way back (the kernel's handler runs nested here). The dispatch goes on masked.
+        must(Hypercall::SchedOp, [abi::SCHEDOP_BLOCK, 0, 0, 0, 0]);
+        // SAFETY: shared with Xen.
+        unsafe { core::ptr::addr_of_mut!(vcpu().upcall_mask).write_volatile(1) };
+    }
+    fn load_gdt(&mut self, table: DescTable) {
+        // Xen's flat GDT stays; the kernel's table is read to translate selectors.
+        self.gdt = Some(table);
+    }
+    fn load_idt(&mut self, table: DescTable) {
+        self.idt = Some(table);
+        let mut traps = [abi::TrapInfo::default(); 33];
+        let mut n = 0;
+        for v in 0..32u8 {
+            let handler = self.kernel_vector(v);
+            if handler == 0 {
+                continue;
+            }
+            let mut g = [0u8; 16];
+            self.read_mem(table.base + v as u64 * 16, &mut g);
+            // SAFETY: the trampolines read this table with events masked.
+            unsafe { previrt_xen_vectors[v as usize] = handler };
+            let gate_dpl = (g[5] >> 5) & 3;
+            let interrupt_gate = g[5] & 0xf == 0xe;
+            let address = if v == 14 { addr_of_sym!("previrt_xen_page_fault_entry") } else { addr_of_sym!("previrt_xen_traps") + v as u64 * 16 };
+            traps[n] = abi::TrapInfo {
+                vector: v,
+                flags: gate_dpl | if interrupt_gate { abi::TI_MASK_EVENTS } else { 0 },
+                cs: abi::FLAT_KERNEL_CS,
+                address,
+            };
+            n += 1;
+        }
+        must(Hypercall::SetTrapTable, [traps.as_ptr() as u64, 0, 0, 0, 0]);
+    }
+    fn load_tr(&mut self, _selector: u16) {
+        // Xen owns the TSS; the kernel's IST stacks have no PV equivalent (docs/xen-pv.md).
+    }
+}
