@@ -16,12 +16,15 @@ pub struct LinkArgs {
     /// Print the report as JSON.
     #[arg(long)]
     pub json: bool,
+    /// Leave out the Xen PV notes (added by default when the kernel has `kernel_entry64`).
+    #[arg(long)]
+    pub no_xen: bool,
 }
 
 /// Run the subcommand; returns the exit status (2 for bad input, 1 for other failures).
 pub fn run(a: &LinkArgs) -> i32 {
     let backend = DefaultBackend::parse(&a.backend).unwrap_or(DefaultBackend::Native);
-    match link(&a.kernel, &a.output, backend) {
+    match link(&a.kernel, &a.output, backend, !a.no_xen) {
         Ok(r) if a.json => {
             let v = serde_json::json!({
                 "kernel": a.kernel, "output": a.output,
@@ -31,6 +34,7 @@ pub fn run(a: &LinkArgs) -> i32 {
                 "kinds": r.kinds.iter().map(|(k, (all, long))| (k.to_string(), serde_json::json!({"sites": all, "long_mode": long}))).collect::<serde_json::Map<_, _>>(),
                 "kernel_pvh_entry": r.kernel_pvh_entry,
                 "runtime_pvh_entry": r.runtime_pvh_entry, "default_backend": a.backend,
+                "xen_pv": r.xen_pv.map(|x| serde_json::json!({"entry": x.entry, "hypercall_page": x.hypercall_page})),
             });
             println!("{v}");
             0
@@ -41,6 +45,9 @@ pub fn run(a: &LinkArgs) -> i32 {
                 a.kernel.display(), a.output.display(), r.runtime_virt, r.runtime_phys, r.runtime_file_size,
                 r.runtime_mem_size, r.sites, r.kernel_pvh_entry, r.runtime_pvh_entry, a.backend
             );
+            if let Some(x) = r.xen_pv {
+                println!("previrt link: Xen PV notes: entry {:#x}, hypercall page {:#x}", x.entry, x.hypercall_page);
+            }
             0
         }
         Err(e) => {

@@ -10,6 +10,7 @@
 
 pub mod cli;
 mod ld;
+pub mod xen_notes;
 
 use object::elf;
 use object::read::elf::{FileHeader, ProgramHeader, SectionHeader};
@@ -70,6 +71,8 @@ pub struct LinkReport {
     pub kernel_pvh_entry: u64,
     pub runtime_pvh_entry: u64,
     pub default_backend: DefaultBackend,
+    /// The Xen PV notes' addresses, when they were added (docs/xen-pv.md).
+    pub xen_pv: Option<xen_notes::XenPv>,
 }
 
 /// The facts about a kernel ELF that linking needs.
@@ -163,6 +166,7 @@ struct LinkedRuntime {
     bytes: Vec<u8>,
     mem_size: u64,
     entry: u64,
+    xen: Option<xen_notes::XenPv>,
 }
 
 fn link_runtime(p: &ld::Placement) -> Result<LinkedRuntime, LinkError> {
@@ -183,7 +187,7 @@ fn link_runtime(p: &ld::Placement) -> Result<LinkedRuntime, LinkError> {
         return Err(internal("load segment not at the requested address"));
     }
     let bytes = load.data(LE, &*data).map_err(|_| internal("segment data"))?.to_vec();
-    Ok(LinkedRuntime { bytes, mem_size: load.p_memsz(LE), entry: hdr.e_entry(LE) })
+    Ok(LinkedRuntime { bytes, mem_size: load.p_memsz(LE), entry: hdr.e_entry(LE), xen: xen_notes::runtime_symbols(&data) })
 }
 
 fn tempdir() -> std::io::Result<std::path::PathBuf> {
@@ -201,9 +205,12 @@ fn put(buf: &mut [u8], at: usize, bytes: &[u8]) {
 }
 
 /// Link the runtime into `input`, writing `output` atomically. `input` is never modified.
-pub fn link(input: &Path, output: &Path, backend: DefaultBackend) -> Result<LinkReport, LinkError> {
+/// With `xen`, a kernel that names a 64-bit entry (`kernel_entry64`) also gets the Xen PV
+/// notes (module xen_notes).
+pub fn link(input: &Path, output: &Path, backend: DefaultBackend, xen: bool) -> Result<LinkReport, LinkError> {
     let data = std::fs::read(input).map_err(|e| bad(format!("cannot read {}: {e}", input.display())))?;
     let k = inspect(&data)?;
+    let entry64 = xen_notes::kernel_entry64(&data);
     let page = 4096u64;
     let base = k.end_virt.div_ceil(page) * page;
     let placement = ld::Placement {
@@ -213,6 +220,7 @@ pub fn link(input: &Path, output: &Path, backend: DefaultBackend) -> Result<Link
         kernel_pvh_entry: k.pvh_entry,
         default_backend: backend.id(),
         virt_delta: k.delta,
+        kernel_entry64: entry64.unwrap_or(0),
     };
     let rt = link_runtime(&placement)?;
     let phys = base.wrapping_sub(k.delta);
@@ -229,6 +237,11 @@ pub fn link(input: &Path, output: &Path, backend: DefaultBackend) -> Result<Link
     out.resize(out.len().div_ceil(page as usize) * page as usize, 0);
     let rt_off = out.len();
     out.extend_from_slice(&rt.bytes);
+    let xen_pv = rt.xen.filter(|_| xen && entry64.is_some());
+    let notes = xen_pv.map(|x| (out.len() as u64, xen_notes::notes(&x)));
+    if let Some((_, n)) = &notes {
+        out.extend_from_slice(n);
+    }
     out.resize(out.len().div_ceil(8) * 8, 0);
     let new_phoff = out.len();
     out.extend_from_slice(&data[phoff..phoff + phnum * phentsize]);
@@ -242,11 +255,16 @@ pub fn link(input: &Path, output: &Path, backend: DefaultBackend) -> Result<Link
     put(&mut ph, 40, &rt.mem_size.to_le_bytes());
     put(&mut ph, 48, &page.to_le_bytes());
     out.extend_from_slice(&ph[..phentsize.min(56)]);
+    if let Some((off, n)) = &notes {
+        out.extend_from_slice(&xen_notes::note_phdr(*off, n.len() as u64)[..phentsize.min(56)]);
+    }
 
     // e_phoff (+32), e_phnum (+56); e_entry (+24) keeps the original's address space.
     put(&mut out, 32, &(new_phoff as u64).to_le_bytes());
-    put(&mut out, 56, &((phnum + 1) as u16).to_le_bytes());
-    let new_entry = if old_entry == k.pvh_entry { entry_phys } else { rt.entry };
+    put(&mut out, 56, &((phnum + 1 + notes.is_some() as usize) as u16).to_le_bytes());
+    // A 64-bit ELF entry is left alone: it is not the runtime's (32-bit) PVH entry, and the
+    // unpatched sites still hold the original instruction.
+    let new_entry = if old_entry == k.pvh_entry { entry_phys } else { old_entry };
     put(&mut out, 24, &new_entry.to_le_bytes());
     let (desc_off, desc_len) = k.pvh_desc;
     put(&mut out, desc_off, &entry_phys.to_le_bytes()[..desc_len]);
@@ -262,6 +280,7 @@ pub fn link(input: &Path, output: &Path, backend: DefaultBackend) -> Result<Link
         kernel_pvh_entry: k.pvh_entry,
         runtime_pvh_entry: entry_phys,
         default_backend: backend,
+        xen_pv,
     })
 }
 

@@ -4,7 +4,7 @@
 //! The notes go into a PT_NOTE segment of their own; QEMU and the in-tree VMM look only for
 //! the PVH note and ignore them, so the same file still boots there.
 
-use object::read::elf::{FileHeader, SectionHeader};
+use object::read::elf::FileHeader;
 use object::{elf, LittleEndian as LE};
 
 /// The symbol naming a kernel's 64-bit entry.
@@ -74,8 +74,8 @@ pub fn notes(x: &XenPv) -> Vec<u8> {
 /// A PT_NOTE program header for `len` bytes of notes at file offset `offset`.
 pub fn note_phdr(offset: u64, len: u64) -> [u8; 56] {
     let mut ph = [0u8; 56];
-    ph[0..4].copy_from_slice(&elf::PT_NOTE.to_le_bytes());
-    ph[4..8].copy_from_slice(&elf::PF_R.to_le_bytes());
+    ph[0..4].copy_from_slice(&elf::PT_NOTE.0.to_le_bytes());
+    ph[4..8].copy_from_slice(&elf::PF_R.0.to_le_bytes());
     ph[8..16].copy_from_slice(&offset.to_le_bytes());
     ph[32..40].copy_from_slice(&len.to_le_bytes());
     ph[40..48].copy_from_slice(&len.to_le_bytes());

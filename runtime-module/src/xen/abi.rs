@@ -14,6 +14,7 @@ pub enum Hypercall {
     MmuUpdate = 1,
     UpdateVaMapping = 14,
     SetTimerOp = 15,
+    XenVersion = 17,
     ConsoleIo = 18,
     VcpuOp = 24,
     SetSegmentBase = 25,
@@ -31,6 +32,7 @@ impl Hypercall {
             Hypercall::MmuUpdate => "mmu_update",
             Hypercall::UpdateVaMapping => "update_va_mapping",
             Hypercall::SetTimerOp => "set_timer_op",
+            Hypercall::XenVersion => "xen_version",
             Hypercall::ConsoleIo => "console_io",
             Hypercall::VcpuOp => "vcpu_op",
             Hypercall::SetSegmentBase => "set_segment_base",
@@ -42,9 +44,6 @@ impl Hypercall {
         }
     }
 }
-
-/// `iret` is entered by a jump with a frame on the stack, never called.
-pub const HYPERVISOR_IRET: u64 = 23;
 
 pub const CONSOLEIO_WRITE: u64 = 0;
 pub const SCHEDOP_BLOCK: u64 = 1;
@@ -85,7 +84,6 @@ pub mod start_info {
     pub const NR_PAGES: usize = 32;
     pub const SHARED_INFO: usize = 40;
     pub const FLAGS: usize = 48;
-    pub const PT_BASE: usize = 88;
     pub const MFN_LIST: usize = 104;
     pub const CMD_LINE: usize = 128;
     pub const CMD_LINE_LEN: usize = 1024;

@@ -6,12 +6,12 @@
 //! Exceptions and upcalls arrive on the current stack with `%rcx` and `%r11` pushed above a
 //! hardware-style frame (`rip, cs, rflags, rsp, ss`, after the error code if any); the
 //! trampolines pop them so the kernel's own IDT handlers see what hardware would push.
-//! Returns that must restore the event mask atomically go through the `iret` hypercall.
+//! Every return is a plain `iretq` (guest kernel to guest kernel, both ring 3): the Rust halves
+//! restore the event mask first and have pending events delivered (a nested upcall) before it.
 
 core::arch::global_asm!(
     r#"
     .section .text.previrt_xen, "ax", @progbits
-    .set XEN_IRET, previrt_xen_hypercall_page + 23 * 32
 
     .globl previrt_xen_entry
 previrt_xen_entry:
@@ -25,8 +25,7 @@ previrt_xen_entry:
 
     /* Sites call here. Same frame as the trace stub (emulate::Regs); the virtual interrupt
        flag (vcpu_info.evtchn_upcall_mask, set to 1 for the dispatch) goes into the saved
-       RFLAGS.IF. The dispatcher returns 0 to leave with iretq (same ring), 1 to leave through
-       the iret hypercall (interrupts on with events pending). */
+       RFLAGS.IF; the dispatcher sets the mask for the way out. */
     .globl previrt_xen_stub
 previrt_xen_stub:
     leaq -168(%rsp), %rsp
@@ -68,7 +67,6 @@ previrt_xen_stub:
     cld
     call previrt_xen_dispatch
     movq %rbx, %rsp
-    testq %rax, %rax
     movq 0(%rsp), %rax
     movq 8(%rsp), %rcx
     movq 16(%rsp), %rdx
@@ -85,12 +83,10 @@ previrt_xen_stub:
     movq 112(%rsp), %r14
     movq 120(%rsp), %r15
     leaq 128(%rsp), %rsp
-    jnz 2f
     iretq
-2:  pushq $0
-    jmp XEN_IRET
 
-    /* Save the caller-saved registers (and %rbx, used to realign) around a Rust call. */
+    /* Save the caller-saved registers (and %rbx, used to realign) around a Rust call, which
+       gets the address of the interrupt frame above them in %rdi. */
     .macro xen_call fn
     pushq %rax
     pushq %rcx
@@ -103,6 +99,7 @@ previrt_xen_stub:
     pushq %r11
     pushq %rbx
     movq %rsp, %rbx
+    leaq 80(%rsp), %rdi
     andq $-16, %rsp
     cld
     call \fn
@@ -133,8 +130,7 @@ previrt_xen_upcall:
     popq %rax
     je 1f
     jmp *previrt_xen_deliver(%rip)
-1:  pushq $0
-    jmp XEN_IRET
+1:  iretq
 
     /* #PF: a fault on a page the kernel maps but the shadow does not yet is fixed and
        retried; anything else goes to the kernel's handler. */
@@ -148,8 +144,7 @@ previrt_xen_page_fault_entry:
     popq %rax
     jz 1f
     leaq 8(%rsp), %rsp
-    pushq $0
-    jmp XEN_IRET
+    iretq
 1:  jmp *(previrt_xen_vectors + 14 * 8)(%rip)
 
     /* Exception vectors 0..31: 16 bytes each, to the kernel's IDT handler. */

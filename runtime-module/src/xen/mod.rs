@@ -265,8 +265,9 @@ extern "C" fn previrt_xen_boot(si: u64) -> u64 {
     x.timer_port = bind.port;
     must(Hypercall::EventChannelOp, [abi::EVTCHNOP_UNMASK, &bind.port as *const u32 as u64, 0, 0, 0]);
 
+    let lapic = addr_of_sym!("previrt_xen_lapic") as *mut [u32; 1024];
     // SAFETY: the LAPIC model page is the runtime's, mapped writable.
-    let lapic = unsafe { &mut *(addr_of_sym!("previrt_xen_lapic") as *mut [u32; 1024]) };
+    let lapic = unsafe { &mut *lapic };
     lapic[devices::LAPIC_ID] = xen_cpuid(1, 0)[1] >> 24 << 24;
     lapic[devices::LAPIC_VERSION] = devices::LAPIC_VERSION_VALUE;
 
@@ -283,9 +284,10 @@ extern "C" fn previrt_xen_boot(si: u64) -> u64 {
         let _ = writeln!(Console, "previrt: backend '{name}' cannot run under Xen PV, using {}", backend::XEN.name);
     }
 
+    let stub = addr_of_sym!("previrt_xen_stub");
     let t0 = rdtsc();
     // SAFETY: the kernel image is mapped writable by Xen's boot tables; nothing runs yet.
-    let result = unsafe { guest::patch_at_boot(&backend::XEN, addr_of_sym!("previrt_xen_stub")) };
+    let result = unsafe { guest::patch_at_boot(&backend::XEN, stub) };
     let t = &vcpu().time;
     let us = tsc_to_ns(rdtsc() - t0, t.tsc_to_system_mul, t.tsc_shift) / 1000;
     match result {
@@ -305,10 +307,9 @@ extern "C" fn previrt_xen_boot(si: u64) -> u64 {
 /// Kinds whose effect differs under Xen PV: segment selectors name Xen's flat descriptors.
 const XEN_HANDLERS: &[(Kind, Handler)] = &[(Kind::MovSeg, mov_seg), (Kind::FarRet, far_ret)];
 
-/// The site stub's Rust half. Returns 1 to leave through the iret hypercall (interrupts on
-/// with events pending), 0 for a plain `iretq`.
+/// The site stub's Rust half.
 #[no_mangle]
-extern "C" fn previrt_xen_dispatch(regs: &mut Regs) -> u64 {
+extern "C" fn previrt_xen_dispatch(regs: &mut Regs) {
     let Some((op, _)) = guest::enter_site(regs) else {
         fatal(format_args!("call into the runtime from {:#x}, which is no site", regs.rip.wrapping_sub(5)))
     };
@@ -324,33 +325,49 @@ extern "C" fn previrt_xen_dispatch(regs: &mut Regs) -> u64 {
     regs.cs = x.selector(regs.cs as u16) as u64;
     regs.ss = x.selector(regs.ss as u16) as u64;
     regs.iret_rsp = regs.gpr[gpr::RSP];
-    leave(regs.rflags & rflags::IF != 0)
+    leave(regs.rflags);
 }
 
-/// Set the event mask for returning with virtual IF `on`; 1 when pending events must be
-/// delivered through the iret hypercall (which unmasks atomically).
-fn leave(on: bool) -> u64 {
+/// Set the event mask for returning to code with RFLAGS `rflags` (virtual IF). When that
+/// unmasks events and some are pending, a hypercall makes Xen deliver them now (the upcall
+/// nests here, as a hardware interrupt would arrive right after `sti`).
+fn leave(image: u64) {
     let v = vcpu();
+    let on = image & rflags::IF != 0;
     // SAFETY (volatile accesses): shared with Xen.
     unsafe {
-        if !on {
-            core::ptr::addr_of_mut!(v.upcall_mask).write_volatile(1);
-            return 0;
-        }
-        core::ptr::addr_of_mut!(v.upcall_mask).write_volatile(0);
+        core::ptr::addr_of_mut!(v.upcall_mask).write_volatile(!on as u8);
         core::sync::atomic::fence(core::sync::atomic::Ordering::SeqCst);
-        if core::ptr::addr_of!(v.upcall_pending).read_volatile() != 0 {
-            core::ptr::addr_of_mut!(v.upcall_mask).write_volatile(1);
-            return 1;
+        if on && core::ptr::addr_of!(v.upcall_pending).read_volatile() != 0 {
+            abi::call(Hypercall::XenVersion, [0; 5]);
         }
     }
-    0
+}
+
+/// An interrupt frame as Xen bounces it (after %rcx/%r11): rip, cs, rflags, rsp, ss.
+/// Xen writes kernel-mode selectors with RPL 0; the hardware `iretq` needs RPL 3.
+#[repr(C)]
+pub struct Frame {
+    rip: u64,
+    cs: u64,
+    rflags: u64,
+    rsp: u64,
+    ss: u64,
+}
+
+impl Frame {
+    /// Prepare the frame for the assembly's `iretq` back to the interrupted code.
+    fn resume(&mut self) {
+        self.cs |= 3;
+        self.ss |= 3;
+        leave(self.rflags);
+    }
 }
 
 /// Event upcall: acknowledge pending events; a timer tick re-arms the timer and, when the
 /// kernel's PIC leaves IRQ0 unmasked, returns the kernel's handler for IRQ0's vector.
 #[no_mangle]
-extern "C" fn previrt_xen_event() -> u64 {
+extern "C" fn previrt_xen_event(frame: &mut Frame) -> u64 {
     use core::sync::atomic::{AtomicU64, Ordering::SeqCst};
     // SAFETY: events are masked in the upcall.
     let x = unsafe { XEN.get() };
@@ -373,24 +390,30 @@ extern "C" fn previrt_xen_event() -> u64 {
         pending.fetch_and(!ports, SeqCst);
         tick |= x.timer_port / 64 == w as u32 && ports & (1 << (x.timer_port % 64)) != 0;
     }
-    if !tick {
-        return 0;
-    }
-    x.arm_timer(false);
-    if x.pic[0].mask & 1 != 0 {
-        return 0;
-    }
-    x.kernel_vector(x.pic[0].base)
+    let handler = if tick {
+        x.arm_timer(false);
+        Some(x.kernel_vector(x.pic[0].base)).filter(|&h| h != 0 && x.pic[0].mask & 1 == 0)
+    } else {
+        None
+    };
+    // The kernel's handler runs masked (interrupt gate) and returns through a routed iretq;
+    // otherwise the upcall returns here with the interrupted context's mask.
+    handler.unwrap_or_else(|| {
+        frame.resume();
+        0
+    })
 }
 
-/// #PF: resync the faulting page; 1 if the shadow was behind the kernel's tables (retry).
+/// #PF (frame: error code, then the interrupt frame): resync the faulting page; 1 if the
+/// shadow was behind the kernel's tables (retry).
 #[no_mangle]
-extern "C" fn previrt_xen_page_fault() -> u64 {
+extern "C" fn previrt_xen_page_fault(frame: &mut (u64, Frame)) -> u64 {
     // SAFETY: exceptions arrive with events masked (interrupt-gate semantics).
     let x = unsafe { XEN.get() };
     let va = vcpu().cr2;
     if mmu_ok(x.mmu.sync_page(va)) {
         mmu_ok(mmu::mmuext(abi::MMUEXT_INVLPG_LOCAL, va));
+        frame.1.resume();
         return 1;
     }
     0

@@ -1,0 +1,90 @@
+#!/usr/bin/env bash
+# Boots a Xen PV kernel (e.g. the pre-virtualized example kernel after `previrt link`) as dom0
+# of Debian's Xen 4.17 under QEMU TCG, with Xen's and the guest's console on stdout, and turns
+# the guest's isa-debug-exit verdict into an exit status.
+#
+#   scripts/xen-run.sh KERNEL [CMDLINE]
+#
+# Exit status: 0 = PASS, 1 = FAIL, 2 = bad usage or QEMU/Xen missing, 3 = dom0 stopped or
+# crashed without a verdict (the line before Xen's says why), 124 = timed out.
+# Prints "xen-run: verdict after N ms" (QEMU start to QEMU exit) on stderr.
+# Environment: QEMU (default qemu-system-x86_64), XEN_GZ (default /boot/xen-4.17-amd64.gz),
+# TIMEOUT in seconds (default 60), DOM0_MEM (default 32M).
+set -u
+
+if [ $# -lt 1 ] || [ $# -gt 2 ]; then
+  echo "usage: $0 KERNEL [CMDLINE]" >&2
+  exit 2
+fi
+kernel=$1
+cmdline=${2-}
+qemu=${QEMU:-qemu-system-x86_64}
+xen_gz=${XEN_GZ:-/boot/xen-4.17-amd64.gz}
+timeout_s=${TIMEOUT:-60}
+
+if [ ! -r "$kernel" ]; then
+  echo "xen-run: cannot read kernel '$kernel'" >&2
+  exit 2
+fi
+case $kernel in *,* | *' '*)
+  echo "xen-run: the kernel path must not contain ',' or spaces (QEMU's -initrd list)" >&2
+  exit 2 ;;
+esac
+if ! command -v "$qemu" >/dev/null 2>&1; then
+  echo "xen-run: '$qemu' not found; run scripts/install-deps.sh" >&2
+  exit 2
+fi
+if [ ! -r "$xen_gz" ]; then
+  echo "xen-run: Xen hypervisor '$xen_gz' not found; run scripts/install-deps.sh (xen-hypervisor-4.17-amd64)" >&2
+  exit 2
+fi
+
+# QEMU's -kernel wants the uncompressed multiboot ELF: cache it per user, refreshed when the
+# package's file changes.
+cache=${XDG_CACHE_HOME:-$HOME/.cache}/previrt
+xen_bin=$cache/$(basename "$xen_gz" .gz).bin
+if [ ! -s "$xen_bin" ] || [ "$xen_gz" -nt "$xen_bin" ]; then
+  mkdir -p "$cache" && gunzip -c "$xen_gz" >"$xen_bin.tmp.$$" && mv "$xen_bin.tmp.$$" "$xen_bin" || {
+    echo "xen-run: cannot unpack $xen_gz into $cache" >&2
+    exit 2
+  }
+fi
+
+fifo=$(mktemp -u "${TMPDIR:-/tmp}/xen-run.XXXXXX")
+mkfifo "$fifo" || exit 2
+trap 'rm -f "$fifo"' EXIT
+
+start=$(date +%s%N)
+# Dom0's command line is the module string after the file name.
+timeout -k 5 "$timeout_s" "$qemu" -machine q35,accel=tcg -cpu max -m 256 -smp 1 \
+  -display none -vga none -monitor none -serial stdio -no-reboot \
+  -device isa-debug-exit,iobase=0xf4,iosize=0x04 -kernel "$xen_bin" \
+  -append "console=com1 com1=115200,8n1 dom0_mem=${DOM0_MEM:-32M} loglvl=all guest_loglvl=all" \
+  -initrd "$kernel $cmdline" </dev/null >"$fifo" 2>&1 &
+qemu_pid=$!
+
+# Without isa-debug-exit Xen keeps the machine running after dom0 stops: end it on that line.
+stopped=
+while IFS= read -r line; do
+  line=${line%$'\r'}
+  printf '%s\n' "$line"
+  case $line in
+    *"Hardware Dom0 halted"* | *"Hardware Dom0 crashed"* | *"Hardware Dom0 shutdown"*)
+      stopped=1
+      kill "$qemu_pid" 2>/dev/null ;;
+  esac
+done <"$fifo"
+wait "$qemu_pid"
+status=$?
+echo "xen-run: verdict after $((($(date +%s%N) - start) / 1000000)) ms" >&2
+
+# isa-debug-exit: the guest writes 0 (PASS) or 1 (FAIL); QEMU exits with (v << 1) | 1.
+case $status in
+  1) exit 0 ;;
+  3) exit 1 ;;
+  124) echo "xen-run: no verdict within ${timeout_s}s" >&2; exit 124 ;;
+  *)
+    [ -n "$stopped" ] && echo "xen-run: dom0 stopped without a verdict" >&2 ||
+      echo "xen-run: QEMU exited with status $status without a verdict" >&2
+    exit 3 ;;
+esac
