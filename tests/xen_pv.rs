@@ -1,0 +1,155 @@
+//! The Xen PV backend end to end: Debian's Xen 4.17 under QEMU TCG boots the pre-virtualized
+//! example kernel (previrt toolchain, `previrt link`) as dom0 through scripts/xen-run.sh. Every
+//! workload passes with the output of the plain kernel on QEMU TCG (bare metal) and of the
+//! same linked ELF on QEMU and on `previrt run`; a request Xen refuses stops the domain with a
+//! message naming the hypercall (docs/xen-pv.md).
+
+mod common;
+
+use common::{build_example_kernel, example_kernel, repo_root, require_tool, run_qemu};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::OnceLock;
+
+const XEN: &str = "/boot/xen-4.17-amd64.gz";
+
+fn previrt() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_previrt"))
+}
+
+fn require_xen() {
+    require_tool(&std::env::var("QEMU").unwrap_or_else(|_| "qemu-system-x86_64".into()));
+    assert!(Path::new(XEN).is_file(), "{XEN} not found (package xen-hypervisor-4.17-amd64); run scripts/install-deps.sh");
+}
+
+/// The previrt toolchain, installed once per test process.
+fn toolchain(dir: &Path) -> PathBuf {
+    let tc = dir.join("toolchain");
+    let o = previrt().args(["toolchain", "install", "--prefix"]).arg(&tc).output().unwrap();
+    assert!(o.status.success(), "previrt toolchain install: {}", String::from_utf8_lossy(&o.stderr));
+    tc
+}
+
+fn link(input: &Path, output: &Path, extra: &[&str]) -> serde_json::Value {
+    let o = previrt().arg("link").arg(input).arg("-o").arg(output).arg("--json").args(extra).output().unwrap();
+    assert!(o.status.success(), "previrt link failed: {}", String::from_utf8_lossy(&o.stderr));
+    serde_json::from_slice(&o.stdout).expect("previrt link --json prints JSON")
+}
+
+struct Linked {
+    dir: PathBuf,
+    elf: PathBuf,
+    report: serde_json::Value,
+}
+
+/// The example kernel built with the previrt toolchain and linked with the runtime.
+fn linked_kernel() -> &'static Linked {
+    static K: OnceLock<Linked> = OnceLock::new();
+    K.get_or_init(|| {
+        let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("xen-pv-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let tc = toolchain(&dir);
+        let prefix = format!("{}/bin/x86_64-previrt-linux-gnu-", tc.display());
+        let build = build_example_kernel(&dir.join("kernel"), Some(&prefix));
+        let elf = dir.join("linked.elf");
+        let report = link(&build.pvh_elf(), &elf, &[]);
+        Linked { dir, elf, report }
+    })
+}
+
+/// scripts/xen-run.sh KERNEL CMDLINE, with a generous timeout (the machine is shared).
+fn xen_run(kernel: &Path, cmdline: &str) -> (Option<i32>, String) {
+    require_xen();
+    let o: Output = Command::new(repo_root().join("scripts/xen-run.sh"))
+        .arg(kernel)
+        .arg(cmdline)
+        .env("TIMEOUT", "180")
+        .output()
+        .expect("running scripts/xen-run.sh");
+    let text = format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+    (o.status.code(), text)
+}
+
+/// What must be identical on every platform: verdicts, checksums, console text.
+fn verdicts(out: &str) -> Vec<&str> {
+    out.lines()
+        .filter(|l| l.starts_with("WORKLOAD ") || l.starts_with("RESULT ") || l.starts_with("CONSOLE ") || l.starts_with("ERROR "))
+        .collect()
+}
+
+#[test]
+fn link_adds_xen_notes_by_default_and_not_with_no_xen() {
+    let k = linked_kernel();
+    let xen = &k.report["xen_pv"];
+    let (start, end) = (k.report["runtime_virt"].as_u64().unwrap(), k.report["runtime_virt"].as_u64().unwrap() + k.report["runtime_mem_size"].as_u64().unwrap());
+    for key in ["entry", "hypercall_page"] {
+        let v = xen[key].as_u64().unwrap_or_else(|| panic!("no xen_pv.{key} in {}", k.report));
+        assert!(v >= start && v < end, "xen_pv.{key} {v:#x} outside the runtime [{start:#x}, {end:#x})");
+    }
+    assert_eq!(xen["hypercall_page"].as_u64().unwrap() % 4096, 0, "the hypercall page is page aligned");
+    let plain = link(&k.dir.join("kernel/kernel-pvh.elf"), &k.dir.join("no-xen.elf"), &["--no-xen"]);
+    assert!(plain["xen_pv"].is_null(), "--no-xen still added notes: {plain}");
+}
+
+#[test]
+fn example_kernel_runs_as_xen_pv_dom0_with_bare_metal_results() {
+    let k = linked_kernel();
+    let (status, out) = xen_run(&k.elf, "");
+    assert_eq!(status, Some(0), "xen-run.sh status {status:?}\n{out}");
+    let boot = out.lines().find(|l| l.starts_with("previrt: backend=")).unwrap_or_else(|| panic!("no boot line\n{out}"));
+    assert!(boot.starts_with("previrt: backend=xen ") && boot.contains("(platform=xen-pv)"), "{boot}");
+    let sites = k.report["sites"].as_u64().unwrap();
+    assert!(boot.contains(&format!(" sites={sites} ")), "{boot} (previrt link counted {sites})");
+    let passed: Vec<_> = out.lines().filter(|l| l.starts_with("WORKLOAD ") && l.contains(" PASS ")).collect();
+    assert_eq!(passed.len(), 7, "every default workload passes under Xen\n{out}");
+
+    // Bare metal: the plain kernel (host gcc) under QEMU TCG.
+    let plain = run_qemu(&example_kernel().pvh_elf(), "");
+    assert_eq!(plain.status, 0, "plain kernel under QEMU: {}", plain.stdout);
+    assert_eq!(verdicts(&out), verdicts(&plain.stdout), "Xen PV output differs from the plain kernel on QEMU");
+
+    // The same linked ELF (Xen notes included) still boots on QEMU through PVH...
+    let same = run_qemu(&k.elf, "");
+    assert_eq!(same.status, 0, "linked kernel under QEMU: {}", same.stdout);
+    assert_eq!(verdicts(&same.stdout), verdicts(&plain.stdout));
+}
+
+#[test]
+fn the_same_linked_elf_runs_on_the_in_tree_hypervisor() {
+    let k = linked_kernel();
+    let o = previrt().arg("run").arg(&k.elf).output().expect("previrt run");
+    let out = String::from_utf8_lossy(&o.stdout);
+    // isa-debug-exit value 0 (PASS) is exit status 1, as with QEMU.
+    assert_eq!(o.status.code(), Some(1), "previrt run: {out}{}", String::from_utf8_lossy(&o.stderr));
+    let plain = run_qemu(&example_kernel().pvh_elf(), "");
+    assert_eq!(verdicts(&out), verdicts(&plain.stdout), "previrt run output differs from the plain kernel on QEMU");
+}
+
+#[test]
+fn a_request_xen_refuses_stops_the_domain_with_the_hypercall_and_error() {
+    let k = linked_kernel();
+    let fixtures = repo_root().join("tests/xen_fixtures");
+    let (obj, elf, linked) = (k.dir.join("refused.o"), k.dir.join("refused.elf"), k.dir.join("refused-linked.elf"));
+    let gcc = k.dir.join("toolchain/bin/x86_64-previrt-linux-gnu-gcc");
+    let o = Command::new(gcc).arg("-c").arg(fixtures.join("refused.S")).arg("-o").arg(&obj).output().unwrap();
+    assert!(o.status.success(), "assembling refused.S: {}", String::from_utf8_lossy(&o.stderr));
+    let o = Command::new("ld")
+        .args(["-m", "elf_x86_64", "-static", "-nostdlib", "--no-warn-rwx-segments", "-T"])
+        .arg(fixtures.join("refused.ld"))
+        .arg("-o")
+        .arg(&elf)
+        .arg(&obj)
+        .output()
+        .expect("ld (binutils: scripts/install-deps.sh)");
+    assert!(o.status.success(), "linking refused.elf: {}", String::from_utf8_lossy(&o.stderr));
+    let report = link(&elf, &linked, &[]);
+    assert_eq!(report["kinds"]["wrmsr"]["sites"], 1, "{report}");
+
+    let (status, out) = xen_run(&linked, "");
+    assert!(
+        out.contains("previrt-xen: FATAL: hypercall set_segment_base(0x1, 0x8000000000000000, 0x0, 0x0, 0x0) failed: -22 (EINVAL)"),
+        "no message naming the refused hypercall\n{out}"
+    );
+    assert!(out.contains("Hardware Dom0 crashed"), "the domain was not crashed\n{out}");
+    assert_eq!(status, Some(3), "xen-run.sh reports a stop without a verdict, not a hang or a PASS\n{out}");
+}
