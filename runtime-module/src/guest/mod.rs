@@ -269,6 +269,13 @@ extern "C" fn previrt_trace_dispatch(regs: &mut Regs) {
     regs.iret_rsp = regs.gpr[gpr::RSP];
 }
 
+/// The per-kind site execution summary (`previrt-trace: …`), for any routing backend's exit.
+pub(crate) fn site_summary(out: &mut dyn Write) {
+    // SAFETY: read-only use of the state written at boot.
+    let sites = unsafe { STATE.get() }.patcher.as_ref().map_or(0, |p| p.sites);
+    let _ = COUNTERS.summary(sites, out);
+}
+
 /// The site a stub was called from (`regs.rip` is the return address): counts it, sets
 /// `regs.rip` to its resume address and returns its op (None for an unknown kind) and the
 /// address of its out-of-line slot. None when the caller is no site.

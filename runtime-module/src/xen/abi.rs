@@ -5,6 +5,7 @@
 //! result in rax, rcx and r11 clobbered.
 
 use core::arch::asm;
+use core::sync::atomic::{AtomicU32, Ordering::Relaxed};
 
 /// Hypercall numbers (xen.h), with the names the runtime prints in error messages.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -24,6 +25,27 @@ pub enum Hypercall {
     EventChannelOp = 32,
     PhysdevOp = 33,
 }
+
+/// Every hypercall the runtime issues, in number order (the exit summary's columns).
+pub const HYPERCALLS: &[Hypercall] = &[
+    Hypercall::SetTrapTable,
+    Hypercall::MmuUpdate,
+    Hypercall::UpdateVaMapping,
+    Hypercall::SetTimerOp,
+    Hypercall::XenVersion,
+    Hypercall::ConsoleIo,
+    Hypercall::VcpuOp,
+    Hypercall::SetSegmentBase,
+    Hypercall::MmuextOp,
+    Hypercall::SchedOp,
+    Hypercall::CallbackOp,
+    Hypercall::EventChannelOp,
+    Hypercall::PhysdevOp,
+];
+
+/// Hypercalls issued, by number (the exit summary: what the kernel's operations cost in
+/// transitions to Xen).
+pub static COUNTS: [AtomicU32; 64] = [const { AtomicU32::new(0) }; 64];
 
 impl Hypercall {
     pub const fn name(self) -> &'static str {
@@ -177,6 +199,7 @@ pub fn hypercall_page() -> u64 {
 /// # Safety
 /// The arguments must be what Xen expects for `nr` (pointers to valid structures).
 pub unsafe fn call(nr: Hypercall, a: [u64; 5]) -> i64 {
+    COUNTS[nr as usize].fetch_add(1, Relaxed);
     let ret: i64;
     asm!(
         "call {entry}",

@@ -481,6 +481,16 @@ impl Xen {
 
     fn exit(&mut self, value: u32) -> ! {
         flush_uart(self);
+        let mut out = Console;
+        guest::site_summary(&mut out);
+        let _ = write!(out, "previrt-xen: hypercalls");
+        for h in abi::HYPERCALLS {
+            let n = abi::COUNTS[*h as usize].load(core::sync::atomic::Ordering::Relaxed);
+            if n != 0 {
+                let _ = write!(out, " {}={n}", h.name());
+            }
+        }
+        let _ = writeln!(out);
         if self.flags & abi::SIF_INITDOMAIN != 0 {
             // isa-debug-exit when running as dom0 under QEMU; Xen emulates the port write
             // (virtual IOPL 1).
