@@ -134,6 +134,7 @@ impl<'a> Code<'a> {
         d.decode()
     }
 
+    /// Call after marking [`RELOC`] bytes (placeholders under a relocation refer to nothing).
     /// Block ends become boundaries here; the addresses the code refers to — direct branch
     /// targets, RIP-relative operands, immediates (a linked kernel compares `%rip` against
     /// code labels held as immediates, e.g. the NMI and entry code) — are returned for the
@@ -148,7 +149,9 @@ impl<'a> Code<'a> {
                 self.marks[ins.off as usize] |= BOUNDARY;
             }
             after_block_end = ins.mobility != Mobility::Movable;
-            if ins.bits != 64 || ins.mobility == Mobility::Fixed {
+            let relocated =
+                self.marks[ins.off as usize..ins.off as usize + ins.len as usize].iter().any(|m| m & RELOC != 0);
+            if ins.bits != 64 || ins.mobility == Mobility::Fixed || relocated {
                 continue;
             }
             let i = self.decode_at(k);

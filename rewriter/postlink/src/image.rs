@@ -209,6 +209,13 @@ impl<'a> Image<'a> {
         };
         let linked = !self.is_rel();
         for code in &mut self.code {
+            // Relocated fields first: their placeholder operands are not references.
+            if let Some(list) = self.relocs.get(&code.sec) {
+                for r in list {
+                    let size = RELOC_TYPES.iter().find(|t| t.0 == r.r_type).map_or(0, |t| t.2);
+                    code.mark_range(r.offset, size, RELOC);
+                }
+            }
             // In an object, an unrelocated reference stays within its own section.
             let (sec, base, len) = (code.sec, code.base, code.bytes.len() as u64);
             for addr in code.mark_flow() {
@@ -220,12 +227,6 @@ impl<'a> Image<'a> {
             }
             for t in &missing {
                 code.pin_matching(t.could_be_site.unwrap());
-            }
-            if let Some(list) = self.relocs.get(&code.sec) {
-                for r in list {
-                    let size = RELOC_TYPES.iter().find(|t| t.0 == r.r_type).map_or(0, |t| t.2);
-                    code.mark_range(r.offset, size, RELOC);
-                }
             }
         }
         boundaries.extend(refs.into_iter().filter_map(|a| self.loc_of_addr(a)));

@@ -281,10 +281,19 @@ fn plan_section(img: &Image, code: &Code, opts: &Options, space: &mut Space, pla
             }
             a -= 1;
         }
-        let Some((_, a, b)) = best else {
+        let Some((_, a, mut b)) = best else {
             trap(code, k, entry, TrapReason::NoWindow, plan);
             continue;
         };
+        // Take a sensitive instruction a few bytes further into the same trampoline: its own
+        // window would need the neighbours this one just took (`out; add; out`).
+        let sensitive = |j: usize| code.insns[j].entry.is_some_and(|e| wanted(e, opts));
+        while let Some(j) = (b + 1..n.min(b + 4)).find(|&j| sensitive(j)) {
+            if !(b + 1..=j).all(|i| ok(i, &claimed) && interior_ok(i)) {
+                break;
+            }
+            b = j;
+        }
         // Lengths do not depend on the address (branches become rel32): size it in place.
         let Some(tramp_len) =
             build(code, a, b, code.base + code.insns[a].off as u64, opts).map(|t| t.bytes.len() as u64)
