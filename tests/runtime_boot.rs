@@ -1,6 +1,6 @@
-//! The guest runtime end to end under QEMU TCG: the example kernel built with the previrt
-//! toolchain, `previrt link`ed, booted with the native and the trace backend, compared with the
-//! plain build.
+//! The guest runtime end to end: the example kernel built with the previrt toolchain,
+//! `previrt link`ed, booted with the native and the trace backend under QEMU TCG and on the
+//! in-tree hypervisor (`previrt run`, KVM), compared with the plain build.
 
 mod common;
 
@@ -159,5 +159,26 @@ fn link_leaves_its_input_alone_and_refuses_bad_input() {
         assert_eq!(err.lines().count(), 1, "one clear line: {err}");
         assert!(err.contains(why), "expected `{why}` in: {err}");
         assert!(!target.exists(), "no output on error");
+    }
+}
+
+#[test]
+fn runtime_boots_on_the_in_tree_hypervisor_with_both_backends() {
+    let k = linked_kernel();
+    let plain = run_qemu(&example_kernel().pvh_elf(), "");
+    assert_passed(&plain, "plain kernel");
+    for backend in ["native", "trace"] {
+        let o = previrt()
+            .args(["run", "--boot", "pvh", "--append", &format!("previrt.backend={backend}")])
+            .arg(&k.elf)
+            .output()
+            .unwrap();
+        let out = String::from_utf8_lossy(&o.stdout);
+        // isa-debug-exit value 0 (PASS) becomes status 1, as with QEMU.
+        assert_eq!(o.status.code(), Some(1), "{backend}: {out}{}", String::from_utf8_lossy(&o.stderr));
+        assert_eq!(boot_line(&out), (backend.to_string(), k.report["sites"].as_u64().unwrap()));
+        assert!(out.contains("(platform=previrt-hv)"), "the runtime should recognise the in-tree hypervisor: {out}");
+        assert_eq!(workload_lines(&plain.stdout), workload_lines(&out), "{backend}: workload results differ");
+        assert_eq!(backend == "trace", out.contains("previrt-trace:"), "{backend}: trace summary");
     }
 }

@@ -58,14 +58,8 @@ previrt_pvh_entry:
     addl $8, %edi
     loop 2b
     leal (boot_pd_lo - 1b)(%ebp), %edi
-    xorl %ecx, %ecx
-3:  movl %ecx, %eax
-    shll $21, %eax
-    orl $0x83, %eax
-    movl %eax, (%edi, %ecx, 8)
-    incl %ecx
-    cmpl $2048, %ecx
-    jb 3b
+    movl $2048, %edx
+    call boot_fill_pd
 
     /* Kernel window: virt [delta, delta + 2 GiB) -> phys [0, 2 GiB) when delta != 0.
        previrt link checks delta is 1 GiB aligned, leaves pml4[0] alone and fits one pdpt. */
@@ -93,14 +87,8 @@ previrt_pvh_entry:
     addl $4096, %ebx
     movl %ebx, 8(%edi, %eax, 8)
     leal (boot_pd_hi - 1b)(%ebp), %edi
-    xorl %ecx, %ecx
-4:  movl %ecx, %eax
-    shll $21, %eax
-    orl $0x83, %eax
-    movl %eax, (%edi, %ecx, 8)
-    incl %ecx
-    cmpl $1024, %ecx
-    jb 4b
+    movl $1024, %edx
+    call boot_fill_pd
 5:
     /* Long mode: PAE, CR3, EFER.LME, our GDT, paging. */
     movl %cr4, %eax
@@ -118,8 +106,9 @@ previrt_pvh_entry:
     /* Reload CS and the data segments from our GDT before paging: PVH promises flat
        segments but nothing about the descriptor caches (KVM refuses CR0.PG with CS.L set). */
     leal (7f - 1b)(%ebp), %eax
-    movl %eax, (8f + 1 - 1b)(%ebp)
-8:  ljmp $0x08, $0
+    pushl $0x08
+    pushl %eax
+    lret
 7:  movl $0x10, %eax
     movl %eax, %ds
     movl %eax, %es
@@ -133,6 +122,18 @@ previrt_pvh_entry:
     lret
 
     .code32
+/* Fill the page directories at %edi with %edx 2 MiB entries mapping physical 0 upwards. */
+boot_fill_pd:
+    xorl %ecx, %ecx
+3:  movl %ecx, %eax
+    shll $21, %eax
+    orl $0x83, %eax
+    movl %eax, (%edi, %ecx, 8)
+    incl %ecx
+    cmpl %edx, %ecx
+    jb 3b
+    ret
+
 boot_exit32:
     movl $0x10, %eax
     movl %eax, %ds
