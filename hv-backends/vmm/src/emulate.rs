@@ -173,6 +173,15 @@ pub struct Cpu<'a> {
     pub sregs: kvm_sregs,
     /// Segment state changed: the caller must write `sregs` back.
     pub sregs_dirty: bool,
+    /// Extended state (standard XSAVE layout) and XCR0, filled by the caller when
+    /// [`needs_xsave`] says so; `xsave_dirty`: write it back.
+    pub xsave: Option<(Box<[u8; 4096]>, u64)>,
+    pub xsave_dirty: bool,
+}
+
+/// The XSAVE family: the caller must supply the vCPU's extended state.
+pub fn needs_xsave(m: Mnemonic) -> bool {
+    matches!(m, Mnemonic::Xrstor | Mnemonic::Xrstor64 | Mnemonic::Xsave | Mnemonic::Xsave64 | Mnemonic::Xsaveopt | Mnemonic::Xsaveopt64)
 }
 
 /// Completes one instruction: Ok(event to deliver), or Err(why not).
@@ -200,6 +209,13 @@ const HANDLERS: &[(Mnemonic, Handler)] = &[
     (Mnemonic::Rdsspq, rdssp),
     (Mnemonic::Cmpxchg16b, cmpxchg16b),
     (Mnemonic::Iretd, iret32),
+    (Mnemonic::Xrstor, xrstor),
+    (Mnemonic::Xrstor64, xrstor),
+    (Mnemonic::Xsave, xsave),
+    (Mnemonic::Xsave64, xsave),
+    // XSAVEOPT may skip unmodified components; writing them all is a valid XSAVEOPT.
+    (Mnemonic::Xsaveopt, xsave),
+    (Mnemonic::Xsaveopt64, xsave),
 ];
 
 const RFLAGS_OF: u64 = 1 << 11;
@@ -307,6 +323,123 @@ fn cmpxchg16b(c: &mut Cpu, i: &Instruction) -> Result<Option<Inject>, String> {
         (c.regs.rax, c.regs.rdx) = (lo, hi);
         c.regs.rflags &= !RFLAGS_ZF;
     }
+    c.skip(i, None)
+}
+
+/// Byte range of XSAVE component `i` in the standard (non-compacted) layout. x87 is the
+/// legacy area without MXCSR (bytes 24..32 go with SSE/AVX); SSE the XMM registers.
+fn xsave_component(i: u32) -> std::ops::Range<usize> {
+    match i {
+        0 => 0..160,
+        1 => 160..416,
+        // The VMM's host and the guest share the standard layout (KVM_GET_XSAVE reports it
+        // in the host's offsets).
+        _ => {
+            let r = core::arch::x86_64::__cpuid_count(0xd, i);
+            r.ebx as usize..(r.ebx + r.eax) as usize
+        }
+    }
+}
+
+const XSAVE_HEADER: usize = 512;
+const MXCSR: std::ops::Range<usize> = 24..28;
+
+/// Requested-feature bitmap and the 64-byte-aligned area address of an XSAVE-family insn.
+fn xsave_operands(c: &Cpu, i: &Instruction) -> Result<(u64, u64, u64), String> {
+    let xcr0 = c.xsave.as_ref().ok_or("extended state unavailable")?.1;
+    let la = c.operand_address(i)?;
+    if la % 64 != 0 {
+        return Err("XSAVE area not 64-byte aligned (#GP)".into());
+    }
+    let rfbm = xcr0 & ((c.regs.rdx << 32) | (c.regs.rax & 0xffff_ffff));
+    Ok((la, rfbm, xcr0))
+}
+
+/// Where component `k` lies in an area of `xcomp_bv` format: the standard offset, or in the
+/// compacted format (bit 63) the components of XCOMP_BV packed from byte 576 in index order,
+/// each 64-byte aligned when CPUID 0xD.k ecx bit 1 says so.
+fn area_offset(k: u32, xcomp_bv: u64) -> usize {
+    if k < 2 || xcomp_bv & (1 << 63) == 0 {
+        return xsave_component(k).start;
+    }
+    let mut at = 576;
+    for j in (2..k).filter(|j| xcomp_bv & (1 << j) != 0) {
+        at = align_component(j, at) + xsave_component(j).len();
+    }
+    align_component(k, at)
+}
+
+fn align_component(k: u32, at: usize) -> usize {
+    let aligned = core::arch::x86_64::__cpuid_count(0xd, k).ecx & 2 != 0;
+    if aligned { at.next_multiple_of(64) } else { at }
+}
+
+/// xrstor, standard or compacted form: load the components in RFBM from memory (or their
+/// initial state when the area's XSTATE_BV bit is clear).
+fn xrstor(c: &mut Cpu, i: &Instruction) -> Result<Option<Inject>, String> {
+    let (la, rfbm, xcr0) = xsave_operands(c, i)?;
+    let mut header = [0u8; 16];
+    c.read(la + XSAVE_HEADER as u64, &mut header)?;
+    let bv = u64::from_le_bytes(header[..8].try_into().unwrap());
+    let comp = u64::from_le_bytes(header[8..].try_into().unwrap());
+    let compacted = comp & (1 << 63) != 0;
+    if bv & !xcr0 != 0 || (compacted && bv & !comp & !(1 << 63) != 0) {
+        return Err("XSTATE_BV names a component XCR0 or XCOMP_BV does not have (#GP)".into());
+    }
+    let mut legacy = [0u8; XSAVE_HEADER];
+    c.read(la, &mut legacy)?;
+    let mut st = c.xsave.take().ok_or("extended state unavailable")?;
+    let res = (|| {
+        let region = &mut st.0;
+        for k in (0..63).filter(|k| rfbm & (1 << k) != 0) {
+            let r = xsave_component(k);
+            if r.end > 4096 {
+                return Err(format!("XSAVE component {k} lies beyond 4 KiB"));
+            }
+            if bv & (1 << k) != 0 {
+                match k {
+                    0 | 1 => region[r.clone()].copy_from_slice(&legacy[r]),
+                    _ => c.read(la + area_offset(k, comp) as u64, &mut region[r])?,
+                }
+            } else {
+                region[r].fill(0);
+                if k == 0 {
+                    region[0..2].copy_from_slice(&0x37fu16.to_le_bytes()); // FCW
+                }
+            }
+        }
+        if rfbm & 0b110 != 0 {
+            region[MXCSR].copy_from_slice(&legacy[MXCSR]);
+        }
+        let old = u64::from_le_bytes(region[XSAVE_HEADER..XSAVE_HEADER + 8].try_into().unwrap());
+        region[XSAVE_HEADER..XSAVE_HEADER + 8].copy_from_slice(&((old & !rfbm) | (bv & rfbm)).to_le_bytes());
+        Ok(())
+    })();
+    c.xsave = Some(st);
+    res?;
+    c.xsave_dirty = true;
+    c.skip(i, None)
+}
+
+/// xsave/xsaveopt, standard form: store the components in RFBM and their XSTATE_BV bits.
+fn xsave(c: &mut Cpu, i: &Instruction) -> Result<Option<Inject>, String> {
+    let (la, rfbm, _) = xsave_operands(c, i)?;
+    let region = &c.xsave.as_ref().ok_or("extended state unavailable")?.0;
+    for k in (0..63).filter(|k| rfbm & (1 << k) != 0) {
+        let r = xsave_component(k);
+        if r.end > 4096 {
+            return Err(format!("XSAVE component {k} lies beyond 4 KiB"));
+        }
+        c.write(la + r.start as u64, &region[r])?;
+    }
+    if rfbm & 0b110 != 0 {
+        c.write(la + MXCSR.start as u64, &region[MXCSR])?;
+    }
+    let mut bv = [0u8; 8];
+    c.read(la + XSAVE_HEADER as u64, &mut bv)?;
+    let inuse = u64::from_le_bytes(region[XSAVE_HEADER..XSAVE_HEADER + 8].try_into().unwrap());
+    let bv = (u64::from_le_bytes(bv) & !rfbm) | (inuse & rfbm);
+    c.write(la + XSAVE_HEADER as u64, &bv.to_le_bytes())?;
     c.skip(i, None)
 }
 

@@ -499,7 +499,7 @@ impl Vm {
         }
         let mut regs = self.regs()?;
         let sregs = self.sregs()?;
-        let mut cpu = emulate::Cpu { mem: &self.mem, regs, sregs, sregs_dirty: false };
+        let mut cpu = emulate::Cpu { mem: &self.mem, regs, sregs, sregs_dirty: false, xsave: None, xsave_dirty: false };
         let done = emulate::revector_user_int(&mut cpu);
         regs = cpu.regs;
         match done {
@@ -630,7 +630,19 @@ impl Vm {
         if sub != KVM_INTERNAL_ERROR_EMULATION {
             return self.guest(format!("KVM internal error {sub} at {}", what.describe()));
         }
-        let mut cpu = emulate::Cpu { mem: &self.mem, regs, sregs, sregs_dirty: false };
+        let xsave = if emulate::needs_xsave(what.insn.mnemonic()) {
+            let xs = self.vcpu.get_xsave().map_err(|e| Stop::Host(format!("KVM_GET_XSAVE: {e}")))?;
+            let xcrs = self.vcpu.get_xcrs().map_err(|e| Stop::Host(format!("KVM_GET_XCRS: {e}")))?;
+            let xcr0 = xcrs.xcrs[..xcrs.nr_xcrs as usize].iter().find(|x| x.xcr == 0).map_or(1, |x| x.value);
+            let mut area = Box::new([0u8; 4096]);
+            for (d, w) in area.chunks_exact_mut(4).zip(xs.region) {
+                d.copy_from_slice(&w.to_le_bytes());
+            }
+            Some((area, xcr0))
+        } else {
+            None
+        };
+        let mut cpu = emulate::Cpu { mem: &self.mem, regs, sregs, sregs_dirty: false, xsave, xsave_dirty: false };
         let inject = match emulate::complete(&mut cpu, &what.insn) {
             Ok(i) => i,
             Err(why) => {
@@ -638,6 +650,14 @@ impl Vm {
             }
         };
         let (regs, sregs, dirty) = (cpu.regs, cpu.sregs, cpu.sregs_dirty);
+        if let (true, Some((area, _))) = (cpu.xsave_dirty, cpu.xsave) {
+            let mut xs = kvm_bindings::kvm_xsave::default();
+            for (w, b) in xs.region.iter_mut().zip(area.chunks_exact(4)) {
+                *w = u32::from_le_bytes(b.try_into().unwrap());
+            }
+            // SAFETY: a 4 KiB kvm_xsave, the size KVM_SET_XSAVE reads without XSAVE2.
+            unsafe { self.vcpu.set_xsave(&xs) }.map_err(|e| Stop::Host(format!("KVM_SET_XSAVE: {e}")))?;
+        }
         self.set_regs(&regs)?;
         if dirty {
             self.vcpu.set_sregs(&sregs).map_err(|e| Stop::Host(format!("KVM_SET_SREGS: {e}")))?;
