@@ -74,8 +74,7 @@ enum Dev {
 }
 
 /// Port ranges with a device behind them: (first, count, device).
-const PORTS: [(u16, u16, Dev); 3] =
-    [(COM1, 8, Dev::Serial), (DEBUG_EXIT, 4, Dev::DebugExit), (CMOS, 2, Dev::Cmos)];
+const PORTS: [(u16, u16, Dev); 3] = [(COM1, 8, Dev::Serial), (DEBUG_EXIT, 4, Dev::DebugExit), (CMOS, 2, Dev::Cmos)];
 
 fn lookup(port: u16) -> Option<(u16, Dev)> {
     PORTS.iter().find(|(b, n, _)| port >= *b && port < b + n).map(|&(b, _, d)| (port - b, d))

@@ -181,7 +181,15 @@ pub struct Cpu<'a> {
 
 /// The XSAVE family: the caller must supply the vCPU's extended state.
 pub fn needs_xsave(m: Mnemonic) -> bool {
-    matches!(m, Mnemonic::Xrstor | Mnemonic::Xrstor64 | Mnemonic::Xsave | Mnemonic::Xsave64 | Mnemonic::Xsaveopt | Mnemonic::Xsaveopt64)
+    matches!(
+        m,
+        Mnemonic::Xrstor
+            | Mnemonic::Xrstor64
+            | Mnemonic::Xsave
+            | Mnemonic::Xsave64
+            | Mnemonic::Xsaveopt
+            | Mnemonic::Xsaveopt64
+    )
 }
 
 /// Completes one instruction: Ok(event to deliver), or Err(why not).
@@ -371,7 +379,11 @@ fn area_offset(k: u32, xcomp_bv: u64) -> usize {
 
 fn align_component(k: u32, at: usize) -> usize {
     let aligned = core::arch::x86_64::__cpuid_count(0xd, k).ecx & 2 != 0;
-    if aligned { at.next_multiple_of(64) } else { at }
+    if aligned {
+        at.next_multiple_of(64)
+    } else {
+        at
+    }
 }
 
 /// xrstor, standard or compacted form: load the components in RFBM from memory (or their
