@@ -390,3 +390,41 @@ fn directories_in_parallel_with_json_summary() {
     let j: serde_json::Value = serde_json::from_slice(&v.stdout).unwrap();
     assert_eq!((j["files"].as_u64(), j["passed"].as_u64()), (Some(2), Some(2)));
 }
+
+/// Mutated objects: `patch` and `verify` give a result or an error, never a panic.
+#[test]
+fn mutated_inputs_never_panic() {
+    let dir = tmpdir("fuzz");
+    let inputs =
+        [std::fs::read(assemble(&dir, "prog", PROGRAM)).unwrap(), std::fs::read(assemble(&dir, "mod", KO)).unwrap()];
+    let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+    let mut next = move || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    };
+    let (mut patched, mut refused) = (0, 0);
+    for round in 0..2000 {
+        let orig = &inputs[round % 2];
+        let mut m = orig.clone();
+        for _ in 0..1 + next() % 4 {
+            let at = (next() % m.len() as u64) as usize;
+            m[at] = next() as u8;
+        }
+        let result = std::panic::catch_unwind(|| {
+            let p = patch(&m, &Options::default());
+            if let Ok(p) = &p {
+                let _ = verify(&m, &p.data);
+            }
+            let _ = verify(orig, &m);
+            p.is_ok()
+        });
+        match result {
+            Ok(true) => patched += 1,
+            Ok(false) => refused += 1,
+            Err(_) => panic!("round {round}: panic on a mutated input"),
+        }
+    }
+    assert!(patched > 0 && refused > 0, "{patched} patched, {refused} refused");
+}

@@ -60,6 +60,11 @@ impl<'a> Image<'a> {
         let mut relocs = HashMap::new();
         if elf.elf_type == ElfType::Rel {
             for s in &elf.sections {
+                if s.sh_type == object::elf::SHT_RELA.0
+                    && elf.sections.get(s.info as usize).is_none_or(|t| t.sh_type == object::elf::SHT_RELA.0)
+                {
+                    return Err(Error::Input(format!("relocation section {} applies to no section", s.name)));
+                }
                 if s.sh_type == object::elf::SHT_RELA.0 {
                     let list = relocations_for(&elf, s.info as usize).map_err(|e| Error::Input(e.to_string()))?;
                     for r in &list {

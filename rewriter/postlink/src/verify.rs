@@ -378,7 +378,7 @@ fn check_relocs(img: &Image, pel: &Elf, moves: &HashMap<usize, Vec<(u64, u64, u6
         return;
     };
     for (&sec, list) in &img.relocs {
-        if pel.sections[sec].name == SITES_SECTION {
+        if pel.sections.get(sec).is_none_or(|s| s.name == SITES_SECTION) {
             continue;
         }
         let mv = moves.get(&sec).cloned().unwrap_or_default();

@@ -97,13 +97,30 @@ struct Out {
 }
 
 impl Out {
-    fn new(data: Vec<u8>) -> Out {
+    /// The headers the writer relies on, checked (the reader already checked the rest).
+    fn new(data: Vec<u8>) -> Result<Out, Error> {
+        let bad = |what: String| Error::Input(format!("corrupt ELF: {what}"));
         let (shoff, shnum, shstrndx) =
             (r64(&data, 0x28) as usize, r16(&data, 0x3c) as usize, r16(&data, 0x3e) as usize);
+        if shoff.checked_add(shnum * SHDR).is_none_or(|e| e > data.len()) || shstrndx >= shnum {
+            return Err(bad("section header table".into()));
+        }
         let shdrs: Vec<Shdr> = (0..shnum).map(|i| Shdr::read(&data, shoff + i * SHDR)).collect();
+        for (i, s) in shdrs.iter().enumerate().skip(1) {
+            let in_file = s.ty == SHT_NOBITS || s.offset.checked_add(s.size).is_some_and(|e| e <= data.len() as u64);
+            if !in_file || s.align > 1 << 21 || (s.align > 1 && !s.align.is_power_of_two()) {
+                return Err(bad(format!("section {i}: offset, size or alignment")));
+            }
+            if matches!(s.ty, SHT_SYMTAB | SHT_RELA) && s.size % SYM as u64 != 0 {
+                return Err(bad(format!("section {i}: size not a multiple of its entries")));
+            }
+        }
         let s = shdrs[shstrndx];
+        if s.ty == SHT_NOBITS {
+            return Err(bad("section name table".into()));
+        }
         let shstrtab = data[s.offset as usize..(s.offset + s.size) as usize].to_vec();
-        Out { data, shdrs, shstrtab, shstrndx }
+        Ok(Out { data, shdrs, shstrtab, shstrndx })
     }
 
     /// Append `bytes` aligned to `align`; returns the file offset.
@@ -165,7 +182,7 @@ pub fn unsigned_len(data: &[u8]) -> Option<usize> {
 /// Patch a linked image (vmlinux): windows and trampolines in place, the site table and save
 /// slots in a new `PT_LOAD` segment after the image.
 pub fn write_image(data: &[u8], img: &Image, plan: &Plan) -> Result<Vec<u8>, Error> {
-    let mut out = Out::new(data.to_vec());
+    let mut out = Out::new(data.to_vec())?;
     for sp in &plan.sections {
         let off = out.shdrs[sp.sec].offset as usize;
         for (at, bytes) in &sp.writes {
@@ -173,6 +190,9 @@ pub fn write_image(data: &[u8], img: &Image, plan: &Plan) -> Result<Vec<u8>, Err
         }
     }
     let (phoff, phnum) = (r64(data, 0x20) as usize, r16(data, 0x38) as usize);
+    if phoff.checked_add(phnum * PHDR).is_none_or(|e| e > data.len()) {
+        return Err(Error::Input("corrupt ELF: program header table".into()));
+    }
     let first_content = out
         .shdrs
         .iter()
@@ -230,7 +250,7 @@ pub fn write_image(data: &[u8], img: &Image, plan: &Plan) -> Result<Vec<u8>, Err
 /// (any edit invalidates it); the second value says whether one was.
 pub fn write_object(data: &[u8], plan: &Plan) -> Result<(Vec<u8>, bool), Error> {
     let len = unsigned_len(data).unwrap_or(data.len());
-    let mut out = Out::new(data[..len].to_vec());
+    let mut out = Out::new(data[..len].to_vec())?;
     if out.shdrs.iter().any(|s| s.ty == SHT_SYMTAB_SHNDX) {
         return Err(Error::Input("SHT_SYMTAB_SHNDX (extended section indices) is not supported".into()));
     }
@@ -268,6 +288,9 @@ pub fn write_object(data: &[u8], plan: &Plan) -> Result<(Vec<u8>, bool), Error> 
     let save_idx = sites_idx + 2;
     let syms = out.section_bytes(symtab).to_vec();
     let first_global = out.shdrs[symtab].info as usize;
+    if first_global == 0 || first_global > syms.len() / SYM {
+        return Err(Error::Input("corrupt ELF: .symtab's first global symbol index".into()));
+    }
     let section_sym = |sec: usize| {
         (0..syms.len() / SYM).find(|&i| syms[i * SYM + 4] & 0xf == 3 && r16(&syms, i * SYM + 6) as usize == sec)
     };
