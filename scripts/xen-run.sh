@@ -55,20 +55,23 @@ mkfifo "$fifo" || exit 2
 trap 'rm -f "$fifo"' EXIT
 
 start=$(date +%s%N)
-# Dom0's command line is the module string after the file name.
+# Dom0's command line is the module string after the file name; QEMU splits -initrd at
+# commas, ",," is a literal one.
 timeout -k 5 "$timeout_s" "$qemu" -machine q35,accel=tcg -cpu max -m 256 -smp 1 \
   -display none -vga none -monitor none -serial stdio -no-reboot \
   -device isa-debug-exit,iobase=0xf4,iosize=0x04 -kernel "$xen_bin" \
   -append "console=com1 com1=115200,8n1 dom0_mem=${DOM0_MEM:-32M} loglvl=all guest_loglvl=all" \
-  -initrd "$kernel $cmdline" </dev/null >"$fifo" 2>&1 &
+  -initrd "$kernel ${cmdline//,/,,}" </dev/null >"$fifo" 2>&1 &
 qemu_pid=$!
 
 # Without isa-debug-exit Xen keeps the machine running after dom0 stops: end it on that line.
 stopped=
+qemu_error=
 while IFS= read -r line; do
   line=${line%$'\r'}
   printf '%s\n' "$line"
   case $line in
+    "$(basename "$qemu"):"*) qemu_error=1 ;;
     *"Hardware Dom0 halted"* | *"Hardware Dom0 crashed"* | *"Hardware Dom0 shutdown"*)
       stopped=1
       kill "$qemu_pid" 2>/dev/null ;;
@@ -79,6 +82,11 @@ status=$?
 echo "xen-run: verdict after $((($(date +%s%N) - start) / 1000000)) ms" >&2
 
 # isa-debug-exit: the guest writes 0 (PASS) or 1 (FAIL); QEMU exits with (v << 1) | 1.
+# QEMU's own failures (a file it cannot open, a bad option) also exit with status 1.
+if [ -n "$qemu_error" ] && [ "$status" = 1 ]; then
+  echo "xen-run: QEMU failed" >&2
+  exit 2
+fi
 case $status in
   1) exit 0 ;;
   3) exit 1 ;;
