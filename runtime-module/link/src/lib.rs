@@ -77,8 +77,8 @@ pub struct LinkReport {
 
 /// The facts about a kernel ELF that linking needs.
 struct Kernel {
-    /// Highest loaded virtual address (end of memsz) and virt − phys.
-    end_virt: u64,
+    /// End of the highest loaded physical byte (end of memsz), and virt − phys of the image.
+    end_phys: u64,
     delta: u64,
     /// File offset and size of the PVH entry note's descriptor, and its value.
     pvh_desc: (usize, usize),
@@ -106,14 +106,13 @@ fn inspect(data: &[u8]) -> Result<Kernel, LinkError> {
     }
     let loads: Vec<_> = phdrs.iter().filter(|p| p.p_type(LE) == elf::PT_LOAD && p.p_memsz(LE) > 0).collect();
     let first = loads.first().ok_or_else(|| bad("kernel has no PT_LOAD segment"))?;
+    // The image's offset is the first segment's. Others may differ (Linux's zero-based
+    // per-CPU segment); placement goes by physical addresses.
     let delta = first.p_vaddr(LE).wrapping_sub(first.p_paddr(LE));
-    if loads.iter().any(|p| p.p_vaddr(LE).wrapping_sub(p.p_paddr(LE)) != delta) {
-        return Err(bad("kernel segments have different virt-phys offsets"));
-    }
     if delta != 0 && (delta % GIB != 0 || (delta >> 39) & 511 == 0 || (delta >> 30) & 511 > 510) {
         return Err(bad(format!("kernel virt-phys offset {delta:#x} is not supported (needs 0, or 1 GiB aligned outside the low 512 GiB)")));
     }
-    let end_virt = loads.iter().map(|p| p.p_vaddr(LE) + p.p_memsz(LE)).max().unwrap_or(0);
+    let end_phys = loads.iter().map(|p| p.p_paddr(LE) + p.p_memsz(LE)).max().unwrap_or(0);
 
     let mut pvh = None;
     for p in phdrs.iter().filter(|p| p.p_type(LE) == elf::PT_NOTE) {
@@ -158,7 +157,7 @@ fn inspect(data: &[u8]) -> Result<Kernel, LinkError> {
             sites = (addr, addr + size);
         }
     }
-    Ok(Kernel { end_virt, delta, pvh_desc, pvh_entry, sites, site_count, kinds })
+    Ok(Kernel { end_phys, delta, pvh_desc, pvh_entry, sites, site_count, kinds })
 }
 
 /// The runtime linked at `base`: its load segment's bytes, memory size and entry.
@@ -212,7 +211,7 @@ pub fn link(input: &Path, output: &Path, backend: DefaultBackend, xen: bool) -> 
     let k = inspect(&data)?;
     let entry64 = xen_notes::kernel_entry64(&data);
     let page = 4096u64;
-    let base = k.end_virt.div_ceil(page) * page;
+    let base = (k.end_phys.div_ceil(page) * page).wrapping_add(k.delta);
     let placement = ld::Placement {
         base,
         sites_start: k.sites.0,
