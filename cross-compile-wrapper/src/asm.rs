@@ -136,6 +136,10 @@ pub fn main(args: Vec<OsString>) -> i32 {
         return status;
     }
     let object = parsed.output.clone().unwrap_or_else(|| PathBuf::from("a.out"));
+    // Configuration probes assemble to /dev/null: nothing to fill or report.
+    if !std::fs::metadata(&object).is_ok_and(|m| m.is_file()) {
+        return 0;
+    }
     let filled: Option<ObjectReport> = match objfill::fill_and_verify(&object, &stats.narrow_code) {
         Ok(r) => Some(r),
         Err(e) => {
@@ -155,12 +159,8 @@ pub fn main(args: Vec<OsString>) -> i32 {
 
 /// `args` with the input files replaced by one `-` (standard input).
 fn piped_args(args: &[OsString], parsed: &AsArgs) -> Vec<OsString> {
-    let mut out: Vec<OsString> = args
-        .iter()
-        .enumerate()
-        .filter(|(i, _)| !parsed.inputs.contains(i))
-        .map(|(_, a)| a.clone())
-        .collect();
+    let mut out: Vec<OsString> =
+        args.iter().enumerate().filter(|(i, _)| !parsed.inputs.contains(i)).map(|(_, a)| a.clone()).collect();
     out.push("-".into());
     out
 }

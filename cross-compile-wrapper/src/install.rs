@@ -44,11 +44,5 @@ pub fn install(prefix: &Path, copy: bool) -> Result<Installed> {
         std::os::unix::fs::symlink(&target, &tmp).with_context(|| format!("{}: cannot link", tmp.display()))?;
         std::fs::rename(&tmp, t).with_context(|| format!("{}: cannot install", t.display()))?;
     }
-    Ok(Installed {
-        cross_compile: format!("{}/{TRIPLE}-", bin.display()),
-        prefix,
-        tools,
-        binary: target,
-        copied: copy,
-    })
+    Ok(Installed { cross_compile: format!("{}/{TRIPLE}-", bin.display()), prefix, tools, binary: target, copied: copy })
 }

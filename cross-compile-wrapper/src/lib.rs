@@ -143,6 +143,14 @@ pub enum ToolchainCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Report the sites of ELF files built with the toolchain (objects or a linked vmlinux):
+    /// sites by kind, padding bytes, code size, coverage of the sensitive instructions.
+    Report {
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 /// Run a `previrt toolchain` subcommand; returns the exit status.
@@ -163,5 +171,50 @@ pub fn run(cmd: ToolchainCommand) -> i32 {
                 1
             }
         },
+        ToolchainCommand::Report { files, json } => report_files(&files, json),
     }
+}
+
+fn report_files(files: &[PathBuf], json: bool) -> i32 {
+    let mut reports = Vec::new();
+    for f in files {
+        match objfill::inspect(f) {
+            Ok(r) => reports.push((f.display().to_string(), r)),
+            Err(e) => {
+                eprintln!("previrt toolchain report: {e:#}");
+                return 2;
+            }
+        }
+    }
+    if json {
+        let v: Vec<_> = reports.iter().map(|(f, r)| serde_json::json!({ "path": f, "report": r })).collect();
+        println!("{}", serde_json::to_string_pretty(&v).expect("serializable"));
+        return 0;
+    }
+    for (f, r) in &reports {
+        let sites: u32 = r.sites.values().sum();
+        let pct = |n: u64, d: u64| if d == 0 { 0.0 } else { 100.0 * n as f64 / d as f64 };
+        println!(
+            "{f}: {sites} sites, padding {} bytes ({:.4}% of code), covered {}/{}",
+            r.padding_bytes,
+            pct(r.padding_bytes, r.code_bytes),
+            r.covered,
+            r.found
+        );
+        for (k, n) in &r.sites {
+            println!("  {k:10} {n}");
+        }
+        for u in &r.uncovered {
+            println!(
+                "  uncovered {} at {}+{:#x} {}: {} ({})",
+                u.kind,
+                u.section,
+                u.offset,
+                u.function.as_deref().unwrap_or(""),
+                u.reason,
+                u.detail
+            );
+        }
+    }
+    0
 }

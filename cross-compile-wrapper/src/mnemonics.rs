@@ -88,8 +88,8 @@ pub const TABLE: &[(&[&str], Rule)] = {
 /// Instruction prefixes GNU as accepts as separate words before a mnemonic (`rep outsb`,
 /// `rep; insb`, `lock`, `data16`, `rex64`, segment prefixes, `{disp32}`-style pseudo prefixes).
 const PREFIXES: &[&str] = &[
-    "rep", "repe", "repz", "repne", "repnz", "lock", "data16", "data32", "addr16", "addr32", "rex",
-    "rex64", "notrack", "bnd", "xacquire", "xrelease", "cs", "ds", "es", "fs", "gs", "ss",
+    "rep", "repe", "repz", "repne", "repnz", "lock", "data16", "data32", "addr16", "addr32", "rex", "rex64", "notrack",
+    "bnd", "xacquire", "xrelease", "cs", "ds", "es", "fs", "gs", "ss",
 ];
 
 fn index() -> &'static HashMap<&'static str, Rule> {

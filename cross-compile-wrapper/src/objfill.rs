@@ -8,13 +8,13 @@
 //! `previrt_rewriter::record::operands` gives the fields. They are patched in place at their
 //! file offsets (no size change), and the file is replaced atomically.
 
+use crate::text::Narrow;
 use anyhow::{anyhow, Context, Result};
 use iced_x86::{Decoder, DecoderOptions};
 use previrt_rewriter::elf::Elf;
 use previrt_rewriter::scan::{scan_elf, Hit};
 use previrt_rewriter::sites::{self, Reason};
 use previrt_rewriter::{catalogue, record};
-use crate::text::Narrow;
 use previrt_site_abi::SiteRecord;
 use serde::Serialize;
 use std::collections::BTreeMap;
@@ -47,9 +47,11 @@ pub struct ObjectReport {
     pub sites: BTreeMap<&'static str, u32>,
     /// Scratch bytes added after instructions (`site_len - insn_len`, summed).
     pub padding_bytes: u64,
-    /// Bytes of executable sections.
+    /// Bytes of executable sections, and of the section named `.text`.
     pub code_bytes: u64,
-    /// Sensitive instructions found by the scan, and those starting a site of their kind.
+    pub text_bytes: u64,
+    /// Sensitive instructions patched by default found by the scan in 64-bit code, and those
+    /// starting a site of their kind.
     pub found: usize,
     pub covered: usize,
     pub uncovered: Vec<Uncovered>,
@@ -78,6 +80,13 @@ pub fn fill_and_verify(path: &Path, narrow: &[Narrow]) -> Result<ObjectReport> {
     Ok(report)
 }
 
+/// The same analysis for any ELF file (objects or a linked vmlinux), changing nothing.
+pub fn inspect(path: &Path) -> Result<ObjectReport> {
+    let data = std::fs::read(path).with_context(|| format!("{}: cannot read", path.display()))?;
+    let elf = Elf::parse(&data).map_err(|e| anyhow!("{}: {e}", path.display()))?;
+    Ok(analyse(&elf, &[])?.0)
+}
+
 /// Write `bytes` to a temporary file beside `path`, then rename it over `path`.
 pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
     let name = path.file_name().ok_or_else(|| anyhow!("{}: not a file name", path.display()))?;
@@ -92,6 +101,7 @@ fn analyse(elf: &Elf<'_>, narrow: &[Narrow]) -> Result<(ObjectReport, Vec<(usize
     let mut patches = Vec::new();
     let hits = scan_elf(elf);
     report.code_bytes = elf.exec_sections().map(|s| s.data.len() as u64).sum();
+    report.text_bytes = elf.section_by_name(".text").map_or(0, |s| s.size);
     let Some(mut table) = sites::read(elf).map_err(|e| anyhow!("{e}"))? else {
         report_coverage(elf, &hits, &sites::SiteTable { section: 0, sites: Vec::new() }, narrow, &mut report);
         return Ok((report, patches));
@@ -99,7 +109,11 @@ fn analyse(elf: &Elf<'_>, narrow: &[Narrow]) -> Result<(ObjectReport, Vec<(usize
     let table_base = elf.sections[table.section].data.as_ptr() as usize - elf.data.as_ptr() as usize;
     for site in &mut table.sites {
         let Some((sec, off)) = site.site.section_offset() else {
-            report.mismatches.push(Mismatch { section: String::new(), offset: 0, problem: format!("site at {:?}", site.site) });
+            report.mismatches.push(Mismatch {
+                section: String::new(),
+                offset: 0,
+                problem: format!("site at {:?}", site.site),
+            });
             continue;
         };
         let sec = &elf.sections[sec];
@@ -113,7 +127,11 @@ fn analyse(elf: &Elf<'_>, narrow: &[Narrow]) -> Result<(ObjectReport, Vec<(usize
         let mut filled = record::operands(&instr, entry, 64);
         filled.flags |= record::section_flags(&sec.name);
         // Lengths stay as assembled: the padding and the save slot were laid out with them.
-        let filled = SiteRecord { site_len: site.record.site_len, insn_len: site.record.insn_len, ..keep_targets(filled, &site.record) };
+        let filled = SiteRecord {
+            site_len: site.record.site_len,
+            insn_len: site.record.insn_len,
+            ..keep_targets(filled, &site.record)
+        };
         if instr.len() != usize::from(site.record.insn_len) || entry.site_len(instr.len()) != site.record.site_len {
             report.mismatches.push(mismatch(format!(
                 "assembled insn {} site {} bytes, catalogue wants insn {} site {}",
@@ -153,7 +171,7 @@ fn report_coverage(
     report: &mut ObjectReport,
 ) {
     let cov = sites::coverage(hits, table);
-    report.found = cov.total;
+    report.found = hits.iter().filter(|h| h.bitness == 64 && h.entry.patched_by_default).count();
     report.covered = cov.covered;
     let mut narrow_left: Vec<&Narrow> = narrow.iter().collect();
     for u in cov.uncovered {

@@ -79,7 +79,10 @@ pub fn print_problems(line: &LogLine<'_>) {
     if let Some(r) = line.object_report {
         for u in &r.uncovered {
             let func = u.function.as_deref().map(|f| format!(" ({f})")).unwrap_or_default();
-            eprintln!("previrt as: {what}: uncovered {} at {}+{:#x}{func}: {}: {}", u.kind, u.section, u.offset, u.reason, u.detail);
+            eprintln!(
+                "previrt as: {what}: uncovered {} at {}+{:#x}{func}: {}: {}",
+                u.kind, u.section, u.offset, u.reason, u.detail
+            );
         }
         for m in &r.mismatches {
             eprintln!("previrt as: {what}: site at {}+{:#x}: {}", m.section, m.offset, m.problem);

@@ -18,6 +18,8 @@
 //! assembled bytes. Input the lexer does not understand is left unchanged and reported.
 
 use crate::mnemonics;
+use iced_x86::{Decoder, DecoderOptions};
+use previrt_rewriter::catalogue;
 use previrt_site_abi::{Kind, Producer, ABI_VERSION, CHUNK_MAGIC, RECORD_SIZE, SAVE_SECTION, SITES_SECTION};
 use std::collections::{BTreeMap, HashMap};
 
@@ -69,9 +71,25 @@ impl Stats {
 /// Executable sections GNU as or the kernel's linker scripts know by name, used when a
 /// `.section` directive gives no flags.
 const CODE_SECTIONS: &[&str] = &[
-    ".text", ".init", ".fini", ".init.text", ".noinstr.text", ".entry.text", ".altinstr_replacement",
-    ".head.text", ".ref.text", ".sched.text", ".cpuidle.text", ".meminit.text", ".exit.text",
-    ".kprobes.text", ".irqentry.text", ".softirqentry.text", ".spinlock.text", ".lock.text", ".fixup",
+    ".text",
+    ".init",
+    ".fini",
+    ".init.text",
+    ".noinstr.text",
+    ".entry.text",
+    ".altinstr_replacement",
+    ".head.text",
+    ".ref.text",
+    ".sched.text",
+    ".cpuidle.text",
+    ".meminit.text",
+    ".exit.text",
+    ".kprobes.text",
+    ".irqentry.text",
+    ".softirqentry.text",
+    ".spinlock.text",
+    ".lock.text",
+    ".fixup",
     ".static_call.text",
 ];
 
@@ -98,6 +116,13 @@ pub struct Rewriter {
     /// In Intel syntax: the directive that re-enters it (`.intel_syntax noprefix`).
     intel: Option<String>,
     macro_depth: u32,
+    /// The macro whose body is being read.
+    current_macro: Option<String>,
+    /// Macro name (lowercase) → parameter names.
+    macros: HashMap<String, Vec<String>>,
+    /// (macro, parameter) → the sensitive mnemonics the input passes for it, when the body
+    /// uses the parameter as a mnemonic (`1: \op` in Linux's msr-reg.S).
+    macro_mnemonics: HashMap<(String, String), Vec<(String, Kind)>>,
     in_block_comment: bool,
     file: String,
     line_no: usize,
@@ -117,6 +142,9 @@ impl Rewriter {
             code64: cfg.code64,
             intel: cfg.intel.then(|| ".intel_syntax".to_string()),
             macro_depth: 0,
+            current_macro: None,
+            macros: HashMap::new(),
+            macro_mnemonics: HashMap::new(),
             in_block_comment: false,
             file: String::new(),
             line_no: 0,
@@ -128,11 +156,13 @@ impl Rewriter {
     /// messages and debug info.
     pub fn feed(&mut self, name: Option<&str>, input: &[u8]) {
         if let Some(name) = name {
-            self.out.extend_from_slice(format!("# 1 \"{}\"\n", name.replace('\\', "\\\\").replace('"', "\\\"")).as_bytes());
+            self.out
+                .extend_from_slice(format!("# 1 \"{}\"\n", name.replace('\\', "\\\\").replace('"', "\\\"")).as_bytes());
         }
         self.line_no = 0;
         self.file = name.unwrap_or("-").to_string();
         self.out.reserve(input.len() + input.len() / 16);
+        self.prescan(input);
         for line in input.split_inclusive(|&b| b == b'\n') {
             self.line_no += 1;
             self.line(line);
@@ -160,6 +190,42 @@ impl Rewriter {
         (self.out, self.stats)
     }
 
+    /// First pass: which sensitive mnemonics are passed to which macro parameters, so that a
+    /// body statement `\op` can become a site for exactly those (`.ifc` in the body).
+    fn prescan(&mut self, input: &[u8]) {
+        let mut in_comment = false;
+        for line in input.split_inclusive(|&b| b == b'\n') {
+            let Some(lexed) = lex_line(line, &mut in_comment) else { continue };
+            for st in &lexed.statements {
+                let Ok(text) = std::str::from_utf8(&line[st.start..st.end]) else { continue };
+                let (word, rest) = split_word(&text[skip_labels(text)..]);
+                let word = word.to_ascii_lowercase();
+                if word == ".macro" {
+                    let (name, params) = split_word(rest);
+                    let params = macro_words(params)
+                        .iter()
+                        .map(|p| p.split(['=', ':']).next().unwrap_or("").to_string())
+                        .collect();
+                    self.macros.insert(name.to_ascii_lowercase(), params);
+                } else if let Some(params) = self.macros.get(&word) {
+                    for (i, arg) in macro_words(rest).iter().enumerate() {
+                        let (param, value) = match arg.split_once('=') {
+                            Some((k, v)) => (k.trim().to_string(), v.trim()),
+                            None => (params.get(i).cloned().unwrap_or_default(), *arg),
+                        };
+                        let value = value.trim_matches('"');
+                        if let Some(mnemonics::Rule::Fixed(kind)) = mnemonics::rule(&value.to_ascii_lowercase()) {
+                            let seen = self.macro_mnemonics.entry((word.clone(), param)).or_default();
+                            if !seen.iter().any(|(m, _)| m == value) {
+                                seen.push((value.to_string(), kind));
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
     fn line(&mut self, line: &[u8]) {
         let Some(lexed) = lex_line(line, &mut self.in_block_comment) else {
             self.stats.unparsed.push(Unparsed { line: self.line_no, reason: "unterminated string" });
@@ -168,13 +234,17 @@ impl Rewriter {
         };
         // Statements consisting only of prefixes (`rep;`) bind to the next statement.
         let mut pending_prefix: Option<usize> = None;
-        let mut edits: Vec<(usize, usize, Kind)> = Vec::new(); // (insert label at, append after, kind)
+        let mut edits: Vec<(usize, usize, Edit)> = Vec::new(); // (insert label at, append after, what)
         for st in &lexed.statements {
             let text = &line[st.start..st.end];
             match self.statement(text) {
                 Parsed::PrefixOnly(at) => pending_prefix = Some(pending_prefix.unwrap_or(st.start + at)),
                 Parsed::Site(at, kind) => {
-                    edits.push((pending_prefix.take().unwrap_or(st.start + at), st.end, kind));
+                    edits.push((pending_prefix.take().unwrap_or(st.start + at), st.end, Edit::Site(kind)));
+                }
+                Parsed::MacroParam(at, param, choices) => {
+                    edits.push((st.start + at, st.end, Edit::Choice(param, choices)));
+                    pending_prefix = None;
                 }
                 Parsed::Other => pending_prefix = None,
             }
@@ -184,11 +254,27 @@ impl Rewriter {
             return;
         }
         let mut pos = 0;
-        for (label_at, end, kind) in edits {
+        for (label_at, end, edit) in edits {
             self.out.extend_from_slice(&line[pos..label_at]);
-            self.out.extend_from_slice(b"7771: ");
-            self.out.extend_from_slice(&line[label_at..end]);
-            self.site_suffix(kind);
+            let statement = &line[label_at..end];
+            match edit {
+                Edit::Site(kind) => {
+                    self.out.extend_from_slice(b"7771: ");
+                    self.out.extend_from_slice(statement);
+                    self.site_suffix(kind);
+                }
+                // `.ifc \op,rdmsr ; 7771: \op … site … ; .else ; … ; \op ; .endif …`
+                Edit::Choice(param, choices) => {
+                    for (mnemonic, kind) in &choices {
+                        self.out.extend_from_slice(format!(".ifc \\{param},{mnemonic} ; 7771: ").as_bytes());
+                        self.out.extend_from_slice(statement);
+                        self.site_suffix(*kind);
+                        self.out.extend_from_slice(b" ; .else ; ");
+                    }
+                    self.out.extend_from_slice(statement);
+                    self.out.extend_from_slice(" ; .endif".repeat(choices.len()).as_bytes());
+                }
+            }
             pos = end;
         }
         self.out.extend_from_slice(&line[pos..]);
@@ -226,8 +312,20 @@ impl Rewriter {
             return Parsed::Other;
         }
         if word.starts_with('.') {
-            self.directive(&word.to_ascii_lowercase(), rest);
+            let directive = word.to_ascii_lowercase();
+            if directive == ".byte" {
+                if let Some(kind) = byte_encoded(rest) {
+                    return self.site_here(body_at, kind);
+                }
+            }
+            self.directive(&directive, rest);
             return Parsed::Other;
+        }
+        if let (Some(param), Some(m)) = (word.strip_prefix('\\'), &self.current_macro) {
+            let param = param.trim_end_matches("\\()").to_string();
+            if let Some(choices) = self.macro_mnemonics.get(&(m.clone(), param.clone())) {
+                return Parsed::MacroParam(body_at, param, choices.clone());
+            }
         }
         let mut word = word.to_ascii_lowercase();
         while mnemonics::is_prefix(&word) {
@@ -243,6 +341,11 @@ impl Rewriter {
             return Parsed::Other; // `cli = 3` is a symbol assignment
         }
         let Some(kind) = mnemonics::classify(rule, &split_operands(rest)) else { return Parsed::Other };
+        self.site_here(body_at, kind)
+    }
+
+    /// A sensitive instruction at `body_at` of the statement: a site if this is 64-bit code.
+    fn site_here(&mut self, body_at: usize, kind: Kind) -> Parsed {
         if self.macro_depth == 0 && !self.current.code {
             return Parsed::Other;
         }
@@ -256,8 +359,16 @@ impl Rewriter {
 
     fn directive(&mut self, name: &str, args: &str) {
         match name {
-            ".macro" => self.macro_depth += 1,
-            ".endm" => self.macro_depth = self.macro_depth.saturating_sub(1),
+            ".macro" => {
+                self.macro_depth += 1;
+                self.current_macro = Some(split_word(args).0.to_ascii_lowercase());
+            }
+            ".endm" => {
+                self.macro_depth = self.macro_depth.saturating_sub(1);
+                if self.macro_depth == 0 {
+                    self.current_macro = None;
+                }
+            }
             ".code16" | ".code16gcc" | ".code32" => self.code64 = false,
             ".code64" => self.code64 = true,
             ".intel_syntax" => self.intel = Some(format!(".intel_syntax {}", args.trim())),
@@ -296,12 +407,58 @@ impl Rewriter {
     }
 }
 
+/// The kind of a `.byte` statement that spells exactly one sensitive instruction with literal
+/// numbers (`.byte 0x0f, 0x01, 0xc8` is `monitor`, as Linux writes it for old assemblers).
+fn byte_encoded(operands: &str) -> Option<Kind> {
+    let bytes: Vec<u8> = split_operands(operands).iter().map(|o| parse_byte(o)).collect::<Option<_>>()?;
+    if bytes.is_empty() || bytes.len() > 15 {
+        return None;
+    }
+    let instr = Decoder::with_ip(64, &bytes, 0, DecoderOptions::NONE).decode();
+    let entry = catalogue::classify(&instr).filter(|e| e.patched_by_default)?;
+    (instr.len() == bytes.len()).then_some(entry.kind)
+}
+
+/// A GNU as integer literal (hex, octal, binary, decimal) that fits a byte.
+fn parse_byte(lit: &str) -> Option<u8> {
+    let l = lit.trim().to_ascii_lowercase();
+    let v = if let Some(h) = l.strip_prefix("0x") {
+        u32::from_str_radix(h, 16).ok()?
+    } else if let Some(b) = l.strip_prefix("0b") {
+        u32::from_str_radix(b, 2).ok()?
+    } else if l.len() > 1 && l.starts_with('0') {
+        u32::from_str_radix(&l[1..], 8).ok()?
+    } else {
+        l.parse().ok()?
+    };
+    u8::try_from(v).ok()
+}
+
 enum Parsed {
     /// A sensitive instruction; the site label goes at this byte offset of the statement.
     Site(usize, Kind),
+    /// A macro-body statement whose mnemonic is this parameter, passed these mnemonics.
+    MacroParam(usize, String, Vec<(String, Kind)>),
     /// Only prefixes (and labels); the label would go at this offset.
     PrefixOnly(usize),
     Other,
+}
+
+enum Edit {
+    Site(Kind),
+    Choice(String, Vec<(String, Kind)>),
+}
+
+/// Macro parameters or arguments: separated by commas, or by blanks when there is no comma.
+fn macro_words(text: &str) -> Vec<&str> {
+    let text = text.trim();
+    if text.is_empty() {
+        Vec::new()
+    } else if text.contains(',') {
+        split_operands(text)
+    } else {
+        text.split_whitespace().collect()
+    }
 }
 
 struct Span {
