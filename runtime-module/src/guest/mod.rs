@@ -299,18 +299,18 @@ pub(crate) fn enter_site(regs: &mut Regs) -> Option<(Option<Op>, u64)> {
 // The stub below hard-codes this frame size.
 const _: () = assert!(core::mem::size_of::<Regs>() == 168);
 
-// The trace stub. Sites call it (`call rel32`), so on entry [rsp] is the return address
+// A site stub. Sites call it (`call rel32`), so on entry [rsp] is the return address
 // (site + 5) and the site's %rsp is rsp + 8. It saves a `Regs` frame below the return address
-// (16 GPRs, then an iretq frame), disables interrupts, calls the dispatcher with 16-byte
-// stack alignment and DF clear, restores the GPRs and returns through the iretq frame — which
-// restores RFLAGS (IF, DF) and RSP and goes to the resume address, the out-of-line slot, or
-// wherever an emulated iret goes. Flags are not touched before they are saved (lea/mov only).
-core::arch::global_asm!(
-    r#"
-    .section .text.previrt_trace, "ax", @progbits
-    .globl previrt_trace_entry
-previrt_trace_entry:
-    leaq -168(%rsp), %rsp
+// (16 GPRs, then an iretq frame), runs `$off` to turn interrupts off for the dispatch (it may
+// use %rax and %rcx, already saved), calls `$dispatch` with 16-byte stack alignment and DF
+// clear, restores the GPRs and returns through the iretq frame — which restores RFLAGS (IF, DF)
+// and RSP and goes to the resume address, the out-of-line slot, or wherever an emulated iret
+// goes. Flags are not touched before they are saved (lea/mov only). The trace stub below and
+// the Xen PV stub (crate::xen) are this text with their own `$off` and dispatcher.
+macro_rules! site_stub {
+    ($off:literal, $dispatch:literal) => {
+        concat!(
+            r#"    leaq -168(%rsp), %rsp
     movq %rax, 0(%rsp)
     movq %rcx, 8(%rsp)
     movq %rdx, 16(%rsp)
@@ -328,8 +328,9 @@ previrt_trace_entry:
     movq %r15, 120(%rsp)
     pushfq
     popq 144(%rsp)
-    cli
-    leaq 176(%rsp), %rax
+"#,
+            $off,
+            r#"    leaq 176(%rsp), %rax
     movq %rax, 32(%rsp)
     movq 168(%rsp), %rax
     movq %rax, 128(%rsp)
@@ -341,8 +342,9 @@ previrt_trace_entry:
     movq %rsp, %rbx
     andq $-16, %rsp
     cld
-    call previrt_trace_dispatch
-    movq %rbx, %rsp
+"#,
+            "    call ", $dispatch, "\n",
+            r#"    movq %rbx, %rsp
     movq 0(%rsp), %rax
     movq 8(%rsp), %rcx
     movq 16(%rsp), %rdx
@@ -360,7 +362,20 @@ previrt_trace_entry:
     movq 120(%rsp), %r15
     leaq 128(%rsp), %rsp
     iretq
-    .text
-"#,
+"#
+        )
+    };
+}
+pub(crate) use site_stub;
+
+// The trace stub: real interrupts off for the dispatch.
+core::arch::global_asm!(
+    concat!(
+        ".section .text.previrt_trace, \"ax\", @progbits\n",
+        ".globl previrt_trace_entry\n",
+        "previrt_trace_entry:\n",
+        site_stub!("    cli\n", "previrt_trace_dispatch"),
+        ".text\n"
+    ),
     options(att_syntax, raw)
 );

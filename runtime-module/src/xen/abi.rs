@@ -7,7 +7,7 @@
 use core::arch::asm;
 use core::sync::atomic::{AtomicU32, Ordering::Relaxed};
 
-/// Hypercall numbers (xen.h), with the names the runtime prints in error messages.
+/// Hypercall numbers (xen.h).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u64)]
 pub enum Hypercall {
@@ -26,21 +26,21 @@ pub enum Hypercall {
     PhysdevOp = 33,
 }
 
-/// Every hypercall the runtime issues, in number order (the exit summary's columns).
-pub const HYPERCALLS: &[Hypercall] = &[
-    Hypercall::SetTrapTable,
-    Hypercall::MmuUpdate,
-    Hypercall::UpdateVaMapping,
-    Hypercall::SetTimerOp,
-    Hypercall::XenVersion,
-    Hypercall::ConsoleIo,
-    Hypercall::VcpuOp,
-    Hypercall::SetSegmentBase,
-    Hypercall::MmuextOp,
-    Hypercall::SchedOp,
-    Hypercall::CallbackOp,
-    Hypercall::EventChannelOp,
-    Hypercall::PhysdevOp,
+/// Every hypercall the runtime issues with its name (error messages, the exit summary).
+pub const HYPERCALLS: &[(Hypercall, &str)] = &[
+    (Hypercall::SetTrapTable, "set_trap_table"),
+    (Hypercall::MmuUpdate, "mmu_update"),
+    (Hypercall::UpdateVaMapping, "update_va_mapping"),
+    (Hypercall::SetTimerOp, "set_timer_op"),
+    (Hypercall::XenVersion, "xen_version"),
+    (Hypercall::ConsoleIo, "console_io"),
+    (Hypercall::VcpuOp, "vcpu_op"),
+    (Hypercall::SetSegmentBase, "set_segment_base"),
+    (Hypercall::MmuextOp, "mmuext_op"),
+    (Hypercall::SchedOp, "sched_op"),
+    (Hypercall::CallbackOp, "callback_op"),
+    (Hypercall::EventChannelOp, "event_channel_op"),
+    (Hypercall::PhysdevOp, "physdev_op"),
 ];
 
 /// Hypercalls issued, by number (the exit summary: what the kernel's operations cost in
@@ -48,22 +48,8 @@ pub const HYPERCALLS: &[Hypercall] = &[
 pub static COUNTS: [AtomicU32; 64] = [const { AtomicU32::new(0) }; 64];
 
 impl Hypercall {
-    pub const fn name(self) -> &'static str {
-        match self {
-            Hypercall::SetTrapTable => "set_trap_table",
-            Hypercall::MmuUpdate => "mmu_update",
-            Hypercall::UpdateVaMapping => "update_va_mapping",
-            Hypercall::SetTimerOp => "set_timer_op",
-            Hypercall::XenVersion => "xen_version",
-            Hypercall::ConsoleIo => "console_io",
-            Hypercall::VcpuOp => "vcpu_op",
-            Hypercall::SetSegmentBase => "set_segment_base",
-            Hypercall::MmuextOp => "mmuext_op",
-            Hypercall::SchedOp => "sched_op",
-            Hypercall::CallbackOp => "callback_op",
-            Hypercall::EventChannelOp => "event_channel_op",
-            Hypercall::PhysdevOp => "physdev_op",
-        }
+    pub fn name(self) -> &'static str {
+        HYPERCALLS.iter().find(|(h, _)| *h == self).map_or("?", |(_, n)| n)
     }
 }
 

@@ -9,6 +9,31 @@
 //! Every return is a plain `iretq` (guest kernel to guest kernel, both ring 3): the Rust halves
 //! restore the event mask first and have pending events delivered (a nested upcall) before it.
 
+// Sites call here: the shared site stub (guest::site_stub); the virtual interrupt flag
+// (vcpu_info.evtchn_upcall_mask, set to 1 for the dispatch) goes into the saved RFLAGS.IF, and
+// the dispatcher sets the mask for the way out.
+core::arch::global_asm!(
+    concat!(
+        ".section .text.previrt_xen, \"ax\", @progbits\n",
+        ".globl previrt_xen_stub\n",
+        "previrt_xen_stub:\n",
+        crate::guest::site_stub!(
+            r#"    movq previrt_xen_vcpu(%rip), %rax
+    movb $1, %cl
+    xchgb %cl, 1(%rax)
+    andq $~0x200, 144(%rsp)
+    testb %cl, %cl
+    jnz 1f
+    orq $0x200, 144(%rsp)
+1:
+"#,
+            "previrt_xen_dispatch"
+        ),
+        ".text\n"
+    ),
+    options(att_syntax, raw)
+);
+
 core::arch::global_asm!(
     r#"
     .section .text.previrt_xen, "ax", @progbits
@@ -22,68 +47,6 @@ previrt_xen_entry:
     movq %rax, %rdi
     movabsq $__previrt_kernel_entry64, %rax
     jmp *%rax
-
-    /* Sites call here. Same frame as the trace stub (emulate::Regs); the virtual interrupt
-       flag (vcpu_info.evtchn_upcall_mask, set to 1 for the dispatch) goes into the saved
-       RFLAGS.IF; the dispatcher sets the mask for the way out. */
-    .globl previrt_xen_stub
-previrt_xen_stub:
-    leaq -168(%rsp), %rsp
-    movq %rax, 0(%rsp)
-    movq %rcx, 8(%rsp)
-    movq %rdx, 16(%rsp)
-    movq %rbx, 24(%rsp)
-    movq %rbp, 40(%rsp)
-    movq %rsi, 48(%rsp)
-    movq %rdi, 56(%rsp)
-    movq %r8, 64(%rsp)
-    movq %r9, 72(%rsp)
-    movq %r10, 80(%rsp)
-    movq %r11, 88(%rsp)
-    movq %r12, 96(%rsp)
-    movq %r13, 104(%rsp)
-    movq %r14, 112(%rsp)
-    movq %r15, 120(%rsp)
-    pushfq
-    popq 144(%rsp)
-    movq previrt_xen_vcpu(%rip), %rax
-    movb $1, %cl
-    xchgb %cl, 1(%rax)
-    andq $~0x200, 144(%rsp)
-    testb %cl, %cl
-    jnz 1f
-    orq $0x200, 144(%rsp)
-1:  leaq 176(%rsp), %rax
-    movq %rax, 32(%rsp)
-    movq 168(%rsp), %rax
-    movq %rax, 128(%rsp)
-    movq %cs, %rax
-    movq %rax, 136(%rsp)
-    movq %ss, %rax
-    movq %rax, 160(%rsp)
-    movq %rsp, %rdi
-    movq %rsp, %rbx
-    andq $-16, %rsp
-    cld
-    call previrt_xen_dispatch
-    movq %rbx, %rsp
-    movq 0(%rsp), %rax
-    movq 8(%rsp), %rcx
-    movq 16(%rsp), %rdx
-    movq 24(%rsp), %rbx
-    movq 40(%rsp), %rbp
-    movq 48(%rsp), %rsi
-    movq 56(%rsp), %rdi
-    movq 64(%rsp), %r8
-    movq 72(%rsp), %r9
-    movq 80(%rsp), %r10
-    movq 88(%rsp), %r11
-    movq 96(%rsp), %r12
-    movq 104(%rsp), %r13
-    movq 112(%rsp), %r14
-    movq 120(%rsp), %r15
-    leaq 128(%rsp), %rsp
-    iretq
 
     /* Save the caller-saved registers (and %rbx, used to realign) around a Rust call, which
        gets the address of the interrupt frame above them in %rdi. */

@@ -484,10 +484,10 @@ impl Xen {
         let mut out = Console;
         guest::site_summary(&mut out);
         let _ = write!(out, "previrt-xen: hypercalls");
-        for h in abi::HYPERCALLS {
+        for (h, name) in abi::HYPERCALLS {
             let n = abi::COUNTS[*h as usize].load(core::sync::atomic::Ordering::Relaxed);
             if n != 0 {
-                let _ = write!(out, " {}={n}", h.name());
+                let _ = write!(out, " {name}={n}");
             }
         }
         let _ = writeln!(out);
