@@ -330,6 +330,15 @@ fn memory_operands_are_computed_from_the_record() {
     assert!(emulate(&op(|a| a.invlpg(ptr(rbx + r9 * 8 + 0x40))), &mut r, &mut m));
     assert_eq!(m.invlpg, vec![0x10_0000 + 24 + 0x40]);
 
+    // An absolute operand: the displacement comes from the (linked) bytes, not the record,
+    // which the assembler path writes before the linker fills the address in.
+    let bytes = assemble(0x1000, |a| a.invlpg(ptr(0x0012_3456u64)));
+    let mut abs = op_at(0x1000, &bytes);
+    assert_eq!(abs.imm, 0x12_3456, "the record carries the displacement the bytes have");
+    abs.imm = 0;
+    assert!(emulate(&abs, &mut r, &mut m));
+    assert_eq!(m.invlpg.last(), Some(&0x12_3456));
+
     // lgdt/lidt read a 10-byte operand; RIP-relative operands are relative to the site.
     let table: [u8; 10] = [0x27, 0x00, 0x00, 0x30, 0x10, 0x00, 0x00, 0x00, 0x00, 0x00];
     let site = table.as_ptr() as u64 + 0x100;

@@ -183,11 +183,21 @@ impl Op {
     }
 
     /// Effective address of the memory operand.
+    ///
+    /// An absolute operand (no base, no index) takes its displacement from the saved bytes —
+    /// the last four, as none of these instructions has an immediate — because that is where
+    /// the linker put the symbol's address; a record written from an unlinked object holds
+    /// only the addend.
     pub fn address(&self, regs: &Regs) -> u64 {
+        let disp32_at = |at: usize| {
+            let at = at.min(11);
+            i32::from_le_bytes([self.insn[at], self.insn[at + 1], self.insn[at + 2], self.insn[at + 3]])
+        };
+        let absolute = reg::class(self.base) != reg::GPR && reg::class(self.index) != reg::GPR;
         let (base, disp) = if self.has(flags::RIP_RELATIVE) {
-            let at = (self.imm as usize).min(11);
-            let disp = i32::from_le_bytes([self.insn[at], self.insn[at + 1], self.insn[at + 2], self.insn[at + 3]]);
-            (self.addr.wrapping_add(self.insn_len as u64), disp)
+            (self.addr.wrapping_add(self.insn_len as u64), disp32_at(self.imm as usize))
+        } else if absolute && self.insn_len >= 8 {
+            (0, disp32_at(self.insn_len as usize - 4))
         } else {
             let base = if reg::class(self.base) == reg::GPR { regs.read(self.base, 8) } else { 0 };
             (base, self.imm)

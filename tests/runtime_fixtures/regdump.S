@@ -146,6 +146,8 @@ long_start:
 	lgdt (%rax)
 	sidt 16(%rax)
 	lidt 16(%rax)
+	sgdt gdt_copy + 32          /* absolute operands: the linker fills the displacement */
+	lgdt gdt_copy + 32
 	movq 2(%rax), %r9
 	movzwq (%rax), %r10
 	DUMP 12
@@ -274,9 +276,7 @@ gdtr:
 	.word gdt_end - gdt - 1
 	.quad gdt
 gdt_copy:
-	.skip 16
-idt_copy:
-	.skip 10
+	.skip 48
 
 	.bss
 	.balign 4096
