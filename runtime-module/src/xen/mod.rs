@@ -235,7 +235,8 @@ extern "C" fn previrt_xen_boot(si: u64) -> u64 {
     let x = unsafe { XEN.get() };
     x.flags = field(S::FLAGS) as u32;
     let shared_va = addr_of_sym!("previrt_xen_shared_info");
-    must(Hypercall::UpdateVaMapping, [shared_va, field(S::SHARED_INFO) | 0x63, abi::UVMF_INVLPG, 0, 0]);
+    let pte = field(S::SHARED_INFO) | mmu::PRESENT | mmu::WRITABLE | mmu::ACCESSED | mmu::DIRTY;
+    must(Hypercall::UpdateVaMapping, [shared_va, pte, abi::UVMF_INVLPG, 0, 0]);
     // SAFETY: the page is mapped now; vCPU 0's vcpu_info is at its start.
     unsafe { previrt_xen_vcpu = shared_va };
 
@@ -501,9 +502,8 @@ impl Xen {
     }
 }
 
-fn mov_seg(op: &Op, regs: &mut Regs, m: &mut dyn Machine) -> bool {
-    let _ = m;
-    // SAFETY: dispatch runs with events masked.
+fn mov_seg(op: &Op, regs: &mut Regs, _: &mut dyn Machine) -> bool {
+    // SAFETY: dispatch runs with events masked (the selector table is the Xen machine's).
     let x = unsafe { XEN.get() };
     if op.flags & flags::MEM != 0 || reg::class(op.base) != reg::SEG || reg::class(op.reg) != reg::GPR {
         return false;
@@ -645,6 +645,10 @@ impl Machine for Xen {
             flush_uart(self);
             let _ = writeln!(Console, "previrt-xen: the kernel halted with interrupts disabled");
             shutdown(abi::SHUTDOWN_POWEROFF);
+        }
+        if self.pit.period_ns() == 0 {
+            // The timer is the only event source the backend models: this would sleep forever.
+            fatal(format_args!("hlt with interrupts on but no timer programmed: nothing would wake the kernel"));
         }
         // SCHEDOP_block unmasks events and sleeps until one is pending; it is delivered on the
         // way back (the kernel's handler runs nested here). The dispatch goes on masked.
