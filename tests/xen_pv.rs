@@ -19,7 +19,10 @@ fn previrt() -> Command {
 
 fn require_xen() {
     require_tool(&std::env::var("QEMU").unwrap_or_else(|_| "qemu-system-x86_64".into()));
-    assert!(Path::new(XEN).is_file(), "{XEN} not found (package xen-hypervisor-4.17-amd64); run scripts/install-deps.sh");
+    assert!(
+        Path::new(XEN).is_file(),
+        "{XEN} not found (package xen-hypervisor-4.17-amd64); run scripts/install-deps.sh"
+    );
 }
 
 /// The previrt toolchain, installed once per test process.
@@ -80,7 +83,10 @@ fn verdicts(out: &str) -> Vec<&str> {
 fn link_adds_xen_notes_by_default_and_not_with_no_xen() {
     let k = linked_kernel();
     let xen = &k.report["xen_pv"];
-    let (start, end) = (k.report["runtime_virt"].as_u64().unwrap(), k.report["runtime_virt"].as_u64().unwrap() + k.report["runtime_mem_size"].as_u64().unwrap());
+    let (start, end) = (
+        k.report["runtime_virt"].as_u64().unwrap(),
+        k.report["runtime_virt"].as_u64().unwrap() + k.report["runtime_mem_size"].as_u64().unwrap(),
+    );
     for key in ["entry", "hypercall_page"] {
         let v = xen[key].as_u64().unwrap_or_else(|| panic!("no xen_pv.{key} in {}", k.report));
         assert!(v >= start && v < end, "xen_pv.{key} {v:#x} outside the runtime [{start:#x}, {end:#x})");
@@ -95,7 +101,8 @@ fn example_kernel_runs_as_xen_pv_dom0_with_bare_metal_results() {
     let k = linked_kernel();
     let (status, out) = xen_run(&k.elf, "");
     assert_eq!(status, Some(0), "xen-run.sh status {status:?}\n{out}");
-    let boot = out.lines().find(|l| l.starts_with("previrt: backend=")).unwrap_or_else(|| panic!("no boot line\n{out}"));
+    let boot =
+        out.lines().find(|l| l.starts_with("previrt: backend=")).unwrap_or_else(|| panic!("no boot line\n{out}"));
     assert!(boot.starts_with("previrt: backend=xen ") && boot.contains("(platform=xen-pv)"), "{boot}");
     let sites = k.report["sites"].as_u64().unwrap();
     assert!(boot.contains(&format!(" sites={sites} ")), "{boot} (previrt link counted {sites})");

@@ -52,7 +52,8 @@ pub fn kernel_entry64(kernel: &[u8]) -> Option<u64> {
 /// The note segment's contents: every note owned by "Xen", 4-byte aligned.
 pub fn notes(x: &XenPv) -> Vec<u8> {
     let strings: &[(u32, &str)] = &[(XEN_VERSION, "xen-3.0"), (LOADER, "generic"), (PAE_MODE, "yes"), (FEATURES, "")];
-    let numbers: &[(u32, u64)] = &[(VIRT_BASE, 0), (PADDR_OFFSET, 0), (ENTRY, x.entry), (HYPERCALL_PAGE, x.hypercall_page)];
+    let numbers: &[(u32, u64)] =
+        &[(VIRT_BASE, 0), (PADDR_OFFSET, 0), (ENTRY, x.entry), (HYPERCALL_PAGE, x.hypercall_page)];
     let mut out = Vec::new();
     let mut note = |kind: u32, desc: &[u8]| {
         out.extend_from_slice(&4u32.to_le_bytes());

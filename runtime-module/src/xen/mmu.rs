@@ -168,7 +168,9 @@ impl Mmu {
     }
 
     fn shadow(&mut self, level: u8, guest: u64, base: u64) -> R<usize> {
-        if let Some(i) = self.shadows[..self.used].iter().position(|s| s.level == level && s.guest == guest && s.base == base) {
+        if let Some(i) =
+            self.shadows[..self.used].iter().position(|s| s.level == level && s.guest == guest && s.base == base)
+        {
             return Ok(i);
         }
         if self.used == POOL_PAGES {

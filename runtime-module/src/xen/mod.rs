@@ -129,7 +129,8 @@ fn fatal(what: fmt::Arguments) -> ! {
     shutdown(abi::SHUTDOWN_CRASH)
 }
 
-const ERRNO: &[(i64, &str)] = &[(-1, "EPERM"), (-3, "ESRCH"), (-12, "ENOMEM"), (-14, "EFAULT"), (-16, "EBUSY"), (-22, "EINVAL"), (-38, "ENOSYS")];
+const ERRNO: &[(i64, &str)] =
+    &[(-1, "EPERM"), (-3, "ESRCH"), (-12, "ENOMEM"), (-14, "EFAULT"), (-16, "EBUSY"), (-22, "EINVAL"), (-38, "ENOSYS")];
 
 /// A hypercall whose failure the kernel cannot survive.
 fn must(h: Hypercall, a: [u64; 5]) -> i64 {
@@ -158,8 +159,12 @@ fn mmu_ok<T>(r: Result<T, MmuError>) -> T {
     r.unwrap_or_else(|e| match e {
         MmuError::Hypercall(h, a, rc) => hypercall_failed(h, a, rc),
         MmuError::PoolFull => fatal(format_args!("shadow page-table pool exhausted ({} pages)", mmu::POOL_PAGES)),
-        MmuError::Huge { va } => fatal(format_args!("the kernel maps {va:#x} with a large page, not supported by the shadow tables")),
-        MmuError::NotRam { va, pfn } => fatal(format_args!("the kernel maps {va:#x} to frame {pfn:#x}, which is neither its RAM nor a modelled device")),
+        MmuError::Huge { va } => {
+            fatal(format_args!("the kernel maps {va:#x} with a large page, not supported by the shadow tables"))
+        }
+        MmuError::NotRam { va, pfn } => fatal(format_args!(
+            "the kernel maps {va:#x} to frame {pfn:#x}, which is neither its RAM nor a modelled device"
+        )),
     })
 }
 
@@ -255,7 +260,10 @@ extern "C" fn previrt_xen_boot(si: u64) -> u64 {
         let iopl = 1u32;
         must(Hypercall::PhysdevOp, [abi::PHYSDEVOP_SET_IOPL, &iopl as *const u32 as u64, 0, 0, 0]);
     }
-    for (kind, entry) in [(abi::CALLBACKTYPE_EVENT, addr_of_sym!("previrt_xen_upcall")), (abi::CALLBACKTYPE_FAILSAFE, addr_of_sym!("previrt_xen_failsafe"))] {
+    for (kind, entry) in [
+        (abi::CALLBACKTYPE_EVENT, addr_of_sym!("previrt_xen_upcall")),
+        (abi::CALLBACKTYPE_FAILSAFE, addr_of_sym!("previrt_xen_failsafe")),
+    ] {
         let cb = abi::CallbackRegister { kind, flags: abi::CALLBACKF_MASK_EVENTS, address: entry };
         must(Hypercall::CallbackOp, [abi::CALLBACKOP_REGISTER, &cb as *const _ as u64, 0, 0, 0]);
     }
@@ -280,7 +288,9 @@ extern "C" fn previrt_xen_boot(si: u64) -> u64 {
     }
     let len = cmdline.iter().position(|&b| b == 0).unwrap_or(S::CMD_LINE_LEN);
     *info = BootInfo { magic: BOOT_INFO_MAGIC, version: 1, cmdline: cmdline.as_ptr() as u64, source: 0, reserved: 0 };
-    if let Some(name) = platform::cmdline_value(&cmdline[..len], b"previrt.backend").filter(|n| *n != backend::XEN.name.as_bytes()) {
+    if let Some(name) =
+        platform::cmdline_value(&cmdline[..len], b"previrt.backend").filter(|n| *n != backend::XEN.name.as_bytes())
+    {
         let name = core::str::from_utf8(name).unwrap_or("?");
         let _ = writeln!(Console, "previrt: backend '{name}' cannot run under Xen PV, using {}", backend::XEN.name);
     }
@@ -294,7 +304,13 @@ extern "C" fn previrt_xen_boot(si: u64) -> u64 {
     match result {
         Ok(Some(stats)) => {
             let kept = if stats.kept_original == 0 { "" } else { " (some sites kept the original instruction)" };
-            let _ = writeln!(Console, "previrt: backend={} sites={} patched in {us} us (platform={}){kept}", backend::XEN.name, stats.sites, Platform::XenPv.name());
+            let _ = writeln!(
+                Console,
+                "previrt: backend={} sites={} patched in {us} us (platform={}){kept}",
+                backend::XEN.name,
+                stats.sites,
+                Platform::XenPv.name()
+            );
         }
         Ok(None) => {}
         Err(e) => fatal(format_args!("site table unusable: {e}")),
@@ -675,7 +691,11 @@ impl Machine for Xen {
             unsafe { previrt_xen_vectors[v as usize] = handler };
             let gate_dpl = (g[5] >> 5) & 3;
             let interrupt_gate = g[5] & 0xf == 0xe;
-            let address = if v == 14 { addr_of_sym!("previrt_xen_page_fault_entry") } else { addr_of_sym!("previrt_xen_traps") + v as u64 * 16 };
+            let address = if v == 14 {
+                addr_of_sym!("previrt_xen_page_fault_entry")
+            } else {
+                addr_of_sym!("previrt_xen_traps") + v as u64 * 16
+            };
             traps[n] = abi::TrapInfo {
                 vector: v,
                 flags: gate_dpl | if interrupt_gate { abi::TI_MASK_EVENTS } else { 0 },
