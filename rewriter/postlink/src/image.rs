@@ -165,6 +165,37 @@ impl<'a> Image<'a> {
         Ok(out)
     }
 
+    /// Code addresses that data of a linked image may hold, found without symbols: every
+    /// 8-aligned 64-bit value and every 4-aligned `.long target - .` that lands on an
+    /// instruction start. A stripped vmlinux keeps `__jump_table` (whose targets a disabled
+    /// jump label's NOP does not show), function-pointer tables and the like inside `.data`;
+    /// a false hit only costs a window, a missed one could break the kernel.
+    fn data_refs(&self) -> Vec<u64> {
+        let is_start = |a: u64| {
+            self.loc_of_addr(a).is_some_and(|l| self.code[self.code_index(l.sec).unwrap()].insn_at(l.off).is_some())
+        };
+        let mut out = Vec::new();
+        for s in self.elf.sections.iter().filter(|s| s.is_alloc() && !s.is_exec() && s.addr != 0) {
+            let skip = (4 - s.addr % 4) % 4;
+            for (k, w) in s.data.get(skip as usize..).unwrap_or(&[]).chunks_exact(4).enumerate() {
+                let at = s.addr + skip + 4 * k as u64;
+                let rel = at.wrapping_add(i32::from_le_bytes(w.try_into().unwrap()) as i64 as u64);
+                if is_start(rel) {
+                    out.push(rel);
+                }
+                if at % 8 == 0 {
+                    if let Some(q) = s.data.get((at - s.addr) as usize..(at - s.addr) as usize + 8) {
+                        let abs = u64::from_le_bytes(q.try_into().unwrap());
+                        if is_start(abs) {
+                            out.push(abs);
+                        }
+                    }
+                }
+            }
+        }
+        out
+    }
+
     /// Mark boundaries, pinned bytes and relocated fields in every [`Code`].
     fn mark(&mut self) {
         let mut boundaries: Vec<Loc> = Vec::new();
@@ -233,6 +264,9 @@ impl<'a> Image<'a> {
             for t in &missing {
                 code.pin_matching(t.could_be_site.unwrap());
             }
+        }
+        if linked {
+            refs.extend(self.data_refs());
         }
         boundaries.extend(refs.into_iter().filter_map(|a| self.loc_of_addr(a)));
         for b in boundaries {
