@@ -79,11 +79,9 @@ const SENSITIVE: &[&str] = &[
     "verw %ax",
     "verww (%rax)",
     "lcall *(%rax)",
-    "lcallq *(%rax)",
     "lcalll *(%rax)",
     "lcallw *(%rax)",
     "ljmp *(%rax)",
-    "ljmpq *(%rax)",
     "ljmpl *(%rax)",
     "ljmpw *(%rax)",
     "lret",
@@ -139,8 +137,6 @@ const SENSITIVE: &[&str] = &[
 
 /// Intel spellings (`.intel_syntax noprefix`), including the Intel-only forms.
 const SENSITIVE_INTEL: &[&str] = &[
-    "pushfd",
-    "popfd",
     "iretd",
     "retf",
     "retfq",
@@ -157,13 +153,6 @@ const SENSITIVE_INTEL: &[&str] = &[
     "jmp fword ptr [rax]",
     "call fword ptr [rax]",
     "lgdt [rax]",
-    "rdfsbasel eax",
-    "rdgsbaseq rax",
-    "wrfsbasel eax",
-    "wrgsbasel eax",
-    "rdfsbaseq rax",
-    "wrfsbaseq rax",
-    "wrgsbaseq rax",
 ];
 
 /// Shares a mnemonic with a sensitive form but is ordinary.

@@ -2,7 +2,9 @@
 //! AT&T and Intel spellings) the assembler wrapper turns into sites, and the operand rule that
 //! decides for generic mnemonics (`mov`, `push`, `jmp`) whether a statement is sensitive.
 //!
-//! `rdtsc`/`rdtscp` are deliberately absent: the time class is not patched by default.
+//! `rdtsc`/`rdtscp` are deliberately absent: the time class is not patched by default. Forms
+//! GNU as rejects in 64-bit code (`pushfl`, `popfd`, `ljmpq`, `rdfsbasel` …) are absent too:
+//! only 64-bit code is rewritten.
 //! `tests/toolchain_table.rs` assembles every form listed here and checks that the rewriter's
 //! catalogue classifies the encoding as the same kind.
 
@@ -30,30 +32,30 @@ pub const TABLE: &[(&[&str], Rule)] = {
     &[
         (&["cli"], Fixed(Cli)),
         (&["sti"], Fixed(Sti)),
-        (&["pushf", "pushfq", "pushfw", "pushfl", "pushfd"], Fixed(Pushf)),
-        (&["popf", "popfq", "popfw", "popfl", "popfd"], Fixed(Popf)),
+        (&["pushf", "pushfq", "pushfw"], Fixed(Pushf)),
+        (&["popf", "popfq", "popfw"], Fixed(Popf)),
         (&["iret", "iretq", "iretl", "iretw", "iretd"], Fixed(Iret)),
         (&["mov", "movq", "movl", "movw"], MovSpecial),
         (&["clts"], Fixed(Clts)),
         (&["lmsw", "lmsww"], Fixed(Lmsw)),
         (&["smsw", "smsww", "smswl", "smswq"], Fixed(Smsw)),
-        (&["push", "pushq", "pushw", "pushl"], SegOperand(PushSeg)),
-        (&["pop", "popq", "popw", "popl"], SegOperand(PopSeg)),
-        (&["lgdt", "lgdtq", "lgdtl", "lgdtw"], Fixed(Lgdt)),
-        (&["lidt", "lidtq", "lidtl", "lidtw"], Fixed(Lidt)),
+        (&["push", "pushq", "pushw"], SegOperand(PushSeg)),
+        (&["pop", "popq", "popw"], SegOperand(PopSeg)),
+        (&["lgdt", "lgdtq"], Fixed(Lgdt)),
+        (&["lidt", "lidtq"], Fixed(Lidt)),
         (&["lldt", "lldtw"], Fixed(Lldt)),
         (&["ltr", "ltrw"], Fixed(Ltr)),
-        (&["sgdt", "sgdtq", "sgdtl", "sgdtw"], Fixed(Sgdt)),
-        (&["sidt", "sidtq", "sidtl", "sidtw"], Fixed(Sidt)),
+        (&["sgdt", "sgdtq"], Fixed(Sgdt)),
+        (&["sidt", "sidtq"], Fixed(Sidt)),
         (&["sldt", "sldtw", "sldtl", "sldtq"], Fixed(Sldt)),
         (&["str", "strw", "strl", "strq"], Fixed(Str)),
         (&["lar", "larw", "larl", "larq"], Fixed(Lar)),
         (&["lsl", "lslw", "lsll", "lslq"], Fixed(Lsl)),
         (&["verr", "verrw"], Fixed(Verr)),
         (&["verw", "verww"], Fixed(Verw)),
-        (&["lcall", "lcallq", "lcalll", "lcallw"], Fixed(FarCall)),
+        (&["lcall", "lcalll", "lcallw"], Fixed(FarCall)),
         (&["call"], FarOperand(FarCall)),
-        (&["ljmp", "ljmpq", "ljmpl", "ljmpw"], Fixed(FarJmp)),
+        (&["ljmp", "ljmpl", "ljmpw"], Fixed(FarJmp)),
         (&["jmp"], FarOperand(FarJmp)),
         (&["lret", "lretq", "lretl", "lretw", "retf", "retfq", "retfw", "retfd"], Fixed(FarRet)),
         (&["invlpg"], Fixed(Invlpg)),
@@ -69,10 +71,10 @@ pub const TABLE: &[(&[&str], Rule)] = {
         (&["cpuid"], Fixed(Cpuid)),
         (&["rdpmc"], Fixed(Rdpmc)),
         (&["xsetbv"], Fixed(Xsetbv)),
-        (&["rdfsbase", "rdfsbasel", "rdfsbaseq"], Fixed(Rdfsbase)),
-        (&["rdgsbase", "rdgsbasel", "rdgsbaseq"], Fixed(Rdgsbase)),
-        (&["wrfsbase", "wrfsbasel", "wrfsbaseq"], Fixed(Wrfsbase)),
-        (&["wrgsbase", "wrgsbasel", "wrgsbaseq"], Fixed(Wrgsbase)),
+        (&["rdfsbase"], Fixed(Rdfsbase)),
+        (&["rdgsbase"], Fixed(Rdgsbase)),
+        (&["wrfsbase"], Fixed(Wrfsbase)),
+        (&["wrgsbase"], Fixed(Wrgsbase)),
         (&["swapgs"], Fixed(Swapgs)),
         (&["hlt"], Fixed(Hlt)),
         (&["sysret", "sysretq", "sysretl"], Fixed(Sysret)),
