@@ -25,6 +25,8 @@ enum Command {
     Patch(previrt_postlink::cli::PatchArgs),
     /// Prove a post-link patch preserved the original: exit 0 pass, 1 fail, 2 bad input.
     Verify(previrt_postlink::cli::VerifyArgs),
+    /// Find MMIO and page-table accesses (rules, DWARF, a `run --profile` trace): annotations file, scores, memory-access sites.
+    Annotate(previrt_annotate::cli::AnnotateArgs),
 }
 
 fn main() {
@@ -40,5 +42,6 @@ fn main() {
         Command::Link(a) => std::process::exit(previrt_link::cli::run(&a)),
         Command::Patch(a) => std::process::exit(previrt_postlink::cli::patch_cmd(&a)),
         Command::Verify(a) => std::process::exit(previrt_postlink::cli::verify_cmd(&a)),
+        Command::Annotate(a) => std::process::exit(previrt_annotate::cli::run(&a)),
     }
 }

@@ -84,6 +84,7 @@ fn main() {
                 abi: AbiKind::Previrt,
                 stats: false,
                 stats_json: None,
+                profile: None,
             };
             let r = previrt_vmm::run(&args, Box::new(std::io::sink())).expect("guest run");
             (r.stats.wall.as_secs_f64() * 1e6 / N as f64, r.stats.exits())

@@ -13,6 +13,7 @@ pub mod devices;
 pub mod emulate;
 mod kick;
 pub mod layout;
+pub mod profile;
 pub mod pv;
 pub mod stats;
 mod vm;
@@ -76,6 +77,11 @@ pub struct RunArgs {
     /// Write the exit accounting as JSON to FILE (atomically).
     #[arg(long, value_name = "FILE")]
     pub stats_json: Option<PathBuf>,
+    /// Single-step the guest and write every MMIO and page-table access (RIP, address,
+    /// width, direction) to FILE as JSON, for `previrt annotate --profile` (slow: one exit
+    /// per instruction).
+    #[arg(long, value_name = "FILE")]
+    pub profile: Option<PathBuf>,
 }
 
 /// Parse "128M", "1G", "65536K" or bytes.

@@ -102,6 +102,8 @@ struct Vm {
     ud_stepping: bool,
     /// Registers are read and written through kvm_run (KVM_CAP_SYNC_REGS).
     sync_regs: bool,
+    /// `--profile`: single-stepping, tracing MMIO and page-table accesses.
+    profile: Option<crate::profile::Profile>,
 }
 
 /// Boot `args.kernel` and run it until it stops; console output goes to `out`.
@@ -216,11 +218,20 @@ pub fn run(args: &RunArgs, out: Box<dyn std::io::Write + Send>) -> Result<RunRes
         ud_bp: None,
         ud_stepping: false,
         sync_regs,
+        profile: args.profile.as_ref().map(|_| crate::profile::Profile::new(mem_size)),
     };
+    if vm.profile.is_some() {
+        let dbg = kvm_guest_debug { control: KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_SINGLESTEP, ..Default::default() };
+        vm.vcpu.set_guest_debug(&dbg).map_err(host("KVM_SET_GUEST_DEBUG (--profile)"))?;
+    }
     let start = Instant::now();
     let res = vm.run_loop();
     vm.stats.wall = start.elapsed();
     vm.bus.flush();
+    if let (Some(p), Some(path)) = (&vm.profile, &args.profile) {
+        let json = serde_json::to_vec_pretty(&p.to_json()).unwrap_or_default();
+        crate::stats::write_atomic(path, &json).map_err(|e| Error::Host(format!("cannot write {}: {e}", path.display())))?;
+    }
     match res {
         Ok(status) => Ok(RunResult { status, stats: vm.stats }),
         Err(Stop::Guest(msg)) => Err(Error::Guest { msg, stats: vm.stats }),
@@ -445,7 +456,7 @@ impl Vm {
                     None
                 }
                 After::UdBreakpoint => {
-                    self.ud_breakpoint()?;
+                    self.debug_exit()?;
                     None
                 }
                 After::Stop(Stop::Guest(m)) if m.is_empty() => {
@@ -485,8 +496,27 @@ impl Vm {
             // DR7: L0 enabled, execute breakpoint (R/W0 = 00, LEN0 = 00).
             dbg.arch.debugreg[7] = 1;
         }
+        if self.profile.is_some() {
+            dbg.control |= KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_SINGLESTEP;
+        }
         self.vcpu.set_guest_debug(&dbg).map_err(|e| Stop::Host(format!("KVM_SET_GUEST_DEBUG: {e}")))?;
         self.ud_bp = target;
+        Ok(())
+    }
+
+    /// A debug exit: a `--profile` single step (traced), the #UD-handler breakpoint, or the
+    /// step over the handler's first instruction.
+    fn debug_exit(&mut self) -> Result<(), Stop> {
+        if self.profile.is_none() {
+            return self.ud_breakpoint();
+        }
+        let (regs, sregs) = (self.regs()?, self.sregs()?);
+        if let Some(p) = &mut self.profile {
+            p.step(&self.mem, &regs, &sregs);
+        }
+        if self.ud_stepping || Some(regs.rip) == self.ud_bp {
+            return self.ud_breakpoint();
+        }
         Ok(())
     }
 

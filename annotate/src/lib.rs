@@ -1,0 +1,303 @@
+//! `previrt-annotate`: finds the memory accesses of a kernel that touch device memory (MMIO)
+//! or page tables, so they can become sites (kinds `mmio_read`, `mmio_write`, `pt_read`,
+//! `pt_write`) with no change to the kernel's source — what Afterburner did with hand-written
+//! macros.
+//!
+//! Three sources, combined per instruction address:
+//! - [`rules`]: known accessor functions (`readl`, `set_pte`, …), out of line or inlined;
+//! - [`debuginfo`]: DWARF — loads/stores through pointers to page-table entry types or to
+//!   volatile memory;
+//! - [`profile`]: the in-tree hypervisor's trace (`previrt run --profile`).
+//!
+//! Public API: [`analyse`] gives the [`Annotations`] (the documented JSON file,
+//! docs/annotations.md); [`score`] compares each source with a profile (recall, precision);
+//! [`emit::patch`] writes memory-access sites (producer 3) into a linked image by address;
+//! [`cli`] is `previrt annotate`.
+
+pub mod cli;
+pub mod debuginfo;
+pub mod emit;
+pub mod insn;
+pub mod profile;
+pub mod rules;
+
+use anyhow::{anyhow, Result};
+use debuginfo::DebugInfo;
+use insn::MemAccess;
+use object::{Object, ObjectSection, ObjectSymbol, SectionKind, SymbolKind};
+use profile::Profile;
+use rules::Target;
+use serde::Serialize;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+pub const FORMAT: &str = "previrt-annotations/1";
+
+/// Which source found an access.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Source {
+    Rules,
+    Dwarf,
+    Profile,
+}
+
+pub const SOURCES: [Source; 3] = [Source::Rules, Source::Dwarf, Source::Profile];
+
+impl Source {
+    pub fn name(self) -> &'static str {
+        match self {
+            Source::Rules => "rules",
+            Source::Dwarf => "dwarf",
+            Source::Profile => "profile",
+        }
+    }
+}
+
+/// One annotated memory access.
+#[derive(Debug, Clone, Serialize)]
+pub struct Access {
+    /// Address of the instruction (the image's virtual address).
+    pub address: u64,
+    pub insn_len: u8,
+    /// The instruction in AT&T syntax.
+    pub insn: String,
+    pub file: Option<String>,
+    pub line: Option<u32>,
+    pub function: Option<String>,
+    /// `mmio_read`, `mmio_write`, `pt_read` or `pt_write`.
+    pub kind: &'static str,
+    pub width: u8,
+    pub sources: BTreeSet<Source>,
+    /// Detail per source: the accessor (rules), the pointer variable (dwarf), the traced
+    /// count (profile).
+    pub why: BTreeMap<Source, String>,
+}
+
+/// A traced access that cannot be a site, with the reason.
+#[derive(Debug, Clone, Serialize)]
+pub struct Skipped {
+    pub rip: u64,
+    pub kind: String,
+    pub reason: &'static str,
+}
+
+/// The annotations file (`previrt-annotations/1`).
+#[derive(Debug, Clone, Serialize)]
+pub struct Annotations {
+    pub format: &'static str,
+    pub image: String,
+    /// False when the image has no DWARF line table: rules then see symbols only and DWARF
+    /// finds nothing.
+    pub debug_info: bool,
+    /// Accesses found by each source (an access found by several counts for each).
+    pub found: BTreeMap<Source, usize>,
+    pub accesses: Vec<Access>,
+    pub profile_skipped: Vec<Skipped>,
+}
+
+/// Analysis settings.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Page-table entry type names for the DWARF source.
+    pub pt_types: Vec<String>,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options { pt_types: debuginfo::PT_TYPES.iter().map(|s| s.to_string()).collect() }
+    }
+}
+
+/// The executable bytes and function symbols of a linked image.
+struct Image<'a> {
+    code: Vec<(u64, &'a [u8])>,
+    /// `(start, end, name)` sorted by start.
+    functions: Vec<(u64, u64, String)>,
+}
+
+impl<'a> Image<'a> {
+    fn read(file: &object::File<'a>) -> Image<'a> {
+        let code = file
+            .sections()
+            .filter(|s| s.kind() == SectionKind::Text)
+            .filter_map(|s| Some((s.address(), s.data().ok()?)))
+            .collect();
+        let mut functions: Vec<_> = file
+            .symbols()
+            .filter(|s| s.kind() == SymbolKind::Text && s.size() > 0)
+            .filter_map(|s| Some((s.address(), s.address() + s.size(), s.name().ok()?.to_string())))
+            .collect();
+        functions.sort();
+        Image { code, functions }
+    }
+
+    fn bytes(&self, begin: u64, end: u64) -> Option<&'a [u8]> {
+        let &(base, data) = self.code.iter().find(|(b, d)| (*b..*b + d.len() as u64).contains(&begin))?;
+        let end = end.min(base + data.len() as u64);
+        Some(&data[(begin - base) as usize..(end - base) as usize])
+    }
+
+    fn function(&self, addr: u64) -> Option<&str> {
+        let k = self.functions.partition_point(|f| f.0 <= addr).checked_sub(1)?;
+        let f = &self.functions[k];
+        (addr < f.1).then_some(f.2.as_str())
+    }
+}
+
+struct Found {
+    access: MemAccess,
+    target: Target,
+    why: BTreeMap<Source, String>,
+}
+
+/// Find the MMIO and page-table accesses of the linked image `data` (vmlinux, the example
+/// kernel) from the rules, its DWARF and, when given, a profile of a run.
+pub fn analyse(data: &[u8], image_name: &str, opts: &Options, profile: Option<&Profile>) -> Result<Annotations> {
+    let file = object::File::parse(data).map_err(|e| anyhow!("{image_name}: not an ELF file: {e}"))?;
+    if file.kind() != object::ObjectKind::Executable {
+        return Err(anyhow!("{image_name}: not a linked image (annotations are by address)"));
+    }
+    let img = Image::read(&file);
+    let dbg = DebugInfo::read(&file, &opts.pt_types)?;
+    let mut found: BTreeMap<u64, Found> = BTreeMap::new();
+    let mut add = |a: MemAccess, target: Target, src: Source, why: String| {
+        let f = found.entry(a.addr).or_insert_with(|| Found { access: a, target, why: BTreeMap::new() });
+        f.why.entry(src).or_insert(why);
+    };
+    // Rules: accessor bodies, out of line (symbols) and inlined (DWARF scopes).
+    let named = img.functions.iter().map(|(b, e, n)| (n.as_str(), vec![(*b, *e)]));
+    let inlined = dbg.scopes.iter().map(|s| (s.name.as_str(), s.ranges.clone()));
+    for (name, ranges) in named.chain(inlined) {
+        let Some(target) = rules::lookup(name) else { continue };
+        for (b, e) in ranges {
+            let Some(bytes) = img.bytes(b, e) else { continue };
+            insn::accesses_in(bytes, b, |a| add(a, target, Source::Rules, name.to_string()));
+        }
+    }
+    // DWARF: accesses based on a register that holds a typed pointer there.
+    for p in &dbg.pointers {
+        let Some(bytes) = img.bytes(p.begin, p.end) else { continue };
+        insn::accesses_in(bytes, p.begin, |a| {
+            if a.instr.memory_base().full_register() == p.reg {
+                add(a, p.target, Source::Dwarf, p.name.clone())
+            }
+        });
+    }
+    // Profile: every traced RIP that is a 64-bit memory access in this image.
+    let mut skipped = Vec::new();
+    for t in profile.map(|p| &p.accesses[..]).unwrap_or(&[]) {
+        let target = if t.kind.starts_with("mmio") { Target::Mmio } else { Target::PageTable };
+        let access = img.bytes(t.rip, t.rip + 15).and_then(|b| insn::decode_one(b, t.rip)).and_then(|i| MemAccess::of(&i));
+        let reason = match access {
+            _ if !t.code64 => "16/32-bit code (boot trampoline): no sites there",
+            None if img.bytes(t.rip, t.rip + 1).is_none() => "outside the image's code",
+            None => "not a load/store through an explicit memory operand (string or stack instruction)",
+            // A read-modify-write is traced once per direction; the site takes the write.
+            Some(a) => {
+                add(a, target, Source::Profile, format!("{} times", t.count));
+                continue;
+            }
+        };
+        skipped.push(Skipped { rip: t.rip, kind: t.kind.clone(), reason });
+    }
+    skipped.sort_by_key(|s| s.rip);
+    skipped.dedup_by_key(|s| s.rip);
+    let mut counts = BTreeMap::new();
+    let accesses: Vec<Access> = found
+        .into_values()
+        .map(|f| {
+            let (file, line) = dbg.line(f.access.addr).map(|(f, l)| (Some(f.to_string()), Some(l))).unwrap_or((None, None));
+            for s in f.why.keys() {
+                *counts.entry(*s).or_insert(0) += 1;
+            }
+            Access {
+                address: f.access.addr,
+                insn_len: f.access.len,
+                insn: f.access.text(),
+                file,
+                line,
+                function: img.function(f.access.addr).map(str::to_string),
+                kind: f.access.kind(f.target).name(),
+                width: f.access.width,
+                sources: f.why.keys().copied().collect(),
+                why: f.why,
+            }
+        })
+        .collect();
+    Ok(Annotations {
+        format: FORMAT,
+        image: image_name.to_string(),
+        debug_info: dbg.has_lines(),
+        found: counts,
+        accesses,
+        profile_skipped: skipped,
+    })
+}
+
+/// One source (or the static sources together) scored against a profile.
+#[derive(Debug, Clone, Serialize)]
+pub struct SourceScore {
+    pub source: String,
+    pub found: usize,
+    /// Found and traced.
+    pub true_sites: usize,
+    /// Found, executed in the run, never touched MMIO or a page table: false sites.
+    pub false_sites: Vec<FalseSite>,
+    /// Found but never executed in the run (the profile cannot tell).
+    pub not_executed: usize,
+    /// Traced but not found.
+    pub missed: Vec<u64>,
+    pub recall: f64,
+    pub precision: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct FalseSite {
+    pub address: u64,
+    pub function: Option<String>,
+    pub executed: u64,
+}
+
+/// The scores of every static source and their union against the profile's traced set.
+#[derive(Debug, Clone, Serialize)]
+pub struct Score {
+    /// Distinct traced instructions that can be sites (64-bit memory accesses).
+    pub traced: usize,
+    pub sources: Vec<SourceScore>,
+}
+
+pub fn score(ann: &Annotations, profile: &Profile) -> Score {
+    let traced: BTreeSet<u64> =
+        ann.accesses.iter().filter(|a| a.sources.contains(&Source::Profile)).map(|a| a.address).collect();
+    let executed: HashMap<u64, u64> = profile.executed();
+    let groups: [(&str, &[Source]); 3] =
+        [("rules", &[Source::Rules]), ("dwarf", &[Source::Dwarf]), ("rules+dwarf", &[Source::Rules, Source::Dwarf])];
+    let sources = groups
+        .iter()
+        .map(|(name, srcs)| {
+            let found: Vec<&Access> = ann.accesses.iter().filter(|a| srcs.iter().any(|s| a.sources.contains(s))).collect();
+            let hit: BTreeSet<u64> = found.iter().map(|a| a.address).filter(|a| traced.contains(a)).collect();
+            let false_sites: Vec<FalseSite> = found
+                .iter()
+                .filter(|a| !traced.contains(&a.address))
+                .filter_map(|a| {
+                    let n = *executed.get(&a.address)?;
+                    Some(FalseSite { address: a.address, function: a.function.clone(), executed: n })
+                })
+                .collect();
+            let not_executed = found.len() - hit.len() - false_sites.len();
+            let ratio = |n: usize, d: usize| if d == 0 { 1.0 } else { n as f64 / d as f64 };
+            SourceScore {
+                source: name.to_string(),
+                found: found.len(),
+                true_sites: hit.len(),
+                recall: ratio(hit.len(), traced.len()),
+                precision: ratio(hit.len(), hit.len() + false_sites.len()),
+                false_sites,
+                not_executed,
+                missed: traced.iter().filter(|a| !hit.contains(a)).copied().collect(),
+            }
+        })
+        .collect();
+    Score { traced: traced.len(), sources }
+}

@@ -1,0 +1,106 @@
+//! Source 1: known accessor functions. Linux (and the example kernel) reach device registers
+//! and page-table entries through a small set of helpers; any memory access inside one of
+//! them — an out-of-line copy (symbol) or an inlined body (DWARF `DW_TAG_inlined_subroutine`)
+//! — is such an access. The table is data: add a row to teach a new accessor.
+
+/// What kind of memory an accessor touches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Target {
+    Mmio,
+    PageTable,
+}
+
+/// How a rule matches a function name.
+#[derive(Debug, Clone, Copy)]
+pub enum Pattern {
+    Exact(&'static str),
+    Prefix(&'static str),
+}
+
+impl Pattern {
+    pub fn matches(self, name: &str) -> bool {
+        match self {
+            Pattern::Exact(n) => name == n,
+            Pattern::Prefix(p) => name.starts_with(p),
+        }
+    }
+}
+
+use Pattern::{Exact, Prefix};
+use Target::{Mmio, PageTable};
+
+/// Accessor functions: Linux's names (asm/io.h, asm-generic/io.h, asm/apic.h,
+/// asm/pgtable*.h, asm/paravirt.h native_* helpers) and the example kernel's.
+pub const RULES: &[(Pattern, Target)] = &[
+    (Exact("readb"), Mmio),
+    (Exact("readw"), Mmio),
+    (Exact("readl"), Mmio),
+    (Exact("readq"), Mmio),
+    (Exact("writeb"), Mmio),
+    (Exact("writew"), Mmio),
+    (Exact("writel"), Mmio),
+    (Exact("writeq"), Mmio),
+    (Prefix("__raw_read"), Mmio),
+    (Prefix("__raw_write"), Mmio),
+    (Prefix("readl_relaxed"), Mmio),
+    (Prefix("writel_relaxed"), Mmio),
+    (Prefix("ioread"), Mmio),
+    (Prefix("iowrite"), Mmio),
+    (Prefix("memcpy_fromio"), Mmio),
+    (Prefix("memcpy_toio"), Mmio),
+    (Prefix("memset_io"), Mmio),
+    (Exact("apic_read"), Mmio),
+    (Exact("apic_write"), Mmio),
+    (Exact("native_apic_mem_read"), Mmio),
+    (Exact("native_apic_mem_write"), Mmio),
+    (Exact("io_apic_read"), Mmio),
+    (Exact("io_apic_write"), Mmio),
+    (Exact("hpet_readl"), Mmio),
+    (Exact("hpet_writel"), Mmio),
+    (Exact("get_pte"), PageTable),
+    (Exact("set_pte"), PageTable),
+    (Prefix("native_set_pte"), PageTable),
+    (Prefix("native_set_pmd"), PageTable),
+    (Prefix("native_set_pud"), PageTable),
+    (Prefix("native_set_p4d"), PageTable),
+    (Prefix("native_set_pgd"), PageTable),
+    (Prefix("native_ptep_get"), PageTable),
+    (Prefix("native_pte_clear"), PageTable),
+    (Prefix("native_pmd_clear"), PageTable),
+    (Prefix("native_pud_clear"), PageTable),
+    (Prefix("native_ptep_get_and_clear"), PageTable),
+    (Prefix("native_pmdp_get_and_clear"), PageTable),
+    (Exact("set_pmd"), PageTable),
+    (Exact("set_pud"), PageTable),
+    (Exact("set_p4d"), PageTable),
+    (Exact("set_pgd"), PageTable),
+    (Exact("set_pte_at"), PageTable),
+    (Exact("ptep_get"), PageTable),
+    (Exact("pmdp_get"), PageTable),
+    (Exact("pte_clear"), PageTable),
+    (Exact("pmd_clear"), PageTable),
+    (Exact("ptep_set_wrprotect"), PageTable),
+    (Exact("ptep_get_and_clear"), PageTable),
+];
+
+/// The target of the first rule matching `name`.
+pub fn lookup(name: &str) -> Option<Target> {
+    RULES.iter().find(|(p, _)| p.matches(name)).map(|&(_, t)| t)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn table_matches_accessors_and_nothing_else() {
+        assert_eq!(lookup("readl"), Some(Mmio));
+        assert_eq!(lookup("ioread32be"), Some(Mmio));
+        assert_eq!(lookup("native_set_pte_at"), Some(PageTable));
+        assert_eq!(lookup("get_pte"), Some(PageTable));
+        assert_eq!(lookup("readlink"), None);
+        assert_eq!(lookup("pte_val"), None);
+        assert_eq!(lookup("memcpy"), None);
+    }
+}

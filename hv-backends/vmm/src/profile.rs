@@ -1,0 +1,217 @@
+//! `previrt run --profile FILE`: the hypervisor's own trace of every guest memory access that
+//! touches MMIO or a page-table page, by RIP — the ground truth `previrt annotate` maps back to
+//! source lines and scores its static sources against.
+//!
+//! Why single-stepping rather than write-protecting or unmapping pages: the LAPIC is emulated
+//! in the kernel (its accesses never exit to user space), a read-only memslot catches writes
+//! only, and a page-table page removed from the memslots breaks the host's own page walk. So
+//! the vCPU runs with `KVM_GUESTDBG_SINGLESTEP`; at each step the VMM decodes the instruction
+//! about to execute, computes its memory operands from the live registers, translates them
+//! through the guest's page tables and counts `(rip, page, direction, width)`. Page-table pages
+//! are those reachable from any CR3 the guest loads (re-walked after CR3 changes and after
+//! writes to upper-level tables); MMIO is any guest-physical address outside RAM. Pages are
+//! classified at the end, so a table zeroed before it is linked counts too.
+//!
+//! Output (`previrt-profile/1`, JSON): `{"format", "steps", "pt_pages", "accesses": [{"rip",
+//! "gpa", "width", "write", "code64", "kind", "count"}], "executed": [[rip, count], …]}` with `kind` one
+//! of `mmio_read`, `mmio_write`, `pt_read`, `pt_write`; documented in docs/annotations.md.
+
+use std::collections::HashMap;
+
+use iced_x86::{InstructionInfoFactory, OpAccess, Register};
+use kvm_bindings::{kvm_regs, kvm_sregs};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+use crate::emulate;
+
+pub const FORMAT: &str = "previrt-profile/1";
+const PAGE: u64 = 0x1000;
+const ADDR_MASK: u64 = 0x000f_ffff_ffff_f000;
+const PTE_P: u64 = 1;
+const PTE_PS: u64 = 1 << 7;
+const CR0_PG: u64 = 1 << 31;
+const EFER_LMA: u64 = 1 << 10;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct Key {
+    rip: u64,
+    page: u64,
+    write: bool,
+    width: u8,
+    /// Executed as 64-bit code (16/32-bit code, e.g. a boot trampoline, cannot hold sites).
+    code64: bool,
+}
+
+/// The trace being collected during one run.
+pub struct Profile {
+    ram_end: u64,
+    steps: u64,
+    /// Times each RIP was about to execute: tells an annotation that never touched MMIO or a
+    /// page table on an executed path (a false site) from one on a path the run never took.
+    executed: HashMap<u64, u64>,
+    /// Count and first guest-physical address per access key.
+    seen: HashMap<Key, (u64, u64)>,
+    /// Page-table pages ever seen, with their level (4 = PML4 … 1 = PT).
+    pt_pages: HashMap<u64, u8>,
+    cr3: u64,
+    /// Upper-level entries about to be written: `(entry gpa, table level, value before,
+    /// step)`. The new table is walked once the value changes — not at the next step, since
+    /// an interrupt may be delivered before the write executes.
+    pending: Vec<(u64, u8, u64, u64)>,
+    info: InstructionInfoFactory,
+}
+
+impl Profile {
+    pub fn new(ram_end: u64) -> Profile {
+        Profile {
+            ram_end,
+            steps: 0,
+            executed: HashMap::new(),
+            seen: HashMap::new(),
+            pt_pages: HashMap::new(),
+            cr3: u64::MAX,
+            pending: Vec::new(),
+            info: InstructionInfoFactory::new(),
+        }
+    }
+
+    /// One single-step exit: record the memory accesses of the instruction about to execute.
+    pub fn step(&mut self, mem: &GuestMemoryMmap, regs: &kvm_regs, sregs: &kvm_sregs) {
+        self.steps += 1;
+        let long_paging = sregs.cr0 & CR0_PG != 0 && sregs.efer & EFER_LMA != 0;
+        if long_paging && sregs.cr3 != self.cr3 {
+            self.cr3 = sregs.cr3;
+            self.walk(mem, sregs.cr3 & ADDR_MASK, 4);
+        }
+        self.follow_pending(mem);
+        let Ok(f) = emulate::fetch(mem, regs, sregs) else { return };
+        *self.executed.entry(f.rip).or_default() += 1;
+        let bits64 = sregs.cs.l == 1 && sregs.efer & EFER_LMA != 0;
+        let info = self.info.info(&f.insn);
+        let mut found = Vec::new();
+        for m in info.used_memory() {
+            let (read, write) = match m.access() {
+                OpAccess::Read | OpAccess::CondRead => (true, false),
+                OpAccess::Write | OpAccess::CondWrite => (false, true),
+                OpAccess::ReadWrite | OpAccess::ReadCondWrite => (true, true),
+                _ => continue,
+            };
+            let Some(la) = m.virtual_address(0, |r, _, _| reg_value(regs, sregs, bits64, r)) else { continue };
+            let Some(gpa) = emulate::translate(mem, sregs, la) else { continue };
+            let width = m.memory_size().size().min(255) as u8;
+            for (dir, on) in [(false, read), (true, write)] {
+                if on {
+                    found.push((Key { rip: f.rip, page: gpa & !(PAGE - 1), write: dir, width, code64: bits64 }, gpa));
+                }
+            }
+        }
+        for (k, gpa) in found {
+            // A write to an upper-level table may link a new table.
+            if let Some(&level) = self.pt_pages.get(&k.page).filter(|&&l| k.write && l > 1) {
+                let entry = gpa & !7;
+                let old = mem.read_obj::<u64>(GuestAddress(entry)).unwrap_or(0);
+                self.pending.push((entry, level, old, self.steps));
+            }
+            self.seen.entry(k).or_insert((0, gpa)).0 += 1;
+        }
+    }
+
+    /// Walk the tables newly linked by pending upper-level writes; forget writes that changed
+    /// nothing for a while.
+    fn follow_pending(&mut self, mem: &GuestMemoryMmap) {
+        const PATIENCE: u64 = 10_000;
+        let pending = std::mem::take(&mut self.pending);
+        for (entry, level, old, at) in pending {
+            let now = mem.read_obj::<u64>(GuestAddress(entry)).unwrap_or(old);
+            if now != old {
+                if now & PTE_P != 0 && (level == 4 || now & PTE_PS == 0) && now & ADDR_MASK < self.ram_end {
+                    self.walk(mem, now & ADDR_MASK, level - 1);
+                }
+            } else if self.steps - at < PATIENCE {
+                self.pending.push((entry, level, old, at));
+            }
+        }
+    }
+
+    fn walk(&mut self, mem: &GuestMemoryMmap, table: u64, level: u8) {
+        self.pt_pages.insert(table, level);
+        if level == 1 {
+            return;
+        }
+        for i in 0..512 {
+            let Ok(e) = mem.read_obj::<u64>(GuestAddress(table + i * 8)) else { return };
+            if e & PTE_P != 0 && (level == 4 || e & PTE_PS == 0) {
+                let next = e & ADDR_MASK;
+                if next < self.ram_end && next != table {
+                    self.walk(mem, next, level - 1);
+                }
+            }
+        }
+    }
+
+    fn kind(&self, k: &Key) -> Option<&'static str> {
+        let mmio = k.page >= self.ram_end;
+        match (mmio, self.pt_pages.contains_key(&k.page), k.write) {
+            (true, _, false) => Some("mmio_read"),
+            (true, _, true) => Some("mmio_write"),
+            (false, true, false) => Some("pt_read"),
+            (false, true, true) => Some("pt_write"),
+            _ => None,
+        }
+    }
+
+    /// The trace as `previrt-profile/1` JSON, accesses sorted by RIP.
+    pub fn to_json(&self) -> serde_json::Value {
+        let mut rows: Vec<_> = self.seen.iter().filter_map(|(k, &(n, gpa))| Some((k, n, gpa, self.kind(k)?))).collect();
+        rows.sort_by_key(|(k, _, gpa, _)| (k.rip, k.write, *gpa));
+        let accesses: Vec<_> = rows
+            .iter()
+            .map(|(k, n, gpa, kind)| {
+                serde_json::json!({"rip": k.rip, "gpa": gpa, "width": k.width, "write": k.write, "code64": k.code64, "kind": kind, "count": n})
+            })
+            .collect();
+        let mut executed: Vec<_> = self.executed.iter().map(|(&rip, &n)| [rip, n]).collect();
+        executed.sort_unstable();
+        serde_json::json!({"format": FORMAT, "steps": self.steps, "pt_pages": self.pt_pages.len(),
+            "accesses": accesses, "executed": executed})
+    }
+}
+
+/// A register's value for address computation; segment registers give their base (only FS
+/// and GS have one in 64-bit mode).
+fn reg_value(regs: &kvm_regs, sregs: &kvm_sregs, bits64: bool, r: Register) -> Option<u64> {
+    use Register::*;
+    if r.is_segment_register() {
+        let base = match r {
+            FS => sregs.fs.base,
+            GS => sregs.gs.base,
+            _ if bits64 => 0,
+            ES => sregs.es.base,
+            CS => sregs.cs.base,
+            SS => sregs.ss.base,
+            _ => sregs.ds.base,
+        };
+        return Some(base);
+    }
+    let full = match r.full_register() {
+        RAX => regs.rax,
+        RCX => regs.rcx,
+        RDX => regs.rdx,
+        RBX => regs.rbx,
+        RSP => regs.rsp,
+        RBP => regs.rbp,
+        RSI => regs.rsi,
+        RDI => regs.rdi,
+        R8 => regs.r8,
+        R9 => regs.r9,
+        R10 => regs.r10,
+        R11 => regs.r11,
+        R12 => regs.r12,
+        R13 => regs.r13,
+        R14 => regs.r14,
+        R15 => regs.r15,
+        _ => return Option::None, // `None` is a Register here
+    };
+    let bits = r.size() as u32 * 8;
+    Some(if bits >= 64 { full } else { full & ((1u64 << bits) - 1) })
+}
