@@ -11,6 +11,7 @@
 use crate::text::Narrow;
 use anyhow::{anyhow, Context, Result};
 use iced_x86::{Decoder, DecoderOptions};
+use previrt_rewriter::cli::UncoveredReport as Uncovered;
 use previrt_rewriter::elf::Elf;
 use previrt_rewriter::scan::{scan_elf, Hit};
 use previrt_rewriter::sites::{self, Reason};
@@ -19,18 +20,6 @@ use previrt_site_abi::SiteRecord;
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::path::Path;
-
-/// A sensitive instruction no site covers.
-#[derive(Debug, Clone, Serialize)]
-pub struct Uncovered {
-    pub section: String,
-    pub offset: u64,
-    pub function: Option<String>,
-    pub kind: &'static str,
-    /// `previrt_rewriter::sites::Reason` token (`no_site`, `code32`, …).
-    pub reason: &'static str,
-    pub detail: String,
-}
 
 /// A record whose site does not hold what the text side announced.
 #[derive(Debug, Clone, Serialize)]
