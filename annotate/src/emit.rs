@@ -13,7 +13,7 @@ use anyhow::{anyhow, bail, Result};
 use object::{Object, ObjectSection};
 use previrt_postlink::image::{Image, Loc};
 use previrt_postlink::plan::{Plan, PlannedSite};
-use previrt_site_abi::{Kind, Producer, SITES_SECTION};
+use previrt_site_abi::{flags, Kind, Producer, SITES_SECTION};
 
 /// Offset of `producer` in a chunk header.
 const PRODUCER_AT: usize = 12;
@@ -36,7 +36,7 @@ pub fn patch(data: &[u8], ann: &Annotations) -> Result<(Vec<u8>, usize)> {
             .ok_or_else(|| anyhow!("{:#x}: the image holds no `{}` there (annotations for another build?)", a.address, a.insn))?;
         let kind = Kind::from_name(a.kind).ok_or_else(|| anyhow!("{:#x}: unknown kind {}", a.address, a.kind))?;
         let mut rec = access.record(kind);
-        rec.flags |= previrt_rewriter::record::section_flags(&code.name);
+        rec.flags |= flags::TRAP | previrt_rewriter::record::section_flags(&code.name);
         plan.sites.push(PlannedSite { rec, site: loc, origin: loc, resume: Loc { sec: loc.sec, off: loc.off + a.insn_len as u64 } });
     }
     let n = plan.sites.len();

@@ -70,10 +70,11 @@ impl MemAccess {
 
     /// The operand fields of a memory-access site (`kind`, `flags`, lengths, `width`, the
     /// data register, base/index/scale/displacement), as docs/site-abi.md lays them out.
-    /// PC-relative fields stay 0 for the caller. `site_len` is `insn_len`: a trap site.
+    /// PC-relative fields stay 0 for the caller; `site_len` is `insn_len` (a caller with
+    /// scratch bytes sets its own, one without sets [`flags::TRAP`]).
     pub fn record(&self, kind: Kind) -> SiteRecord {
         let i = &self.instr;
-        let mut f = flags::MEM | flags::TRAP;
+        let mut f = flags::MEM;
         if self.write {
             f |= flags::WRITE;
         }

@@ -12,8 +12,10 @@
 //! Public API: [`analyse`] gives the [`Annotations`] (the documented JSON file,
 //! docs/annotations.md); [`score`] compares each source with a profile (recall, precision);
 //! [`emit::patch`] writes memory-access sites (producer 3) into a linked image by address;
-//! [`cli`] is `previrt annotate`.
+//! [`asm::LineAnnotations`] tells the toolchain's `as` which statements to make sites (by
+//! `file:line`); [`cli`] is `previrt annotate`.
 
+pub mod asm;
 pub mod cli;
 pub mod debuginfo;
 pub mod emit;

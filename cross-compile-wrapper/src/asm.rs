@@ -92,6 +92,14 @@ pub fn main(args: Vec<OsString>) -> i32 {
         code64: parsed.code64,
         intel: parsed.intel,
     });
+    match previrt_annotate::asm::LineAnnotations::from_env() {
+        None => {}
+        Some(Ok(a)) => rw = rw.with_annotations(a),
+        Some(Err(e)) => {
+            eprintln!("previrt as: {e:#}");
+            return 2;
+        }
+    }
     let inputs: Vec<Option<&OsStr>> = if parsed.inputs.is_empty() {
         vec![None]
     } else {

@@ -93,7 +93,12 @@ pub fn dispatch() -> Option<i32> {
                 let mut b = OsString::from("-B");
                 b.push(dir.as_os_str());
                 b.push("/");
-                exec(Command::new(name).arg(b).args(rest))
+                let (rest, annotations) = take_annotations(rest);
+                let mut cmd = Command::new(name);
+                if let Some(file) = annotations {
+                    cmd.env(previrt_annotate::asm::ENV, file);
+                }
+                exec(cmd.arg(b).args(rest))
             }
             None => {
                 eprintln!(
@@ -104,6 +109,22 @@ pub fn dispatch() -> Option<i32> {
             }
         },
     })
+}
+
+/// `--annotations FILE` (or `=FILE`) is ours, not gcc's: it reaches our `as` through the
+/// environment (`previrt annotate -o FILE` writes it).
+fn take_annotations(args: Vec<OsString>) -> (Vec<OsString>, Option<OsString>) {
+    let mut out = Vec::with_capacity(args.len());
+    let mut file = None;
+    let mut it = args.into_iter();
+    while let Some(a) = it.next() {
+        match a.to_str() {
+            Some("--annotations") => file = it.next(),
+            Some(s) if s.starts_with("--annotations=") => file = Some(s["--annotations=".len()..].into()),
+            _ => out.push(a),
+        }
+    }
+    (out, file)
 }
 
 fn exec(cmd: &mut Command) -> i32 {

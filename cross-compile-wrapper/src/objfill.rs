@@ -16,7 +16,7 @@ use previrt_rewriter::elf::Elf;
 use previrt_rewriter::scan::{scan_elf, Hit};
 use previrt_rewriter::sites::{self, Reason};
 use previrt_rewriter::{catalogue, record};
-use previrt_site_abi::SiteRecord;
+use previrt_site_abi::{Class, Kind, SiteRecord};
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -109,11 +109,21 @@ fn analyse(elf: &Elf<'_>, narrow: &[Narrow]) -> Result<(ObjectReport, Vec<(usize
         let mismatch = |problem: String| Mismatch { section: sec.name.to_string(), offset: off, problem };
         let bytes = sec.data.get(off as usize..).unwrap_or(&[]);
         let instr = Decoder::with_ip(64, bytes, off, DecoderOptions::NONE).decode();
-        let Some(entry) = catalogue::classify(&instr) else {
-            report.mismatches.push(mismatch(format!("site holds `{instr}`, not a sensitive instruction")));
-            continue;
+        // Memory-access sites come from annotations (`previrt annotate`): any load/store.
+        let memory_kind = Kind::from_u16(site.record.kind).filter(|k| k.class() == Class::MemoryAccess);
+        let (mut filled, name, want_site_len) = if let Some(k) = memory_kind {
+            let Some(m) = previrt_annotate::insn::MemAccess::of(&instr) else {
+                report.mismatches.push(mismatch(format!("site holds `{instr}`, not an annotated memory access")));
+                continue;
+            };
+            (m.record(k), k.name(), instr.len().max(usize::from(catalogue::CALL_REL32_LEN)) as u8)
+        } else {
+            let Some(entry) = catalogue::classify(&instr) else {
+                report.mismatches.push(mismatch(format!("site holds `{instr}`, not a sensitive instruction")));
+                continue;
+            };
+            (record::operands(&instr, entry, 64), entry.name(), entry.site_len(instr.len()))
         };
-        let mut filled = record::operands(&instr, entry, 64);
         filled.flags |= record::section_flags(&sec.name);
         // Lengths stay as assembled: the padding and the save slot were laid out with them.
         let filled = SiteRecord {
@@ -121,16 +131,16 @@ fn analyse(elf: &Elf<'_>, narrow: &[Narrow]) -> Result<(ObjectReport, Vec<(usize
             insn_len: site.record.insn_len,
             ..keep_targets(filled, &site.record)
         };
-        if instr.len() != usize::from(site.record.insn_len) || entry.site_len(instr.len()) != site.record.site_len {
+        if instr.len() != usize::from(site.record.insn_len) || want_site_len != site.record.site_len {
             report.mismatches.push(mismatch(format!(
                 "assembled insn {} site {} bytes, catalogue wants insn {} site {}",
                 site.record.insn_len,
                 site.record.site_len,
                 instr.len(),
-                entry.site_len(instr.len())
+                want_site_len
             )));
         }
-        *report.sites.entry(entry.name()).or_default() += 1;
+        *report.sites.entry(name).or_default() += 1;
         report.padding_bytes += u64::from(site.record.site_len.saturating_sub(site.record.insn_len));
         if filled != site.record {
             patches.push((table_base + site.record_offset, filled.to_bytes().to_vec()));

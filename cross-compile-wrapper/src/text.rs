@@ -18,6 +18,7 @@
 //! assembled bytes. Input the lexer does not understand is left unchanged and reported.
 
 use crate::mnemonics;
+use previrt_annotate::asm::LineAnnotations;
 use iced_x86::{Decoder, DecoderOptions};
 use previrt_rewriter::catalogue;
 use previrt_site_abi::{Kind, Producer, ABI_VERSION, CHUNK_MAGIC, RECORD_SIZE, SAVE_SECTION, SITES_SECTION};
@@ -126,6 +127,8 @@ pub struct Rewriter {
     in_block_comment: bool,
     file: String,
     line_no: usize,
+    /// Source lines whose memory accesses become sites (`previrt annotate`).
+    annotations: Option<LineAnnotations>,
 }
 
 impl Rewriter {
@@ -148,7 +151,14 @@ impl Rewriter {
             in_block_comment: false,
             file: String::new(),
             line_no: 0,
+            annotations: None,
         }
+    }
+
+    /// Also make sites of the loads/stores at these annotated source lines.
+    pub fn with_annotations(mut self, a: LineAnnotations) -> Rewriter {
+        self.annotations = Some(a);
+        self
     }
 
     /// Rewrite one input file. `name`, when given, is announced with a line marker so that
@@ -336,11 +346,14 @@ impl Rewriter {
             word = next.to_ascii_lowercase();
             rest = after;
         }
-        let Some(rule) = mnemonics::rule(&word) else { return Parsed::Other };
         if rest.trim_start().starts_with('=') {
             return Parsed::Other; // `cli = 3` is a symbol assignment
         }
-        let Some(kind) = mnemonics::classify(rule, &split_operands(rest)) else { return Parsed::Other };
+        let ops = split_operands(rest);
+        let annotated = || self.annotations.as_ref().filter(|_| self.intel.is_none())?.memory_site(&word, &ops);
+        let Some(kind) = mnemonics::rule(&word).and_then(|r| mnemonics::classify(r, &ops)).or_else(annotated) else {
+            return Parsed::Other;
+        };
         self.site_here(body_at, kind)
     }
 
@@ -358,6 +371,9 @@ impl Rewriter {
     }
 
     fn directive(&mut self, name: &str, args: &str) {
+        if let Some(a) = &mut self.annotations {
+            a.directive(name, args);
+        }
         match name {
             ".macro" => {
                 self.macro_depth += 1;
