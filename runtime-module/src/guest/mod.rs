@@ -303,12 +303,13 @@ const _: () = assert!(core::mem::size_of::<Regs>() == 168);
 // (site + 5) and the site's %rsp is rsp + 8. It saves a `Regs` frame below the return address
 // (16 GPRs, then an iretq frame), runs `$off` to turn interrupts off for the dispatch (it may
 // use %rax and %rcx, already saved), calls `$dispatch` with 16-byte stack alignment and DF
-// clear, restores the GPRs and returns through the iretq frame — which restores RFLAGS (IF, DF)
-// and RSP and goes to the resume address, the out-of-line slot, or wherever an emulated iret
-// goes. Flags are not touched before they are saved (lea/mov only). The trace stub below and
-// the Xen PV stub (crate::xen) are this text with their own `$off` and dispatcher.
+// clear, restores the GPRs and returns through the iretq frame with `$exit` — which restores
+// RFLAGS (IF, DF) and RSP and goes to the resume address, the out-of-line slot, or wherever an
+// emulated iret goes. Flags are not touched before they are saved (lea/mov only). The trace
+// stub below (`cli`, `iretq`) and the Xen PV stub (crate::xen) are this text with their own
+// `$off`, dispatcher and `$exit`.
 macro_rules! site_stub {
-    ($off:literal, $dispatch:literal) => {
+    ($off:literal, $dispatch:literal, $exit:literal) => {
         concat!(
             r#"    leaq -168(%rsp), %rsp
     movq %rax, 0(%rsp)
@@ -361,8 +362,8 @@ macro_rules! site_stub {
     movq 112(%rsp), %r14
     movq 120(%rsp), %r15
     leaq 128(%rsp), %rsp
-    iretq
-"#
+"#,
+            $exit
         )
     };
 }
@@ -374,7 +375,7 @@ core::arch::global_asm!(
         ".section .text.previrt_trace, \"ax\", @progbits\n",
         ".globl previrt_trace_entry\n",
         "previrt_trace_entry:\n",
-        site_stub!("    cli\n", "previrt_trace_dispatch"),
+        site_stub!("    cli\n", "previrt_trace_dispatch", "    iretq\n"),
         ".text\n"
     ),
     options(att_syntax, raw)

@@ -6,37 +6,25 @@
 //! Exceptions and upcalls arrive on the current stack with `%rcx` and `%r11` pushed above a
 //! hardware-style frame (`rip, cs, rflags, rsp, ss`, after the error code if any); the
 //! trampolines pop them so the kernel's own IDT handlers see what hardware would push.
-//! Every return is a plain `iretq` (guest kernel to guest kernel, both ring 3): the Rust halves
-//! restore the event mask first and have pending events delivered (a nested upcall) before it.
+//! Returns to the kernel (`xen_iret`): the Rust halves set the event mask from the frame's
+//! virtual IF and leave CS with RPL 3 for a plain `iretq` (guest kernel to guest kernel, both
+//! ring 3), or — when that unmasks events and some are pending — with RPL 0, meaning "kernel
+//! mode" to the `iret` hypercall, which unmasks atomically and delivers them at the interrupted
+//! instruction, as hardware delivers an interrupt right after `sti`.
 
-// Sites call here: the shared site stub (guest::site_stub); the virtual interrupt flag
-// (vcpu_info.evtchn_upcall_mask, set to 1 for the dispatch) goes into the saved RFLAGS.IF, and
-// the dispatcher sets the mask for the way out.
 core::arch::global_asm!(
     concat!(
-        ".section .text.previrt_xen, \"ax\", @progbits\n",
-        ".globl previrt_xen_stub\n",
-        "previrt_xen_stub:\n",
-        crate::guest::site_stub!(
-            r#"    movq previrt_xen_vcpu(%rip), %rax
-    movb $1, %cl
-    xchgb %cl, 1(%rax)
-    andq $~0x200, 144(%rsp)
-    testb %cl, %cl
-    jnz 1f
-    orq $0x200, 144(%rsp)
-1:
-"#,
-            "previrt_xen_dispatch"
-        ),
-        ".text\n"
-    ),
-    options(att_syntax, raw)
-);
-
-core::arch::global_asm!(
-    r#"
+        r#"
     .section .text.previrt_xen, "ax", @progbits
+
+    /* Return through the interrupt frame at (%rsp), as the Rust half chose (see above). */
+    .macro xen_iret
+    testb $3, 8(%rsp)
+    jz 9f
+    iretq
+9:  pushq $0
+    jmp previrt_xen_hypercall_page + 23 * 32
+    .endm
 
     .globl previrt_xen_entry
 previrt_xen_entry:
@@ -47,6 +35,26 @@ previrt_xen_entry:
     movq %rax, %rdi
     movabsq $__previrt_kernel_entry64, %rax
     jmp *%rax
+
+    /* Sites call here: the shared site stub; the virtual interrupt flag
+       (vcpu_info.evtchn_upcall_mask, set to 1 for the dispatch) goes into the saved RFLAGS.IF. */
+    .globl previrt_xen_stub
+previrt_xen_stub:
+"#,
+        crate::guest::site_stub!(
+            r#"    movq previrt_xen_vcpu(%rip), %rax
+    movb $1, %cl
+    xchgb %cl, 1(%rax)
+    andq $~0x200, 144(%rsp)
+    testb %cl, %cl
+    jnz 1f
+    orq $0x200, 144(%rsp)
+1:
+"#,
+            "previrt_xen_dispatch",
+            "    xen_iret\n"
+        ),
+        r#"
 
     /* Save the caller-saved registers (and %rbx, used to realign) around a Rust call, which
        gets the address of the interrupt frame above them in %rdi. */
@@ -93,7 +101,7 @@ previrt_xen_upcall:
     popq %rax
     je 1f
     jmp *previrt_xen_deliver(%rip)
-1:  iretq
+1:  xen_iret
 
     /* #PF: a fault on a page the kernel maps but the shadow does not yet is fixed and
        retried; anything else goes to the kernel's handler. */
@@ -107,7 +115,7 @@ previrt_xen_page_fault_entry:
     popq %rax
     jz 1f
     leaq 8(%rsp), %rsp
-    iretq
+    xen_iret
 1:  jmp *(previrt_xen_vectors + 14 * 8)(%rip)
 
     /* Exception vectors 0..31: 16 bytes each, to the kernel's IDT handler. */
@@ -138,6 +146,7 @@ previrt_xen_lapic: .skip 4096
 xen_boot_stack: .skip 16384
 xen_boot_stack_top:
     .text
-"#,
+"#
+    ),
     options(att_syntax, raw)
 );

@@ -342,27 +342,31 @@ extern "C" fn previrt_xen_dispatch(regs: &mut Regs) {
     regs.cs = x.selector(regs.cs as u16) as u64;
     regs.ss = x.selector(regs.ss as u16) as u64;
     regs.iret_rsp = regs.gpr[gpr::RSP];
-    leave(regs.rflags);
+    exit_frame(&mut regs.cs, regs.rflags);
 }
 
-/// Set the event mask for returning to code with RFLAGS `rflags` (virtual IF). When that
-/// unmasks events and some are pending, a hypercall makes Xen deliver them now (the upcall
-/// nests here, as a hardware interrupt would arrive right after `sti`).
-fn leave(image: u64) {
+/// Prepare the return through an interrupt frame (`xen_iret` in entry.rs): the event mask
+/// follows the frame's virtual IF; CS keeps RPL 3 for a plain `iretq`, or gets RPL 0 (kernel
+/// mode to the `iret` hypercall, which unmasks atomically and delivers at the interrupted
+/// instruction) when unmasking finds events pending.
+fn exit_frame(cs: &mut u64, rflags_image: u64) {
     let v = vcpu();
-    let on = image & rflags::IF != 0;
+    let on = rflags_image & rflags::IF != 0;
+    *cs |= 3;
     // SAFETY (volatile accesses): shared with Xen.
     unsafe {
         core::ptr::addr_of_mut!(v.upcall_mask).write_volatile(!on as u8);
         core::sync::atomic::fence(core::sync::atomic::Ordering::SeqCst);
         if on && core::ptr::addr_of!(v.upcall_pending).read_volatile() != 0 {
-            abi::call(Hypercall::XenVersion, [0; 5]);
+            core::ptr::addr_of_mut!(v.upcall_mask).write_volatile(1);
+            *cs &= !3;
+            abi::COUNTS[Hypercall::Iret as usize].fetch_add(1, core::sync::atomic::Ordering::Relaxed);
         }
     }
 }
 
 /// An interrupt frame as Xen bounces it (after %rcx/%r11): rip, cs, rflags, rsp, ss.
-/// Xen writes kernel-mode selectors with RPL 0; the hardware `iretq` needs RPL 3.
+/// Xen writes kernel-mode selectors with RPL 0; a hardware `iretq` needs RPL 3.
 #[repr(C)]
 pub struct Frame {
     rip: u64,
@@ -373,11 +377,10 @@ pub struct Frame {
 }
 
 impl Frame {
-    /// Prepare the frame for the assembly's `iretq` back to the interrupted code.
+    /// Prepare the frame for the return to the interrupted code.
     fn resume(&mut self) {
-        self.cs |= 3;
         self.ss |= 3;
-        leave(self.rflags);
+        exit_frame(&mut self.cs, self.rflags);
     }
 }
 
