@@ -138,8 +138,10 @@ fn link_leaves_its_input_alone_and_refuses_bad_input() {
     let input = k.dir.join("kernel/kernel-pvh.elf");
     let before = std::fs::read(&input).unwrap();
     let out = k.dir.join("linked-again.elf");
-    link(&input, &out, "native");
+    assert_eq!(link(&input, &out, "native")["multiboot_header"], false);
     assert_eq!(std::fs::read(&input).unwrap(), before, "previrt link modified its input");
+    // The multiboot image links too, with a note that multiboot loaders bypass the runtime.
+    assert_eq!(link(&k.dir.join("kernel/kernel.elf"), &out, "native")["multiboot_header"], true);
 
     let garbage = k.dir.join("garbage.bin");
     std::fs::write(&garbage, b"not an elf at all").unwrap();

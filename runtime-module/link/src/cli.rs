@@ -34,6 +34,7 @@ pub fn run(a: &LinkArgs) -> i32 {
                 "kinds": r.kinds.iter().map(|(k, (all, long))| (k.to_string(), serde_json::json!({"sites": all, "long_mode": long}))).collect::<serde_json::Map<_, _>>(),
                 "kernel_pvh_entry": r.kernel_pvh_entry,
                 "runtime_pvh_entry": r.runtime_pvh_entry, "default_backend": a.backend,
+                "multiboot_header": r.multiboot,
                 "xen_pv": r.xen_pv.map(|x| serde_json::json!({"entry": x.entry, "hypercall_page": x.hypercall_page})),
             });
             println!("{v}");
@@ -45,6 +46,9 @@ pub fn run(a: &LinkArgs) -> i32 {
                 a.kernel.display(), a.output.display(), r.runtime_virt, r.runtime_phys, r.runtime_file_size,
                 r.runtime_mem_size, r.sites, r.kernel_pvh_entry, r.runtime_pvh_entry, a.backend
             );
+            if r.multiboot {
+                println!("previrt link: note: the kernel also has a multiboot header; loaders that prefer it (QEMU -kernel) bypass the runtime");
+            }
             if let Some(x) = r.xen_pv {
                 println!("previrt link: Xen PV notes: entry {:#x}, hypercall page {:#x}", x.entry, x.hypercall_page);
             }

@@ -73,6 +73,9 @@ pub struct LinkReport {
     pub default_backend: DefaultBackend,
     /// The Xen PV notes' addresses, when they were added (docs/xen-pv.md).
     pub xen_pv: Option<xen_notes::XenPv>,
+    /// The kernel also has a multiboot header: loaders that prefer multiboot (QEMU's
+    /// `-kernel`) enter there and bypass the runtime.
+    pub multiboot: bool,
 }
 
 /// The facts about a kernel ELF that linking needs.
@@ -280,6 +283,16 @@ pub fn link(input: &Path, output: &Path, backend: DefaultBackend, xen: bool) -> 
         runtime_pvh_entry: entry_phys,
         default_backend: backend,
         xen_pv,
+        multiboot: has_multiboot_header(&data),
+    })
+}
+
+/// A multiboot v1 header: magic 0x1BADB002 at a 4-byte boundary in the first 8 KiB, with
+/// magic + flags + checksum = 0.
+fn has_multiboot_header(data: &[u8]) -> bool {
+    let word = |at: usize| u32::from_le_bytes(data[at..at + 4].try_into().unwrap());
+    (0..data.len().min(8192).saturating_sub(11)).step_by(4).any(|at| {
+        word(at) == 0x1bad_b002 && word(at).wrapping_add(word(at + 4)).wrapping_add(word(at + 8)) == 0
     })
 }
 
