@@ -55,8 +55,8 @@ impl LineAnnotations {
 
     pub fn read(path: &Path) -> Result<LineAnnotations> {
         let text = std::fs::read(path).with_context(|| format!("cannot read annotations {}", path.display()))?;
-        let f: FileForm =
-            serde_json::from_slice(&text).with_context(|| format!("{}: not a previrt annotations file", path.display()))?;
+        let f: FileForm = serde_json::from_slice(&text)
+            .with_context(|| format!("{}: not a previrt annotations file", path.display()))?;
         let mut a = LineAnnotations::default();
         for e in f.accesses {
             let (Some(file), Some(line)) = (e.file, e.line) else { continue };

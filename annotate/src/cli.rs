@@ -102,7 +102,10 @@ fn print_summary(ann: &Annotations, sc: Option<&Score>, patched: Option<usize>) 
     }
     if let Some(sc) = sc {
         println!("against the profile ({} traced instructions):", sc.traced);
-        println!("  {:12} {:>6} {:>6} {:>6} {:>8} {:>8} {:>9}", "source", "found", "true", "false", "unexec", "recall", "precision");
+        println!(
+            "  {:12} {:>6} {:>6} {:>6} {:>8} {:>8} {:>9}",
+            "source", "found", "true", "false", "unexec", "recall", "precision"
+        );
         for s in &sc.sources {
             println!(
                 "  {:12} {:>6} {:>6} {:>6} {:>8} {:>7.1}% {:>8.1}%",

@@ -118,7 +118,12 @@ impl DebugInfo {
         Ok(())
     }
 
-    fn read_entries<'a>(&mut self, dwarf: &gimli::Dwarf<R<'a>>, unit: &gimli::Unit<R<'a>>, pt_types: &[String]) -> Result<()> {
+    fn read_entries<'a>(
+        &mut self,
+        dwarf: &gimli::Dwarf<R<'a>>,
+        unit: &gimli::Unit<R<'a>>,
+        pt_types: &[String],
+    ) -> Result<()> {
         // Ranges of the enclosing scopes, innermost last, with their depth.
         let mut stack: Vec<(isize, Vec<(u64, u64)>)> = Vec::new();
         let mut cursor = unit.entries();
@@ -187,14 +192,21 @@ fn file_path(
 }
 
 /// The entry itself or, for inlined/concrete copies, its abstract origin.
-fn origin<'a>(unit: &gimli::Unit<R<'a>>, e: &gimli::DebuggingInformationEntry<R<'a>>) -> Option<gimli::DebuggingInformationEntry<R<'a>>> {
+fn origin<'a>(
+    unit: &gimli::Unit<R<'a>>,
+    e: &gimli::DebuggingInformationEntry<R<'a>>,
+) -> Option<gimli::DebuggingInformationEntry<R<'a>>> {
     match e.attr_value(gimli::DW_AT_abstract_origin)? {
         AttributeValue::UnitRef(o) => unit.entry(o).ok(),
         _ => None,
     }
 }
 
-fn name_of<'a>(dwarf: &gimli::Dwarf<R<'a>>, unit: &gimli::Unit<R<'a>>, e: &gimli::DebuggingInformationEntry<R<'a>>) -> Option<String> {
+fn name_of<'a>(
+    dwarf: &gimli::Dwarf<R<'a>>,
+    unit: &gimli::Unit<R<'a>>,
+    e: &gimli::DebuggingInformationEntry<R<'a>>,
+) -> Option<String> {
     let v = match e.attr_value(gimli::DW_AT_name) {
         Some(v) => v,
         None => return origin(unit, e).and_then(|o| name_of(dwarf, unit, &o)),
@@ -211,7 +223,12 @@ fn type_of<'a>(unit: &gimli::Unit<R<'a>>, e: &gimli::DebuggingInformationEntry<R
 }
 
 /// For a pointer type (through typedefs and qualifiers): what its pointee is.
-fn pointee_target<'a>(dwarf: &gimli::Dwarf<R<'a>>, unit: &gimli::Unit<R<'a>>, ty: UnitOffset, pt_types: &[String]) -> Option<Target> {
+fn pointee_target<'a>(
+    dwarf: &gimli::Dwarf<R<'a>>,
+    unit: &gimli::Unit<R<'a>>,
+    ty: UnitOffset,
+    pt_types: &[String],
+) -> Option<Target> {
     let mut cur = unit.entry(ty).ok()?;
     // Up to the pointer itself.
     for _ in 0..8 {
@@ -231,7 +248,7 @@ fn pointee_target<'a>(dwarf: &gimli::Dwarf<R<'a>>, unit: &gimli::Unit<R<'a>>, ty
         // `volatile void *` has a volatile type without DW_AT_type.
         let e = unit.entry(next?).ok()?;
         let named = |e: &gimli::DebuggingInformationEntry<R<'a>>| {
-            name_of(dwarf, unit, e).is_some_and(|n| pt_types.iter().any(|t| *t == n))
+            name_of(dwarf, unit, e).is_some_and(|n| pt_types.contains(&n))
         };
         match e.tag() {
             gimli::DW_TAG_volatile_type => return Some(Target::Mmio),
@@ -252,7 +269,9 @@ fn register_of(expr: gimli::Expression<R<'_>>, enc: gimli::Encoding) -> Option<R
     let mut ops = expr.operations(enc);
     let reg = match ops.next().ok()?? {
         Operation::Register { register } => Some(register),
-        Operation::RegisterOffset { register, .. } if matches!(ops.next(), Ok(Some(Operation::StackValue))) => Some(register),
+        Operation::RegisterOffset { register, .. } if matches!(ops.next(), Ok(Some(Operation::StackValue))) => {
+            Some(register)
+        }
         _ => None,
     }?;
     if ops.next().ok()?.is_some() {

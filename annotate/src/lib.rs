@@ -189,7 +189,8 @@ pub fn analyse(data: &[u8], image_name: &str, opts: &Options, profile: Option<&P
     let mut skipped = Vec::new();
     for t in profile.map(|p| &p.accesses[..]).unwrap_or(&[]) {
         let target = if t.kind.starts_with("mmio") { Target::Mmio } else { Target::PageTable };
-        let access = img.bytes(t.rip, t.rip + 15).and_then(|b| insn::decode_one(b, t.rip)).and_then(|i| MemAccess::of(&i));
+        let access =
+            img.bytes(t.rip, t.rip + 15).and_then(|b| insn::decode_one(b, t.rip)).and_then(|i| MemAccess::of(&i));
         let reason = match access {
             _ if !t.code64 => "16/32-bit code (boot trampoline): no sites there",
             None if img.bytes(t.rip, t.rip + 1).is_none() => "outside the image's code",
@@ -208,7 +209,8 @@ pub fn analyse(data: &[u8], image_name: &str, opts: &Options, profile: Option<&P
     let accesses: Vec<Access> = found
         .into_values()
         .map(|f| {
-            let (file, line) = dbg.line(f.access.addr).map(|(f, l)| (Some(f.to_string()), Some(l))).unwrap_or((None, None));
+            let (file, line) =
+                dbg.line(f.access.addr).map(|(f, l)| (Some(f.to_string()), Some(l))).unwrap_or((None, None));
             for s in f.why.keys() {
                 *counts.entry(*s).or_insert(0) += 1;
             }
@@ -277,7 +279,8 @@ pub fn score(ann: &Annotations, profile: &Profile) -> Score {
     let sources = groups
         .iter()
         .map(|(name, srcs)| {
-            let found: Vec<&Access> = ann.accesses.iter().filter(|a| srcs.iter().any(|s| a.sources.contains(s))).collect();
+            let found: Vec<&Access> =
+                ann.accesses.iter().filter(|a| srcs.iter().any(|s| a.sources.contains(s))).collect();
             let hit: BTreeSet<u64> = found.iter().map(|a| a.address).filter(|a| traced.contains(a)).collect();
             let false_sites: Vec<FalseSite> = found
                 .iter()

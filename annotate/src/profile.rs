@@ -35,7 +35,8 @@ pub struct Profile {
 impl Profile {
     pub fn read(path: &Path) -> Result<Profile> {
         let text = std::fs::read(path).with_context(|| format!("cannot read profile {}", path.display()))?;
-        let p: Profile = serde_json::from_slice(&text).with_context(|| format!("{}: not a previrt profile", path.display()))?;
+        let p: Profile =
+            serde_json::from_slice(&text).with_context(|| format!("{}: not a previrt profile", path.display()))?;
         if p.format != FORMAT {
             bail!("{}: profile format {:?}, expected {FORMAT:?}", path.display(), p.format);
         }

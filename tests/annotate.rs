@@ -1,0 +1,209 @@
+//! `previrt annotate` on the example kernel: the static sources (rules, DWARF) against the
+//! kernel's own accessor definitions and against the in-tree hypervisor's trace
+//! (`previrt run --profile`), and both emission paths — trap sites by address in the linked
+//! image, and sites by `file:line` through the toolchain's `as` — with the kernels still
+//! behaving exactly like the plain build.
+
+mod common;
+
+use common::{deterministic_lines, example_kernel, kernel_src, run_qemu};
+use previrt_rewriter::elf::Elf;
+use previrt_site_abi::{flags, Kind, Producer};
+use serde_json::Value;
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn previrt(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_previrt")).args(args).output().expect("running previrt")
+}
+
+fn json_of(o: &Output) -> Value {
+    assert!(o.status.success(), "previrt failed: {}", String::from_utf8_lossy(&o.stderr));
+    serde_json::from_slice(&o.stdout).expect("--json output")
+}
+
+fn scratch(name: &str) -> PathBuf {
+    let d = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("annotate-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+/// The annotations file for `image` (rules and DWARF only).
+fn annotations(image: &Path, out: &Path) -> Value {
+    let o = previrt(&["annotate", s(image), "-o", s(out)]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    serde_json::from_slice(&std::fs::read(out).unwrap()).unwrap()
+}
+
+/// Lines of the kernel's accessor definitions that do the access: `movl` in readl/writel
+/// (include/io.h), READ_ONCE/WRITE_ONCE in get_pte/set_pte (include/mm.h).
+fn accessor_lines() -> BTreeSet<(String, u64, &'static str)> {
+    let mut want = BTreeSet::new();
+    for (file, needle, class) in
+        [("io.h", "asm volatile(\"movl", "mmio"), ("mm.h", "READ_ONCE(ptep", "pt"), ("mm.h", "WRITE_ONCE(ptep", "pt")]
+    {
+        let path = kernel_src().join("include").join(file);
+        for (i, l) in std::fs::read_to_string(&path).unwrap().lines().enumerate() {
+            if l.contains(needle) {
+                want.insert((path.display().to_string(), i as u64 + 1, class));
+            }
+        }
+    }
+    want
+}
+
+#[test]
+fn static_sources_find_exactly_the_accessor_lines() {
+    let k = example_kernel();
+    let d = scratch("static");
+    let ann = annotations(&k.pvh_elf(), &d.join("ann.json"));
+    assert_eq!(ann["format"], "previrt-annotations/1");
+    assert_eq!(ann["debug_info"], true, "the example kernel is built with -g");
+    let accesses = ann["accesses"].as_array().unwrap();
+    let got: BTreeSet<(String, u64, &str)> = accesses
+        .iter()
+        .map(|a| {
+            let class = if a["kind"].as_str().unwrap().starts_with("mmio") { "mmio" } else { "pt" };
+            (a["file"].as_str().unwrap().to_string(), a["line"].as_u64().unwrap(), class)
+        })
+        .collect();
+    assert_eq!(got, accessor_lines(), "annotated source lines");
+    for a in accesses {
+        let srcs: Vec<&str> = a["sources"].as_array().unwrap().iter().map(|v| v.as_str().unwrap()).collect();
+        assert!(srcs.contains(&"rules"), "every access is inside an accessor: {a}");
+        let insn = a["insn"].as_str().unwrap();
+        let write = a["kind"].as_str().unwrap().ends_with("write");
+        // AT&T: a store names memory last.
+        assert_eq!(write, insn.trim_end().ends_with(')'), "direction of {insn}");
+        assert!([4, 8].contains(&a["width"].as_u64().unwrap()), "{a}");
+    }
+    let dwarf = accesses.iter().filter(|a| a["sources"].as_array().unwrap().iter().any(|v| v == "dwarf")).count();
+    assert!(dwarf * 10 >= accesses.len() * 8, "DWARF typed pointers explain {dwarf} of {} accesses", accesses.len());
+}
+
+#[test]
+fn profile_recall_is_complete_with_no_false_site() {
+    assert!(Path::new("/dev/kvm").exists(), "/dev/kvm missing: run scripts/install-deps.sh on a KVM host");
+    let k = example_kernel();
+    let d = scratch("profile");
+    let prof = d.join("profile.json");
+    let run = previrt(&["run", s(&k.pvh_elf()), "--append", "workloads=mmio", "--profile", s(&prof)]);
+    assert!(String::from_utf8_lossy(&run.stdout).contains("RESULT PASS"), "{}", String::from_utf8_lossy(&run.stderr));
+    let p: Value = serde_json::from_slice(&std::fs::read(&prof).unwrap()).unwrap();
+    assert_eq!(p["format"], "previrt-profile/1");
+    let traced = p["accesses"].as_array().unwrap();
+    for t in traced.iter().filter(|t| t["kind"].as_str().unwrap().starts_with("mmio")) {
+        assert_eq!(t["gpa"].as_u64().unwrap() & !0xfff, 0xfee0_0000, "MMIO is the LAPIC page: {t}");
+    }
+    let kinds: BTreeSet<&str> = traced.iter().map(|t| t["kind"].as_str().unwrap()).collect();
+    assert!(kinds.is_superset(&["mmio_read", "mmio_write", "pt_read", "pt_write"].into()), "{kinds:?}");
+
+    let r = json_of(&previrt(&["annotate", s(&k.pvh_elf()), "--profile", s(&prof), "--json"]));
+    let score = &r["score"];
+    assert!(score["traced"].as_u64().unwrap() >= 8, "{score}");
+    for src in score["sources"].as_array().unwrap() {
+        assert_eq!(src["missed"], serde_json::json!([]), "{src}");
+        assert_eq!(src["recall"], 1.0, "{src}");
+        assert_eq!(src["false_sites"], serde_json::json!([]), "{src}");
+    }
+    // What the trace saw but no site can hold is only the 32-bit boot trampoline.
+    for sk in r["profile_skipped"].as_array().unwrap() {
+        assert!(sk["reason"].as_str().unwrap().starts_with("16/32-bit"), "{sk}");
+    }
+}
+
+#[test]
+fn post_link_sites_by_address_and_the_image_still_runs() {
+    let k = example_kernel();
+    let d = scratch("postlink");
+    let ann = annotations(&k.pvh_elf(), &d.join("ann.json"));
+    let out = d.join("kernel-ann.elf");
+    let o = previrt(&["annotate", s(&k.pvh_elf()), "--patch", s(&out), "--json"]);
+    let r = json_of(&o);
+    let accesses = ann["accesses"].as_array().unwrap();
+    assert_eq!(r["patched_sites"].as_u64().unwrap() as usize, accesses.len());
+
+    let data = std::fs::read(&out).unwrap();
+    let elf = Elf::parse(&data).unwrap();
+    let table = previrt_rewriter::sites::read(&elf).unwrap().expect("a site table");
+    assert_eq!(table.sites.len(), accesses.len());
+    for (site, a) in table.sites.iter().zip(accesses) {
+        assert_eq!(site.producer, Producer::Annotate);
+        let (sec, off) = site.site.section_offset().expect("site in a section");
+        assert_eq!(elf.sections[sec].addr + off, a["address"].as_u64().unwrap());
+        let rec = site.record;
+        assert_eq!(Kind::from_u16(rec.kind).unwrap().name(), a["kind"].as_str().unwrap());
+        assert!(rec.has(flags::TRAP) && rec.has(flags::MEM), "{rec:?}");
+        assert_eq!(rec.has(flags::WRITE), a["kind"].as_str().unwrap().ends_with("write"));
+        assert_eq!((rec.site_len, rec.width as u64), (rec.insn_len, a["width"].as_u64().unwrap()));
+    }
+    // Trap-based sites: every executable byte stays as it was.
+    let original = std::fs::read(k.pvh_elf()).unwrap();
+    let orig = Elf::parse(&original).unwrap();
+    for sec in orig.exec_sections() {
+        let now = elf.section_by_name(&sec.name).unwrap();
+        assert_eq!((now.addr, now.data), (sec.addr, sec.data), "{}", sec.name);
+    }
+    let (plain, patched) =
+        (run_qemu(&k.pvh_elf(), "workloads=pagetable,mmio"), run_qemu(&out, "workloads=pagetable,mmio"));
+    assert_eq!(patched.status, 0, "{}", patched.stdout);
+    assert_eq!(deterministic_lines(&patched.stdout), deterministic_lines(&plain.stdout));
+}
+
+#[test]
+fn assembler_path_makes_annotated_lines_sites() {
+    let k = example_kernel();
+    let d = scratch("asm");
+    let ann_path = d.join("ann.json");
+    let ann = annotations(&k.pvh_elf(), &ann_path);
+    let prefix = d.join("tc");
+    assert!(previrt(&["toolchain", "install", "--prefix", s(&prefix)]).status.success());
+    let cross = format!("{}/bin/x86_64-previrt-linux-gnu-", prefix.display());
+    let out = d.join("k");
+    let st = Command::new("make")
+        .args(["-s", "-C", s(&kernel_src())])
+        .arg(format!("O={}", out.display()))
+        .arg(format!("CROSS_COMPILE={cross}"))
+        .arg(format!("CC={cross}gcc --annotations {}", ann_path.display()))
+        .status()
+        .expect("make (run scripts/install-deps.sh)");
+    assert!(st.success());
+    let rep = json_of(&previrt(&["toolchain", "report", s(&out.join("kernel-pvh.elf")), "--json"]));
+    let sites = &rep[0]["report"]["sites"];
+    for kind in ["mmio_read", "mmio_write", "pt_read", "pt_write"] {
+        let want = ann["accesses"].as_array().unwrap().iter().filter(|a| a["kind"] == kind).count() as u64;
+        assert_eq!(sites[kind].as_u64().unwrap_or(0), want, "{kind} sites vs annotations");
+    }
+    assert_eq!(rep[0]["report"]["mismatches"], serde_json::json!([]));
+    let (plain, built) = (
+        run_qemu(&k.pvh_elf(), "workloads=pagetable,mmio"),
+        run_qemu(&out.join("kernel-pvh.elf"), "workloads=pagetable,mmio"),
+    );
+    assert_eq!(built.status, 0, "{}", built.stdout);
+    assert_eq!(deterministic_lines(&built.stdout), deterministic_lines(&plain.stdout));
+}
+
+#[test]
+fn bad_input_is_one_line_and_status_2() {
+    let d = scratch("bad");
+    let junk = d.join("junk");
+    std::fs::write(&junk, b"not an elf").unwrap();
+    let k = example_kernel();
+    for args in [
+        vec!["annotate", "/nonexistent/vmlinux"],
+        vec!["annotate", s(&junk)],
+        vec!["annotate", s(&k.pvh_elf()), "--profile", s(&junk)],
+    ] {
+        let o = previrt(&args);
+        assert_eq!(o.status.code(), Some(2), "{args:?}");
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(err.lines().count(), 1, "{args:?}: {err}");
+        assert!(err.starts_with("previrt annotate: "), "{err}");
+    }
+}
