@@ -251,14 +251,17 @@ fn verify_fails_on_any_one_byte_corruption() {
 }
 
 /// A module-like object: a paravirt call site, an alternative whose original holds `cli`
-/// and whose replacement holds `sti`, a `sti` with enough movable neighbours.
+/// and whose replacement holds `sti`, a `pushf` with enough movable neighbours, `sti; hlt`.
 const KO: &str = r#"
     .text
     .globl f
 f:
     mov %rdi, %rax
     add $1, %rax
+    pushfq
+    pop %rax
     sti
+    hlt
     ret
 g:
 661: call *pv_ops+8(%rip)
@@ -318,9 +321,13 @@ fn module_tables_pv_and_alternatives() {
     assert!(alt_orig.record.has(flags::TRAP), "cli inside an alternatives original is pinned");
     let repl = find(Kind::Sti, ".altinstr_replacement");
     assert!(repl.record.has(flags::TRAP) && repl.record.has(flags::IN_ALTINSTR));
-    let moved = find(Kind::Sti, ".text");
+    let moved = find(Kind::Pushf, ".text");
     assert!(moved.record.has(flags::TRAMPOLINE) && moved.record.site_len >= 5);
-    assert_eq!(p.report.sites, 4);
+    // `sti; hlt`: the halt must stay in sti's interrupt shadow, so sti is never moved.
+    let sti = find(Kind::Sti, ".text");
+    assert!(sti.record.has(flags::TRAP));
+    assert!(p.report.fallbacks.iter().any(|f| f.kind == "sti" && f.reason.contains("interrupt shadow")));
+    assert_eq!(p.report.sites, 6);
     assert_eq!(p.report.pv_sites, 1);
 }
 

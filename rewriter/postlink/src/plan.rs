@@ -43,6 +43,9 @@ pub enum TrapReason {
     NoWindow,
     /// No padding run left that fits the trampoline.
     NoSpace,
+    /// `sti` / `mov …,%ss`: the next instruction runs in its interrupt shadow (`sti; hlt`);
+    /// scratch after it would end the shadow early.
+    Shadow,
 }
 
 impl TrapReason {
@@ -53,6 +56,9 @@ impl TrapReason {
             TrapReason::Not64Bit => "16/32-bit code",
             TrapReason::NoWindow => "no 5-byte window: branch target, block end or pinned neighbour too close",
             TrapReason::NoSpace => "no int3 padding left for the trampoline",
+            TrapReason::Shadow => {
+                "interrupt shadow (sti, mov to %ss): scratch would separate it from the next instruction"
+            }
         }
     }
 }
@@ -158,6 +164,15 @@ impl Space {
     }
 }
 
+/// `sti` and loads of `%ss` delay interrupts until after the next instruction.
+pub fn shadows_next(code: &Code, k: usize) -> bool {
+    code.insns[k].entry.is_some_and(|e| match e.kind {
+        Kind::Sti => true,
+        Kind::MovSeg => code.decode_at(k).op0_register() == iced_x86::Register::SS,
+        _ => false,
+    })
+}
+
 fn is_branch(i: &Instruction) -> bool {
     i.op_count() > 0 && matches!(i.op0_kind(), OpKind::NearBranch16 | OpKind::NearBranch32 | OpKind::NearBranch64)
 }
@@ -229,7 +244,9 @@ fn plan_section(img: &Image, code: &Code, opts: &Options, space: &mut Space, pla
         code.marks[i.off as usize..(i.off as usize + i.len as usize).min(code.marks.len())].iter().any(|m| m & PIN != 0)
     };
     let mut claimed = vec![false; n];
-    let ok = |j: usize, claimed: &[bool]| code.insns[j].mobility != Mobility::Fixed && !claimed[j] && !pinned(j);
+    let ok = |j: usize, claimed: &[bool]| {
+        code.insns[j].mobility != Mobility::Fixed && !claimed[j] && !pinned(j) && !shadows_next(code, j)
+    };
     let interior_ok = |j: usize| {
         code.marks[code.insns[j].off as usize] & BOUNDARY == 0
             && code.insns[j - 1].off + code.insns[j - 1].len as u32 == code.insns[j].off
@@ -248,6 +265,8 @@ fn plan_section(img: &Image, code: &Code, opts: &Options, space: &mut Space, pla
             Some(TrapReason::AltReplacement)
         } else if pinned(k) {
             Some(TrapReason::Pinned)
+        } else if shadows_next(code, k) {
+            Some(TrapReason::Shadow)
         } else if !ok(k, &claimed) {
             Some(TrapReason::NoWindow)
         } else {

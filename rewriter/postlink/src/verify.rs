@@ -6,7 +6,8 @@
 //!    of a `TRAMPOLINE` record), a trampoline the window jumps to, the relocations and symbol
 //!    table of an object, and the sections the patch adds;
 //! 2. every window is `jmp trampoline` + `int3` filler over whole original instructions with no
-//!    branch target, symbol, relocation target or table target inside and no pinned byte; its
+//!    branch target, symbol, relocation target or table target inside, no pinned byte and no
+//!    interrupt-shadow instruction (`sti`, `mov …,%ss`); its
 //!    trampoline holds each original instruction re-encoded to the same operation and absolute
 //!    targets (bytes-identical where a relocation applies, and the relocation moved with it),
 //!    each sensitive one as a site padded with `nop`, then `jmp` back to `resume`;
@@ -18,7 +19,7 @@
 
 use crate::code::{BOUNDARY, PIN, RELOC};
 use crate::image::{Image, Loc, Reloc};
-use crate::plan::{jmp_rel32, JMP_LEN};
+use crate::plan::{jmp_rel32, shadows_next, JMP_LEN};
 use crate::tables::Role;
 use crate::Error;
 use iced_x86::{Decoder, DecoderOptions, Instruction, OpKind};
@@ -190,6 +191,12 @@ pub fn verify(orig: &[u8], patched: &[u8]) -> Result<VerifyReport, Error> {
         while k < code.insns.len() && (code.insns[k].off as u64) < res.off {
             let ins = code.insns[k];
             let oi = code.decode_at(k);
+            if shadows_next(code, k) {
+                r.fail(format!(
+                    "{}: window moves an interrupt-shadow instruction",
+                    at(&img, Loc { sec: o.sec, off: ins.off as u64 })
+                ));
+            }
             let Some(tail) = tdata.get(pos as usize..) else {
                 bad = true;
                 break;
