@@ -222,6 +222,8 @@ fn verify_fails_on_any_one_byte_corruption() {
     let orig_text_len = Elf::parse(&orig).unwrap().section_by_name(".text").unwrap().data.len();
     let sites = elf.section_by_name(".previrt.sites").unwrap();
     let sites_off = sites.data.as_ptr() as usize - p.data.as_ptr() as usize;
+    let rela = elf.section_by_name(".rela.text").unwrap();
+    let rela_off = rela.data.as_ptr() as usize - p.data.as_ptr() as usize;
     let table = read_sites(&elf).unwrap().unwrap();
     let window =
         table.sites.iter().find(|s| s.record.has(flags::TRAMPOLINE)).unwrap().origin.section_offset().unwrap().1
@@ -232,6 +234,8 @@ fn verify_fails_on_any_one_byte_corruption() {
         ("trampoline byte", text_off + orig_text_len + 1),
         ("trampoline padding", text_off + text.data.len() - 6),
         ("site record kind", sites_off + 16 + 8),
+        ("relocation offset", rela_off + 24),
+        ("relocation addend", rela_off + 16),
     ];
     for (what, at) in cases {
         let mut bad = p.data.clone();
