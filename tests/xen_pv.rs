@@ -174,3 +174,96 @@ fn a_request_xen_refuses_stops_the_domain_with_the_hypercall_and_error() {
     assert!(out.contains("Hardware Dom0 crashed"), "the domain was not crashed\n{out}");
     assert_eq!(status, Some(3), "xen-run.sh reports a stop without a verdict, not a hang or a PASS\n{out}");
 }
+
+// The backend's device models on the host (previrt_runtime::xen::devices): what the example
+// kernel programs must read back as its hardware would.
+mod models {
+    use previrt_runtime::xen::devices::*;
+
+    #[test]
+    fn ports_route_to_their_models() {
+        let cases = [
+            (0x3f8, Some((Dev::Uart, 0))),
+            (0x3fd, Some((Dev::Uart, 5))),
+            (0x21, Some((Dev::PicMaster, 1))),
+            (0xa0, Some((Dev::PicSlave, 0))),
+            (0x43, Some((Dev::Pit, 3))),
+            (0xf4, Some((Dev::DebugExit, 0))),
+            (0x61, None),
+            (0x400, None),
+        ];
+        for (port, want) in cases {
+            assert_eq!(device(port), want, "port {port:#x}");
+        }
+    }
+
+    #[test]
+    fn pic_learns_vector_base_and_mask_from_the_init_sequence() {
+        let mut pic = [Pic::new(), Pic::new()];
+        // examples/kernel/irq.c's pic_setup: ICW1..ICW4 to both chips, then the masks.
+        for (chip, reg, v) in [
+            (0, 0, 0x11),
+            (1, 0, 0x11),
+            (0, 1, 0x20),
+            (1, 1, 0x28),
+            (0, 1, 4),
+            (1, 1, 2),
+            (0, 1, 1),
+            (1, 1, 1),
+            (0, 1, 0xfa),
+            (1, 1, 0xff),
+        ] {
+            pic[chip].write(reg, v);
+        }
+        assert_eq!((pic[0].base, pic[0].mask, pic[1].base, pic[1].mask), (0x20, 0xfa, 0x28, 0xff));
+        pic[0].write(0, 0x20); // EOI
+        pic[0].write(0, 0x0b); // OCW3: read ISR
+        assert_eq!((pic[0].read(0), pic[0].read(1)), (0, 0xfa), "nothing in service; mask unchanged");
+        // ICW1 without ICW4: ICW2 and ICW3 only, then the data port is the mask again.
+        for v in [0x10, 0x40, 0x04, 0xfe] {
+            pic[0].write(if v == 0x10 { 0 } else { 1 }, v);
+        }
+        assert_eq!((pic[0].base, pic[0].mask), (0x40, 0xfe));
+    }
+
+    #[test]
+    fn pit_divisor_sets_the_period_and_latched_counts_stay_in_range() {
+        let mut pit = Pit::new();
+        let divisor = 1193u32; // examples/kernel: hz=1000
+        assert_eq!(pit.write(3, 0x34, 0), None);
+        assert_eq!(pit.write(0, (divisor & 0xff) as u8, 0), None, "the low byte alone completes nothing");
+        assert_eq!(pit.write(0, (divisor >> 8) as u8, 0), Some(divisor));
+        assert_eq!(pit.period_ns(), divisor as u64 * 1_000_000_000 / PIT_HZ);
+        for now in [0u64, 123_456, 999_999_999, 5_000_000_017] {
+            pit.write(3, 0x00, now); // latch channel 0
+            let count = pit.read(0, now) as u32 | (pit.read(0, now) as u32) << 8;
+            assert!(count >= 1 && count <= divisor, "count {count} at {now} ns outside 1..={divisor}");
+        }
+    }
+
+    #[test]
+    fn uart_buffers_lines_and_never_looks_busy() {
+        let mut uart = Uart::new();
+        assert_eq!(uart.read(5), 0x60, "LSR: transmitter empty");
+        uart.write(3, 0x80); // DLAB: data port is the divisor
+        assert!(!uart.write(0, 0x01));
+        assert_eq!(uart.len, 0);
+        uart.write(3, 0x03);
+        assert!(!uart.write(0, b'o'));
+        assert!(uart.write(0, b'\n'), "a newline flushes");
+        assert_eq!(&uart.buf[..uart.len], b"o\n");
+        uart.len = 0;
+        let full = (0..uart.buf.len()).map(|_| uart.write(0, b'x')).filter(|&flush| flush).count();
+        assert_eq!((full, uart.len), (1, uart.buf.len()), "a full buffer flushes once, at the end");
+    }
+
+    #[test]
+    fn msrs_the_kernel_uses_are_modelled_and_others_are_not() {
+        assert_eq!(msr(0x1b), Some(Msr::ApicBase));
+        assert_eq!(msr(0xc000_0102), Some(Msr::KernelGsBase));
+        assert_eq!(msr(0x10), None);
+        assert_eq!(APIC_BASE_VALUE & 0x000f_ffff_ffff_f000, LAPIC_BASE);
+        assert_ne!(APIC_BASE_VALUE & 1 << 11, 0, "enabled");
+        assert_eq!(APIC_BASE_VALUE & 1 << 10, 0, "xAPIC, not x2APIC");
+    }
+}

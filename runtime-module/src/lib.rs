@@ -8,6 +8,8 @@
 //! - [`trace`]: per-kind and per-site execution counters.
 //! - [`platform`]: start-of-day detection, command-line parsing.
 //! - `guest` (feature `guest`): boot entry, trace stub, the hardware machine, COM1 output.
+//! - [`xen`]: the Xen PV backend (feature `guest`; its device models are built for the host
+//!   too).
 //!
 //! Built for kernels with no SSE/x87, no red zone, kernel code model (see previrt-link); the
 //! host-only parts are ordinary no_std code so the tests and the benchmark use them too.
@@ -22,5 +24,4 @@ pub mod trace;
 
 #[cfg(feature = "guest")]
 mod guest;
-#[cfg(feature = "guest")]
-mod xen;
+pub mod xen;

@@ -1,31 +1,7 @@
-//! The Xen PV backend (docs/xen-pv.md): the runtime's Xen entry builds the environment the
-//! native kernel expects and maps the kernel's sensitive operations onto Xen.
-//!
-//! - [`abi`]: hypercall numbers, shared structures, the hypercall itself.
-//! - [`devices`]: in-guest UART, PIC, PIT, LAPIC-page and MSR models.
-//! - [`mmu`]: shadow page tables (the kernel's tables → Xen-validated tables).
-//! - `entry`: the assembly entry points (domain entry, site stub, upcall, traps).
-//!
-//! Sites are routed to [`previrt_xen_dispatch`], which runs the shared per-kind handlers of
-//! [`crate::emulate`] over [`Xen`] (the [`Machine`]) plus the Xen-only ones in
-//! [`XEN_HANDLERS`] (segment selectors). Anything Xen refuses, or that the backend does not
-//! model, stops the domain with a message naming it ([`fatal`]), never a silent hang.
+//! The Xen PV backend proper: start of day, the site dispatcher, the event upcall, the #PF
+//! hook and the Xen [`Machine`] (docs/xen-pv.md).
 
-/// The address of an assembly symbol, RIP-relative (the runtime runs where it was linked,
-/// at low identity-mapped addresses, so no absolute 32-bit relocation).
-macro_rules! addr_of_sym {
-    ($sym:literal) => {{
-        let a: u64;
-        // SAFETY: computes an address, no memory access.
-        unsafe { core::arch::asm!(concat!("lea {}, [rip + ", $sym, "]"), out(reg) a, options(nomem, nostack, preserves_flags)) };
-        a
-    }};
-}
-
-mod abi;
-mod devices;
-mod entry;
-mod mmu;
+use super::{abi, devices, mmu};
 
 use crate::backend;
 use crate::emulate::{self, gpr, rflags, DescTable, Handler, Machine, Op, Regs};

@@ -1,0 +1,36 @@
+//! The Xen PV backend (docs/xen-pv.md): the runtime's Xen entry builds the environment the
+//! native kernel expects and maps the kernel's sensitive operations onto Xen.
+//!
+//! - `abi`: hypercall numbers, shared structures, the hypercall itself.
+//! - [`devices`]: in-guest UART, PIC, PIT, LAPIC-page and MSR models.
+//! - `mmu`: shadow page tables (the kernel's tables → Xen-validated tables).
+//! - `entry`: the assembly entry points (domain entry, site stub, upcall, traps).
+//! - `pv`: the start of day, the site dispatcher, the upcall and the Xen `Machine`.
+//!
+//! Sites are routed to `pv::previrt_xen_dispatch`, which runs the shared per-kind handlers of
+//! [`crate::emulate`] over `pv::Xen` (the `Machine`) plus the Xen-only ones (segment
+//! selectors). Anything Xen refuses, or that the backend does not model, stops the domain with
+//! a message naming it (`pv::fatal`), never a silent hang. Only [`devices`] is built for the
+//! host too (its models are tested there).
+
+/// The address of an assembly symbol, RIP-relative (the runtime runs where it was linked,
+/// at low identity-mapped addresses, so no absolute 32-bit relocation).
+#[cfg(feature = "guest")]
+macro_rules! addr_of_sym {
+    ($sym:literal) => {{
+        let a: u64;
+        // SAFETY: computes an address, no memory access.
+        unsafe { core::arch::asm!(concat!("lea {}, [rip + ", $sym, "]"), out(reg) a, options(nomem, nostack, preserves_flags)) };
+        a
+    }};
+}
+
+#[cfg(feature = "guest")]
+mod abi;
+pub mod devices;
+#[cfg(feature = "guest")]
+mod entry;
+#[cfg(feature = "guest")]
+mod mmu;
+#[cfg(feature = "guest")]
+mod pv;
