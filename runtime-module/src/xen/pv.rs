@@ -352,6 +352,13 @@ pub struct Frame {
     ss: u64,
 }
 
+/// An exception frame with an error code (#PF).
+#[repr(C)]
+pub struct FaultFrame {
+    error: u64,
+    frame: Frame,
+}
+
 impl Frame {
     /// Prepare the frame for the return to the interrupted code.
     fn resume(&mut self) {
@@ -400,16 +407,16 @@ extern "C" fn previrt_xen_event(frame: &mut Frame) -> u64 {
     })
 }
 
-/// #PF (frame: error code, then the interrupt frame): resync the faulting page; 1 if the
-/// shadow was behind the kernel's tables (retry).
+/// #PF: resync the faulting page; 1 if the shadow was behind the kernel's tables (retry, the
+/// assembly drops the error code).
 #[no_mangle]
-extern "C" fn previrt_xen_page_fault(frame: &mut (u64, Frame)) -> u64 {
+extern "C" fn previrt_xen_page_fault(fault: &mut FaultFrame) -> u64 {
     // SAFETY: exceptions arrive with events masked (interrupt-gate semantics).
     let x = unsafe { XEN.get() };
     let va = vcpu().cr2;
     if mmu_ok(x.mmu.sync_page(va)) {
         mmu_ok(mmu::mmuext(abi::MMUEXT_INVLPG_LOCAL, va));
-        frame.1.resume();
+        fault.frame.resume();
         return 1;
     }
     0
