@@ -79,6 +79,15 @@ fn verdicts(out: &str) -> Vec<&str> {
     out.lines().filter(|l| KEPT.iter().any(|k| l.starts_with(k))).collect()
 }
 
+/// `name=count` words of the line starting with `prefix`.
+fn counts(out: &str, prefix: &str) -> std::collections::BTreeMap<String, u64> {
+    let line = out.lines().find_map(|l| l.strip_prefix(prefix)).unwrap_or_else(|| panic!("no `{prefix}` line\n{out}"));
+    line.split_whitespace()
+        .filter_map(|w| w.split_once('='))
+        .filter_map(|(k, v)| Some((k.to_string(), v.parse().ok()?)))
+        .collect()
+}
+
 #[test]
 fn link_adds_xen_notes_by_default_and_not_with_no_xen() {
     let k = linked_kernel();
@@ -108,6 +117,17 @@ fn example_kernel_runs_as_xen_pv_dom0_with_bare_metal_results() {
     assert!(boot.contains(&format!(" sites={sites} ")), "{boot} (previrt link counted {sites})");
     let passed: Vec<_> = out.lines().filter(|l| l.starts_with("WORKLOAD ") && l.contains(" PASS ")).collect();
     assert_eq!(passed.len(), 7, "every default workload passes under Xen\n{out}");
+
+    // The interrupt flag lives in shared memory: tens of thousands of cli/sti/pushf/popf
+    // executions, and hypercalls only for what Xen must do (page tables, timer, console, and
+    // returns that deliver pending events).
+    let sites = counts(&out, "previrt-trace:");
+    let if_ops: u64 = ["cli", "sti", "pushf", "popf"].iter().map(|k| sites.get(*k).copied().unwrap_or(0)).sum();
+    let hypercalls: u64 = counts(&out, "previrt-xen: hypercalls").values().sum();
+    assert!(
+        if_ops > 20_000 && hypercalls * 10 < if_ops,
+        "{if_ops} interrupt-flag sites vs {hypercalls} hypercalls\n{out}"
+    );
 
     // Bare metal: the plain kernel (host gcc) under QEMU TCG.
     let plain = run_qemu(&example_kernel().pvh_elf(), "");
