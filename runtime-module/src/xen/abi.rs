@@ -7,42 +7,35 @@
 use core::arch::asm;
 use core::sync::atomic::{AtomicU32, Ordering::Relaxed};
 
-/// Hypercall numbers (xen.h).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[repr(u64)]
-pub enum Hypercall {
-    SetTrapTable = 0,
-    MmuUpdate = 1,
-    UpdateVaMapping = 14,
-    SetTimerOp = 15,
-    ConsoleIo = 18,
-    VcpuOp = 24,
-    /// Entered by a jump with a frame on the stack (entry.rs, `xen_iret`), never called.
-    Iret = 23,
-    SetSegmentBase = 25,
-    MmuextOp = 26,
-    SchedOp = 29,
-    CallbackOp = 30,
-    EventChannelOp = 32,
-    PhysdevOp = 33,
+/// One table gives the hypercall numbers the runtime uses (xen.h) and their names (error
+/// messages, the exit summary).
+macro_rules! hypercalls {
+    ($($(#[$doc:meta])* $variant:ident = $nr:literal, $name:literal;)*) => {
+        #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+        #[repr(u64)]
+        pub enum Hypercall { $($(#[$doc])* $variant = $nr,)* }
+
+        /// Every hypercall the runtime issues, with its name.
+        pub const HYPERCALLS: &[(Hypercall, &str)] = &[$((Hypercall::$variant, $name),)*];
+    };
 }
 
-/// Every hypercall the runtime issues with its name (error messages, the exit summary).
-pub const HYPERCALLS: &[(Hypercall, &str)] = &[
-    (Hypercall::SetTrapTable, "set_trap_table"),
-    (Hypercall::MmuUpdate, "mmu_update"),
-    (Hypercall::UpdateVaMapping, "update_va_mapping"),
-    (Hypercall::SetTimerOp, "set_timer_op"),
-    (Hypercall::ConsoleIo, "console_io"),
-    (Hypercall::VcpuOp, "vcpu_op"),
-    (Hypercall::Iret, "iret"),
-    (Hypercall::SetSegmentBase, "set_segment_base"),
-    (Hypercall::MmuextOp, "mmuext_op"),
-    (Hypercall::SchedOp, "sched_op"),
-    (Hypercall::CallbackOp, "callback_op"),
-    (Hypercall::EventChannelOp, "event_channel_op"),
-    (Hypercall::PhysdevOp, "physdev_op"),
-];
+hypercalls! {
+    SetTrapTable = 0, "set_trap_table";
+    MmuUpdate = 1, "mmu_update";
+    UpdateVaMapping = 14, "update_va_mapping";
+    SetTimerOp = 15, "set_timer_op";
+    ConsoleIo = 18, "console_io";
+    /// Entered by a jump with a frame on the stack (entry.rs, `xen_iret`), never called.
+    Iret = 23, "iret";
+    VcpuOp = 24, "vcpu_op";
+    SetSegmentBase = 25, "set_segment_base";
+    MmuextOp = 26, "mmuext_op";
+    SchedOp = 29, "sched_op";
+    CallbackOp = 30, "callback_op";
+    EventChannelOp = 32, "event_channel_op";
+    PhysdevOp = 33, "physdev_op";
+}
 
 /// Hypercalls issued, by number (the exit summary: what the kernel's operations cost in
 /// transitions to Xen).
