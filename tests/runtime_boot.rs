@@ -47,7 +47,7 @@ fn linked_kernel() -> &'static Linked {
 /// runtime's own `previrt:` / `previrt-trace:` lines.
 fn comparable(out: &str) -> String {
     out.lines()
-        .filter(|l| !l.starts_with("TIMING ") && !l.starts_with("previrt:") && !l.starts_with("previrt-trace:"))
+        .filter(|l| !l.starts_with("TIMING ") && !l.starts_with("previrt:") && !l.starts_with("previrt-trace"))
         .map(|l| format!("{l}\n"))
         .collect()
 }
@@ -98,8 +98,9 @@ fn native_backend_prints_the_same_as_the_plain_kernel() {
 #[test]
 fn trace_backend_passes_and_executes_every_kind_in_the_table() {
     let k = linked_kernel();
-    let plain = run_qemu(&example_kernel().pvh_elf(), "previrt.backend=trace");
-    let pv = run_qemu(&k.elf, "previrt.backend=trace");
+    let cmdline = "previrt.backend=trace previrt.trace=sites";
+    let plain = run_qemu(&example_kernel().pvh_elf(), cmdline);
+    let pv = run_qemu(&k.elf, cmdline);
     assert_passed(&pv, "pre-virtualized kernel, trace backend");
     assert_eq!(workload_lines(&plain.stdout), workload_lines(&pv.stdout), "workload results differ under trace");
     assert_eq!(comparable(&plain.stdout), comparable(&pv.stdout), "outputs differ under trace");
@@ -113,6 +114,18 @@ fn trace_backend_passes_and_executes_every_kind_in_the_table() {
             assert!(counts.get(kind).copied().unwrap_or(0) > 0, "kind {kind} has sites but never executed: {counts:?}");
         }
     }
+    // The site profile: one line per executed site, whose counts add up to the kind counts.
+    let mut per_kind = std::collections::BTreeMap::<String, u64>::new();
+    let mut lines = 0;
+    for l in pv.stdout.lines().filter_map(|l| l.strip_prefix("previrt-trace-site: ")) {
+        let w: Vec<&str> = l.split(' ').collect();
+        assert_eq!(w.len(), 3, "profile line `{l}`");
+        assert!(u64::from_str_radix(w[0].trim_start_matches("0x"), 16).unwrap() >= 0x10_0000, "site address in `{l}`");
+        *per_kind.entry(w[1].to_string()).or_default() += w[2].parse::<u64>().unwrap();
+        lines += 1;
+    }
+    assert_eq!(lines, executed, "one profile line per executed site");
+    assert_eq!(per_kind, counts, "per-site counts add up to the per-kind counts");
 }
 
 #[test]

@@ -46,6 +46,19 @@ impl<const SITES: usize> Counters<SITES> {
         let executed = self.sites[..total_sites.min(SITES)].iter().filter(|s| s.load(Relaxed) != 0).count();
         writeln!(out, " sites-executed={executed}/{total_sites}")
     }
+
+    /// The site-execution profile: `previrt-trace-site: ADDRESS KIND COUNT` for every executed
+    /// site, given each indexed site's address and kind number in index order.
+    pub fn profile(&self, sites: impl Iterator<Item = (u64, u16)>, out: &mut dyn Write) -> fmt::Result {
+        for ((addr, kind), n) in sites.zip(&self.sites) {
+            let n = n.load(Relaxed);
+            if n != 0 {
+                let name = previrt_site_abi::Kind::from_u16(kind).map_or("unknown", |k| k.name());
+                writeln!(out, "previrt-trace-site: {addr:#x} {name} {n}")?;
+            }
+        }
+        Ok(())
+    }
 }
 
 impl<const SITES: usize> Default for Counters<SITES> {

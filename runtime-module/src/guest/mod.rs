@@ -57,10 +57,12 @@ struct State {
     platform: Platform,
     /// Where routed sites call: the trace stub, or a platform's own (Xen PV).
     stub: u64,
+    /// `previrt.trace=sites`: the exit summary lists every executed site.
+    site_profile: bool,
 }
 
 static STATE: Global<State> =
-    Global(UnsafeCell::new(State { patcher: None, active: &backend::NATIVE, platform: Platform::BareMetal, stub: 0 }));
+    Global(UnsafeCell::new(State { patcher: None, active: &backend::NATIVE, platform: Platform::BareMetal, stub: 0, site_profile: false }));
 static INDEX: Global<[IndexEntry; MAX_SITES]> = Global(UnsafeCell::new([IndexEntry { site: 0, record_addr: 0 }; MAX_SITES]));
 static OOL: Global<[[u8; OOL_SLOT]; MAX_SITES]> = Global(UnsafeCell::new([[0; OOL_SLOT]; MAX_SITES]));
 static COUNTERS: Counters<MAX_SITES> = Counters::new();
@@ -203,7 +205,9 @@ extern "C" fn previrt_boot(start_info: u64) {
     let state = unsafe { STATE.get() };
     state.platform = platform::detect(|leaf| hw::cpuid(leaf, 0));
     let default = backend::by_id(link_value!("__previrt_default_backend") as u32).unwrap_or(&backend::NATIVE);
-    let chosen = match platform::cmdline_value(pvh_cmdline(start_info), b"previrt.backend") {
+    let cmdline = pvh_cmdline(start_info);
+    state.site_profile = platform::cmdline_value(cmdline, b"previrt.trace") == Some(b"sites");
+    let chosen = match platform::cmdline_value(cmdline, b"previrt.backend") {
         None => default,
         Some(name) => backend::by_name(name).unwrap_or_else(|| {
             let name = core::str::from_utf8(name).unwrap_or("?");
@@ -254,14 +258,12 @@ pub extern "C" fn previrt_repatch(id: u32) -> i32 {
 /// (emulated, or out of line), and set up the iret frame.
 #[no_mangle]
 extern "C" fn previrt_trace_dispatch(regs: &mut Regs) {
-    // SAFETY: interrupts are off in the stub; the state is only written at boot/repatch.
-    let state = unsafe { STATE.get() };
     let Some((op, ool)) = enter_site(regs) else {
         let _ = writeln!(Com1, "previrt: call into the runtime from {:#x}, which is no site", regs.rip.wrapping_sub(CALL_LEN as u64));
         stop()
     };
     if op.is_some_and(|op| op.kind == Kind::Out && op.port(regs) == EXIT_PORT) {
-        let _ = COUNTERS.summary(state.patcher.as_ref().map_or(0, |p| p.sites), &mut Com1);
+        site_summary(&mut Com1);
     }
     if !op.is_some_and(|op| emulate::emulate(&op, regs, &mut hw::Hardware)) {
         regs.rip = ool;
@@ -272,8 +274,14 @@ extern "C" fn previrt_trace_dispatch(regs: &mut Regs) {
 /// The per-kind site execution summary (`previrt-trace: …`), for any routing backend's exit.
 pub(crate) fn site_summary(out: &mut dyn Write) {
     // SAFETY: read-only use of the state written at boot.
-    let sites = unsafe { STATE.get() }.patcher.as_ref().map_or(0, |p| p.sites);
-    let _ = COUNTERS.summary(sites, out);
+    let state = unsafe { STATE.get() };
+    let Some(p) = state.patcher.as_ref() else { return };
+    let _ = COUNTERS.summary(p.sites, out);
+    if state.site_profile {
+        // SAFETY: index entries name records of the loaded table.
+        let sites = p.index[..p.sites].iter().map(|e| (e.site, unsafe { p.site(e) }.record.kind));
+        let _ = COUNTERS.profile(sites, out);
+    }
 }
 
 /// The site a stub was called from (`regs.rip` is the return address): counts it, sets
