@@ -49,17 +49,20 @@ impl Uart {
     /// A register write; true when the buffer should be flushed (a full line or no room).
     pub fn write(&mut self, reg: u16, v: u8) -> bool {
         match reg {
-            UART_THR if self.lcr & LCR_DLAB == 0 => {
-                self.buf[self.len] = v;
-                self.len += 1;
-                v == b'\n' || self.len == self.buf.len()
-            }
+            UART_THR if self.lcr & LCR_DLAB == 0 => self.push(v),
             UART_LCR => {
                 self.lcr = v;
                 false
             }
             _ => false,
         }
+    }
+    /// Buffer one output byte (the kernel's through the data register, or the runtime's own
+    /// messages); true when the buffer should be flushed.
+    pub fn push(&mut self, v: u8) -> bool {
+        self.buf[self.len] = v;
+        self.len += 1;
+        v == b'\n' || self.len == self.buf.len()
     }
     pub fn read(&self, reg: u16) -> u8 {
         match reg {

@@ -74,12 +74,19 @@ fn vcpu() -> &'static mut VcpuInfo {
     unsafe { &mut *(previrt_xen_vcpu as *mut VcpuInfo) }
 }
 
-/// Guest console output through `console_io` (the initial domain's console).
+/// The runtime's own messages: through the UART model's line buffer, so a formatted line is
+/// one `console_io` like the kernel's.
 struct Console;
 
 impl Write for Console {
     fn write_str(&mut self, s: &str) -> fmt::Result {
-        console_write(s.as_bytes());
+        // SAFETY: single vCPU; runtime messages are written with events masked.
+        let x = unsafe { XEN.get() };
+        for &b in s.as_bytes() {
+            if x.uart.push(b) {
+                flush_uart(x);
+            }
+        }
         Ok(())
     }
 }
