@@ -49,8 +49,13 @@ pub const XEN: Backend = Backend { id: 2, name: "xen", route: long_mode_sites };
 /// All backends, by id.
 pub const BACKENDS: &[&Backend] = &[&NATIVE, &TRACE, &XEN];
 
+/// Backends only a platform's own entry chooses, never the command line: Xen PV needs the
+/// state the Xen entry sets up (shared info, callbacks, trap table).
+const ENTRY_ONLY: &[&Backend] = &[&XEN];
+
+/// A backend the command line may name (`previrt.backend=NAME`).
 pub fn by_name(name: &[u8]) -> Option<&'static Backend> {
-    BACKENDS.iter().copied().find(|b| b.name.as_bytes() == name)
+    BACKENDS.iter().copied().filter(|b| !ENTRY_ONLY.iter().any(|e| e.id == b.id)).find(|b| b.name.as_bytes() == name)
 }
 
 pub fn by_id(id: u32) -> Option<&'static Backend> {
