@@ -48,7 +48,7 @@ impl Hypercall {
 }
 
 pub const CONSOLEIO_WRITE: u64 = 0;
-pub const SCHEDOP_BLOCK: u64 = 1;
+pub const SCHEDOP_POLL: u64 = 3;
 pub const SCHEDOP_SHUTDOWN: u64 = 2;
 pub const SHUTDOWN_POWEROFF: u32 = 0;
 pub const SHUTDOWN_CRASH: u32 = 3;
@@ -154,6 +154,14 @@ pub struct CallbackRegister {
     pub kind: u16,
     pub flags: u16,
     pub address: u64,
+}
+
+/// `struct sched_poll`: wait for one of `nr_ports` event channels (timeout 0: none).
+#[repr(C)]
+pub struct SchedPoll {
+    pub ports: u64,
+    pub nr_ports: u32,
+    pub timeout: u64,
 }
 
 /// `struct evtchn_bind_virq`: virq, vcpu in; port out.

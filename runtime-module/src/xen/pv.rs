@@ -659,11 +659,12 @@ impl Machine for Xen {
             // The timer is the only event source the backend models: this would sleep forever.
             fatal(format_args!("hlt with interrupts on but no timer programmed: nothing would wake the kernel"));
         }
-        // SCHEDOP_block unmasks events and sleeps until one is pending; it is delivered on the
-        // way back (the kernel's handler runs nested here). The dispatch goes on masked.
-        must(Hypercall::SchedOp, [abi::SCHEDOP_BLOCK, 0, 0, 0, 0]);
-        // SAFETY: shared with Xen.
-        unsafe { core::ptr::addr_of_mut!(vcpu().upcall_mask).write_volatile(1) };
+        // Sleep until the timer's event channel is pending, events still masked: the tick is
+        // then delivered by the return to the kernel (the iret hypercall, see exit_frame), at
+        // the instruction after `hlt`, as hardware would.
+        let port = self.timer_port;
+        let poll = abi::SchedPoll { ports: &port as *const u32 as u64, nr_ports: 1, timeout: 0 };
+        must(Hypercall::SchedOp, [abi::SCHEDOP_POLL, &poll as *const _ as u64, 0, 0, 0]);
     }
     fn load_gdt(&mut self, table: DescTable) {
         // Xen's flat GDT stays; the kernel's table is read to translate selectors.
