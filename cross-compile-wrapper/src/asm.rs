@@ -148,13 +148,17 @@ pub fn main(args: Vec<OsString>) -> i32 {
     if !std::fs::metadata(&object).is_ok_and(|m| m.is_file()) {
         return 0;
     }
-    let filled: Option<ObjectReport> = match objfill::fill_and_verify(&object, &stats.narrow_code) {
-        Ok(r) => Some(r),
-        Err(e) => {
-            line.error = Some(e.to_string());
-            None
-        }
-    };
+    // 16/32-bit objects (`--32`) hold no sites: the text side's list of what it left alone is
+    // their report.
+    let filled: Option<ObjectReport> =
+        match parsed.code64.then(|| objfill::fill_and_verify(&object, &stats.narrow_code)) {
+            Some(Ok(r)) => Some(r),
+            Some(Err(e)) => {
+                line.error = Some(e.to_string());
+                None
+            }
+            None => None,
+        };
     line.object_report = filled.as_ref();
     if report::verbose() {
         report::print_problems(&line);

@@ -18,8 +18,8 @@
 //! assembled bytes. Input the lexer does not understand is left unchanged and reported.
 
 use crate::mnemonics;
-use previrt_annotate::asm::LineAnnotations;
 use iced_x86::{Decoder, DecoderOptions};
+use previrt_annotate::asm::LineAnnotations;
 use previrt_rewriter::catalogue;
 use previrt_site_abi::{Kind, Producer, ABI_VERSION, CHUNK_MAGIC, RECORD_SIZE, SAVE_SECTION, SITES_SECTION};
 use std::collections::{BTreeMap, HashMap};
