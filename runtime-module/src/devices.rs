@@ -1,7 +1,9 @@
 //! In-guest models of the PC devices the kernel programs, so its port I/O becomes function
-//! calls under Xen PV: 8250 UART (output to the Xen console), 8259 PIC pair (the timer vector
-//! and IRQ0's mask), 8254 PIT channel 0 (the tick period and a readable counter), the local
-//! APIC's register page, and the MSRs a kernel touches.
+//! calls under a paravirtual backend (Xen PV, the in-tree hypervisor's `hv`): 8250 UART
+//! (output buffered per line for the platform's console), 8259 PIC pair (the timer vector,
+//! IRQ0's mask, EOIs), 8254 PIT channel 0 (the tick period and a readable counter), the local
+//! APIC's register page, and the MSRs a kernel touches. Platform-neutral: each backend maps
+//! the models' results onto its own hypercalls.
 
 /// Which model a port belongs to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -103,6 +105,12 @@ impl Pic {
             (_, 4) => self.expect = 0,
             _ => self.mask = v,
         }
+    }
+    /// True when a write of `v` to register `reg` is an end-of-interrupt for `irq` (OCW2:
+    /// bits 4:3 clear, EOI bit 5; non-specific, or specific naming `irq`). Backends whose events
+    /// stay pending until acknowledged (`hv`) take this as the acknowledgement.
+    pub fn is_eoi(reg: u16, v: u8, irq: u8) -> bool {
+        reg == 0 && v & 0x18 == 0 && v & 0x20 != 0 && (v & 0x40 == 0 || v & 7 == irq)
     }
     pub fn read(&self, reg: u16) -> u8 {
         if reg == 1 {

@@ -8,8 +8,9 @@
 //! - [`trace`]: per-kind and per-site execution counters.
 //! - [`platform`]: start-of-day detection, command-line parsing.
 //! - `guest` (feature `guest`): boot entry, trace stub, the hardware machine, COM1 output.
-//! - [`xen`]: the Xen PV backend (feature `guest`; its device models are built for the host
-//!   too).
+//! - [`devices`]: in-guest device models (UART, PIC, PIT, LAPIC page, MSRs) shared by the
+//!   paravirtual backends; built for the host too (tested there).
+//! - [`xen`]: the Xen PV backend (feature `guest`).
 //!
 //! Built for kernels with no SSE/x87, no red zone, kernel code model (see previrt-link); the
 //! host-only parts are ordinary no_std code so the tests and the benchmark use them too.
@@ -17,6 +18,7 @@
 #![no_std]
 
 pub mod backend;
+pub mod devices;
 pub mod emulate;
 pub mod patch;
 pub mod platform;

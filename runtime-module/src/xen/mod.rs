@@ -2,7 +2,8 @@
 //! native kernel expects and maps the kernel's sensitive operations onto Xen.
 //!
 //! - `abi`: hypercall numbers, shared structures, the hypercall itself.
-//! - [`devices`]: in-guest UART, PIC, PIT, LAPIC-page and MSR models.
+//! - [`devices`]: the shared in-guest UART, PIC, PIT, LAPIC-page and MSR models
+//!   ([`crate::devices`], also used by the `hv` backend).
 //! - `mmu`: shadow page tables (the kernel's tables → Xen-validated tables).
 //! - `entry`: the assembly entry points (domain entry, site stub, upcall, traps).
 //! - `pv`: the start of day, the site dispatcher, the upcall and the Xen `Machine`.
@@ -27,7 +28,7 @@ macro_rules! addr_of_sym {
 
 #[cfg(feature = "guest")]
 mod abi;
-pub mod devices;
+pub use crate::devices;
 #[cfg(feature = "guest")]
 mod entry;
 #[cfg(feature = "guest")]
