@@ -52,6 +52,16 @@ impl MemAccess {
         })
     }
 
+    /// The address the operand names when it does not depend on a register: RIP-relative
+    /// or absolute (`disp32` alone, e.g. a fixmap constant or a global).
+    pub fn static_address(&self) -> Option<u64> {
+        let i = &self.instr;
+        if i.is_ip_rel_memory_operand() {
+            return Some(i.ip_rel_memory_address());
+        }
+        (i.memory_base() == Register::None && i.memory_index() == Register::None).then(|| i.memory_displacement64())
+    }
+
     pub fn kind(&self, target: Target) -> Kind {
         match (target, self.write) {
             (Target::Mmio, false) => Kind::MmioRead,

@@ -110,9 +110,11 @@ impl Default for Options {
     }
 }
 
-/// The executable bytes and function symbols of a linked image.
+/// The executable bytes, allocated ranges and function symbols of a linked image.
 struct Image<'a> {
     code: Vec<(u64, &'a [u8])>,
+    /// `[start, end)` of every allocated section: the image's own memory, never a device.
+    alloc: Vec<(u64, u64)>,
     /// `(start, end, name)` sorted by start.
     functions: Vec<(u64, u64, String)>,
 }
@@ -130,7 +132,18 @@ impl<'a> Image<'a> {
             .filter_map(|s| Some((s.address(), s.address() + s.size(), s.name().ok()?.to_string())))
             .collect();
         functions.sort();
-        Image { code, functions }
+        let alloc = file
+            .sections()
+            .filter(|s| s.address() != 0 && s.size() != 0)
+            .map(|s| (s.address(), s.address() + s.size()))
+            .collect();
+        Image { code, alloc, functions }
+    }
+
+    /// Whether an access names the image's own memory (a global): not MMIO, however much
+    /// an accessor's body needs it (`io_apic_base()` reads a table of bases).
+    fn names_own_memory(&self, a: &MemAccess) -> bool {
+        a.static_address().is_some_and(|x| self.alloc.iter().any(|&(b, e)| (b..e).contains(&x)))
     }
 
     fn bytes(&self, begin: u64, end: u64) -> Option<&'a [u8]> {
@@ -173,7 +186,11 @@ pub fn analyse(data: &[u8], image_name: &str, opts: &Options, profile: Option<&P
         let Some(target) = rules::lookup(name) else { continue };
         for (b, e) in ranges {
             let Some(bytes) = img.bytes(b, e) else { continue };
-            insn::accesses_in(bytes, b, |a| add(a, target, Source::Rules, name.to_string()));
+            insn::accesses_in(bytes, b, |a| {
+                if target == Target::PageTable || !img.names_own_memory(&a) {
+                    add(a, target, Source::Rules, name.to_string())
+                }
+            });
         }
     }
     // DWARF: accesses based on a register that holds a typed pointer there.

@@ -31,7 +31,9 @@ use Pattern::{Exact, Prefix};
 use Target::{Mmio, PageTable};
 
 /// Accessor functions: Linux's names (asm/io.h, asm-generic/io.h, asm/apic.h,
-/// asm/pgtable*.h, asm/paravirt.h native_* helpers) and the example kernel's.
+/// asm/pgtable*.h, asm/paravirt.h native_* helpers) and the example kernel's. Dispatchers
+/// through ops tables (`apic_read` is `apic->read(reg)`, `io_apic_read` goes through
+/// `x86_apic_ops`) hold no access themselves: their native targets are listed instead.
 pub const RULES: &[(Pattern, Target)] = &[
     (Exact("readb"), Mmio),
     (Exact("readw"), Mmio),
@@ -50,12 +52,11 @@ pub const RULES: &[(Pattern, Target)] = &[
     (Prefix("memcpy_fromio"), Mmio),
     (Prefix("memcpy_toio"), Mmio),
     (Prefix("memset_io"), Mmio),
-    (Exact("apic_read"), Mmio),
-    (Exact("apic_write"), Mmio),
     (Exact("native_apic_mem_read"), Mmio),
     (Exact("native_apic_mem_write"), Mmio),
-    (Exact("io_apic_read"), Mmio),
+    (Exact("native_io_apic_read"), Mmio),
     (Exact("io_apic_write"), Mmio),
+    (Exact("io_apic_modify"), Mmio),
     (Exact("hpet_readl"), Mmio),
     (Exact("hpet_writel"), Mmio),
     (Exact("get_pte"), PageTable),
