@@ -3,7 +3,9 @@
 //! verified, and booted: the patched vmlinux, with every site left native (trampolines run
 //! the original instructions), boots under QEMU TCG (PVH, `-kernel vmlinux`) to a busybox
 //! initramfs that loads three patched modules — their init functions run `in`/`out` moved into
-//! trampolines — and prints exactly what the unpatched kernel with the original modules prints.
+//! trampolines — and prints exactly what the unpatched kernel with the original modules prints;
+//! so does the patched kernel with the guest runtime linked in (`previrt link`, native backend),
+//! which rewrites every post-link site at boot.
 
 mod common;
 
@@ -126,8 +128,8 @@ fn initramfs(dir: &Path, modules: &[(String, Vec<u8>)], out: &Path) {
     assert!(s.success(), "cpio failed");
 }
 
-/// Boot and return the lines the init script printed.
-fn boot(kernel: &Path, initrd: &Path) -> Vec<String> {
+/// Boot and return the lines the init script printed, and the whole serial log.
+fn boot(kernel: &Path, initrd: &Path, append: &str) -> (Vec<String>, String) {
     require_tool("qemu-system-x86_64");
     let o = Command::new("timeout")
         .args(["300", "qemu-system-x86_64", "-machine", "q35", "-accel", "tcg", "-cpu", "max", "-m", "1024"])
@@ -136,7 +138,8 @@ fn boot(kernel: &Path, initrd: &Path) -> Vec<String> {
         .arg(kernel)
         .arg("-initrd")
         .arg(initrd)
-        .args(["-append", "console=ttyS0 panic=-1 loglevel=3"])
+        .arg("-append")
+        .arg(format!("console=ttyS0 panic=-1 loglevel=3 {append}"))
         .output()
         .expect("running qemu-system-x86_64");
     let log = String::from_utf8_lossy(&o.stdout).replace('\r', "");
@@ -147,7 +150,7 @@ fn boot(kernel: &Path, initrd: &Path) -> Vec<String> {
         .map(str::to_owned)
         .collect();
     assert!(!lines.is_empty() && log.contains("previrt-init: done"), "{} did not reach init:\n{log}", kernel.display());
-    lines
+    (lines, log)
 }
 
 #[test]
@@ -176,9 +179,19 @@ fn patched_debian_kernel_boots_and_loads_patched_modules() {
     initramfs(&dir, &patched_mods, &pi);
     // Only init's and the modules' own lines count: TCG timing may add clocksource warnings,
     // and the signature taint line names the first module loaded (watchdog).
-    let plain = boot(&deb.join("vmlinux"), &oi);
-    let ours = boot(&pk, &pi);
+    let (plain, _) = boot(&deb.join("vmlinux"), &oi, "");
+    let (ours, _) = boot(&pk, &pi, "");
     assert!(plain.iter().any(|l| l.starts_with("insmod w83627hf_wdt")), "{plain:?}");
     assert_eq!(plain, ours, "patched kernel/modules behave differently");
+
+    // With the guest runtime linked in (`previrt link`), which rewrites every post-link site
+    // at boot for the native backend: the same again.
+    let linked = dir.join("vmlinux.linked");
+    let o = Command::new(env!("CARGO_BIN_EXE_previrt")).arg("link").arg(&pk).arg("-o").arg(&linked).output().unwrap();
+    assert!(o.status.success(), "previrt link: {}", String::from_utf8_lossy(&o.stderr));
+    let (with_runtime, log) = boot(&linked, &pi, "previrt.backend=native");
+    let line = format!("previrt: backend=native sites={} patched", patched.report.sites);
+    assert!(log.contains(&line), "no `{line}` in the boot log:\n{log}");
+    assert_eq!(plain, with_runtime, "patched kernel with the runtime behaves differently");
     let _ = std::fs::remove_dir_all(&dir);
 }
