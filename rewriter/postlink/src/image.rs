@@ -183,7 +183,7 @@ impl<'a> Image<'a> {
                 if is_start(rel) {
                     out.push(rel);
                 }
-                if at % 8 == 0 {
+                if at.is_multiple_of(8) {
                     if let Some(q) = s.data.get((at - s.addr) as usize..(at - s.addr) as usize + 8) {
                         let abs = u64::from_le_bytes(q.try_into().unwrap());
                         if is_start(abs) {

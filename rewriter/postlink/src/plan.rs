@@ -12,7 +12,7 @@
 use crate::code::{Code, Mobility, BOUNDARY, PIN, RELOC};
 use crate::image::{Image, Loc};
 use iced_x86::{Decoder, DecoderOptions, Encoder, Instruction, OpKind};
-use previrt_rewriter::catalogue::{classify, Entry};
+use previrt_rewriter::catalogue::Entry;
 use previrt_rewriter::record::{operands, section_flags};
 use previrt_site_abi::{flags, reg, Kind, SiteRecord};
 
@@ -325,8 +325,13 @@ fn plan_section(img: &Image, code: &Code, opts: &Options, space: &mut Space, pla
             continue;
         };
         let at_ip = img.code[img.code_index(at.sec).unwrap()].base + at.off;
-        let t = build(code, a, b, at_ip, opts).expect("a window that encodes once encodes again");
-        debug_assert_eq!(t.bytes.len() as u64, tramp_len);
+        // Both jumps and every moved branch must reach: rel32 from the trampoline's address.
+        let reach = |from: u64, to: u64| i32::try_from(to.wrapping_sub(from) as i64).is_ok();
+        let built = build(code, a, b, at_ip, opts).filter(|t| t.bytes.len() as u64 == tramp_len);
+        let Some(t) = built.filter(|_| reach(code.base + code.insns[a].off as u64 + JMP_LEN, at_ip)) else {
+            trap(code, k, entry, TrapReason::NoSpace, plan);
+            continue;
+        };
         let start = code.insns[a].off as u64;
         let end = start + size(a, b);
         let mut window = jmp_rel32(code.base + start, at_ip).to_vec();
@@ -427,7 +432,6 @@ fn pv_sites(img: &Image, plan: &mut Plan) {
         if (len as u64) < JMP_LEN {
             rec.flags |= flags::TRAP;
         }
-        debug_assert!(classify(&i).is_none());
         plan.pv_sites += 1;
         plan.sites.push(PlannedSite {
             rec,
