@@ -41,10 +41,12 @@ BUSYBOX=$(command -v busybox || true)
 { [ -n "$BUSYBOX" ] && file -L "$BUSYBOX" | grep -q 'statically linked'; } ||
   die "missing a static busybox (busybox-static): run scripts/install-deps.sh"
 
-# What the result depends on besides the kernel source: this script and the toolchain's code.
+# What the result depends on besides the kernel source: the toolchain's code, and the report
+# format (REPORT_VERSION: bump it when the report or the build recipe changes).
+REPORT_VERSION=2
 stamp() {
-  cat "$0" "$ROOT"/cross-compile-wrapper/src/*.rs "$ROOT"/rewriter/src/catalogue.rs \
-    "$ROOT"/rewriter/src/record.rs | sha256sum | cut -c1-16
+  { echo "$REPORT_VERSION"; cat "$ROOT"/cross-compile-wrapper/src/*.rs "$ROOT"/rewriter/src/catalogue.rs \
+    "$ROOT"/rewriter/src/record.rs; } | sha256sum | cut -c1-16
 }
 STAMP=$(stamp)
 
@@ -71,6 +73,11 @@ for name, w in r["objtool_warnings"].items():
 print(f"boot          plain {b['plain']['init_output']!r} / previrt {b['previrt']['init_output']!r}: " + ("identical" if b["identical"] else "DIFFERENT"))
 EOF
 }
+
+# One run at a time per cache (a test run and a manual run must not share a build tree).
+mkdir -p "$CACHE"
+exec 9>"$CACHE/.lock"
+flock 9
 
 if [ "$FORCE" = 0 ] && [ -f "$REPORT" ] && [ -f "$CACHE/plain/vmlinux" ] && [ -f "$CACHE/previrt/vmlinux" ] &&
    python3 -c 'import json,sys; sys.exit(json.load(open(sys.argv[1])).get("stamp") != sys.argv[2])' "$REPORT" "$STAMP"; then
