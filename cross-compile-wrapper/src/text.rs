@@ -346,12 +346,14 @@ impl Rewriter {
             word = next.to_ascii_lowercase();
             rest = after;
         }
-        if rest.trim_start().starts_with('=') {
-            return Parsed::Other; // `cli = 3` is a symbol assignment
+        let rule = mnemonics::rule(&word);
+        // Most statements are neither: keep them on the cheap path.
+        if rule.is_none() && self.annotations.is_none() || rest.trim_start().starts_with('=') {
+            return Parsed::Other; // (`cli = 3` is a symbol assignment)
         }
         let ops = split_operands(rest);
         let annotated = || self.annotations.as_ref().filter(|_| self.intel.is_none())?.memory_site(&word, &ops);
-        let Some(kind) = mnemonics::rule(&word).and_then(|r| mnemonics::classify(r, &ops)).or_else(annotated) else {
+        let Some(kind) = rule.and_then(|r| mnemonics::classify(r, &ops)).or_else(annotated) else {
             return Parsed::Other;
         };
         self.site_here(body_at, kind)

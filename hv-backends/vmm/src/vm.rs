@@ -23,6 +23,9 @@ use crate::stats::{Stats, Table};
 use crate::xen::Xen;
 use crate::{AbiKind, Backend, RunArgs};
 
+#[path = "snapshot.rs"]
+pub mod snapshot;
+
 /// Why a run ended without a guest-chosen status.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -104,15 +107,27 @@ struct Vm {
     sync_regs: bool,
     /// `--profile`: single-stepping, tracing MMIO and page-table accesses.
     profile: Option<crate::profile::Profile>,
+    /// `--snapshot-after`: when to save and stop.
+    snapshot: Option<snapshot::Trigger>,
 }
 
 /// Boot `args.kernel` and run it until it stops; console output goes to `out`.
 pub fn run(args: &RunArgs, out: Box<dyn std::io::Write + Send>) -> Result<RunResult, Error> {
+    run_with(args, out, None)
+}
+
+/// Boot `args.kernel`, or resume the snapshot `restore` (then `args.kernel` is not read).
+pub(crate) fn run_with(
+    args: &RunArgs,
+    out: Box<dyn std::io::Write + Send>,
+    restore: Option<&snapshot::Image>,
+) -> Result<RunResult, Error> {
+    if args.snapshot.is_some() && args.abi == AbiKind::Xen {
+        return Err(Error::BadInput("--snapshot: the Xen personality cannot be saved yet".into()));
+    }
     let mem_size = crate::parse_size(&args.mem)
         .filter(|&s| (2 << 20..=crate::layout::MAX_RAM).contains(&s) && s % 4096 == 0)
         .ok_or_else(|| Error::BadInput(format!("--mem {}: need 2M..=3G in whole pages (e.g. 128M)", args.mem)))?;
-    let image = read_file(&args.kernel, "kernel")?;
-    let initrd = args.initrd.as_deref().map(|p| read_file(p, "initrd")).transpose()?;
     let disk = match &args.disk {
         None => None,
         Some(p) => Some(
@@ -125,9 +140,20 @@ pub fn run(args: &RunArgs, out: Box<dyn std::io::Write + Send>) -> Result<RunRes
     };
     let console = ConsoleOut::new(out);
     let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), mem_size as usize)]).map_err(host("guest memory"))?;
-    let loaded = boot::load_kernel(&mem, &image, args.boot)?;
-    let start_flags = if args.abi == AbiKind::Xen { crate::xen::SIF_INITDOMAIN } else { 0 };
-    boot::write_boot_info(&mem, mem_size, &loaded, &args.append, initrd.as_deref(), start_flags)?;
+    let loaded = match restore {
+        Some(img) => {
+            snapshot::load(img, &mem)?;
+            None
+        }
+        None => {
+            let image = read_file(&args.kernel, "kernel")?;
+            let initrd = args.initrd.as_deref().map(|p| read_file(p, "initrd")).transpose()?;
+            let loaded = boot::load_kernel(&mem, &image, args.boot)?;
+            let start_flags = if args.abi == AbiKind::Xen { crate::xen::SIF_INITDOMAIN } else { 0 };
+            boot::write_boot_info(&mem, mem_size, &loaded, &args.append, initrd.as_deref(), start_flags)?;
+            Some(loaded)
+        }
+    };
     let persona = match args.abi {
         AbiKind::None => Personality::None,
         AbiKind::Previrt => Personality::Previrt(Pv::new(console.clone(), disk).map_err(host("disk"))?),
@@ -181,14 +207,17 @@ pub fn run(args: &RunArgs, out: Box<dyn std::io::Write + Send>) -> Result<RunRes
     let mut cpuid = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(host("KVM_GET_SUPPORTED_CPUID"))?;
     cpuid = guest_cpuid(&cpuid, &persona.cpuid()).map_err(host("CPUID table"))?;
     vcpu.set_cpuid2(&cpuid).map_err(host("KVM_SET_CPUID2"))?;
-    let sregs = vcpu.get_sregs().map_err(host("KVM_GET_SREGS"))?;
-    let (regs, sregs) = boot::initial_state(&mem, &loaded, sregs)?;
-    vcpu.set_sregs(&sregs).map_err(host("KVM_SET_SREGS"))?;
-    vcpu.set_regs(&regs).map_err(host("KVM_SET_REGS"))?;
-    let fpu = kvm_bindings::kvm_fpu { fcw: 0x37f, mxcsr: 0x1f80, ..Default::default() };
-    vcpu.set_fpu(&fpu).map_err(host("KVM_SET_FPU"))?;
-    if vm.check_extension(Cap::Irqchip) {
-        set_lint(&vcpu).map_err(host("KVM_SET_LAPIC"))?;
+    // A restored vCPU gets its state from the snapshot just before it runs.
+    if let Some(loaded) = &loaded {
+        let sregs = vcpu.get_sregs().map_err(host("KVM_GET_SREGS"))?;
+        let (regs, sregs) = boot::initial_state(&mem, loaded, sregs)?;
+        vcpu.set_sregs(&sregs).map_err(host("KVM_SET_SREGS"))?;
+        vcpu.set_regs(&regs).map_err(host("KVM_SET_REGS"))?;
+        let fpu = kvm_bindings::kvm_fpu { fcw: 0x37f, mxcsr: 0x1f80, ..Default::default() };
+        vcpu.set_fpu(&fpu).map_err(host("KVM_SET_FPU"))?;
+        if vm.check_extension(Cap::Irqchip) {
+            set_lint(&vcpu).map_err(host("KVM_SET_LAPIC"))?;
+        }
     }
     if args.backend == Backend::Native {
         enable_native(&vcpu);
@@ -219,13 +248,17 @@ pub fn run(args: &RunArgs, out: Box<dyn std::io::Write + Send>) -> Result<RunRes
         ud_stepping: false,
         sync_regs,
         profile: args.profile.as_ref().map(|_| crate::profile::Profile::new(mem_size)),
+        snapshot: snapshot::Trigger::new(args, mem_size),
     };
     if vm.profile.is_some() {
         let dbg = kvm_guest_debug { control: KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_SINGLESTEP, ..Default::default() };
         vm.vcpu.set_guest_debug(&dbg).map_err(host("KVM_SET_GUEST_DEBUG (--profile)"))?;
     }
     let start = Instant::now();
-    let res = vm.run_loop();
+    let res = match restore {
+        Some(img) => snapshot::apply(&mut vm, img).and_then(|_| vm.run_loop()),
+        None => vm.run_loop(),
+    };
     vm.stats.wall = start.elapsed();
     vm.bus.flush();
     if let (Some(p), Some(path)) = (&vm.profile, &args.profile) {
@@ -472,6 +505,9 @@ impl Vm {
             }
             if let Some(s) = status {
                 return Ok(s);
+            }
+            if self.snapshot.as_mut().is_some_and(|t| t.due()) {
+                return snapshot::save(self);
             }
         }
     }
