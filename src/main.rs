@@ -16,6 +16,8 @@ enum Command {
     Scan(previrt_rewriter::cli::ScanArgs),
     /// Boot a kernel on previrt's in-tree KVM hypervisor.
     Run(previrt_vmm::RunArgs),
+    /// Resume a VM saved by `previrt run --snapshot FILE --snapshot-after …`.
+    Restore(previrt_vmm::RestoreArgs),
     /// Install the CROSS_COMPILE toolchain that pre-virtualizes at assembler level.
     #[command(subcommand)]
     Toolchain(previrt_toolchain::ToolchainCommand),
@@ -38,6 +40,7 @@ fn main() {
     match cli.command {
         Command::Scan(a) => std::process::exit(previrt_rewriter::cli::run(&a)),
         Command::Run(a) => std::process::exit(previrt_vmm::main_run(&a)),
+        Command::Restore(a) => std::process::exit(previrt_vmm::main_restore(&a)),
         Command::Toolchain(c) => std::process::exit(previrt_toolchain::run(c)),
         Command::Link(a) => std::process::exit(previrt_link::cli::run(&a)),
         Command::Patch(a) => std::process::exit(previrt_postlink::cli::patch_cmd(&a)),

@@ -85,6 +85,8 @@ fn main() {
                 stats: false,
                 stats_json: None,
                 profile: None,
+                snapshot: None,
+                snapshot_after: None,
             };
             let r = previrt_vmm::run(&args, Box::new(std::io::sink())).expect("guest run");
             (r.stats.wall.as_secs_f64() * 1e6 / N as f64, r.stats.exits())

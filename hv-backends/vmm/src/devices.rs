@@ -176,6 +176,50 @@ impl PortBus {
     pub fn flush(&mut self) {
         let _ = self.serial.writer().sync();
     }
+
+    /// UART registers and receive FIFO, and the CMOS index, for a snapshot (the format is in
+    /// docs/snapshot.md, section Uart).
+    pub fn save_state(&self) -> Vec<u8> {
+        let s = self.serial.state();
+        let mut b = vec![
+            s.baud_divisor_low,
+            s.baud_divisor_high,
+            s.interrupt_enable,
+            s.interrupt_identification,
+            s.line_control,
+            s.line_status,
+            s.modem_control,
+            s.modem_status,
+            s.scratch,
+            self.cmos.index,
+        ];
+        b.extend_from_slice(&s.in_buffer);
+        b
+    }
+
+    /// The inverse of [`PortBus::save_state`]; Err: malformed state.
+    pub fn restore_state(&mut self, b: &[u8]) -> Result<(), String> {
+        let [bl, bh, ie, ii, lc, ls, mc, ms, sc, cmos, rest @ ..] = b else {
+            return Err(format!("UART state of {} bytes is too short", b.len()));
+        };
+        let s = vm_superio::serial::SerialState {
+            baud_divisor_low: *bl,
+            baud_divisor_high: *bh,
+            interrupt_enable: *ie,
+            interrupt_identification: *ii,
+            line_control: *lc,
+            line_status: *ls,
+            modem_control: *mc,
+            modem_status: *ms,
+            scratch: *sc,
+            in_buffer: rest.to_vec(),
+        };
+        let irq = IrqLine(self.serial.interrupt_evt().0.try_clone().map_err(|e| e.to_string())?);
+        self.serial = Serial::from_state(&s, irq, NoEvents, self.serial.writer().clone())
+            .map_err(|e| format!("UART state: {e:?}"))?;
+        self.cmos.index = *cmos;
+        Ok(())
+    }
 }
 
 #[cfg(test)]

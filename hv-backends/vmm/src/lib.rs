@@ -21,6 +21,7 @@ pub mod xen;
 
 use std::path::PathBuf;
 
+pub use vm::snapshot::{self, RestoreArgs};
 pub use vm::{run, Error, RunResult};
 /// Guest memory types of the public API ([`pv::Pv`] and [`xen::Xen`] take a `GuestMemoryMmap`).
 pub use vm_memory;
@@ -82,6 +83,14 @@ pub struct RunArgs {
     /// per instruction).
     #[arg(long, value_name = "FILE")]
     pub profile: Option<PathBuf>,
+    /// Save the whole VM to FILE (atomically) and stop when --snapshot-after fires; resume
+    /// with `previrt restore FILE` (docs/snapshot.md).
+    #[arg(long, value_name = "FILE", requires = "snapshot_after")]
+    pub snapshot: Option<PathBuf>,
+    /// When to snapshot: after N handled exits ("5000exits") or at the first exit after N ms
+    /// ("200ms").
+    #[arg(long, requires = "snapshot")]
+    pub snapshot_after: Option<snapshot::When>,
 }
 
 /// Parse "128M", "1G", "65536K" or bytes.
@@ -100,11 +109,29 @@ pub fn parse_size(s: &str) -> Option<u64> {
 /// ((v << 1) | 1) or its shutdown status; 2 for bad input; 4 when the guest is stopped by the
 /// VMM (triple fault, instruction nobody can complete, ABI violation); 1 for host failures.
 pub fn main_run(args: &RunArgs) -> i32 {
-    let res = run(args, Box::new(std::io::stdout()));
+    report("run", args, run(args, Box::new(std::io::stdout())))
+}
+
+/// Run `previrt restore`: validate the snapshot (exit 2 before anything runs if it is
+/// corrupt, truncated or mismatched), then resume it; statuses as [`main_run`].
+pub fn main_restore(args: &RestoreArgs) -> i32 {
+    match snapshot::open(args) {
+        Ok((img, run_args)) => {
+            report("restore", &run_args, vm::run_with(&run_args, Box::new(std::io::stdout()), Some(&img)))
+        }
+        Err(e) => {
+            eprintln!("previrt restore: {e}");
+            e.exit_status()
+        }
+    }
+}
+
+/// The end of a run: status, error line, --stats and --stats-json.
+fn report(cmd: &str, args: &RunArgs, res: Result<RunResult, Error>) -> i32 {
     let status = match &res {
         Ok(r) => r.status,
         Err(e) => {
-            eprintln!("previrt run: {e}");
+            eprintln!("previrt {cmd}: {e}");
             e.exit_status()
         }
     };
@@ -120,7 +147,7 @@ pub fn main_run(args: &RunArgs) -> i32 {
         if let Some(p) = &args.stats_json {
             let json = serde_json::to_vec_pretty(&st.to_json()).unwrap_or_default();
             if let Err(e) = stats::write_atomic(p, &json) {
-                eprintln!("previrt run: cannot write {}: {e}", p.display());
+                eprintln!("previrt {cmd}: cannot write {}: {e}", p.display());
                 return 1;
             }
         }

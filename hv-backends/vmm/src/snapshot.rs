@@ -1,0 +1,562 @@
+//! Save and restore of a whole VM: `previrt run --snapshot FILE --snapshot-after N(exits|ms)`
+//! writes a snapshot and stops; `previrt restore FILE` resumes it (docs/snapshot.md has the
+//! format field by field).
+//!
+//! A child of `vm` (it reads and writes the VM's private state). The snapshot is taken between
+//! two exits, after a KVM_RUN with `immediate_exit` set has completed any in-flight port/MMIO
+//! access, so the saved registers are the ones the guest would see next. State goes in the
+//! order restore needs (FACTS.md): MP_STATE, REGS, SREGS, XSAVE, XCRS, DEBUGREGS, LAPIC, MSRS
+//! (after LAPIC), VCPU_EVENTS; the irqchip and PIT before the vCPU, the clock last.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use kvm_bindings::{
+    kvm_clock_data, kvm_debugregs, kvm_irqchip, kvm_lapic_state, kvm_mp_state, kvm_msr_entry, kvm_pit_state2, kvm_regs,
+    kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave, Msrs, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER,
+    KVM_IRQCHIP_PIC_SLAVE,
+};
+use kvm_ioctls::Kvm;
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+
+use super::{Error, Personality, Stop, Vm};
+use crate::{AbiKind, Backend, RunArgs};
+
+pub const MAGIC: &[u8; 8] = b"PREVSNAP";
+pub const VERSION: u32 = 1;
+/// magic, crc32, version, vcpus, abi, mem_size, payload_len.
+pub const HEADER_LEN: usize = 40;
+const PAGE: usize = 4096;
+
+/// When `previrt run` takes its snapshot: after N handled exits or at the first exit after N ms.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum When {
+    Exits(u64),
+    Millis(u64),
+}
+
+impl std::str::FromStr for When {
+    type Err = String;
+    fn from_str(s: &str) -> Result<When, String> {
+        let bad = || format!("{s:?}: expected N followed by 'exits' or 'ms' (e.g. 5000exits, 200ms)");
+        let (num, ctor): (&str, fn(u64) -> When) = if let Some(n) = s.strip_suffix("exits") {
+            (n, When::Exits)
+        } else if let Some(n) = s.strip_suffix("ms") {
+            (n, When::Millis)
+        } else {
+            return Err(bad());
+        };
+        num.parse().map(ctor).map_err(|_| bad())
+    }
+}
+
+/// The snapshot trigger of one run.
+pub(super) struct Trigger {
+    when: When,
+    path: PathBuf,
+    exits: u64,
+    start: Instant,
+    mem_size: u64,
+    abi: AbiKind,
+}
+
+impl Trigger {
+    pub(super) fn new(args: &RunArgs, mem_size: u64) -> Option<Trigger> {
+        let (when, path) = (args.snapshot_after?, args.snapshot.clone()?);
+        Some(Trigger { when, path, exits: 0, start: Instant::now(), mem_size, abi: args.abi })
+    }
+
+    /// Count one handled exit; true when the snapshot is due.
+    pub(super) fn due(&mut self) -> bool {
+        self.exits += 1;
+        match self.when {
+            When::Exits(n) => self.exits >= n,
+            When::Millis(n) => self.start.elapsed() >= Duration::from_millis(n),
+        }
+    }
+}
+
+/// Sections of the payload, in the order restore applies them. The tag is the on-disk id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u32)]
+pub enum Tag {
+    Memory = 1,
+    PicMaster = 2,
+    PicSlave = 3,
+    Ioapic = 4,
+    Pit = 5,
+    MpState = 10,
+    Regs = 11,
+    Sregs = 12,
+    Xsave = 13,
+    Xcrs = 14,
+    DebugRegs = 15,
+    Lapic = 16,
+    Msrs = 17,
+    VcpuEvents = 18,
+    Clock = 20,
+    Uart = 30,
+    Previrt = 31,
+}
+
+const TAGS: [Tag; 17] = [
+    Tag::Memory,
+    Tag::PicMaster,
+    Tag::PicSlave,
+    Tag::Ioapic,
+    Tag::Pit,
+    Tag::MpState,
+    Tag::Regs,
+    Tag::Sregs,
+    Tag::Xsave,
+    Tag::Xcrs,
+    Tag::DebugRegs,
+    Tag::Lapic,
+    Tag::Msrs,
+    Tag::VcpuEvents,
+    Tag::Clock,
+    Tag::Uart,
+    Tag::Previrt,
+];
+
+/// The KVM irqchips in a snapshot: (section, chip id).
+const CHIPS: [(Tag, u32); 3] = [
+    (Tag::PicMaster, KVM_IRQCHIP_PIC_MASTER),
+    (Tag::PicSlave, KVM_IRQCHIP_PIC_SLAVE),
+    (Tag::Ioapic, KVM_IRQCHIP_IOAPIC),
+];
+
+const ABIS: [(u32, AbiKind); 3] = [(0, AbiKind::Previrt), (1, AbiKind::Xen), (2, AbiKind::None)];
+
+/// A validated snapshot file.
+pub struct Image {
+    pub mem_size: u64,
+    pub abi: AbiKind,
+    bytes: Vec<u8>,
+    /// (tag, payload range) of each section.
+    sections: Vec<(u32, std::ops::Range<usize>)>,
+}
+
+fn u32_at(b: &[u8], at: usize) -> u32 {
+    u32::from_le_bytes(b[at..at + 4].try_into().unwrap())
+}
+fn u64_at(b: &[u8], at: usize) -> u64 {
+    u64::from_le_bytes(b[at..at + 8].try_into().unwrap())
+}
+
+impl Image {
+    /// Check everything that can be checked without a VM; Err is one line for the user.
+    pub fn parse(bytes: Vec<u8>) -> Result<Image, String> {
+        if bytes.len() < HEADER_LEN {
+            return Err(format!("truncated: {} bytes, shorter than the {HEADER_LEN}-byte header", bytes.len()));
+        }
+        if &bytes[..8] != MAGIC {
+            return Err("bad magic: not a previrt snapshot".into());
+        }
+        let version = u32_at(&bytes, 12);
+        if version != VERSION {
+            return Err(format!("format version {version}, this previrt reads version {VERSION}"));
+        }
+        let payload = u64_at(&bytes, 32);
+        let have = (bytes.len() - HEADER_LEN) as u64;
+        if payload != have {
+            return Err(format!("truncated or padded: header says {payload} payload bytes, file has {have}"));
+        }
+        let crc = crc32fast::hash(&bytes[12..]);
+        if crc != u32_at(&bytes, 8) {
+            return Err(format!(
+                "checksum mismatch (stored {:#010x}, computed {crc:#010x}): corrupt",
+                u32_at(&bytes, 8)
+            ));
+        }
+        let vcpus = u32_at(&bytes, 16);
+        if vcpus != 1 {
+            return Err(format!("{vcpus} vCPUs, this VMM runs exactly 1"));
+        }
+        let abi_id = u32_at(&bytes, 20);
+        let abi = ABIS.iter().find(|a| a.0 == abi_id).map(|a| a.1).ok_or(format!("unknown ABI id {abi_id}"))?;
+        let mem_size = u64_at(&bytes, 24);
+        if !(2 << 20..=crate::layout::MAX_RAM).contains(&mem_size) || mem_size % PAGE as u64 != 0 {
+            return Err(format!("memory size {mem_size} is not 2M..=3G in whole pages"));
+        }
+        let mut sections = Vec::new();
+        let mut at = HEADER_LEN;
+        while at < bytes.len() {
+            if bytes.len() - at < 16 {
+                return Err(format!("section header at {at} cut short"));
+            }
+            let (tag, len) = (u32_at(&bytes, at), u64_at(&bytes, at + 8));
+            let start = at + 16;
+            if len > (bytes.len() - start) as u64 {
+                return Err(format!("section {tag} at {at} claims {len} bytes past the end"));
+            }
+            if !TAGS.iter().any(|t| *t as u32 == tag) || sections.iter().any(|s: &(u32, _)| s.0 == tag) {
+                return Err(format!("unknown or repeated section {tag} at {at}"));
+            }
+            sections.push((tag, start..start + len as usize));
+            at = start + len as usize;
+        }
+        let img = Image { mem_size, abi, bytes, sections };
+        for t in [Tag::Memory, Tag::MpState, Tag::Regs, Tag::Sregs, Tag::Uart] {
+            img.section(t).ok_or(format!("section {t:?} missing"))?;
+        }
+        let pages = (mem_size as usize) / PAGE;
+        let mem = img.section(Tag::Memory).unwrap();
+        let bitmap = pages.div_ceil(8);
+        let stored = mem.get(..bitmap).map_or(usize::MAX, |b| b.iter().map(|x| x.count_ones() as usize).sum());
+        if mem.len() < bitmap || mem.len() - bitmap != stored * PAGE {
+            return Err(format!(
+                "memory section of {} bytes does not match {mem_size} bytes of guest memory",
+                mem.len()
+            ));
+        }
+        Ok(img)
+    }
+
+    fn section(&self, t: Tag) -> Option<&[u8]> {
+        self.sections.iter().find(|s| s.0 == t as u32).map(|s| &self.bytes[s.1.clone()])
+    }
+
+    /// A section holding one KVM structure; Err if it has the wrong size.
+    fn pod<T: Default>(&self, t: Tag) -> Result<Option<T>, Stop> {
+        let Some(b) = self.section(t) else { return Ok(None) };
+        if b.len() != std::mem::size_of::<T>() {
+            return Err(Stop::Host(format!("snapshot section {t:?}: {} bytes, expected {}", b.len(), size_of::<T>())));
+        }
+        let mut v = T::default();
+        // SAFETY: T is a plain-old-data KVM UAPI structure (integers and arrays only) of
+        // exactly b.len() bytes; any bit pattern is a valid value.
+        unsafe { std::ptr::copy_nonoverlapping(b.as_ptr(), &mut v as *mut T as *mut u8, b.len()) };
+        Ok(Some(v))
+    }
+}
+
+/// The bytes of a KVM UAPI structure.
+fn pod_bytes<T>(v: &T) -> &[u8] {
+    // SAFETY: T is a plain-old-data KVM UAPI structure; reading its bytes is always valid.
+    unsafe { std::slice::from_raw_parts(v as *const T as *const u8, size_of::<T>()) }
+}
+
+/// Builds the file: header placeholder, then sections; `finish` fills length and checksum.
+struct Writer(Vec<u8>);
+
+impl Writer {
+    fn new(abi: AbiKind, mem_size: u64, capacity: usize) -> Writer {
+        let mut b = Vec::with_capacity(capacity + HEADER_LEN);
+        b.extend_from_slice(MAGIC);
+        b.extend_from_slice(&0u32.to_le_bytes());
+        b.extend_from_slice(&VERSION.to_le_bytes());
+        b.extend_from_slice(&1u32.to_le_bytes());
+        b.extend_from_slice(&ABIS.iter().find(|a| a.1 == abi).unwrap().0.to_le_bytes());
+        b.extend_from_slice(&mem_size.to_le_bytes());
+        b.extend_from_slice(&0u64.to_le_bytes());
+        Writer(b)
+    }
+    fn section(&mut self, t: Tag, data: &[u8]) {
+        self.0.extend_from_slice(&(t as u32).to_le_bytes());
+        self.0.extend_from_slice(&0u32.to_le_bytes());
+        self.0.extend_from_slice(&(data.len() as u64).to_le_bytes());
+        self.0.extend_from_slice(data);
+    }
+    fn finish(mut self) -> Vec<u8> {
+        let payload = (self.0.len() - HEADER_LEN) as u64;
+        self.0[32..40].copy_from_slice(&payload.to_le_bytes());
+        let crc = crc32fast::hash(&self.0[12..]);
+        self.0[8..12].copy_from_slice(&crc.to_le_bytes());
+        self.0
+    }
+}
+
+/// Guest RAM as one byte slice (one region from GPA 0).
+#[allow(clippy::mut_from_ref)]
+fn ram(mem: &GuestMemoryMmap, size: u64) -> Result<&mut [u8], String> {
+    let p = mem.get_host_address(GuestAddress(0)).map_err(|e| format!("guest memory: {e}"))?;
+    // SAFETY: guest RAM is one mapping of `size` bytes from GPA 0 (`run` creates it so) and
+    // the vCPU is stopped; the only other user, the console doorbell thread, touches the
+    // console ring only after a doorbell, which a stopped vCPU cannot ring.
+    Ok(unsafe { std::slice::from_raw_parts_mut(p, size as usize) })
+}
+
+/// Memory section: a bitmap of non-zero pages, then those pages in order.
+fn save_memory(w: &mut Writer, ram: &[u8]) {
+    let pages = ram.len() / PAGE;
+    let mut bitmap = vec![0u8; pages.div_ceil(8)];
+    let mut data = Vec::new();
+    for (i, p) in ram.chunks_exact(PAGE).enumerate() {
+        let (pre, words, post) = unsafe { p.align_to::<u64>() };
+        if pre.iter().chain(post).all(|&b| b == 0) && words.iter().all(|&w| w == 0) {
+            continue;
+        }
+        bitmap[i / 8] |= 1 << (i % 8);
+        data.extend_from_slice(p);
+    }
+    bitmap.extend_from_slice(&data);
+    w.section(Tag::Memory, &bitmap);
+}
+
+fn load_memory(img: &Image, ram: &mut [u8]) {
+    let m = img.section(Tag::Memory).unwrap();
+    let (bitmap, mut data) = m.split_at((ram.len() / PAGE).div_ceil(8));
+    for (i, p) in ram.chunks_exact_mut(PAGE).enumerate() {
+        if bitmap[i / 8] & (1 << (i % 8)) != 0 {
+            p.copy_from_slice(&data[..PAGE]);
+            data = &data[PAGE..];
+        }
+    }
+}
+
+fn kvm_err(what: &'static str) -> impl Fn(kvm_ioctls::Error) -> Stop {
+    move |e| Stop::Host(format!("{what}: {e}"))
+}
+
+/// Every MSR the host can save, read one batch at a time (KVM_GET_MSRS stops at the first
+/// it cannot read; that one is skipped).
+fn read_msrs(vm: &Vm) -> Result<Vec<kvm_msr_entry>, Stop> {
+    let kvm = Kvm::new().map_err(kvm_err("open /dev/kvm"))?;
+    let list = kvm.get_msr_index_list().map_err(kvm_err("KVM_GET_MSR_INDEX_LIST"))?;
+    let mut want: Vec<kvm_msr_entry> =
+        list.as_slice().iter().map(|&index| kvm_msr_entry { index, ..Default::default() }).collect();
+    let mut got = Vec::with_capacity(want.len());
+    while !want.is_empty() {
+        let mut m = Msrs::from_entries(&want).map_err(|e| Stop::Host(format!("MSR list: {e:?}")))?;
+        let n = vm.vcpu.get_msrs(&mut m).map_err(kvm_err("KVM_GET_MSRS"))?;
+        got.extend_from_slice(&m.as_slice()[..n]);
+        want.drain(..(n + 1).min(want.len()));
+    }
+    Ok(got)
+}
+
+/// Write every MSR of the snapshot that this host accepts; returns the rejected indices.
+fn write_msrs(vm: &Vm, mut entries: &[kvm_msr_entry]) -> Result<Vec<u32>, Stop> {
+    let mut rejected = Vec::new();
+    while !entries.is_empty() {
+        let m = Msrs::from_entries(entries).map_err(|e| Stop::Host(format!("MSR list: {e:?}")))?;
+        let n = vm.vcpu.set_msrs(&m).map_err(kvm_err("KVM_SET_MSRS"))?;
+        if n < entries.len() {
+            rejected.push(entries[n].index);
+        }
+        entries = &entries[(n + 1).min(entries.len())..];
+    }
+    Ok(rejected)
+}
+
+/// Take the snapshot the trigger asks for, write it atomically, say so on stderr and end the
+/// run with status 0 (the guest lives on in the file).
+pub(super) fn save(vm: &mut Vm) -> Result<i32, Stop> {
+    let t0 = Instant::now();
+    let trig = vm.snapshot.take().expect("save is called when the trigger fires");
+    let len = write(vm, &trig.path, trig.mem_size, trig.abi)?;
+    eprintln!(
+        "previrt run: snapshot written to {} ({len} bytes, after {} exits, {:.1} ms to save)",
+        trig.path.display(),
+        trig.exits,
+        t0.elapsed().as_secs_f64() * 1e3
+    );
+    Ok(0)
+}
+
+fn write(vm: &mut Vm, path: &Path, mem_size: u64, abi: AbiKind) -> Result<usize, Stop> {
+    // Complete an in-flight port/MMIO access (and any register write-back) without running.
+    vm.vcpu.set_kvm_immediate_exit(1);
+    let _ = vm.vcpu.run();
+    vm.vcpu.set_kvm_immediate_exit(0);
+    vm.bus.flush();
+    if let Personality::Previrt(pv) = &vm.persona {
+        // Bytes already in the console ring go out here, not again after restore.
+        pv.shared.drain_console(&vm.mem).map_err(Stop::Guest)?;
+    }
+    let v = &vm.vcpu;
+    let mut w = Writer::new(abi, mem_size, mem_size as usize / 4);
+    save_memory(&mut w, ram(&vm.mem, mem_size).map_err(Stop::Host)?);
+    for (tag, id) in CHIPS {
+        let mut chip = kvm_irqchip { chip_id: id, ..Default::default() };
+        if vm._vm.get_irqchip(&mut chip).is_ok() {
+            w.section(tag, pod_bytes(&chip));
+        }
+    }
+    if let Ok(pit) = vm._vm.get_pit2() {
+        w.section(Tag::Pit, pod_bytes(&pit));
+    }
+    w.section(Tag::MpState, pod_bytes(&v.get_mp_state().map_err(kvm_err("KVM_GET_MP_STATE"))?));
+    w.section(Tag::Regs, pod_bytes(&v.get_regs().map_err(kvm_err("KVM_GET_REGS"))?));
+    w.section(Tag::Sregs, pod_bytes(&v.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?));
+    w.section(Tag::Xsave, pod_bytes(&v.get_xsave().map_err(kvm_err("KVM_GET_XSAVE"))?));
+    w.section(Tag::Xcrs, pod_bytes(&v.get_xcrs().map_err(kvm_err("KVM_GET_XCRS"))?));
+    w.section(Tag::DebugRegs, pod_bytes(&v.get_debug_regs().map_err(kvm_err("KVM_GET_DEBUGREGS"))?));
+    if let Ok(l) = v.get_lapic() {
+        w.section(Tag::Lapic, pod_bytes(&l));
+    }
+    let msrs: Vec<u8> =
+        read_msrs(vm)?.iter().flat_map(|m| [(m.index as u64).to_le_bytes(), m.data.to_le_bytes()]).flatten().collect();
+    w.section(Tag::Msrs, &msrs);
+    w.section(Tag::VcpuEvents, pod_bytes(&vm.vcpu.get_vcpu_events().map_err(kvm_err("KVM_GET_VCPU_EVENTS"))?));
+    w.section(Tag::Clock, pod_bytes(&vm._vm.get_clock().map_err(kvm_err("KVM_GET_CLOCK"))?));
+    w.section(Tag::Uart, &vm.bus.save_state());
+    if let Personality::Previrt(pv) = &vm.persona {
+        w.section(Tag::Previrt, &save_previrt(pv));
+    }
+    let bytes = w.finish();
+    crate::stats::write_atomic(path, &bytes)
+        .map_err(|e| Stop::Host(format!("cannot write snapshot {}: {e}", path.display())))?;
+    Ok(bytes.len())
+}
+
+/// Previrt ABI state: the two MSRs, the upcall vector, the timer (period, time to deadline).
+fn save_previrt(pv: &crate::pv::Pv) -> Vec<u8> {
+    let now = Instant::now();
+    let ns = |d: Option<Duration>| d.map_or(u64::MAX, |d| d.as_nanos() as u64);
+    [
+        pv.rdmsr(previrt_hv_abi::MSR_HYPERCALL_PAGE).unwrap_or(0),
+        pv.rdmsr(previrt_hv_abi::MSR_VCPU_PAGE).unwrap_or(0),
+        pv.event_vector as u64,
+        ns(pv.timer.period),
+        ns(pv.timer.deadline.map(|d| d.saturating_duration_since(now))),
+    ]
+    .iter()
+    .flat_map(|v| v.to_le_bytes())
+    .collect()
+}
+
+fn restore_previrt(vm: &mut Vm, b: &[u8]) -> Result<(), Stop> {
+    let Personality::Previrt(pv) = &mut vm.persona else { return Ok(()) };
+    if b.len() != 40 {
+        return Err(Stop::Host(format!("snapshot section Previrt: {} bytes, expected 40", b.len())));
+    }
+    let f = |i: usize| u64_at(b, i * 8);
+    let dur = |v: u64| (v != u64::MAX).then(|| Duration::from_nanos(v));
+    // Re-registering refills the hypercall page for this VMM's transport.
+    for (msr, v) in [(previrt_hv_abi::MSR_HYPERCALL_PAGE, f(0)), (previrt_hv_abi::MSR_VCPU_PAGE, f(1))] {
+        if pv.wrmsr(&vm.mem, msr, v) != Some(true) {
+            return Err(Stop::Guest(format!("snapshot MSR {msr:#x} = {v:#x} refused by this VMM")));
+        }
+    }
+    pv.event_vector = f(2) as u8;
+    pv.timer.period = dur(f(3));
+    pv.timer.deadline = dur(f(4)).map(|d| Instant::now() + d);
+    Ok(())
+}
+
+/// Load the guest memory of `img` into a fresh VM's RAM.
+pub(super) fn load(img: &Image, mem: &GuestMemoryMmap) -> Result<(), Error> {
+    load_memory(img, ram(mem, img.mem_size).map_err(Error::Host)?);
+    Ok(())
+}
+
+/// Put the device and vCPU state of `img` into a fresh VM, in the order that works.
+pub(super) fn apply(vm: &mut Vm, img: &Image) -> Result<(), Stop> {
+    for (tag, _) in CHIPS {
+        if let Some(chip) = img.pod::<kvm_irqchip>(tag)? {
+            vm._vm.set_irqchip(&chip).map_err(kvm_err("KVM_SET_IRQCHIP"))?;
+        }
+    }
+    if let Some(pit) = img.pod::<kvm_pit_state2>(Tag::Pit)? {
+        vm._vm.set_pit2(&pit).map_err(kvm_err("KVM_SET_PIT2"))?;
+    }
+    let v = &vm.vcpu;
+    if let Some(s) = img.pod::<kvm_mp_state>(Tag::MpState)? {
+        v.set_mp_state(s).map_err(kvm_err("KVM_SET_MP_STATE"))?;
+    }
+    if let Some(r) = img.pod::<kvm_regs>(Tag::Regs)? {
+        v.set_regs(&r).map_err(kvm_err("KVM_SET_REGS"))?;
+    }
+    if let Some(s) = img.pod::<kvm_sregs>(Tag::Sregs)? {
+        v.set_sregs(&s).map_err(kvm_err("KVM_SET_SREGS"))?;
+    }
+    if let Some(x) = img.pod::<kvm_xsave>(Tag::Xsave)? {
+        // SAFETY: a 4 KiB kvm_xsave as KVM_GET_XSAVE returned it.
+        unsafe { v.set_xsave(&x) }.map_err(kvm_err("KVM_SET_XSAVE"))?;
+    }
+    if let Some(x) = img.pod::<kvm_xcrs>(Tag::Xcrs)? {
+        v.set_xcrs(&x).map_err(kvm_err("KVM_SET_XCRS"))?;
+    }
+    if let Some(d) = img.pod::<kvm_debugregs>(Tag::DebugRegs)? {
+        v.set_debug_regs(&d).map_err(kvm_err("KVM_SET_DEBUGREGS"))?;
+    }
+    if let Some(l) = img.pod::<kvm_lapic_state>(Tag::Lapic)? {
+        v.set_lapic(&l).map_err(kvm_err("KVM_SET_LAPIC"))?;
+    }
+    let msrs: Vec<kvm_msr_entry> = img
+        .section(Tag::Msrs)
+        .unwrap_or(&[])
+        .chunks_exact(16)
+        .map(|c| kvm_msr_entry { index: u64_at(c, 0) as u32, data: u64_at(c, 8), ..Default::default() })
+        .collect();
+    let rejected = write_msrs(vm, &msrs)?;
+    if !rejected.is_empty() {
+        eprintln!("previrt restore: this host refused {} saved MSRs: {rejected:x?}", rejected.len());
+    }
+    if let Some(e) = img.pod::<kvm_vcpu_events>(Tag::VcpuEvents)? {
+        vm.vcpu.set_vcpu_events(&e).map_err(kvm_err("KVM_SET_VCPU_EVENTS"))?;
+    }
+    if let Some(mut c) = img.pod::<kvm_clock_data>(Tag::Clock)? {
+        // Only the clock value: the realtime/host-TSC pairing belongs to the saving host.
+        c.flags = 0;
+        vm._vm.set_clock(&c).map_err(kvm_err("KVM_SET_CLOCK"))?;
+    }
+    vm.bus.restore_state(img.section(Tag::Uart).unwrap()).map_err(Stop::Host)?;
+    if let Some(b) = img.section(Tag::Previrt) {
+        restore_previrt(vm, b)?;
+    }
+    Ok(())
+}
+
+/// `previrt restore` arguments.
+#[derive(Debug, Clone, clap::Args)]
+pub struct RestoreArgs {
+    /// Snapshot written by `previrt run --snapshot FILE --snapshot-after …`.
+    pub file: PathBuf,
+    /// Paravirtual interface offered to the resumed guest (default: the one it was saved under).
+    #[arg(long, value_enum)]
+    pub abi: Option<AbiKind>,
+    /// Execution backend.
+    #[arg(long, value_enum, default_value = "pv")]
+    pub backend: Backend,
+    /// Refuse the snapshot unless its guest memory is this size (K/M/G suffix).
+    #[arg(long)]
+    pub mem: Option<String>,
+    /// Print the exit accounting table to stderr at the end.
+    #[arg(long)]
+    pub stats: bool,
+    /// Write the exit accounting as JSON to FILE (atomically).
+    #[arg(long, value_name = "FILE")]
+    pub stats_json: Option<PathBuf>,
+    /// Snapshot again (chained migration): where to write it.
+    #[arg(long, value_name = "FILE", requires = "snapshot_after")]
+    pub snapshot: Option<PathBuf>,
+    /// When to snapshot again: N exits ("5000exits") or N ms ("200ms").
+    #[arg(long, requires = "snapshot")]
+    pub snapshot_after: Option<When>,
+}
+
+/// Read and validate a snapshot; Err is one line naming the file.
+pub fn open(args: &RestoreArgs) -> Result<(Image, RunArgs), Error> {
+    let name = args.file.display();
+    let bytes = std::fs::read(&args.file).map_err(|e| Error::BadInput(format!("cannot read {name}: {e}")))?;
+    let img = Image::parse(bytes).map_err(|e| Error::BadInput(format!("{name}: {e}")))?;
+    if let Some(m) = &args.mem {
+        let want = crate::parse_size(m).ok_or_else(|| Error::BadInput(format!("--mem {m}: not a size")))?;
+        if want != img.mem_size {
+            return Err(Error::BadInput(format!(
+                "{name}: snapshot has {} MiB of guest memory, --mem asks for {} MiB",
+                img.mem_size >> 20,
+                want >> 20
+            )));
+        }
+    }
+    let run = RunArgs {
+        kernel: args.file.clone(),
+        mem: img.mem_size.to_string(),
+        append: String::new(),
+        initrd: None,
+        disk: None,
+        boot: None,
+        backend: args.backend,
+        abi: args.abi.unwrap_or(img.abi),
+        stats: args.stats,
+        stats_json: args.stats_json.clone(),
+        profile: None,
+        snapshot: args.snapshot.clone(),
+        snapshot_after: args.snapshot_after,
+    };
+    Ok((img, run))
+}

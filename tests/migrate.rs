@@ -1,0 +1,173 @@
+//! Save and restore (`previrt run --snapshot … --snapshot-after …`, `previrt restore`) of the
+//! example kernel mid-workload: the console stream of the saved run followed by the restored
+//! one is the stream of an uninterrupted run (sequence numbers, checksums, console lines), and
+//! bad snapshots are refused with one line and status 2 before anything runs.
+
+mod vmm_support;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use vmm_support::*;
+
+/// Workloads with console output, interrupt-flag and compute work; 4 passes, each WORKLOAD
+/// line carries seq=1..=12.
+const CMDLINE: &str = "workloads=irqflag,console,compute repeat=4 console_lines=4";
+
+fn example_kernel(d: &Path) -> PathBuf {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/kernel");
+    let st = Command::new("make")
+        .arg("-s")
+        .arg("-C")
+        .arg(&src)
+        .arg(format!("O={}", d.display()))
+        .status()
+        .expect("cannot run make: run scripts/install-deps.sh (build-essential)");
+    assert!(st.success(), "building the example kernel failed");
+    d.join("kernel.elf")
+}
+
+fn previrt(args: &[&str]) -> Output {
+    require_kvm();
+    Command::new(env!("CARGO_BIN_EXE_previrt")).args(args).output().expect("spawn previrt")
+}
+
+/// The deterministic lines (TIMING lines carry TSC values and the banner repeats nothing).
+fn stream(s: &str) -> Vec<&str> {
+    s.lines().filter(|l| !l.starts_with("TIMING ")).collect()
+}
+
+fn seqs(lines: &[&str]) -> Vec<u64> {
+    lines.iter().filter_map(|l| l.split("seq=").nth(1)).map(|n| n.trim().parse().unwrap()).collect()
+}
+
+/// Boot, snapshot after `after`, restore with `restore_args`; return (saved run, restored run).
+fn save_and_restore(d: &Path, kernel: &Path, after: &str, restore_args: &[&str]) -> (Output, Output) {
+    let snap = d.join(format!("{after}.snap"));
+    let snap_s = snap.to_str().unwrap();
+    let a = previrt(&[
+        "run",
+        kernel.to_str().unwrap(),
+        "--append",
+        CMDLINE,
+        "--snapshot",
+        snap_s,
+        "--snapshot-after",
+        after,
+    ]);
+    assert_eq!(a.status.code(), Some(0), "saving run: {}", stderr(&a));
+    assert!(stderr(&a).contains("snapshot written to"), "{}", stderr(&a));
+    let mut args = vec!["restore", snap_s];
+    args.extend_from_slice(restore_args);
+    let b = previrt(&args);
+    (a, b)
+}
+
+#[test]
+fn snapshot_mid_workload_resumes_without_losing_or_repeating_a_line() {
+    let d = scratch("migrate-resume");
+    let kernel = example_kernel(&d);
+    let full = previrt(&["run", kernel.to_str().unwrap(), "--append", CMDLINE]);
+    assert_eq!(full.status.code(), Some(1), "uninterrupted run: {}", stderr(&full));
+    let full_out = stdout(&full);
+    assert_eq!(seqs(&stream(&full_out)), (1..=12).collect::<Vec<_>>(), "{full_out}");
+
+    // Early (during the first pass) and late (a later pass), by exits and by time.
+    for after in ["300exits", "2500exits", "1500ms"] {
+        let (a, b) = save_and_restore(&d, &kernel, after, &[]);
+        assert_eq!(b.status.code(), Some(1), "restore after {after}: {}", stderr(&b));
+        let (sa, sb) = (stdout(&a), stdout(&b));
+        let before = seqs(&stream(&sa));
+        assert!(before.len() < 12, "{after}: the snapshot was taken after the workloads ended: {sa}");
+        assert!(!stream(&sb).is_empty(), "{after}: nothing after the restore");
+        let joined = format!("{sa}{sb}");
+        assert_eq!(stream(&joined), stream(&full_out), "{after}: saved run + restored run != uninterrupted run");
+        assert!(stream(&sb).last().unwrap().starts_with("RESULT PASS"), "{after}: {sb}");
+    }
+}
+
+#[test]
+fn restore_under_a_mismatched_or_damaged_snapshot_is_refused_before_running() {
+    let d = scratch("migrate-bad");
+    let kernel = example_kernel(&d);
+    let (_, ok) = save_and_restore(&d, &kernel, "200exits", &["--mem", "128M"]);
+    assert_eq!(ok.status.code(), Some(1), "intact snapshot: {}", stderr(&ok));
+    let good = std::fs::read(d.join("200exits.snap")).unwrap();
+
+    let crc = |b: &mut Vec<u8>| {
+        let c = crc32(&b[12..]);
+        b[8..12].copy_from_slice(&c.to_le_bytes());
+    };
+    type Damage = fn(&mut Vec<u8>, &dyn Fn(&mut Vec<u8>));
+    let cases: [(&str, Damage, &str); 7] = [
+        ("bad magic", |b, _| b[0] ^= 0xff, "bad magic"),
+        (
+            "version",
+            |b, fix| {
+                b[12] = 9;
+                fix(b)
+            },
+            "format version 9",
+        ),
+        (
+            "flipped byte",
+            |b, _| {
+                let n = b.len() / 2;
+                b[n] ^= 1
+            },
+            "checksum mismatch",
+        ),
+        (
+            "truncated",
+            |b, _| {
+                let n = b.len() - 100;
+                b.truncate(n)
+            },
+            "truncated",
+        ),
+        ("tiny", |b, _| b.truncate(10), "truncated"),
+        (
+            "two vCPUs",
+            |b, fix| {
+                b[16] = 2;
+                fix(b)
+            },
+            "2 vCPUs",
+        ),
+        (
+            "memory size",
+            |b, fix| {
+                b[26] ^= 0x10;
+                fix(b)
+            },
+            "does not match",
+        ),
+    ];
+    for (name, damage, msg) in cases {
+        let mut b = good.clone();
+        damage(&mut b, &crc);
+        let p = d.join(format!("{}.snap", name.replace(' ', "-")));
+        std::fs::write(&p, &b).unwrap();
+        let o = previrt(&["restore", p.to_str().unwrap()]);
+        let e = stderr(&o);
+        assert_eq!(o.status.code(), Some(2), "{name}: {e}");
+        assert_eq!(e.lines().count(), 1, "{name}: one line expected: {e}");
+        assert!(e.contains(msg), "{name}: {e:?} should say {msg:?}");
+        assert!(stdout(&o).is_empty(), "{name}: the guest ran: {}", stdout(&o));
+    }
+    let o = previrt(&["restore", d.join("200exits.snap").to_str().unwrap(), "--mem", "64M"]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("128 MiB") && stdout(&o).is_empty(), "{}", stderr(&o));
+    let o = previrt(&["restore", d.join("absent.snap").to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+}
+
+/// CRC-32 (IEEE), bitwise: the test recomputes the checksum independently of the VMM's crate.
+fn crc32(data: &[u8]) -> u32 {
+    let mut c = !0u32;
+    for &b in data {
+        c ^= b as u32;
+        for _ in 0..8 {
+            c = if c & 1 != 0 { (c >> 1) ^ 0xedb8_8320 } else { c >> 1 };
+        }
+    }
+    !c
+}
