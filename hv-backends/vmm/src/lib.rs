@@ -15,6 +15,7 @@ mod kick;
 pub mod layout;
 pub mod profile;
 pub mod pv;
+pub mod pvm;
 pub mod stats;
 mod vm;
 pub mod xen;
@@ -42,8 +43,10 @@ pub enum AbiKind {
 pub enum Backend {
     /// The ordinary KVM path (instruction-emulated ring 0 on KVM-PVM).
     Pv,
-    /// KVM-PVM's native-execution mode, when the host has it (probed, never assumed).
+    /// KVM-PVM's native-execution mode (docs/pvm.md); an error if the probe does not find it.
     Native,
+    /// Native when the probe finds KVM-PVM's mode, else the ordinary path (said on stderr).
+    Auto,
 }
 
 /// `previrt run` arguments.

@@ -4,10 +4,10 @@ use std::fs::File;
 use std::time::{Duration, Instant};
 
 use kvm_bindings::{
-    kvm_enable_cap, kvm_guest_debug, kvm_msr_entry, kvm_pit_config, kvm_regs, kvm_sregs, kvm_userspace_memory_region,
-    CpuId, Msrs, KVM_CAP_EXIT_ON_EMULATION_FAILURE, KVM_CAP_X86_USER_SPACE_MSR, KVM_GUESTDBG_ENABLE,
-    KVM_GUESTDBG_SINGLESTEP, KVM_GUESTDBG_USE_HW_BP, KVM_MAX_CPUID_ENTRIES, KVM_MSR_EXIT_REASON_INVAL,
-    KVM_MSR_EXIT_REASON_UNKNOWN, KVM_PIT_SPEAKER_DUMMY, KVM_SYNC_X86_REGS, KVM_SYNC_X86_SREGS,
+    kvm_enable_cap, kvm_guest_debug, kvm_pit_config, kvm_regs, kvm_sregs, kvm_userspace_memory_region, CpuId,
+    KVM_CAP_EXIT_ON_EMULATION_FAILURE, KVM_CAP_X86_USER_SPACE_MSR, KVM_GUESTDBG_ENABLE, KVM_GUESTDBG_SINGLESTEP,
+    KVM_GUESTDBG_USE_HW_BP, KVM_MAX_CPUID_ENTRIES, KVM_MSR_EXIT_REASON_INVAL, KVM_MSR_EXIT_REASON_UNKNOWN,
+    KVM_PIT_SPEAKER_DUMMY, KVM_SYNC_X86_REGS, KVM_SYNC_X86_SREGS,
 };
 use kvm_ioctls::{Cap, IoEventAddress, Kvm, NoDatamatch, SyncReg, VcpuExit, VcpuFd, VmFd};
 use previrt_hv_abi as abi;
@@ -21,7 +21,7 @@ use crate::kick::Kicker;
 use crate::pv::{Outcome, Pv};
 use crate::stats::{Stats, Table};
 use crate::xen::Xen;
-use crate::{AbiKind, Backend, RunArgs};
+use crate::{AbiKind, RunArgs};
 
 #[path = "snapshot.rs"]
 pub mod snapshot;
@@ -83,9 +83,6 @@ impl Personality {
 }
 
 const EFLAGS_IF: u64 = 1 << 9;
-const MSR_PVM_MODE: u32 = 0x4b56_4d10;
-const MSR_PVM_SIGNATURE: u32 = 0x4b56_4d11;
-const PVM_SIGNATURE: u64 = 0x4d_5650;
 
 fn read_file(p: &std::path::Path, what: &str) -> Result<Vec<u8>, Error> {
     std::fs::read(p).map_err(|e| Error::BadInput(format!("cannot read {what} {}: {e}", p.display())))
@@ -219,9 +216,7 @@ pub(crate) fn run_with(
             set_lint(&vcpu).map_err(host("KVM_SET_LAPIC"))?;
         }
     }
-    if args.backend == Backend::Native {
-        enable_native(&vcpu);
-    }
+    crate::pvm::setup(&vcpu, args.backend).map_err(Error::Host)?;
 
     let kicker = match persona {
         Personality::Previrt(_) => Some(Kicker::for_current_thread().map_err(host("timer thread"))?),
@@ -334,20 +329,6 @@ fn set_lint(vcpu: &VcpuFd) -> Result<(), kvm_ioctls::Error> {
         }
     }
     vcpu.set_lapic(&l)
-}
-
-/// KVM-PVM native execution: only if the host answers the PVM signature MSR.
-fn enable_native(vcpu: &VcpuFd) {
-    let mut m = Msrs::from_entries(&[kvm_msr_entry { index: MSR_PVM_SIGNATURE, ..Default::default() }]).unwrap();
-    let has = matches!(vcpu.get_msrs(&mut m), Ok(1)) && m.as_slice()[0].data == PVM_SIGNATURE;
-    if !has {
-        eprintln!("previrt run: host has no KVM-PVM native mode (MSR {MSR_PVM_SIGNATURE:#x}); using the ordinary path");
-        return;
-    }
-    let on = Msrs::from_entries(&[kvm_msr_entry { index: MSR_PVM_MODE, data: 1, ..Default::default() }]).unwrap();
-    if !matches!(vcpu.set_msrs(&on), Ok(1)) {
-        eprintln!("previrt run: enabling KVM-PVM native mode failed; using the ordinary path");
-    }
 }
 
 /// Why the run loop stopped without a guest status.
