@@ -37,6 +37,14 @@ fn long_mode_sites(r: &SiteRecord) -> Route {
     }
 }
 
+/// The `hv` backend's sites: long-mode sites of the kinds it routes ([`crate::hv::ROUTED`]).
+fn hv_sites(r: &SiteRecord) -> Route {
+    match long_mode_sites(r) {
+        Route::Stub if r.kind().is_some_and(|k| crate::hv::ROUTED.contains(&k)) => Route::Stub,
+        _ => Route::Original,
+    }
+}
+
 /// Sites run the original instruction.
 pub const NATIVE: Backend = Backend { id: 0, name: "native", route: original };
 /// Every site is counted and its effect performed by the runtime.
@@ -46,8 +54,12 @@ pub const TRACE: Backend = Backend { id: 1, name: "trace", route: long_mode_site
 /// enters; every long-mode site is routed to hypercalls and in-guest models.
 pub const XEN: Backend = Backend { id: 2, name: "xen", route: long_mode_sites };
 
+/// The in-tree hypervisor's paravirtual ABI (runtime-module/src/hv, docs/hv-abi.md): chosen
+/// by `previrt.backend=hv` or `auto` when CPUID shows the hypervisor's signature.
+pub const HV: Backend = Backend { id: 3, name: "hv", route: hv_sites };
+
 /// All backends, by id.
-pub const BACKENDS: &[&Backend] = &[&NATIVE, &TRACE, &XEN];
+pub const BACKENDS: &[&Backend] = &[&NATIVE, &TRACE, &XEN, &HV];
 
 /// Backends only a platform's own entry chooses, never the command line: Xen PV needs the
 /// state the Xen entry sets up (shared info, callbacks, trap table).

@@ -11,6 +11,7 @@
 //! - [`devices`]: in-guest device models (UART, PIC, PIT, LAPIC page, MSRs) shared by the
 //!   paravirtual backends; built for the host too (tested there).
 //! - [`xen`]: the Xen PV backend (feature `guest`).
+//! - [`hv`]: the in-tree hypervisor's backend (previrt-hv-abi; its kernel half needs `guest`).
 //!
 //! Built for kernels with no SSE/x87, no red zone, kernel code model (see previrt-link); the
 //! host-only parts are ordinary no_std code so the tests and the benchmark use them too.
@@ -20,6 +21,7 @@
 pub mod backend;
 pub mod devices;
 pub mod emulate;
+pub mod hv;
 pub mod patch;
 pub mod platform;
 pub mod trace;

@@ -5,7 +5,7 @@
 //! backend and virt − phys.
 
 mod boot;
-mod hw;
+pub(crate) mod hw;
 mod rt;
 mod serial;
 
@@ -147,15 +147,18 @@ unsafe fn build_ool(slot: &mut [u8; OOL_SLOT], site: &crate::patch::Site) {
     slot[n..n + CALL_LEN].copy_from_slice(&jmp);
 }
 
-/// The trace stub's address, taken RIP-relative: with the kernel code model LLVM may fold
-/// `symbol + constant` into an absolute 32S relocation that only fits for kernels linked in
-/// the top 2 GiB, and the runtime also runs at low identity-mapped addresses.
-fn stub_address() -> u64 {
-    let a: u64;
-    // SAFETY: computes an address, no memory access.
-    unsafe { core::arch::asm!("lea {}, [rip + previrt_trace_entry]", out(reg) a, options(nomem, nostack, preserves_flags)) };
-    a
+/// The address of an assembly symbol (a stub), taken RIP-relative: with the kernel code
+/// model LLVM may fold `symbol + constant` into an absolute 32S relocation that only fits for
+/// kernels linked in the top 2 GiB, and the runtime also runs at low identity-mapped addresses.
+macro_rules! sym_addr {
+    ($sym:literal) => {{
+        let a: u64;
+        // SAFETY: computes an address, no memory access.
+        unsafe { core::arch::asm!(concat!("lea {}, [rip + ", $sym, "]"), out(reg) a, options(nomem, nostack, preserves_flags)) };
+        a
+    }};
 }
+pub(crate) use sym_addr;
 
 /// Patch every site for `to`. At CPL 0 code is made writable by clearing CR0.WP for the
 /// duration (the kernel may have mapped its text read-only by the time of a later repatch); a
@@ -207,8 +210,11 @@ extern "C" fn previrt_boot(start_info: u64) {
     let default = backend::by_id(link_value!("__previrt_default_backend") as u32).unwrap_or(&backend::NATIVE);
     let cmdline = pvh_cmdline(start_info);
     state.site_profile = platform::cmdline_value(cmdline, b"previrt.trace") == Some(b"sites");
-    let chosen = match platform::cmdline_value(cmdline, b"previrt.backend") {
+    let asked = platform::cmdline_value(cmdline, b"previrt.backend");
+    let mut chosen = match asked {
         None => default,
+        // `auto`: the in-tree hypervisor's backend when its signature is there.
+        Some(b"auto") => [&backend::HV, &backend::NATIVE][(state.platform != Platform::PrevirtHv) as usize],
         Some(name) => backend::by_name(name).unwrap_or_else(|| {
             let name = core::str::from_utf8(name).unwrap_or("?");
             let _ = writeln!(out, "previrt: unknown backend '{name}', using {}", default.name);
@@ -216,10 +222,27 @@ extern "C" fn previrt_boot(start_info: u64) {
         }),
     };
     let per_ms = tsc_per_ms();
+    if chosen.id == backend::HV.id {
+        let why = match state.platform {
+            Platform::PrevirtHv => crate::hv::init(per_ms).err(),
+            _ => Some("no previrt hypervisor signature in CPUID"),
+        };
+        if let Some(why) = why {
+            let _ = writeln!(out, "previrt: backend hv unavailable ({why}), using {}", backend::NATIVE.name);
+            chosen = &backend::NATIVE;
+        }
+    }
+    let hv = chosen.id == backend::HV.id;
+    // Once the hv backend is up, the runtime's messages go to its console ring (no exits).
+    let out: &mut dyn Write = if hv { &mut crate::hv::Console } else { &mut out };
+    if asked == Some(b"auto") {
+        let _ = writeln!(out, "previrt: backend=auto chose {} (platform={})", chosen.name, state.platform.name());
+    }
+    let stub = if hv { crate::hv::stub() } else { sym_addr!("previrt_trace_entry") };
     let t0 = hw::rdtsc();
     // SAFETY: the table and the sites it names are in the loaded kernel image, identity- or
     // window-mapped and writable under the boot page tables.
-    let result = unsafe { patch_at_boot(chosen, stub_address()) };
+    let result = unsafe { patch_at_boot(chosen, stub) };
     let cycles = hw::rdtsc() - t0;
     match result {
         Ok(Some(stats)) => {
