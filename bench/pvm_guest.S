@@ -108,3 +108,4 @@ idtr: .word 4095
       .quad idt
 .balign 16
 idt:  .fill 4096, 1, 0
+.section .note.GNU-stack, "", @progbits
