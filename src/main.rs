@@ -3,6 +3,8 @@
 
 use clap::{Parser, Subcommand};
 
+mod demo;
+
 #[derive(Parser)]
 #[command(name = "previrt", version, about = "Pre-virtualize x86-64 kernels automatically, and run them")]
 struct Cli {
@@ -12,6 +14,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Build the example kernel plainly and pre-virtualized, run both on the in-tree hypervisor, compare exits and time.
+    Demo(demo::DemoArgs),
     /// Count, list or export the sensitive instructions of x86-64 ELF files (vmlinux, .o, .ko, executables).
     Scan(previrt_rewriter::cli::ScanArgs),
     /// Boot a kernel on previrt's in-tree KVM hypervisor.
@@ -38,6 +42,7 @@ fn main() {
     }
     let cli = Cli::parse();
     match cli.command {
+        Command::Demo(a) => std::process::exit(demo::run(&a)),
         Command::Scan(a) => std::process::exit(previrt_rewriter::cli::run(&a)),
         Command::Run(a) => std::process::exit(previrt_vmm::main_run(&a)),
         Command::Restore(a) => std::process::exit(previrt_vmm::main_restore(&a)),

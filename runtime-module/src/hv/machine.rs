@@ -141,7 +141,10 @@ impl Hv {
         let p = page();
         // SAFETY: the ring's indices are aligned u32 fields of the shared page.
         let (head, tail) = unsafe {
-            (AtomicU32::from_ptr(core::ptr::addr_of_mut!((*p).console.head)), AtomicU32::from_ptr(core::ptr::addr_of_mut!((*p).console.tail)))
+            (
+                AtomicU32::from_ptr(core::ptr::addr_of_mut!((*p).console.head)),
+                AtomicU32::from_ptr(core::ptr::addr_of_mut!((*p).console.tail)),
+            )
         };
         let h = head.load(Ordering::Relaxed);
         if abi::CONSOLE_RING_SIZE - (h.wrapping_sub(tail.load(Ordering::Acquire)) as usize) < bytes.len() {
@@ -157,7 +160,9 @@ impl Hv {
         if self.features & features::CONSOLE_DOORBELL != 0 {
             DOORBELLS.fetch_add(1, Ordering::Relaxed);
             // SAFETY: a write to the doorbell port (ioeventfd), no other effect.
-            unsafe { core::arch::asm!("out dx, al", in("dx") abi::CONSOLE_DOORBELL_PORT, in("al") 0u8, options(nomem, nostack, preserves_flags)) };
+            unsafe {
+                core::arch::asm!("out dx, al", in("dx") abi::CONSOLE_DOORBELL_PORT, in("al") 0u8, options(nomem, nostack, preserves_flags))
+            };
         } else {
             hypercall(hc::CONSOLE_FLUSH, [0; 4]);
         }
@@ -255,7 +260,9 @@ impl Machine for Hv {
         hw::Hardware.write(addr, buf)
     }
     fn port_in(&mut self, port: u16, width: u8) -> u32 {
-        let Some((dev, r)) = devices::device(port).filter(|_| width == 1) else { return hw::Hardware.port_in(port, width) };
+        let Some((dev, r)) = devices::device(port).filter(|_| width == 1) else {
+            return hw::Hardware.port_in(port, width);
+        };
         (match dev {
             Dev::Uart => self.uart.read(r),
             Dev::PicMaster => self.pic[0].read(r),

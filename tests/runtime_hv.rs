@@ -1,0 +1,157 @@
+//! The runtime's `hv` backend end to end: the example kernel built with the previrt toolchain
+//! and `previrt link`ed runs under `previrt run` with `previrt.backend=auto`, which picks `hv`
+//! on the in-tree hypervisor's signature. Every workload passes with the checksums QEMU TCG
+//! gives the plain kernel, and the VMM sees far fewer exits than for the unmodified kernel
+//! (counts are behaviour, not speed, so they are asserted; times are in bench/hv.sh).
+
+mod common;
+
+use common::{build_example_kernel, example_kernel, run_qemu, workload_lines};
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn previrt() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_previrt"))
+}
+
+fn require_kvm() {
+    if let Err(e) = std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm") {
+        panic!("/dev/kvm is not accessible ({e}): previrt run needs KVM; see scripts/install-deps.sh");
+    }
+}
+
+/// The pre-virtualized example kernel, linked with the runtime.
+fn linked_kernel(dir: &Path) -> PathBuf {
+    let tc = dir.join("toolchain");
+    let o = previrt().args(["toolchain", "install", "--prefix"]).arg(&tc).output().unwrap();
+    assert!(o.status.success(), "previrt toolchain install: {}", String::from_utf8_lossy(&o.stderr));
+    let prefix = format!("{}/bin/x86_64-previrt-linux-gnu-", tc.display());
+    let build = build_example_kernel(&dir.join("kernel"), Some(&prefix));
+    let elf = dir.join("linked.elf");
+    let o = previrt().arg("link").arg(build.pvh_elf()).arg("-o").arg(&elf).output().unwrap();
+    assert!(o.status.success(), "previrt link: {}", String::from_utf8_lossy(&o.stderr));
+    elf
+}
+
+struct Run {
+    status: Option<i32>,
+    stdout: String,
+    stats: Value,
+}
+
+fn run(kernel: &Path, append: &str, stats: &Path) -> Run {
+    require_kvm();
+    let o = previrt()
+        .args(["run", "--boot", "pvh", "--append", append, "--stats-json"])
+        .arg(stats)
+        .arg(kernel)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&o.stdout).into_owned();
+    let stats = std::fs::read(stats)
+        .unwrap_or_else(|e| panic!("no stats ({e}): {stdout}{}", String::from_utf8_lossy(&o.stderr)));
+    Run { status: o.status.code(), stdout, stats: serde_json::from_slice(&stats).unwrap() }
+}
+
+fn count(v: &Value) -> u64 {
+    v["count"].as_u64().unwrap_or(0)
+}
+
+/// Exits on the UART's ports plus console hypercalls.
+fn console_exits(s: &Value) -> u64 {
+    let ports: u64 = s["ports"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .filter(|(k, _)| k.starts_with("0x3f") || k.starts_with("0x3F"))
+        .map(|(_, v)| count(v))
+        .sum();
+    ports + count(&s["hypercalls"]["console_write"]) + count(&s["hypercalls"]["console_flush"])
+}
+
+/// `previrt-trace: kind=n …` summary as (kind, count) pairs.
+fn site_counts(out: &str) -> Vec<(String, u64)> {
+    let line = out
+        .lines()
+        .find_map(|l| l.strip_prefix("previrt-trace:"))
+        .unwrap_or_else(|| panic!("no site summary in\n{out}"));
+    line.split_whitespace()
+        .filter_map(|w| w.split_once('='))
+        .filter_map(|(k, v)| Some((k.to_string(), v.parse().ok()?)))
+        .collect()
+}
+
+#[test]
+fn hv_backend_passes_every_workload_with_qemu_checksums_and_far_fewer_exits() {
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("runtime-hv-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let linked = linked_kernel(&dir);
+
+    let qemu = run_qemu(&example_kernel().pvh_elf(), "");
+    assert_eq!(qemu.status, 0, "QEMU TCG run of the plain kernel:\n{}{}", qemu.stdout, qemu.stderr);
+    let plain = run(&example_kernel().pvh_elf(), "", &dir.join("plain.json"));
+    let hv = run(&linked, "previrt.backend=auto", &dir.join("hv.json"));
+
+    // Selection and the verdict.
+    assert!(hv.stdout.contains("previrt: backend=auto chose hv (platform=previrt-hv)"), "{}", hv.stdout);
+    assert!(hv.stdout.lines().any(|l| l.starts_with("previrt: backend=hv sites=")), "{}", hv.stdout);
+    assert_eq!(plain.status, Some(1), "plain kernel: isa-debug-exit 0 is status 1\n{}", plain.stdout);
+    assert_eq!(hv.status, plain.status, "SHUTDOWN carries the isa-debug-exit status\n{}", hv.stdout);
+    let expected = workload_lines(&qemu.stdout);
+    assert!(expected.len() >= 7 && expected.iter().all(|w| w.pass), "QEMU: {expected:?}");
+    assert_eq!(workload_lines(&hv.stdout), expected, "hv backend vs QEMU TCG");
+    assert!(hv.stdout.contains("RESULT PASS"));
+    let console = |s: &str| s.lines().filter(|l| l.starts_with("CONSOLE ")).map(String::from).collect::<Vec<_>>();
+    assert_eq!(console(&hv.stdout), console(&qemu.stdout), "console text through the ring");
+
+    // The interrupt-flag sites ran in the runtime many times...
+    let sites = site_counts(&hv.stdout);
+    let irqflag: u64 = sites
+        .iter()
+        .filter(|(k, _)| ["cli", "sti", "pushf", "popf", "iret"].contains(&k.as_str()))
+        .map(|(_, n)| n)
+        .sum();
+    assert!(irqflag > 10_000, "interrupt-flag sites executed: {sites:?}");
+    // ...and none of them reached the VMM: every exit of the hv run is a hypercall, the
+    // console doorbell never exits (ioeventfd), and the only port exits are the hypercall port.
+    let exits = hv.stats["exits"].as_u64().unwrap();
+    let hypercalls: u64 = hv.stats["hypercalls"].as_object().unwrap().values().map(count).sum();
+    let ports: Vec<&String> = hv.stats["ports"].as_object().unwrap().keys().collect();
+    assert!(ports.iter().all(|p| p.starts_with("0xe8")), "port exits besides the hypercall port: {ports:?}");
+    assert!(
+        exits <= hypercalls + count(&hv.stats["reasons"]["msr_write"]) + 8,
+        "exits {exits} vs hypercalls {hypercalls}: {}",
+        hv.stats
+    );
+    assert!(exits * 1000 < irqflag, "{exits} exits for {irqflag} interrupt-flag operations");
+
+    // The targets: ≥ 20× fewer exits overall, ≥ 50× fewer for console output.
+    let plain_exits = plain.stats["exits"].as_u64().unwrap();
+    assert!(plain_exits >= 20 * exits, "exits: unmodified {plain_exits}, hv {exits}");
+    let (pc, hc) = (console_exits(&plain.stats), console_exits(&hv.stats));
+    assert!(pc > 1000 && pc >= 50 * hc.max(1), "console exits: unmodified {pc}, hv {hc}");
+}
+
+#[test]
+fn hv_without_the_signature_falls_back_to_native() {
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("runtime-hv-noabi-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let linked = linked_kernel(&dir);
+    require_kvm();
+    let o = previrt()
+        .args(["run", "--boot", "pvh", "--abi", "none", "--append", "previrt.backend=hv workloads=cpuid_msr"])
+        .arg(&linked)
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        out.contains("previrt: backend hv unavailable (no previrt hypervisor signature in CPUID), using native"),
+        "{out}"
+    );
+    assert!(out.contains("previrt: backend=native sites="), "{out}");
+    assert!(out.contains("WORKLOAD cpuid_msr PASS"), "{out}");
+    assert_eq!(o.status.code(), Some(1));
+}
