@@ -3,6 +3,7 @@
 //! one is the stream of an uninterrupted run (sequence numbers, checksums, console lines), and
 //! bad snapshots are refused with one line and status 2 before anything runs.
 
+mod common;
 mod vmm_support;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -39,15 +40,15 @@ fn seqs(lines: &[&str]) -> Vec<u64> {
     lines.iter().filter_map(|l| l.split("seq=").nth(1)).map(|n| n.trim().parse().unwrap()).collect()
 }
 
-/// Boot, snapshot after `after`, restore with `restore_args`; return (saved run, restored run).
-fn save_and_restore(d: &Path, kernel: &Path, after: &str, restore_args: &[&str]) -> (Output, Output) {
+/// Boot with `cmdline`, snapshot after `after`, restore with `restore_args`; return (saved run, restored run).
+fn save_and_restore(d: &Path, kernel: &Path, cmdline: &str, after: &str, restore_args: &[&str]) -> (Output, Output) {
     let snap = d.join(format!("{after}.snap"));
     let snap_s = snap.to_str().unwrap();
     let a = previrt(&[
         "run",
         kernel.to_str().unwrap(),
         "--append",
-        CMDLINE,
+        cmdline,
         "--snapshot",
         snap_s,
         "--snapshot-after",
@@ -72,7 +73,7 @@ fn snapshot_mid_workload_resumes_without_losing_or_repeating_a_line() {
 
     // Early (during the first pass) and late (a later pass), by exits and by time.
     for after in ["300exits", "2500exits", "1500ms"] {
-        let (a, b) = save_and_restore(&d, &kernel, after, &[]);
+        let (a, b) = save_and_restore(&d, &kernel, CMDLINE, after, &[]);
         assert_eq!(b.status.code(), Some(1), "restore after {after}: {}", stderr(&b));
         let (sa, sb) = (stdout(&a), stdout(&b));
         let before = seqs(&stream(&sa));
@@ -84,11 +85,64 @@ fn snapshot_mid_workload_resumes_without_losing_or_repeating_a_line() {
     }
 }
 
+/// The pre-virtualized example kernel (assembler-level toolchain, `previrt link`) with the
+/// runtime's trace backend: every executed site goes through the runtime, whose state (patched
+/// text, site index, counters) is guest memory and must survive the trip; its exit summary
+/// (per-kind site counts) is the same as an uninterrupted run's.
+#[test]
+fn previrtualized_kernel_with_trace_backend_resumes_with_the_same_stream_and_site_counts() {
+    let d = scratch("migrate-previrt");
+    let tc = d.join("toolchain");
+    let o = Command::new(env!("CARGO_BIN_EXE_previrt"))
+        .args(["toolchain", "install", "--prefix"])
+        .arg(&tc)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "previrt toolchain install: {}", stderr(&o));
+    let build = common::build_example_kernel(
+        &d.join("kernel"),
+        Some(&format!("{}/bin/x86_64-previrt-linux-gnu-", tc.display())),
+    );
+    let linked = d.join("linked.elf");
+    let o =
+        previrt(&["link", build.pvh_elf().to_str().unwrap(), "-o", linked.to_str().unwrap(), "--backend", "native"]);
+    assert!(o.status.success(), "previrt link: {}", stderr(&o));
+    let cmdline = "previrt.backend=trace workloads=console,compute repeat=3 console_lines=2 compute=100";
+    // The runtime's boot line carries its patch time; the trace summary's iret/in/out counts
+    // depend on interrupt timing (UART and timer) and vary between two uninterrupted runs
+    // too. Everything else is deterministic: the counters live in guest memory, so counts from
+    // before the snapshot carry on after it.
+    let lines = |s: &str| -> Vec<String> {
+        s.lines()
+            .filter(|l| !l.starts_with("TIMING ") && !l.contains(" patched in "))
+            .map(|l| match l.strip_prefix("previrt-trace: ") {
+                Some(t) => t
+                    .split(' ')
+                    .filter(|w| !["iret=", "in=", "out="].iter().any(|k| w.starts_with(k)))
+                    .collect::<Vec<_>>()
+                    .join(" "),
+                None => l.to_string(),
+            })
+            .collect()
+    };
+    let full = previrt(&["run", "--boot", "pvh", linked.to_str().unwrap(), "--append", cmdline]);
+    assert_eq!(full.status.code(), Some(1), "uninterrupted run: {}", stderr(&full));
+    let full_out = stdout(&full);
+    assert!(full_out.contains("previrt-trace:") && full_out.contains("RESULT PASS"), "{full_out}");
+    for after in ["1000exits", "2000exits"] {
+        let (a, b) = save_and_restore(&d, &linked, cmdline, after, &[]);
+        assert_eq!(b.status.code(), Some(1), "restore after {after}: {}", stderr(&b));
+        assert!(!stdout(&a).contains("RESULT"), "{after}: snapshot taken after the end");
+        let joined = format!("{}{}", stdout(&a), stdout(&b));
+        assert_eq!(lines(&joined), lines(&full_out), "{after}: saved run + restored run != uninterrupted run");
+    }
+}
+
 #[test]
 fn restore_under_a_mismatched_or_damaged_snapshot_is_refused_before_running() {
     let d = scratch("migrate-bad");
     let kernel = example_kernel(&d);
-    let (_, ok) = save_and_restore(&d, &kernel, "200exits", &["--mem", "128M"]);
+    let (_, ok) = save_and_restore(&d, &kernel, CMDLINE, "200exits", &["--mem", "128M"]);
     assert_eq!(ok.status.code(), Some(1), "intact snapshot: {}", stderr(&ok));
     let good = std::fs::read(d.join("200exits.snap")).unwrap();
 
