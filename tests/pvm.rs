@@ -18,20 +18,25 @@ fn expected(n: u64) -> u64 {
     acc
 }
 
-/// The guest, with `edit` (from, to) applied to its source.
-fn build(name: &str, edit: Option<(&str, &str)>) -> std::path::PathBuf {
+/// The guest, with `edits` (from, to) applied to its source in order.
+fn build(name: &str, edits: &[(&str, &str)]) -> std::path::PathBuf {
     let d = scratch(name);
     let mut src = format!("{GUEST}\n{LOOP}");
-    if let Some((from, to)) = edit {
+    for (from, to) in edits {
         assert!(src.contains(from), "test edit {from:?} no longer matches bench/pvm_guest.S");
-        src = src.replace(from, to);
+        src = src.replacen(from, to, 1);
     }
     guest(&d, "g", &src, "_start")
 }
 
+/// Edits that run `ud2` instead of the compute loop: the guest's handler exits with 0x3e.
+const UD2: (&str, &str) = ("    call pvm_compute\n", "    ud2\n");
+/// Status of an exit through the guest's exception handler: (0x3e << 1) | 1.
+const FAULTED: i32 = 0x7d;
+
 #[test]
 fn rule_abiding_guest_runs_natively_and_computes_like_the_host() {
-    let k = build("pvm-native", None);
+    let k = build("pvm-native", &[]);
     let n = 200_000;
     let o = run(&k, &["--backend", "native", "--append", &n.to_string()]);
     assert!(
@@ -46,7 +51,7 @@ fn rule_abiding_guest_runs_natively_and_computes_like_the_host() {
 
 #[test]
 fn ordinary_path_runs_the_same_guest_emulated_with_the_same_result() {
-    let k = build("pvm-ordinary", None);
+    let k = build("pvm-ordinary", &[]);
     let n = 1_000;
     let o = run(&k, &["--backend", "pv", "--append", &n.to_string()]);
     assert!(!stderr(&o).contains("KVM-PVM"), "pv never touches the mode: {}", stderr(&o));
@@ -56,7 +61,7 @@ fn ordinary_path_runs_the_same_guest_emulated_with_the_same_result() {
 
 #[test]
 fn auto_backend_says_which_path_it_took() {
-    let k = build("pvm-auto", None);
+    let k = build("pvm-auto", &[]);
     let o = run(&k, &["--backend", "auto", "--append", "10"]);
     let (err, out) = (stderr(&o), stdout(&o));
     let native = err.contains("KVM-PVM native mode on");
@@ -67,20 +72,59 @@ fn auto_backend_says_which_path_it_took() {
 
 #[test]
 fn native_mode_delivers_exceptions_only_through_gates_to_the_0x33_segment() {
-    // The guest's exception handler exits with 0x3e: status (0x3e << 1) | 1.
-    let ud2 = Some(("    call pvm_compute\n", "    ud2\n"));
-    let k = build("pvm-gate33", ud2);
+    let k = build("pvm-gate33", &[UD2]);
     let o = run(&k, &["--backend", "native", "--append", "1"]);
-    assert_eq!(o.status.code(), Some(0x7d), "#UD through a 0x33 gate reaches the handler: {}", stderr(&o));
+    assert_eq!(o.status.code(), Some(FAULTED), "#UD through a 0x33 gate reaches the handler: {}", stderr(&o));
 
-    let gate10 = build("pvm-gate10", None);
-    let src = std::fs::read_to_string(gate10.with_extension("S")).unwrap();
-    let src = src.replace("    call pvm_compute\n", "    ud2\n").replace("movw $0x33, 2(%rdi)", "movw $0x10, 2(%rdi)");
-    let k = guest(gate10.parent().unwrap(), "g10", &src, "_start");
+    let k = build("pvm-gate10", &[UD2, ("movw $0x33, 2(%rdi)", "movw $0x10, 2(%rdi)")]);
     let o = run(&k, &["--backend", "native", "--append", "1"]);
     assert!(stderr(&o).contains("triple fault"), "a gate to CS 0x10 cannot be delivered natively: {}", stderr(&o));
     assert_eq!(o.status.code(), Some(4));
     // The same guest on the ordinary path delivers through the 0x10 gate.
     let o = run(&k, &["--backend", "pv", "--append", "1"]);
-    assert_eq!(o.status.code(), Some(0x7d), "ordinary path: {}", stderr(&o));
+    assert_eq!(o.status.code(), Some(FAULTED), "ordinary path: {}", stderr(&o));
+}
+
+/// Gate 3 to `ret3`, an `int3` before the loop; `ret3` applies `fixup` to the frame, then iretq.
+fn int3_guest(name: &str, fixup: &str) -> std::path::PathBuf {
+    let gate3 = "    lidt idtr(%rip)
+    lea ret3(%rip), %rax
+    lea idt+16*3(%rip), %rdi
+    mov %ax, (%rdi)
+    shr $16, %rax
+    mov %ax, 6(%rdi)
+    shr $16, %rax
+    mov %eax, 8(%rdi)
+    int3
+";
+    let ret3 = format!("ret3:\n{fixup}    iretq\nfault:\n");
+    build(name, &[("    lidt idtr(%rip)\n", gate3), ("fault:\n", &ret3)])
+}
+
+#[test]
+fn native_frames_show_kernel_selectors_but_iretq_needs_ring3_ones() {
+    // The host pushes CS 0x10 / SS 0x18 (the kernel's view; other selectors exit 0x3c);
+    // returning to them from ring 3 is a #GP, which the guest's handler turns into its 0x3e exit.
+    let fixup = "    cmpq $0x10, 8(%rsp)\n    jne 9f\n    cmpq $0x18, 32(%rsp)\n    je 8f\n9:  mov $0x3c, %eax\n    jmp exit\n8:\n";
+    let k = int3_guest("pvm-iret-plain", fixup);
+    let o = run(&k, &["--backend", "native", "--append", "1"]);
+    assert_eq!(o.status.code(), Some(FAULTED), "iretq to CS 0x10 from native code: {}", stderr(&o));
+    let o = run(&k, &["--backend", "pv", "--append", "1"]);
+    assert_eq!(o.status.code(), Some(1), "the same return on the ordinary path works: {}", stderr(&o));
+    // With the frame rewritten to the ring-3 selectors the return works and the loop runs on.
+    let k = int3_guest("pvm-iret-ring3", "    movq $0x33, 8(%rsp)\n    movq $0x2b, 32(%rsp)\n");
+    let n = 1000;
+    let o = run(&k, &["--backend", "native", "--append", &n.to_string()]);
+    assert_eq!(stdout(&o), format!("mode=native result={}\n", expected(n)), "stderr: {}", stderr(&o));
+    assert_eq!(o.status.code(), Some(1));
+}
+
+#[test]
+fn native_code_faults_on_pages_without_the_user_bit() {
+    // U=0 in the PDEs: the first fetch after the CR3 load faults before the IDT exists.
+    let k = build("pvm-no-u", &[("mov $0x87, %eax", "mov $0x83, %eax")]);
+    let o = run(&k, &["--backend", "native", "--append", "1"]);
+    assert!(stderr(&o).contains("triple fault"), "{}", stderr(&o));
+    let o = run(&k, &["--backend", "pv", "--append", "1"]);
+    assert_eq!(o.status.code(), Some(1), "the ordinary path ignores U: {}", stderr(&o));
 }
