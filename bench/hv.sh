@@ -23,4 +23,4 @@ done
 work=$(mktemp -d "${TMPDIR:-/tmp}/previrt-bench-hv.XXXXXX")
 trap 'rm -rf "$work"' EXIT
 cargo build --quiet --release --bin previrt
-target/release/previrt demo --work "$work" --append "${args[*]:-}" "${json[@]}"
+target/release/previrt demo --work "$work" --append "${args[*]:-hz=100}" "${json[@]}"
