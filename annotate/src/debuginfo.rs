@@ -6,7 +6,8 @@
 //! - pointer variables and parameters whose pointee is a page-table entry type (`pte_t`, …)
 //!   or volatile (device memory), with the registers that hold them and the code ranges where
 //!   they do (`DW_OP_regN` locations, single or from location lists). A load or store based
-//!   on such a register inside such a range is an access through that pointer.
+//!   on such a register inside such a range is an access through that pointer (for volatile
+//!   pointers only plain moves: locked and bit-test operations are bitmaps and atomics).
 
 use crate::rules::Target;
 use anyhow::{Context, Result};

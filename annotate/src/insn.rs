@@ -62,6 +62,14 @@ impl MemAccess {
         (i.memory_base() == Register::None && i.memory_index() == Register::None).then(|| i.memory_displacement64())
     }
 
+    /// A plain load or store (`mov`, `movzx`, `movsx`): how device registers are accessed
+    /// (`readl` is one `mov`), unlike the locked and bit-test read-modify-writes that
+    /// `volatile` bitmaps and atomics see.
+    pub fn plain_move(&self) -> bool {
+        use Mnemonic::*;
+        matches!(self.instr.mnemonic(), Mov | Movzx | Movsx | Movsxd) && !self.instr.has_lock_prefix()
+    }
+
     pub fn kind(&self, target: Target) -> Kind {
         match (target, self.write) {
             (Target::Mmio, false) => Kind::MmioRead,

@@ -197,7 +197,8 @@ pub fn analyse(data: &[u8], image_name: &str, opts: &Options, profile: Option<&P
     for p in &dbg.pointers {
         let Some(bytes) = img.bytes(p.begin, p.end) else { continue };
         insn::accesses_in(bytes, p.begin, |a| {
-            if a.instr.memory_base().full_register() == p.reg {
+            let plausible = p.target == Target::PageTable || a.plain_move();
+            if a.instr.memory_base().full_register() == p.reg && plausible {
                 add(a, p.target, Source::Dwarf, p.name.clone())
             }
         });
