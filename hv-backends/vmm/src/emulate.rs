@@ -234,8 +234,11 @@ const CR4_CET: u64 = 1 << 23;
 /// Complete `insn` on `cpu`. Err: the VMM does not know how (or the instruction faults in a
 /// way the VMM does not model); the message says why.
 pub fn complete(cpu: &mut Cpu, insn: &Instruction) -> Result<Option<Inject>, String> {
-    match HANDLERS.iter().find(|(m, _)| *m == insn.mnemonic()) {
-        Some((_, h)) => h(cpu, insn),
+    if let Some((_, h)) = HANDLERS.iter().find(|(m, _)| *m == insn.mnemonic()) {
+        return h(cpu, insn);
+    }
+    match BIT_OPS.iter().find(|(m, _)| *m == insn.mnemonic()) {
+        Some((_, f)) => bit_op(cpu, insn, *f),
         None => Err("no completion for this instruction".into()),
     }
 }
@@ -266,41 +269,173 @@ impl Cpu<'_> {
         }
     }
 
-    /// Linear address of memory operand 0.
-    fn operand_address(&self, insn: &Instruction) -> Result<u64, String> {
+    /// The 64-bit register holding `reg` (any width), if it is a general-purpose one.
+    fn gpr(&mut self, reg: iced_x86::Register) -> Option<&mut u64> {
         use iced_x86::Register as R;
-        let r = &self.regs;
-        let gpr = |reg: R| -> Option<u64> {
-            let full = match reg.full_register() {
-                R::RAX => r.rax,
-                R::RCX => r.rcx,
-                R::RDX => r.rdx,
-                R::RBX => r.rbx,
-                R::RSP => r.rsp,
-                R::RBP => r.rbp,
-                R::RSI => r.rsi,
-                R::RDI => r.rdi,
-                R::R8 => r.r8,
-                R::R9 => r.r9,
-                R::R10 => r.r10,
-                R::R11 => r.r11,
-                R::R12 => r.r12,
-                R::R13 => r.r13,
-                R::R14 => r.r14,
-                R::R15 => r.r15,
-                R::RIP => insn.next_ip(),
-                R::ES => self.sregs.es.base,
-                R::CS => self.sregs.cs.base,
-                R::SS => self.sregs.ss.base,
-                R::DS => self.sregs.ds.base,
-                R::FS => self.sregs.fs.base,
-                R::GS => self.sregs.gs.base,
-                _ => return None,
-            };
-            Some(full & if reg.size() == 4 { 0xffff_ffff } else { u64::MAX })
-        };
-        insn.virtual_address(0, 0, |reg, _, _| gpr(reg)).ok_or_else(|| "cannot compute the operand address".into())
+        let r = &mut self.regs;
+        Some(match reg.full_register() {
+            R::RAX => &mut r.rax,
+            R::RCX => &mut r.rcx,
+            R::RDX => &mut r.rdx,
+            R::RBX => &mut r.rbx,
+            R::RSP => &mut r.rsp,
+            R::RBP => &mut r.rbp,
+            R::RSI => &mut r.rsi,
+            R::RDI => &mut r.rdi,
+            R::R8 => &mut r.r8,
+            R::R9 => &mut r.r9,
+            R::R10 => &mut r.r10,
+            R::R11 => &mut r.r11,
+            R::R12 => &mut r.r12,
+            R::R13 => &mut r.r13,
+            R::R14 => &mut r.r14,
+            R::R15 => &mut r.r15,
+            _ => return None,
+        })
     }
+
+    /// Value of a register the way an address or operand sees it (masked to its width).
+    fn reg_value(&mut self, insn: &Instruction, reg: iced_x86::Register) -> Option<u64> {
+        use iced_x86::Register as R;
+        let v = match reg {
+            R::RIP | R::EIP => insn.next_ip(),
+            R::ES => self.sregs.es.base,
+            R::CS => self.sregs.cs.base,
+            R::SS => self.sregs.ss.base,
+            R::DS => self.sregs.ds.base,
+            R::FS => self.sregs.fs.base,
+            R::GS => self.sregs.gs.base,
+            _ => *self.gpr(reg)?,
+        };
+        Some(v & width_mask(reg.size() as u32 * 8))
+    }
+
+    /// Write a general-purpose register: 32-bit writes zero-extend, narrower ones merge.
+    fn set_reg(&mut self, reg: iced_x86::Register, v: u64) -> Result<(), String> {
+        let bits = reg.size() as u32 * 8;
+        let slot = self.gpr(reg).ok_or_else(|| format!("{reg:?} is not a general-purpose register"))?;
+        *slot = match bits {
+            64 => v,
+            32 => v & 0xffff_ffff,
+            _ => (*slot & !width_mask(bits)) | (v & width_mask(bits)),
+        };
+        Ok(())
+    }
+
+    /// Linear address of the instruction's memory operand.
+    fn operand_address(&mut self, insn: &Instruction) -> Result<u64, String> {
+        let mut values = std::collections::HashMap::new();
+        for r in [insn.memory_base(), insn.memory_index(), insn.memory_segment()] {
+            if r != iced_x86::Register::None {
+                values.insert(r, self.reg_value(insn, r).ok_or_else(|| format!("cannot read {r:?}"))?);
+            }
+        }
+        let op = (0..insn.op_count())
+            .find(|&n| insn.op_kind(n) == iced_x86::OpKind::Memory)
+            .ok_or("the instruction has no memory operand")?;
+        insn.virtual_address(op, 0, |reg, _, _| values.get(&reg).copied()).ok_or_else(|| "cannot compute the operand address".into())
+    }
+
+    /// Value of operand `n` (register, memory or immediate), masked to the operand width.
+    fn operand(&mut self, insn: &Instruction, n: u32) -> Result<u64, String> {
+        use iced_x86::OpKind;
+        match insn.op_kind(n) {
+            OpKind::Register => self.reg_value(insn, insn.op_register(n)).ok_or_else(|| "unreadable register".into()),
+            OpKind::Memory => {
+                let la = self.operand_address(insn)?;
+                let mut b = [0u8; 8];
+                let size = insn.memory_size().size();
+                self.read(la, &mut b[..size.min(8)])?;
+                Ok(u64::from_le_bytes(b))
+            }
+            _ => Ok(insn.immediate(n)),
+        }
+    }
+}
+
+fn width_mask(bits: u32) -> u64 {
+    if bits >= 64 { u64::MAX } else { (1u64 << bits) - 1 }
+}
+
+const FLAGS_ARITH: u64 = 0x8d5; // CF PF AF ZF SF OF
+const CF: u64 = 1;
+const SF: u64 = 1 << 7;
+
+/// A bit-manipulation result: the value for operand 0 and, if the instruction writes them,
+/// the new arithmetic flags.
+struct Bits {
+    v: u64,
+    flags: Option<u64>,
+}
+
+/// (a = operand 1, b = operand 2 or 0, width in bits) → result.
+type BitOp = fn(u64, u64, u32) -> Bits;
+
+fn zf(v: u64) -> u64 {
+    if v == 0 { RFLAGS_ZF } else { 0 }
+}
+fn sf(v: u64, w: u32) -> u64 {
+    if v >> (w - 1) & 1 == 1 { SF } else { 0 }
+}
+fn cf(c: bool) -> u64 {
+    if c { CF } else { 0 }
+}
+
+/// Register-computing instructions (POPCNT, LZCNT/TZCNT, BMI1/BMI2) that the host's
+/// emulator does not know; flag effects as the SDM defines them (undefined ones cleared).
+const BIT_OPS: &[(Mnemonic, BitOp)] = &[
+    (Mnemonic::Popcnt, |a, _, _| Bits { v: a.count_ones() as u64, flags: Some(zf(a)) }),
+    (Mnemonic::Lzcnt, |a, _, w| {
+        let v = if a == 0 { w as u64 } else { (a.leading_zeros() - (64 - w)) as u64 };
+        Bits { v, flags: Some(cf(a == 0) | zf(v)) }
+    }),
+    (Mnemonic::Tzcnt, |a, _, w| {
+        let v = if a == 0 { w as u64 } else { a.trailing_zeros() as u64 };
+        Bits { v, flags: Some(cf(a == 0) | zf(v)) }
+    }),
+    (Mnemonic::Andn, |a, b, w| {
+        let v = !a & b & width_mask(w);
+        Bits { v, flags: Some(zf(v) | sf(v, w)) }
+    }),
+    (Mnemonic::Blsi, |a, _, w| {
+        let v = a & a.wrapping_neg() & width_mask(w);
+        Bits { v, flags: Some(cf(a != 0) | zf(v) | sf(v, w)) }
+    }),
+    (Mnemonic::Blsr, |a, _, w| {
+        let v = a & a.wrapping_sub(1) & width_mask(w);
+        Bits { v, flags: Some(cf(a == 0) | zf(v) | sf(v, w)) }
+    }),
+    (Mnemonic::Blsmsk, |a, _, w| {
+        let v = (a ^ a.wrapping_sub(1)) & width_mask(w);
+        Bits { v, flags: Some(cf(a == 0) | sf(v, w)) }
+    }),
+    (Mnemonic::Shlx, |a, b, w| Bits { v: (a << (b & (w as u64 - 1))) & width_mask(w), flags: None }),
+    (Mnemonic::Shrx, |a, b, w| Bits { v: a >> (b & (w as u64 - 1)), flags: None }),
+    (Mnemonic::Sarx, |a, b, w| {
+        let s = (b & (w as u64 - 1)) as u32;
+        let v = (((a << (64 - w)) as i64) >> (64 - w + s)) as u64 & width_mask(w);
+        Bits { v, flags: None }
+    }),
+    (Mnemonic::Rorx, |a, b, w| {
+        let s = (b & (w as u64 - 1)) as u32;
+        let v = if s == 0 { a } else { ((a >> s) | (a << (w - s))) & width_mask(w) };
+        Bits { v, flags: None }
+    }),
+];
+
+/// Complete one of [`BIT_OPS`]: operand 0 is a register, 1 a register or memory, 2 (if any) a
+/// register or immediate.
+fn bit_op(c: &mut Cpu, i: &Instruction, f: BitOp) -> Result<Option<Inject>, String> {
+    let dest = i.op0_register();
+    let w = dest.size() as u32 * 8;
+    let a = c.operand(i, 1)?;
+    let b = if i.op_count() > 2 { c.operand(i, 2)? } else { 0 };
+    let r = f(a & width_mask(w), b, w);
+    c.set_reg(dest, r.v)?;
+    if let Some(fl) = r.flags {
+        c.regs.rflags = (c.regs.rflags & !FLAGS_ARITH) | fl;
+    }
+    c.skip(i, None)
 }
 
 fn rdssp(c: &mut Cpu, i: &Instruction) -> Result<Option<Inject>, String> {
@@ -353,7 +488,7 @@ const XSAVE_HEADER: usize = 512;
 const MXCSR: std::ops::Range<usize> = 24..28;
 
 /// Requested-feature bitmap and the 64-byte-aligned area address of an XSAVE-family insn.
-fn xsave_operands(c: &Cpu, i: &Instruction) -> Result<(u64, u64, u64), String> {
+fn xsave_operands(c: &mut Cpu, i: &Instruction) -> Result<(u64, u64, u64), String> {
     let xcr0 = c.xsave.as_ref().ok_or("extended state unavailable")?.1;
     let la = c.operand_address(i)?;
     if la % 64 != 0 {
