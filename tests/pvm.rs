@@ -128,3 +128,70 @@ fn native_code_faults_on_pages_without_the_user_bit() {
     let o = run(&k, &["--backend", "pv", "--append", "1"]);
     assert_eq!(o.status.code(), Some(1), "the ordinary path ignores U: {}", stderr(&o));
 }
+
+/// Upcalls of the previrt ABI (docs/hv-abi.md): hypercall page at 0x1000, vCPU page at 0x2000,
+/// event vector 0x40, periodic 1 ms timer; the guest spins until 20 upcalls or N iterations
+/// and exits with the count. `iret_tail` runs in the handler just before its iretq.
+fn upcall_guest(name: &str, iret_tail: &str) -> std::path::PathBuf {
+    let hc = |nr: u64| 0x1000 + previrt_hv_abi::HYPERCALL_STUB_SIZE as u64 * nr;
+    let body = format!(
+        "    mov ${hp:#x}, %ecx
+    mov $0x1001, %eax
+    xor %edx, %edx
+    wrmsr
+    mov ${vp:#x}, %ecx
+    mov $0x2001, %eax
+    wrmsr
+    lea upcall(%rip), %rax
+    lea idt+16*0x40(%rip), %rdi
+    mov %ax, (%rdi)
+    shr $16, %rax
+    mov %ax, 6(%rdi)
+    shr $16, %rax
+    mov %eax, 8(%rdi)
+    mov $0x40, %edi
+    mov ${vec:#x}, %eax
+    call *%rax
+    mov ${periodic}, %edi
+    mov $1000000, %esi
+    mov ${timer:#x}, %eax
+    call *%rax
+    xor %r14d, %r14d
+    movl $1, 0x2000
+    sti
+1:  cmp $20, %r14
+    jae 2f
+    dec %r12
+    jnz 1b
+2:  mov %r14d, %eax
+    jmp exit
+upcall:
+    inc %r14
+    movq $0, 0x2008
+    movl $1, 0x2000
+    movq $0x33, 8(%rsp)
+    movq $0x2b, 32(%rsp)
+{iret_tail}    iretq
+",
+        hp = previrt_hv_abi::MSR_HYPERCALL_PAGE,
+        vp = previrt_hv_abi::MSR_VCPU_PAGE,
+        vec = hc(previrt_hv_abi::hc::SET_EVENT_VECTOR),
+        periodic = previrt_hv_abi::timer::PERIODIC,
+        timer = hc(previrt_hv_abi::hc::TIMER_SET),
+    );
+    build(name, &[("    call pvm_compute\n", &body)])
+}
+
+#[test]
+fn vmm_upcalls_reach_native_code_and_delivery_clears_the_virtual_if() {
+    // A native iretq (ring 3 to ring 3) does not give back the interrupt flag the delivery
+    // took: without an `sti` in the handler only the first upcall arrives; with one, all do.
+    let iters = "300000000";
+    let k = upcall_guest("pvm-upcall-sti", "    sti\n");
+    let o = run(&k, &["--backend", "native", "--append", iters, "--stats"]);
+    assert!(stdout(&o).starts_with("mode=native"), "{}", stdout(&o));
+    assert_eq!(o.status.code(), Some((20 << 1) | 1), "20 upcalls with sti before iretq: {}", stderr(&o));
+    let k = upcall_guest("pvm-upcall-nosti", "");
+    let o = run(&k, &["--backend", "native", "--append", iters, "--stats"]);
+    assert_eq!(o.status.code(), Some((1 << 1) | 1), "one upcall, then the virtual IF stays clear: {}", stderr(&o));
+}
