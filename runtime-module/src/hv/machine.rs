@@ -20,6 +20,9 @@ struct SharedPage(VcpuPage);
 // SAFETY (zeroed): VcpuPage is plain integers and arrays.
 static VCPU: Global<SharedPage> = Global(UnsafeCell::new(SharedPage(unsafe { core::mem::zeroed() })));
 
+/// Period of the VMM's backstop timer (see `Hv::tick`).
+const BACKSTOP_NS: u64 = 1_000_000_000;
+
 /// The interrupt frame (rip, cs, rflags, rsp, ss) and handler of an event the runtime
 /// delivers, read by `previrt_hv_deliver`.
 #[no_mangle]
@@ -39,6 +42,8 @@ pub struct Hv {
     /// The event vector the VMM injects (0: none): IRQ0's vector while the PIC unmasks it.
     vector: u8,
     tsc_per_ms: u64,
+    /// When the kernel's next tick is due (ns since boot; 0: no tick programmed).
+    next_tick: u64,
     /// Events the runtime delivered itself (IF came on with an event pending).
     delivered: u64,
 }
@@ -50,6 +55,7 @@ static HV: Global<Hv> = Global(UnsafeCell::new(Hv {
     pit: Pit::new(),
     vector: 0,
     tsc_per_ms: 0,
+    next_tick: 0,
     delivered: 0,
 }));
 
@@ -184,10 +190,33 @@ impl Hv {
         }
     }
 
+    fn timer_set(&self, mode: u64, ns: u64) {
+        let ns = ns.clamp(abi::TIMER_MIN_NS, BACKSTOP_NS);
+        if hypercall(hc::TIMER_SET, [mode, ns, 0, 0]) != 0 {
+            fatal(format_args!("TIMER_SET refused {ns} ns"));
+        }
+    }
+
+    /// The kernel programmed the PIT: ticks start one period from now.
     fn set_timer(&mut self) {
-        let ns = self.pit.period_ns().max(abi::TIMER_MIN_NS);
-        if hypercall(hc::TIMER_SET, [timer::PERIODIC, ns, 0, 0]) != 0 {
-            fatal(format_args!("TIMER_SET refused a period of {ns} ns"));
+        self.next_tick = self.now_ns() + self.pit.period_ns();
+        self.timer_set(timer::PERIODIC, BACKSTOP_NS);
+    }
+
+    /// Ticks are kept by the runtime, not by the VMM's timer: a tick that is due when the
+    /// kernel runs a site becomes pending here (missed periods are skipped, as the VMM does),
+    /// with no exit. The kernel runs sites constantly (every interrupt-flag operation and port
+    /// access), so ticks arrive at most a few instructions late; the VMM's timer only backs up
+    /// code that waits for a tick without any site (every [`BACKSTOP_NS`]) and wakes `hlt`.
+    fn tick(&mut self) {
+        let period = self.pit.period_ns();
+        if self.next_tick == 0 || period == 0 {
+            return;
+        }
+        let now = self.now_ns();
+        if now >= self.next_tick {
+            self.next_tick += period * ((now - self.next_tick) / period + 1);
+            pending().fetch_or(event::TIMER, Ordering::AcqRel);
         }
     }
 
@@ -325,7 +354,14 @@ impl Machine for Hv {
         if !interrupts {
             fatal(format_args!("the kernel halted with interrupts disabled"));
         }
-        if pending().load(Ordering::Acquire) == 0 {
+        self.tick();
+        if pending().load(Ordering::Acquire) == 0 && self.next_tick != 0 {
+            // Sleep until the kernel's next tick, then back to the backstop period.
+            self.timer_set(timer::ONESHOT, self.next_tick.saturating_sub(self.now_ns()));
+            hypercall(hc::HALT, [0; 4]);
+            self.timer_set(timer::PERIODIC, BACKSTOP_NS);
+            self.tick();
+        } else if pending().load(Ordering::Acquire) == 0 {
             hypercall(hc::HALT, [0; 4]);
         }
     }
@@ -355,6 +391,7 @@ extern "C" fn previrt_hv_dispatch(regs: &mut Regs) {
     if !op.is_some_and(|op| emulate::emulate(&op, regs, x)) {
         regs.rip = ool;
     }
+    x.tick();
     x.deliver_pending(regs);
     regs.iret_rsp = regs.gpr[gpr::RSP];
 }
