@@ -49,6 +49,8 @@ fn main() {
         sites_start: 0x10_0000,
         sites_end: 0x10_0000,
         kernel_pvh_entry: 0x10_0000,
+        kernel_mb_entry: 0x10_0000,
+        kernel_elf_entry: 0x10_0000,
         default_backend: 0,
         virt_delta: 0,
         kernel_entry64: 0x10_0000,

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 #[derive(clap::Args, Debug)]
 pub struct LinkArgs {
-    /// Linked kernel ELF with a PVH entry note (never modified).
+    /// Linked kernel ELF with a PVH entry note, optionally a multiboot header (never modified).
     pub kernel: PathBuf,
     /// Output ELF (written atomically).
     #[arg(short, long)]
@@ -34,7 +34,9 @@ pub fn run(a: &LinkArgs) -> i32 {
                 "kinds": r.kinds.iter().map(|(k, (all, long))| (k.to_string(), serde_json::json!({"sites": all, "long_mode": long}))).collect::<serde_json::Map<_, _>>(),
                 "kernel_pvh_entry": r.kernel_pvh_entry,
                 "runtime_pvh_entry": r.runtime_pvh_entry, "default_backend": a.backend,
-                "multiboot_header": r.multiboot,
+                "multiboot_header": r.multiboot.is_some(),
+                "multiboot_entry": r.multiboot.map(|(k, rt)| serde_json::json!({"kernel": k, "runtime": rt})),
+                "elf_entry64": r.elf_entry64.map(|(k, rt)| serde_json::json!({"kernel": k, "runtime": rt})),
                 "xen_pv": r.xen_pv.map(|x| serde_json::json!({"entry": x.entry, "hypercall_page": x.hypercall_page})),
             });
             println!("{v}");
@@ -46,8 +48,11 @@ pub fn run(a: &LinkArgs) -> i32 {
                 a.kernel.display(), a.output.display(), r.runtime_virt, r.runtime_phys, r.runtime_file_size,
                 r.runtime_mem_size, r.sites, r.kernel_pvh_entry, r.runtime_pvh_entry, a.backend
             );
-            if r.multiboot {
-                println!("previrt link: note: the kernel also has a multiboot header; loaders that prefer it (QEMU -kernel) bypass the runtime");
+            if let Some((k, rt)) = r.multiboot {
+                println!("previrt link: multiboot entry {k:#x} -> {rt:#x}");
+            }
+            if let Some((k, rt)) = r.elf_entry64 {
+                println!("previrt link: 64-bit ELF entry {k:#x} -> {rt:#x}");
             }
             if let Some(x) = r.xen_pv {
                 println!("previrt link: Xen PV notes: entry {:#x}, hypercall page {:#x}", x.entry, x.hypercall_page);

@@ -14,6 +14,10 @@ pub struct Placement {
     pub sites_end: u64,
     /// The kernel's original PVH entry (physical, 32-bit).
     pub kernel_pvh_entry: u64,
+    /// The kernel's original multiboot entry (`entry_addr`) and 64-bit ELF entry, where the
+    /// runtime's multiboot and 64-bit entries hand over; 0 when not redirected.
+    pub kernel_mb_entry: u64,
+    pub kernel_elf_entry: u64,
     /// Default backend id (see previrt_runtime::backend::BACKENDS).
     pub default_backend: u32,
     /// Kernel virtual minus physical address.
@@ -34,6 +38,8 @@ pub fn link_runtime(object: &Path, out: &Path, p: &Placement) -> Result<(), Stri
         ("__previrt_sites_start", p.sites_start),
         ("__previrt_sites_end", p.sites_end),
         ("__previrt_kernel_pvh_entry", p.kernel_pvh_entry),
+        ("__previrt_kernel_mb_entry", p.kernel_mb_entry),
+        ("__previrt_kernel_elf_entry", p.kernel_elf_entry),
         ("__previrt_default_backend", p.default_backend as u64),
         ("__previrt_virt_delta", p.virt_delta),
         ("__previrt_kernel_entry64", p.kernel_entry64),

@@ -1,15 +1,18 @@
-//! `previrt link`: append the guest runtime to a linked kernel ELF and make it the PVH entry.
+//! `previrt link`: append the guest runtime to a linked kernel ELF and make it the kernel's
+//! entry on every boot path (PVH, multiboot, 64-bit ELF entry).
 //!
 //! The runtime (built by this crate's build script from `runtime-module/` with the kernel
 //! flags, GOT-free and checked for SSE/x87 by disassembly) is linked with the system `ld` at
 //! the first page after the kernel's highest loaded byte, with the kernel's virt − phys
 //! offset, and appended as a new PT_LOAD. The program header table moves to the end of the
-//! file; the PVH note (XEN_ELFNOTE_PHYS32_ENTRY) and `e_entry` point at the runtime, which
-//! patches the kernel's sites and then enters the kernel's original PVH entry.
+//! file; the PVH note (XEN_ELFNOTE_PHYS32_ENTRY), a multiboot header's `entry_addr` and
+//! `e_entry` point at the runtime's entries for those paths, which patch the kernel's sites
+//! and then enter the kernel's original entry of the same path.
 //! docs/runtime-entry.md has the convention.
 
 pub mod cli;
 mod ld;
+mod multiboot;
 pub mod xen_notes;
 
 use object::elf;
@@ -73,9 +76,11 @@ pub struct LinkReport {
     pub default_backend: DefaultBackend,
     /// The Xen PV notes' addresses, when they were added (docs/xen-pv.md).
     pub xen_pv: Option<xen_notes::XenPv>,
-    /// The kernel also has a multiboot header: loaders that prefer multiboot (QEMU's
-    /// `-kernel`) enter there and bypass the runtime.
-    pub multiboot: bool,
+    /// The multiboot header's entry, redirected: (kernel's, runtime's).
+    pub multiboot: Option<(u64, u64)>,
+    /// The 64-bit ELF entry: (kernel's, runtime's), or None when `e_entry` is the PVH entry
+    /// or the kernel is linked at virt != phys (left alone).
+    pub elf_entry64: Option<(u64, u64)>,
 }
 
 /// The facts about a kernel ELF that linking needs.
@@ -168,6 +173,9 @@ struct LinkedRuntime {
     bytes: Vec<u8>,
     mem_size: u64,
     entry: u64,
+    /// `previrt_mb_entry` and `previrt_entry64`.
+    mb_entry: u64,
+    entry64: u64,
     xen: Option<xen_notes::XenPv>,
 }
 
@@ -189,7 +197,15 @@ fn link_runtime(p: &ld::Placement) -> Result<LinkedRuntime, LinkError> {
         return Err(internal("load segment not at the requested address"));
     }
     let bytes = load.data(LE, &*data).map_err(|_| internal("segment data"))?.to_vec();
-    Ok(LinkedRuntime { bytes, mem_size: load.p_memsz(LE), entry: hdr.e_entry(LE), xen: xen_notes::runtime_symbols(&data) })
+    let sym = |n| xen_notes::symbol(&data, n).ok_or_else(|| internal(&format!("no symbol {n}")));
+    Ok(LinkedRuntime {
+        bytes,
+        mem_size: load.p_memsz(LE),
+        entry: hdr.e_entry(LE),
+        mb_entry: sym("previrt_mb_entry")?,
+        entry64: sym("previrt_entry64")?,
+        xen: xen_notes::runtime_symbols(&data),
+    })
 }
 
 fn tempdir() -> std::io::Result<std::path::PathBuf> {
@@ -213,6 +229,11 @@ pub fn link(input: &Path, output: &Path, backend: DefaultBackend, xen: bool) -> 
     let data = std::fs::read(input).map_err(|e| bad(format!("cannot read {}: {e}", input.display())))?;
     let k = inspect(&data)?;
     let entry64 = xen_notes::kernel_entry64(&data);
+    let mb = multiboot::find(&data).map_err(bad)?;
+    let old_entry = elf::FileHeader64::<LE>::parse(&*data).map_err(|_| bad("not ELF"))?.e_entry(LE);
+    // `e_entry` that is neither 32-bit entry is 64-bit code (docs/runtime-entry.md); the
+    // runtime's 64-bit entry runs on the loader's page tables, so only identity-mapped kernels.
+    let redirect64 = old_entry != k.pvh_entry && mb.is_none_or(|h| h.entry as u64 != old_entry) && k.delta == 0;
     let page = 4096u64;
     let base = (k.end_phys.div_ceil(page) * page).wrapping_add(k.delta);
     let placement = ld::Placement {
@@ -220,6 +241,8 @@ pub fn link(input: &Path, output: &Path, backend: DefaultBackend, xen: bool) -> 
         sites_start: k.sites.0,
         sites_end: k.sites.1,
         kernel_pvh_entry: k.pvh_entry,
+        kernel_mb_entry: mb.map_or(0, |h| h.entry as u64),
+        kernel_elf_entry: if redirect64 { old_entry } else { 0 },
         default_backend: backend.id(),
         virt_delta: k.delta,
         kernel_entry64: entry64.unwrap_or(0),
@@ -231,14 +254,24 @@ pub fn link(input: &Path, output: &Path, backend: DefaultBackend, xen: bool) -> 
         return Err(bad(format!("runtime would load at physical {phys:#x}, above 4 GiB")));
     }
 
-    // Layout: original file, runtime segment (page aligned), new program header table.
-    let hdr = elf::FileHeader64::<LE>::parse(&*data).map_err(|_| bad("not ELF"))?;
+    // Layout: original file, runtime segment (page aligned), new program header table. With a
+    // multiboot header, the runtime goes where that header's loader puts it (module multiboot).
+    let (mut out, rt_off, gap) = match &mb {
+        Some(h) => {
+            let r = multiboot::Runtime { phys, bytes: &rt.bytes, mem_size: rt.mem_size, entry: rt.mb_entry.wrapping_sub(k.delta) };
+            multiboot::place_runtime(&data, h, &r).map_err(bad)?
+        }
+        None => {
+            let mut out = data.clone();
+            out.resize(out.len().div_ceil(page as usize) * page as usize, 0);
+            let rt_off = out.len();
+            out.extend_from_slice(&rt.bytes);
+            (out, rt_off, multiboot::Gap { at: usize::MAX, gap: 0 })
+        }
+    };
+    let hdr = elf::FileHeader64::<LE>::parse(&*out).map_err(|_| bad("not ELF"))?;
     let (phoff, phnum, phentsize) = (hdr.e_phoff(LE) as usize, hdr.e_phnum(LE) as usize, hdr.e_phentsize(LE) as usize);
-    let old_entry = hdr.e_entry(LE);
-    let mut out = data.clone();
-    out.resize(out.len().div_ceil(page as usize) * page as usize, 0);
-    let rt_off = out.len();
-    out.extend_from_slice(&rt.bytes);
+    let old_phdrs = out[phoff..phoff + phnum * phentsize].to_vec();
     let xen_pv = rt.xen.filter(|_| xen && entry64.is_some());
     let notes = xen_pv.map(|x| (out.len() as u64, xen_notes::notes(&x)));
     if let Some((_, n)) = &notes {
@@ -246,7 +279,7 @@ pub fn link(input: &Path, output: &Path, backend: DefaultBackend, xen: bool) -> 
     }
     out.resize(out.len().div_ceil(8) * 8, 0);
     let new_phoff = out.len();
-    out.extend_from_slice(&data[phoff..phoff + phnum * phentsize]);
+    out.extend_from_slice(&old_phdrs);
     let mut ph = [0u8; 56];
     put(&mut ph, 0, &elf::PT_LOAD.0.to_le_bytes());
     put(&mut ph, 4, &(elf::PF_R.0 | elf::PF_W.0 | elf::PF_X.0).to_le_bytes());
@@ -264,11 +297,14 @@ pub fn link(input: &Path, output: &Path, backend: DefaultBackend, xen: bool) -> 
     // e_phoff (+32), e_phnum (+56); e_entry (+24) keeps the original's address space.
     put(&mut out, 32, &(new_phoff as u64).to_le_bytes());
     put(&mut out, 56, &((phnum + 1 + notes.is_some() as usize) as u16).to_le_bytes());
-    // A 64-bit ELF entry is left alone: it is not the runtime's (32-bit) PVH entry, and the
-    // unpatched sites still hold the original instruction.
-    let new_entry = if old_entry == k.pvh_entry { entry_phys } else { old_entry };
+    let entry64 = rt.entry64.wrapping_sub(k.delta);
+    let new_entry = match () {
+        _ if old_entry == k.pvh_entry => entry_phys,
+        _ if redirect64 => entry64,
+        _ => old_entry,
+    };
     put(&mut out, 24, &new_entry.to_le_bytes());
-    let (desc_off, desc_len) = k.pvh_desc;
+    let (desc_off, desc_len) = (gap.moved(k.pvh_desc.0), k.pvh_desc.1);
     put(&mut out, desc_off, &entry_phys.to_le_bytes()[..desc_len]);
 
     write_atomically(output, &out).map_err(|e| LinkError::Environment(format!("cannot write {}: {e}", output.display())))?;
@@ -283,16 +319,8 @@ pub fn link(input: &Path, output: &Path, backend: DefaultBackend, xen: bool) -> 
         runtime_pvh_entry: entry_phys,
         default_backend: backend,
         xen_pv,
-        multiboot: has_multiboot_header(&data),
-    })
-}
-
-/// A multiboot v1 header: magic 0x1BADB002 at a 4-byte boundary in the first 8 KiB, with
-/// magic + flags + checksum = 0.
-fn has_multiboot_header(data: &[u8]) -> bool {
-    let word = |at: usize| u32::from_le_bytes(data[at..at + 4].try_into().unwrap());
-    (0..data.len().min(8192).saturating_sub(11)).step_by(4).any(|at| {
-        word(at) == 0x1bad_b002 && word(at).wrapping_add(word(at + 4)).wrapping_add(word(at + 8)) == 0
+        multiboot: mb.map(|h| (h.entry as u64, rt.mb_entry.wrapping_sub(k.delta))),
+        elf_entry64: redirect64.then_some((old_entry, entry64)),
     })
 }
 

@@ -1,4 +1,4 @@
-//! The PVH boot path (docs/runtime-entry.md).
+//! The boot paths (docs/runtime-entry.md): PVH, multiboot v1 and a 64-bit ELF entry.
 //!
 //! `previrt_pvh_entry` is the kernel's PVH entry after `previrt link`: it is entered in 32-bit
 //! protected mode, paging off, `%ebx` = hvm_start_info. It builds its own page tables
@@ -8,17 +8,36 @@
 //! and EFER, and jumps to the kernel's original PVH entry with the original `%ebx` (and
 //! `%esp` at the top of the runtime's boot stack). So any PVH kernel works unmodified.
 //!
+//! `previrt_mb_entry` (multiboot v1: `%eax` = 0x2BADB002, `%ebx` = multiboot info) takes the
+//! same path with another boot-path index, which selects the hand-over target and `%eax`.
+//! `previrt_entry64` is entered in long mode (identity-mapped, IF=0, `%rdi` = boot info or 0),
+//! calls the same start of day on the loader's page tables and jumps to the kernel's original
+//! 64-bit entry with the original `%rdi`, `%rsi` and `%rsp`.
+//!
 //! The 32-bit code is position independent (it runs at physical addresses): data is addressed
 //! relative to a `call`/`pop` anchor; the link provides the absolute symbols
-//! `__previrt_kernel_pvh_entry` (physical) and `__previrt_virt_delta` (virt − phys).
+//! `__previrt_kernel_pvh_entry`, `__previrt_kernel_mb_entry`, `__previrt_kernel_elf_entry`
+//! and `__previrt_virt_delta` (virt − phys).
 
 core::arch::global_asm!(
     r#"
     .set BOOT_PT_PAGES, 9
     .section .text.previrt_boot32, "ax", @progbits
     .code32
+    /* Boot-path indices (rows of boot_targets, and previrt_boot's second argument). */
+    .set BOOT_PVH, 0
+    .set BOOT_MULTIBOOT, 1
+    .set BOOT_ELF64, 2
+    .globl previrt_mb_entry
+previrt_mb_entry:
+    movl %eax, %esi
+    movl $BOOT_MULTIBOOT, %edi
+    jmp boot32
     .globl previrt_pvh_entry
 previrt_pvh_entry:
+    xorl %esi, %esi
+    movl $BOOT_PVH, %edi
+boot32:
     cli
     cld
     /* No stack yet (PVH leaves %esp undefined) but `call` needs one to find out where we
@@ -29,6 +48,8 @@ previrt_pvh_entry:
 1:  popl %ebp
     movl %eax, (%ebx)
     movl %ebx, (pvh_ebx - 1b)(%ebp)
+    movl %esi, (boot_eax - 1b)(%ebp)
+    movl %edi, (boot_path - 1b)(%ebp)
     leal (boot_stack_top - 1b)(%ebp), %esp
 
     movl %cr0, %eax
@@ -153,16 +174,17 @@ boot_exit32:
     movl (saved_cr4 - 6b)(%ebp), %eax
     movl %eax, %cr4
     movl (pvh_ebx - 6b)(%ebp), %ebx
+    movl (boot_eax - 6b)(%ebp), %eax
+    movl (boot_path - 6b)(%ebp), %edx
+    movl (boot_targets - 6b)(%ebp, %edx, 4), %edx
     xorl %ecx, %ecx
-    xorl %edx, %edx
     xorl %esi, %esi
     xorl %edi, %edi
-    /* PVH leaves %esp undefined; the kernel gets the runtime's boot stack, so that its
-       sites that run before it sets up a stack can still call the runtime. */
+    /* PVH and multiboot leave %esp undefined; the kernel gets the runtime's boot stack, so
+       that its sites that run before it sets up a stack can still call the runtime. */
     leal (boot_stack_top - 6b)(%ebp), %esp
     xorl %ebp, %ebp
-    movl $__previrt_kernel_pvh_entry, %eax
-    jmp *%eax
+    jmp *%edx
     .code64
 
     .section .text.previrt_boot64, "ax", @progbits
@@ -174,6 +196,7 @@ boot_long:
     movl %eax, %ss
     movl %esp, %esp
     movl pvh_ebx(%rip), %edi
+    movl boot_path(%rip), %esi
     movabsq $previrt_boot, %rax
     callq *%rax
     leaq boot_exit32(%rip), %rax
@@ -181,10 +204,34 @@ boot_long:
     pushq %rax
     lretq
 
+    /* The 64-bit ELF entry: the loader's mode, page tables and GDT stay; only the stack is
+       the runtime's while the start of day runs. */
+    .globl previrt_entry64
+previrt_entry64:
+    cli
+    cld
+    movq %rdi, entry64_regs(%rip)
+    movq %rsi, entry64_regs + 8(%rip)
+    movq %rsp, entry64_regs + 16(%rip)
+    leaq boot_stack_top(%rip), %rsp
+    movl $BOOT_ELF64, %esi
+    movabsq $previrt_boot, %rax
+    callq *%rax
+    movq entry64_regs(%rip), %rdi
+    movq entry64_regs + 8(%rip), %rsi
+    movq entry64_regs + 16(%rip), %rsp
+    movabsq $__previrt_kernel_elf_entry, %rax
+    jmp *%rax
+
 
     .section .data.previrt_boot, "aw", @progbits
     .balign 8
 pvh_ebx:    .quad 0
+boot_eax:   .long 0
+boot_path:  .long 0
+boot_targets:
+    .long __previrt_kernel_pvh_entry, __previrt_kernel_mb_entry
+entry64_regs: .quad 0, 0, 0
 saved_cr0:  .quad 0
 saved_cr4:  .quad 0
 saved_efer: .quad 0

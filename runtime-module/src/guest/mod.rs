@@ -107,19 +107,23 @@ fn tsc_per_ms() -> u64 {
     (t1 - t0) / MS
 }
 
-/// The kernel command line from PVH `hvm_start_info` (magic 0x336ec578, cmdline_paddr at
-/// +24), identity-mapped by the boot page tables.
-fn pvh_cmdline(start_info: u64) -> &'static [u8] {
-    const MAGIC: u32 = 0x336e_c578;
-    if start_info == 0 {
+/// The kernel command line from the boot information of boot path `path` (boot.rs's BOOT_*
+/// indices): PVH `hvm_start_info` (magic 0x336ec578, cmdline_paddr at +24) or multiboot info
+/// (flags bit 2, cmdline at +16), identity-mapped. The 64-bit entry's boot info is the
+/// kernel's own structure, so it has none.
+fn boot_cmdline(info: u64, path: u32) -> &'static [u8] {
+    const PVH_MAGIC: u32 = 0x336e_c578;
+    if info == 0 {
         return &[];
     }
-    // SAFETY: the loader passes a valid start_info; low memory is identity-mapped.
+    // SAFETY: the loader passes valid boot information; low memory is identity-mapped.
     unsafe {
-        if (start_info as *const u32).read_unaligned() != MAGIC {
-            return &[];
-        }
-        let p = ((start_info + 24) as *const u64).read_unaligned() as *const u8;
+        let first = (info as *const u32).read_unaligned();
+        let p = match path {
+            0 if first == PVH_MAGIC => ((info + 24) as *const u64).read_unaligned(),
+            1 if first & 4 != 0 => ((info + 16) as *const u32).read_unaligned() as u64,
+            _ => 0,
+        } as *const u8;
         if p.is_null() {
             return &[];
         }
@@ -199,16 +203,16 @@ pub(crate) unsafe fn patch_at_boot(to: &'static Backend, stub: u64) -> Result<Op
     Ok(apply(state, to))
 }
 
-/// Called by the boot path in long mode with the PVH start_info address.
+/// Called by every boot path (boot.rs) in long mode with its boot information and path index.
 #[no_mangle]
-extern "C" fn previrt_boot(start_info: u64) {
+extern "C" fn previrt_boot(start_info: u64, path: u32) {
     serial::init();
     let mut out = Com1;
     // SAFETY: boot runs once, single-threaded, interrupts off.
     let state = unsafe { STATE.get() };
     state.platform = platform::detect(|leaf| hw::cpuid(leaf, 0));
     let default = backend::by_id(link_value!("__previrt_default_backend") as u32).unwrap_or(&backend::NATIVE);
-    let cmdline = pvh_cmdline(start_info);
+    let cmdline = boot_cmdline(start_info, path);
     state.site_profile = platform::cmdline_value(cmdline, b"previrt.trace") == Some(b"sites");
     let asked = platform::cmdline_value(cmdline, b"previrt.backend");
     let mut chosen = match asked {
