@@ -37,17 +37,19 @@ fn word(data: &[u8], at: usize) -> u32 {
 /// The multiboot v1 header (magic at a 4-byte boundary in the first 8 KiB, magic + flags +
 /// checksum = 0), if any. Errors name what cannot be redirected.
 pub fn find(data: &[u8]) -> Result<Option<Header>, String> {
-    let Some(off) = (0..data.len().min(8192).saturating_sub(11))
-        .step_by(4)
-        .find(|&at| word(data, at) == MAGIC && word(data, at).wrapping_add(word(data, at + 4)).wrapping_add(word(data, at + 8)) == 0)
-    else {
+    let Some(off) = (0..data.len().min(8192).saturating_sub(11)).step_by(4).find(|&at| {
+        word(data, at) == MAGIC && word(data, at).wrapping_add(word(data, at + 4)).wrapping_add(word(data, at + 8)) == 0
+    }) else {
         return Ok(None);
     };
     if word(data, off + 4) & AOUT_KLUDGE == 0 || off + ENTRY_ADDR + 4 > data.len() {
         return Err("the multiboot header has no load addresses (flag bit 16), so its entry cannot be redirected to the runtime; link an image without it".into());
     }
     if word(data, off + LOAD_END_ADDR) == 0 {
-        return Err("the multiboot header's load_end_addr is 0 (load the whole file), which leaves no room for the runtime".into());
+        return Err(
+            "the multiboot header's load_end_addr is 0 (load the whole file), which leaves no room for the runtime"
+                .into(),
+        );
     }
     Ok(Some(Header { off, entry: word(data, off + ENTRY_ADDR) }))
 }
@@ -61,7 +63,11 @@ pub struct Gap {
 
 impl Gap {
     pub fn moved(&self, off: usize) -> usize {
-        if off >= self.at { off + self.gap } else { off }
+        if off >= self.at {
+            off + self.gap
+        } else {
+            off
+        }
     }
 }
 
@@ -78,7 +84,8 @@ pub struct Runtime<'a> {
 /// redirected; returns the new file, the runtime's file offset and the gap.
 pub fn place_runtime(data: &[u8], h: &Header, rt: &Runtime) -> Result<(Vec<u8>, usize, Gap), String> {
     let field = |f: usize| word(data, h.off + f) as u64;
-    let (header_addr, load_addr, load_end, bss_end) = (field(HEADER_ADDR), field(LOAD_ADDR), field(LOAD_END_ADDR), field(BSS_END_ADDR));
+    let (header_addr, load_addr, load_end, bss_end) =
+        (field(HEADER_ADDR), field(LOAD_ADDR), field(LOAD_END_ADDR), field(BSS_END_ADDR));
     let text_off = (h.off as u64)
         .checked_sub(header_addr.wrapping_sub(load_addr))
         .filter(|_| header_addr >= load_addr && load_end > load_addr)
@@ -88,7 +95,9 @@ pub fn place_runtime(data: &[u8], h: &Header, rt: &Runtime) -> Result<(Vec<u8>, 
         return Err("the multiboot header's load range does not match the file (load_end_addr past the file, bss_end_addr past the kernel, or load_addr not page-congruent with its file offset)".into());
     }
     let top = rt.phys + rt.mem_size;
-    let fits = |v: u64| u32::try_from(v).map_err(|_| "the runtime would end above 4 GiB, out of multiboot's reach".to_string());
+    let fits = |v: u64| {
+        u32::try_from(v).map_err(|_| "the runtime would end above 4 GiB, out of multiboot's reach".to_string())
+    };
     let (new_end, new_bss, entry) = (fits(rt.phys + rt.bytes.len() as u64)?, fits(top)?, fits(rt.entry)?);
 
     let hdr = elf::FileHeader64::<LE>::parse(data).map_err(|_| "not ELF")?;
