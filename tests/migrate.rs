@@ -225,3 +225,75 @@ fn crc32(data: &[u8]) -> u32 {
     }
     !c
 }
+
+/// A guest of the previrt paravirtual ABI: hypercall page and vCPU page registered by MSR, a
+/// periodic 1 ms timer, then 30 rounds of HALT (returns the pending events) and a
+/// CONSOLE_WRITE of "tick NN"; SHUTDOWN 0x2a. After a restore the ticks only continue if the
+/// hypercall page, the vCPU page and the timer came back with the snapshot.
+const PV_TICKS: &str = r#".code64
+.globl _start
+_start:
+    mov $0x50525600, %ecx
+    lea hcpage(%rip), %rax
+    or $1, %rax
+    xor %edx, %edx
+    wrmsr
+    mov $0x50525601, %ecx
+    lea vpage(%rip), %rax
+    or $1, %rax
+    wrmsr
+    mov $2, %rdi
+    mov $1000000, %rsi
+    call hcpage + 32 * 4
+    xor %r12, %r12
+1:  call hcpage + 32 * 5
+    test $1, %al
+    jz fail
+    movq $0, vpage + 8(%rip)
+    inc %r12
+    mov %r12, %rax
+    xor %edx, %edx
+    mov $10, %ecx
+    div %ecx
+    add $'0', %al
+    mov %al, line + 5(%rip)
+    add $'0', %dl
+    mov %dl, line + 6(%rip)
+    lea line(%rip), %rdi
+    mov $8, %rsi
+    call hcpage + 32 * 1
+    cmp $30, %r12
+    jb 1b
+    mov $0x2a, %rdi
+    call hcpage + 32 * 6
+fail:
+    mov $0x55, %rdi
+    call hcpage + 32 * 6
+    hlt
+.data
+line: .ascii "tick NN\n"
+.bss
+.balign 4096
+hcpage: .skip 4096
+vpage: .skip 4096
+"#;
+
+#[test]
+fn previrt_abi_state_hypercall_page_vcpu_page_and_timer_survive_a_restore() {
+    let d = scratch("migrate-pv");
+    let k = guest(&d, "ticks", PV_TICKS, "_start");
+    let k = k.to_str().unwrap();
+    let want: String = (1..=30).map(|i| format!("tick {i:02}\n")).collect();
+    let full = previrt(&["run", k]);
+    assert_eq!((full.status.code(), stdout(&full)), (Some(0x2a), want.clone()), "{}", stderr(&full));
+    for after in ["5exits", "20exits", "45exits"] {
+        let snap = d.join(format!("{after}.snap"));
+        let s = snap.to_str().unwrap();
+        let a = previrt(&["run", k, "--snapshot", s, "--snapshot-after", after]);
+        assert_eq!(a.status.code(), Some(0), "{after}: {}", stderr(&a));
+        assert!(stdout(&a).len() < want.len(), "{after}: snapshot after the end");
+        let b = previrt(&["restore", s]);
+        assert_eq!(b.status.code(), Some(0x2a), "{after}: {}", stderr(&b));
+        assert_eq!(format!("{}{}", stdout(&a), stdout(&b)), want, "{after}");
+    }
+}
