@@ -178,7 +178,7 @@ impl Image {
         let abi_id = u32_at(&bytes, 20);
         let abi = ABIS.iter().find(|a| a.0 == abi_id).map(|a| a.1).ok_or(format!("unknown ABI id {abi_id}"))?;
         let mem_size = u64_at(&bytes, 24);
-        if !(2 << 20..=crate::layout::MAX_RAM).contains(&mem_size) || mem_size % PAGE as u64 != 0 {
+        if !(2 << 20..=crate::layout::MAX_RAM).contains(&mem_size) || !mem_size.is_multiple_of(PAGE as u64) {
             return Err(format!("memory size {mem_size} is not 2M..=3G in whole pages"));
         }
         let mut sections = Vec::new();
