@@ -5,7 +5,7 @@
 
 mod common;
 mod vmm_support;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output};
 use vmm_support::*;
 
@@ -13,18 +13,6 @@ use vmm_support::*;
 /// line carries seq=1..=12.
 const CMDLINE: &str = "workloads=irqflag,console,compute repeat=4 console_lines=4";
 
-fn example_kernel(d: &Path) -> PathBuf {
-    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/kernel");
-    let st = Command::new("make")
-        .arg("-s")
-        .arg("-C")
-        .arg(&src)
-        .arg(format!("O={}", d.display()))
-        .status()
-        .expect("cannot run make: run scripts/install-deps.sh (build-essential)");
-    assert!(st.success(), "building the example kernel failed");
-    d.join("kernel.elf")
-}
 
 fn previrt(args: &[&str]) -> Output {
     require_kvm();
@@ -65,7 +53,7 @@ fn save_and_restore(d: &Path, kernel: &Path, cmdline: &str, after: &str, restore
 #[test]
 fn snapshot_mid_workload_resumes_without_losing_or_repeating_a_line() {
     let d = scratch("migrate-resume");
-    let kernel = example_kernel(&d);
+    let kernel = common::example_kernel().elf();
     let full = previrt(&["run", kernel.to_str().unwrap(), "--append", CMDLINE]);
     assert_eq!(full.status.code(), Some(1), "uninterrupted run: {}", stderr(&full));
     let full_out = stdout(&full);
@@ -141,7 +129,7 @@ fn previrtualized_kernel_with_trace_backend_resumes_with_the_same_stream_and_sit
 #[test]
 fn restore_under_a_mismatched_or_damaged_snapshot_is_refused_before_running() {
     let d = scratch("migrate-bad");
-    let kernel = example_kernel(&d);
+    let kernel = common::example_kernel().elf();
     let (_, ok) = save_and_restore(&d, &kernel, CMDLINE, "200exits", &["--mem", "128M"]);
     assert_eq!(ok.status.code(), Some(1), "intact snapshot: {}", stderr(&ok));
     let good = std::fs::read(d.join("200exits.snap")).unwrap();

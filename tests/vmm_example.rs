@@ -2,8 +2,8 @@
 //! prints exactly what it prints under QEMU TCG (workload verdicts and checksums; timing and
 //! boot-path lines aside) and exits with the same verdict.
 
+mod common;
 mod vmm_support;
-use std::path::Path;
 use std::process::Command;
 use vmm_support::*;
 
@@ -13,17 +13,8 @@ fn verdict_lines(s: &str) -> Vec<&str> {
 
 #[test]
 fn example_kernel_matches_qemu_on_every_entry() {
-    let d = scratch("example");
-    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/kernel");
-    let st = Command::new("make")
-        .arg("-s")
-        .arg("-C")
-        .arg(&src)
-        .arg(format!("O={}", d.display()))
-        .status()
-        .expect("cannot run make: run scripts/install-deps.sh (build-essential)");
-    assert!(st.success(), "building the example kernel failed");
-    let kernel = d.join("kernel.elf");
+    let src = common::kernel_src();
+    let kernel = common::example_kernel().elf();
 
     let q = Command::new("bash")
         .arg(src.join("run-qemu.sh"))
