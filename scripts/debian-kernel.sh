@@ -8,6 +8,10 @@
 set -euo pipefail
 
 cache="${PREVIRT_CACHE:-$HOME/.cache/previrt}/debian"
+# Tests call this concurrently: one fetches, the others wait and then find the cache complete.
+mkdir -p "$(dirname "$cache")"
+exec 9>"$cache.lock"
+flock 9
 if [ -s "$cache/vmlinux" ] && [ -s "$cache/VERSION" ] && [ -d "$cache/modules" ]; then
   echo "$cache"
   exit 0
