@@ -13,7 +13,6 @@ use vmm_support::*;
 /// line carries seq=1..=12.
 const CMDLINE: &str = "workloads=irqflag,console,compute repeat=4 console_lines=4";
 
-
 fn previrt(args: &[&str]) -> Output {
     require_kvm();
     Command::new(env!("CARGO_BIN_EXE_previrt")).args(args).output().expect("spawn previrt")

@@ -172,7 +172,13 @@ fn popf_matches_the_cpu_in_ring_3() {
             assert!(emulate(&op, &mut regs, &mut Model::default()));
             let w = if wide16 { 2 } else { 8 };
             assert_eq!(regs.gpr[gpr::RSP], stack.as_ptr() as u64 + w, "rsp after popf (width {w})");
-            assert_eq!(regs.rflags, real, "popf{} of {v:#x}: emulated {:#x}, cpu {real:#x}", if wide16 { "w" } else { "q" }, regs.rflags);
+            assert_eq!(
+                regs.rflags,
+                real,
+                "popf{} of {v:#x}: emulated {:#x}, cpu {real:#x}",
+                if wide16 { "w" } else { "q" },
+                regs.rflags
+            );
             assert_eq!(popf_merge(before, v, 3, w as u8), real);
         }
     }

@@ -13,7 +13,10 @@ use std::process::Command;
 
 fn debian_vmlinux() -> PathBuf {
     let root = env!("CARGO_MANIFEST_DIR");
-    let o = Command::new("bash").arg(format!("{root}/scripts/debian-kernel.sh")).output().expect("running scripts/debian-kernel.sh");
+    let o = Command::new("bash")
+        .arg(format!("{root}/scripts/debian-kernel.sh"))
+        .output()
+        .expect("running scripts/debian-kernel.sh");
     assert!(
         o.status.success(),
         "scripts/debian-kernel.sh failed (needs network once; see scripts/install-deps.sh): {}",
@@ -63,6 +66,8 @@ fn patched_debian_vmlinux_boots_through_the_runtime() {
     let first = through.lines().next().unwrap_or_default();
     assert!(first.starts_with(&format!("previrt: backend=native sites={sites} patched in ")), "boot line: {first}");
     assert!(through.contains(END), "the linked kernel should reach the VFS panic:\n{through}");
-    let banner = |s: &str| s.lines().find(|l| l.contains("Linux version")).map(|l| l.split("] ").nth(1).unwrap_or(l).to_string());
+    let banner = |s: &str| {
+        s.lines().find(|l| l.contains("Linux version")).map(|l| l.split("] ").nth(1).unwrap_or(l).to_string())
+    };
     assert_eq!(banner(&plain), banner(&through));
 }

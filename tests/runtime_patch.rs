@@ -29,7 +29,7 @@ fn table() -> Table {
         (|a| a.mov(cr3, rax), 8, false),
         (|a| a.wrmsr(), 5, false),
         (|a| a.invlpg(ptr(rdi + rsi * 8 + 0x10)), 9, false),
-        (|a| a.sti(), 1, true), // trap-only: no scratch
+        (|a| a.sti(), 1, true),  // trap-only: no scratch
         (|a| a.hlt(), 2, false), // too short for a call
         (|a| a.cpuid(), 5, false),
     ];
@@ -55,7 +55,10 @@ fn table() -> Table {
         // Second chunk starts at record 16.
         let rec_off = table + HEADER_SIZE + i * RECORD_SIZE + if i >= 16 { 8 + HEADER_SIZE } else { 0 };
         let site = base + at as u64;
-        r.set_targets(base + rec_off as u64, Resolved { site, save: base + save as u64, resume: site + *site_len as u64, origin: site });
+        r.set_targets(
+            base + rec_off as u64,
+            Resolved { site, save: base + save as u64, resume: site + *site_len as u64, origin: site },
+        );
         recs.push((rec_off, r));
         sites.push((at, bytes.clone(), *site_len, *trap));
         at += site_len;

@@ -14,7 +14,12 @@ use std::process::Command;
 
 fn run(cmd: &mut Command, what: &str) {
     let o = cmd.output().unwrap_or_else(|e| panic!("{what}: {e} (run scripts/install-deps.sh)"));
-    assert!(o.status.success(), "{what} failed: {}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+    assert!(
+        o.status.success(),
+        "{what} failed: {}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
 }
 
 fn dumps(r: &QemuRun) -> Vec<&str> {
@@ -35,7 +40,11 @@ fn trace_backend_emulation_matches_the_cpu_register_for_register() {
     let elf = dir.join("regdump.elf");
     let linked = dir.join("regdump-linked.elf");
     run(
-        Command::new(tc.join("bin/x86_64-previrt-linux-gnu-gcc")).arg("-c").arg(fixtures.join("regdump.S")).arg("-o").arg(&obj),
+        Command::new(tc.join("bin/x86_64-previrt-linux-gnu-gcc"))
+            .arg("-c")
+            .arg(fixtures.join("regdump.S"))
+            .arg("-o")
+            .arg(&obj),
         "assembling the fixture with the previrt toolchain",
     );
     run(
@@ -64,8 +73,8 @@ fn trace_backend_emulation_matches_the_cpu_register_for_register() {
 
     let summary = trace.stdout.lines().find(|l| l.starts_with("previrt-trace:")).expect("trace summary");
     for kind in [
-        "cli", "sti", "pushf", "popf", "iret", "mov_cr", "mov_seg", "lgdt", "lidt", "ltr", "sgdt", "sidt", "str", "invlpg",
-        "in", "out", "rdmsr", "wrmsr", "cpuid",
+        "cli", "sti", "pushf", "popf", "iret", "mov_cr", "mov_seg", "lgdt", "lidt", "ltr", "sgdt", "sidt", "str",
+        "invlpg", "in", "out", "rdmsr", "wrmsr", "cpuid",
     ] {
         let count = summary
             .split_whitespace()

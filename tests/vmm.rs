@@ -443,7 +443,9 @@ fn bit_manipulation_instructions_compute_what_the_cpu_would() {
         .enumerate()
         .map(|(n, c)| format!("    {c}\n    jne 8f\n    mov $'1', %al\n    jmp 9f\n8:  mov $'0', %al\n9:  mov $0x3f8, %dx\n    out %al, %dx\n    # check {n}\n"))
         .collect();
-    let src = format!(".code64\n.globl _start\n_start:\n{body}    xor %eax, %eax\n    jmp exit\n{EXIT64}\n.data\nm: .quad 0x60\n");
+    let src = format!(
+        ".code64\n.globl _start\n_start:\n{body}    xor %eax, %eax\n    jmp exit\n{EXIT64}\n.data\nm: .quad 0x60\n"
+    );
     let k = guest(&d, "g", &src, "_start");
     let o = run(&k, &[]);
     assert_eq!(stdout(&o), "1".repeat(checks.len()), "stderr: {}", stderr(&o));

@@ -25,14 +25,17 @@ const RUSTFLAGS: &[&str] = &[
 ];
 /// The release profile for kernel code (set here: runtime-module is a non-root package of
 /// the main workspace's point of view, where its own [profile] would be ignored).
-const PROFILE: &[(&str, &str)] = &[("LTO", "fat"), ("PANIC", "abort"), ("CODEGEN_UNITS", "1"), ("OPT_LEVEL", "2"), ("DEBUG", "0")];
+const PROFILE: &[(&str, &str)] =
+    &[("LTO", "fat"), ("PANIC", "abort"), ("CODEGEN_UNITS", "1"), ("OPT_LEVEL", "2"), ("DEBUG", "0")];
 const TARGET: &str = "x86_64-unknown-linux-gnu";
 
 fn main() {
     let manifest = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").unwrap());
     let runtime = manifest.parent().unwrap().to_path_buf();
     let out = PathBuf::from(std::env::var("OUT_DIR").unwrap());
-    for p in ["src", "Cargo.toml", "Cargo.lock", "../site-abi/src", "../site-abi/Cargo.toml", "../hv-backends/hv-abi/src"] {
+    for p in
+        ["src", "Cargo.toml", "Cargo.lock", "../site-abi/src", "../site-abi/Cargo.toml", "../hv-backends/hv-abi/src"]
+    {
         println!("cargo:rerun-if-changed={}", runtime.join(p).display());
     }
     println!("cargo:rerun-if-changed=src/runtime.ld");
@@ -72,7 +75,19 @@ fn build_staticlib(runtime: &Path, target_dir: &Path) -> PathBuf {
         let outer = (k.starts_with("CARGO_") && k != "CARGO_HOME")
             || k.starts_with("RUSTC")
             || k.starts_with("RUSTDOC")
-            || matches!(k.as_str(), "RUSTFLAGS" | "MAKEFLAGS" | "MFLAGS" | "TARGET" | "HOST" | "OUT_DIR" | "PROFILE" | "OPT_LEVEL" | "DEBUG" | "NUM_JOBS");
+            || matches!(
+                k.as_str(),
+                "RUSTFLAGS"
+                    | "MAKEFLAGS"
+                    | "MFLAGS"
+                    | "TARGET"
+                    | "HOST"
+                    | "OUT_DIR"
+                    | "PROFILE"
+                    | "OPT_LEVEL"
+                    | "DEBUG"
+                    | "NUM_JOBS"
+            );
         if outer {
             cmd.env_remove(k);
         }
@@ -170,8 +185,9 @@ fn check(linked: &[u8]) -> Vec<String> {
             });
             let bad_reg = (0..ins.op_count()).find_map(|i| {
                 let r = ins.op_register(i);
-                (ins.op_kind(i) == OpKind::Register && (r.is_xmm() || r.is_ymm() || r.is_zmm() || r.is_mm() || r.is_st()))
-                    .then_some(r)
+                (ins.op_kind(i) == OpKind::Register
+                    && (r.is_xmm() || r.is_ymm() || r.is_zmm() || r.is_mm() || r.is_st()))
+                .then_some(r)
             });
             if let Some(f) = bad_feature {
                 problems.push(format!("{name} {ip:#x}: {ins} needs {f:?}"));

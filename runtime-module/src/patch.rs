@@ -27,16 +27,22 @@ pub enum PatchError {
     Abi(AbiError),
     /// A record whose lengths are impossible (`insn_len` 0 or > 15, `site_len` < `insn_len`
     /// or > [`MAX_SITE_LEN`]).
-    BadRecord { record_addr: u64 },
+    BadRecord {
+        record_addr: u64,
+    },
     /// The index has room for fewer sites than the table holds.
-    IndexFull { capacity: usize },
+    IndexFull {
+        capacity: usize,
+    },
 }
 
 impl core::fmt::Display for PatchError {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         match *self {
             PatchError::Abi(e) => write!(f, "{e}"),
-            PatchError::BadRecord { record_addr } => write!(f, "site record at {record_addr:#x} has impossible lengths"),
+            PatchError::BadRecord { record_addr } => {
+                write!(f, "site record at {record_addr:#x} has impossible lengths")
+            }
             PatchError::IndexFull { capacity } => write!(f, "more than {capacity} sites"),
         }
     }
@@ -179,7 +185,11 @@ impl<'a> Patcher<'a> {
             },
             |s| {
                 if saving.get() {
-                    core::ptr::copy_nonoverlapping(s.at.site as *const u8, s.at.save as *mut u8, s.record.insn_len as usize);
+                    core::ptr::copy_nonoverlapping(
+                        s.at.site as *const u8,
+                        s.at.save as *mut u8,
+                        s.record.insn_len as usize,
+                    );
                 }
                 let slot = index.get_mut(n).ok_or(PatchError::IndexFull { capacity })?;
                 *slot = IndexEntry { site: s.at.site, record_addr: s.record_addr };

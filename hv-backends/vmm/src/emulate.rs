@@ -333,7 +333,8 @@ impl Cpu<'_> {
         let op = (0..insn.op_count())
             .find(|&n| insn.op_kind(n) == iced_x86::OpKind::Memory)
             .ok_or("the instruction has no memory operand")?;
-        insn.virtual_address(op, 0, |reg, _, _| values.get(&reg).copied()).ok_or_else(|| "cannot compute the operand address".into())
+        insn.virtual_address(op, 0, |reg, _, _| values.get(&reg).copied())
+            .ok_or_else(|| "cannot compute the operand address".into())
     }
 
     /// Value of operand `n` (register, memory or immediate), masked to the operand width.
@@ -354,7 +355,11 @@ impl Cpu<'_> {
 }
 
 fn width_mask(bits: u32) -> u64 {
-    if bits >= 64 { u64::MAX } else { (1u64 << bits) - 1 }
+    if bits >= 64 {
+        u64::MAX
+    } else {
+        (1u64 << bits) - 1
+    }
 }
 
 const FLAGS_ARITH: u64 = 0x8d5; // CF PF AF ZF SF OF
@@ -372,13 +377,25 @@ struct Bits {
 type BitOp = fn(u64, u64, u32) -> Bits;
 
 fn zf(v: u64) -> u64 {
-    if v == 0 { RFLAGS_ZF } else { 0 }
+    if v == 0 {
+        RFLAGS_ZF
+    } else {
+        0
+    }
 }
 fn sf(v: u64, w: u32) -> u64 {
-    if v >> (w - 1) & 1 == 1 { SF } else { 0 }
+    if v >> (w - 1) & 1 == 1 {
+        SF
+    } else {
+        0
+    }
 }
 fn cf(c: bool) -> u64 {
-    if c { CF } else { 0 }
+    if c {
+        CF
+    } else {
+        0
+    }
 }
 
 /// Register-computing instructions (POPCNT, LZCNT/TZCNT, BMI1/BMI2) that the host's

@@ -258,7 +258,8 @@ pub(crate) fn run_with(
     vm.bus.flush();
     if let (Some(p), Some(path)) = (&vm.profile, &args.profile) {
         let json = serde_json::to_vec_pretty(&p.to_json()).unwrap_or_default();
-        crate::stats::write_atomic(path, &json).map_err(|e| Error::Host(format!("cannot write {}: {e}", path.display())))?;
+        crate::stats::write_atomic(path, &json)
+            .map_err(|e| Error::Host(format!("cannot write {}: {e}", path.display())))?;
     }
     match res {
         Ok(status) => Ok(RunResult { status, stats: vm.stats }),

@@ -40,7 +40,8 @@ fn build(n: usize) -> Image {
     let mut buf = vec![0x90u8; code_len + save_len + table_len];
     let base = buf.as_ptr() as u64;
     let (save_off, table_off) = (code_len, code_len + save_len);
-    buf[table_off..table_off + HEADER_SIZE].copy_from_slice(&ChunkHeader::new(Producer::Assembler, n as u32).to_bytes());
+    buf[table_off..table_off + HEADER_SIZE]
+        .copy_from_slice(&ChunkHeader::new(Producer::Assembler, n as u32).to_bytes());
     let (mut at, mut save) = (0usize, save_off);
     for i in 0..n {
         let (kind, insn, len) = MIX[i % MIX.len()];
@@ -111,7 +112,9 @@ fn main() {
     }
     println!("synthetic table: {n} sites, best of {runs} runs, runtime patcher on the host");
     println!("{:<34} {:>12} {:>10} {:>14}", "pass", "ns/site", "target", "target/actual");
-    for (name, ns) in [("first patch, native", native), ("first patch, trace", trace), ("re-patch trace -> native", repatch)] {
+    for (name, ns) in
+        [("first patch, native", native), ("first patch, trace", trace), ("re-patch trace -> native", repatch)]
+    {
         println!("{:<34} {:>12.1} {:>10.0} {:>13.1}x", name, per(ns), target, target / per(ns));
     }
     println!("re-patch of all {n} sites: {:.1} us (migration target: 1000 us)", repatch as f64 / 1000.0);

@@ -46,7 +46,15 @@ pub fn link_runtime(object: &Path, out: &Path, p: &Placement) -> Result<(), Stri
     ];
     let mut cmd = Command::new("ld");
     cmd.args(["-m", "elf_x86_64", "-static", "-nostdlib", "--gc-sections", "--no-dynamic-linker"])
-        .args(["-z", "noexecstack", "-z", "max-page-size=4096", "--require-defined=previrt_repatch", "--require-defined=previrt_xen_entry", "--no-warn-rwx-segments"])
+        .args([
+            "-z",
+            "noexecstack",
+            "-z",
+            "max-page-size=4096",
+            "--require-defined=previrt_repatch",
+            "--require-defined=previrt_xen_entry",
+            "--no-warn-rwx-segments",
+        ])
         .arg("-T")
         .arg(&script)
         .args(defsyms.iter().map(|(n, v)| format!("--defsym={n}={v:#x}")))

@@ -118,7 +118,9 @@ fn inspect(data: &[u8]) -> Result<Kernel, LinkError> {
     // per-CPU segment); placement goes by physical addresses.
     let delta = first.p_vaddr(LE).wrapping_sub(first.p_paddr(LE));
     if delta != 0 && (delta % GIB != 0 || (delta >> 39) & 511 == 0 || (delta >> 30) & 511 > 510) {
-        return Err(bad(format!("kernel virt-phys offset {delta:#x} is not supported (needs 0, or 1 GiB aligned outside the low 512 GiB)")));
+        return Err(bad(format!(
+            "kernel virt-phys offset {delta:#x} is not supported (needs 0, or 1 GiB aligned outside the low 512 GiB)"
+        )));
     }
     let end_phys = loads.iter().map(|p| p.p_paddr(LE) + p.p_memsz(LE)).max().unwrap_or(0);
 
@@ -258,7 +260,12 @@ pub fn link(input: &Path, output: &Path, backend: DefaultBackend, xen: bool) -> 
     // multiboot header, the runtime goes where that header's loader puts it (module multiboot).
     let (mut out, rt_off, gap) = match &mb {
         Some(h) => {
-            let r = multiboot::Runtime { phys, bytes: &rt.bytes, mem_size: rt.mem_size, entry: rt.mb_entry.wrapping_sub(k.delta) };
+            let r = multiboot::Runtime {
+                phys,
+                bytes: &rt.bytes,
+                mem_size: rt.mem_size,
+                entry: rt.mb_entry.wrapping_sub(k.delta),
+            };
             multiboot::place_runtime(&data, h, &r).map_err(bad)?
         }
         None => {
@@ -307,7 +314,8 @@ pub fn link(input: &Path, output: &Path, backend: DefaultBackend, xen: bool) -> 
     let (desc_off, desc_len) = (gap.moved(k.pvh_desc.0), k.pvh_desc.1);
     put(&mut out, desc_off, &entry_phys.to_le_bytes()[..desc_len]);
 
-    write_atomically(output, &out).map_err(|e| LinkError::Environment(format!("cannot write {}: {e}", output.display())))?;
+    write_atomically(output, &out)
+        .map_err(|e| LinkError::Environment(format!("cannot write {}: {e}", output.display())))?;
     Ok(LinkReport {
         runtime_virt: base,
         runtime_phys: phys,

@@ -10,7 +10,8 @@ pub struct Hardware;
 const POOL_PAGES: usize = 8;
 #[repr(C, align(4096))]
 struct Pool([[u64; 512]; POOL_PAGES]);
-static POOL: super::Global<(Pool, usize)> = super::Global(core::cell::UnsafeCell::new((Pool([[0; 512]; POOL_PAGES]), 0)));
+static POOL: super::Global<(Pool, usize)> =
+    super::Global(core::cell::UnsafeCell::new((Pool([[0; 512]; POOL_PAGES]), 0)));
 
 const PRESENT: u64 = 1;
 const WRITABLE: u64 = 2;

@@ -61,9 +61,15 @@ struct State {
     site_profile: bool,
 }
 
-static STATE: Global<State> =
-    Global(UnsafeCell::new(State { patcher: None, active: &backend::NATIVE, platform: Platform::BareMetal, stub: 0, site_profile: false }));
-static INDEX: Global<[IndexEntry; MAX_SITES]> = Global(UnsafeCell::new([IndexEntry { site: 0, record_addr: 0 }; MAX_SITES]));
+static STATE: Global<State> = Global(UnsafeCell::new(State {
+    patcher: None,
+    active: &backend::NATIVE,
+    platform: Platform::BareMetal,
+    stub: 0,
+    site_profile: false,
+}));
+static INDEX: Global<[IndexEntry; MAX_SITES]> =
+    Global(UnsafeCell::new([IndexEntry { site: 0, record_addr: 0 }; MAX_SITES]));
 static OOL: Global<[[u8; OOL_SLOT]; MAX_SITES]> = Global(UnsafeCell::new([[0; OOL_SLOT]; MAX_SITES]));
 static COUNTERS: Counters<MAX_SITES> = Counters::new();
 
@@ -191,7 +197,10 @@ unsafe fn apply(state: &mut State, to: &'static Backend) -> Option<crate::patch:
 ///
 /// # Safety
 /// Once, at boot, single-threaded, with the kernel image mapped and writable.
-pub(crate) unsafe fn patch_at_boot(to: &'static Backend, stub: u64) -> Result<Option<crate::patch::Stats>, crate::patch::PatchError> {
+pub(crate) unsafe fn patch_at_boot(
+    to: &'static Backend,
+    stub: u64,
+) -> Result<Option<crate::patch::Stats>, crate::patch::PatchError> {
     let state = STATE.get();
     state.stub = stub;
     let (start, len) = table();
@@ -286,7 +295,11 @@ pub extern "C" fn previrt_repatch(id: u32) -> i32 {
 #[no_mangle]
 extern "C" fn previrt_trace_dispatch(regs: &mut Regs) {
     let Some((op, ool)) = enter_site(regs) else {
-        let _ = writeln!(Com1, "previrt: call into the runtime from {:#x}, which is no site", regs.rip.wrapping_sub(CALL_LEN as u64));
+        let _ = writeln!(
+            Com1,
+            "previrt: call into the runtime from {:#x}, which is no site",
+            regs.rip.wrapping_sub(CALL_LEN as u64)
+        );
         stop()
     };
     if op.is_some_and(|op| op.kind == Kind::Out && op.port(regs) == EXIT_PORT) {
@@ -379,7 +392,9 @@ macro_rules! site_stub {
     andq $-16, %rsp
     cld
 "#,
-            "    call ", $dispatch, "\n",
+            "    call ",
+            $dispatch,
+            "\n",
             r#"    movq %rbx, %rsp
     movq 0(%rsp), %rax
     movq 8(%rsp), %rcx
