@@ -155,3 +155,22 @@ fn bad_tables_are_refused() {
     let err = unsafe { Patcher::prepare(start, t.len, &mut index) }.err().expect("bad magic");
     assert!(err.to_string().contains("no site chunk header"), "{err}");
 }
+
+#[test]
+fn native_sti_keeps_its_interrupt_shadow_over_the_next_instruction() {
+    use previrt_runtime::backend::Route;
+    use previrt_runtime::patch::{encode, Site};
+    use previrt_site_abi::{Kind, SiteRecord};
+    // `sti` restored last in its site, so the instruction after the site (`hlt`) is in its
+    // shadow; any other kind keeps instruction-then-NOPs.
+    for (kind, insn, insn_at) in [(Kind::Sti, 0xfbu8, 4usize), (Kind::Cli, 0xfa, 0)] {
+        let record = SiteRecord { kind: kind as u16, site_len: 5, insn_len: 1, ..Default::default() };
+        let at = Resolved { site: 0x1000, save: 0x2000, resume: 0x1005, origin: 0x1000 };
+        let site = Site { record_addr: 0x3000, record, at };
+        let mut out = [0u8; 5];
+        assert_eq!(encode(&site, &[insn], Route::Original, 0, &mut out), Route::Original);
+        assert_eq!(out[insn_at], insn, "{kind:?}: {out:02x?}");
+        let nops = if insn_at == 0 { 1..5 } else { 0..4 };
+        all_nops(&out[nops.clone()], 0x1000 + nops.start as u64);
+    }
+}

@@ -5,7 +5,7 @@
 //! tests and `bench/patch` build a table in a buffer and patch it with this same code).
 
 use crate::backend::{Backend, Route};
-use previrt_site_abi::{chunks, AbiError, ChunkHeader, Resolved, SiteRecord, HEADER_SIZE, RECORD_SIZE};
+use previrt_site_abi::{chunks, AbiError, ChunkHeader, Kind, Resolved, SiteRecord, HEADER_SIZE, RECORD_SIZE};
 
 /// Largest site the patcher writes (instruction plus scratch).
 pub const MAX_SITE_LEN: usize = 64;
@@ -137,8 +137,12 @@ pub fn encode(site: &Site, saved: &[u8], route: Route, stub: u64, out: &mut [u8]
         return Route::Stub;
     }
     let n = site.record.insn_len as usize;
-    out[..n].copy_from_slice(&saved[..n]);
-    nop_fill(&mut out[n..]);
+    // A restored `sti` goes last: its one-instruction interrupt shadow must cover what follows
+    // the site, or `sti; hlt` could take the wake-up interrupt before reaching the `hlt`.
+    let at = if site.record.kind == Kind::Sti as u16 { len - n } else { 0 };
+    nop_fill(&mut out[..at]);
+    out[at..at + n].copy_from_slice(&saved[..n]);
+    nop_fill(&mut out[at + n..]);
     Route::Original
 }
 
