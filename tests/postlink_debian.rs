@@ -13,31 +13,15 @@ use common::require_tool;
 use previrt_postlink::{patch, verify, Options};
 use previrt_rewriter::elf::Elf;
 use previrt_site_abi::SITES_SECTION;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
 /// Coverage target of issue 8: sensitive instructions and pv sites with a site record.
 const MIN_COVERAGE: f64 = 99.5;
 
-fn debian() -> PathBuf {
-    let root = env!("CARGO_MANIFEST_DIR");
-    let o = Command::new("bash")
-        .arg(format!("{root}/scripts/debian-kernel.sh"))
-        .output()
-        .expect("running scripts/debian-kernel.sh");
-    assert!(
-        o.status.success(),
-        "scripts/debian-kernel.sh failed (needs network once; see scripts/install-deps.sh): {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    let dir = PathBuf::from(String::from_utf8_lossy(&o.stdout).trim());
-    assert!(dir.join("vmlinux").is_file(), "{}: no vmlinux; run scripts/debian-kernel.sh", dir.display());
-    dir
-}
-
 #[test]
 fn debian_modules_patch_and_verify() {
-    let dir = debian().join("modules");
+    let dir = common::debian_kernel().join("modules");
     let mut trampolines = 0;
     for m in [
         "drivers/watchdog/w83627hf_wdt.ko",
@@ -62,7 +46,7 @@ fn debian_modules_patch_and_verify() {
 
 #[test]
 fn debian_vmlinux_patch_and_verify() {
-    let orig = std::fs::read(debian().join("vmlinux")).unwrap();
+    let orig = std::fs::read(common::debian_kernel().join("vmlinux")).unwrap();
     let p = patch(&orig, &Options::default()).unwrap();
     let r = &p.report;
     assert_eq!(r.pv_sites, 3848, "Debian 6.1 has 3,848 .parainstructions entries");
@@ -155,7 +139,7 @@ fn boot(kernel: &Path, initrd: &Path, append: &str) -> (Vec<String>, String) {
 
 #[test]
 fn patched_debian_kernel_boots_and_loads_patched_modules() {
-    let deb = debian();
+    let deb = common::debian_kernel();
     let dir = std::env::temp_dir().join(format!("previrt-postlink-boot-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let vmlinux = std::fs::read(deb.join("vmlinux")).unwrap();

@@ -8,25 +8,8 @@
 mod common;
 
 use common::require_tool;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
-
-fn debian_vmlinux() -> PathBuf {
-    let root = env!("CARGO_MANIFEST_DIR");
-    let o = Command::new("bash")
-        .arg(format!("{root}/scripts/debian-kernel.sh"))
-        .output()
-        .expect("running scripts/debian-kernel.sh");
-    assert!(
-        o.status.success(),
-        "scripts/debian-kernel.sh failed (needs network once; see scripts/install-deps.sh): {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    let dir = PathBuf::from(String::from_utf8_lossy(&o.stdout).trim());
-    let vmlinux = dir.join("vmlinux");
-    assert!(vmlinux.is_file(), "{}: no vmlinux; run scripts/debian-kernel.sh", dir.display());
-    vmlinux
-}
 
 /// Boot to the VFS panic; the serial output.
 fn boot(kernel: &Path, cmdline: &str) -> String {
@@ -52,7 +35,13 @@ fn patched_debian_vmlinux_boots_through_the_runtime() {
     let previrt = env!("CARGO_BIN_EXE_previrt");
     let patched = dir.join("vmlinux-patched");
     let linked = dir.join("vmlinux-linked");
-    let o = Command::new(previrt).arg("patch").arg(debian_vmlinux()).arg("-o").arg(&patched).output().unwrap();
+    let o = Command::new(previrt)
+        .arg("patch")
+        .arg(common::debian_kernel().join("vmlinux"))
+        .arg("-o")
+        .arg(&patched)
+        .output()
+        .unwrap();
     assert!(o.status.success(), "previrt patch: {}", String::from_utf8_lossy(&o.stderr));
     let o = Command::new(previrt).arg("link").arg(&patched).arg("-o").arg(&linked).arg("--json").output().unwrap();
     assert!(o.status.success(), "previrt link: {}", String::from_utf8_lossy(&o.stderr));

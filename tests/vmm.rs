@@ -32,16 +32,7 @@ fn pvh_entry_gets_start_info_cmdline_and_memmap() {
     // 32-bit protected mode, %ebx = hvm_start_info: check the magic, print the command line,
     // exit with the number of memory-map entries whose type is RAM.
     let src = format!(
-        r#".section .note.pvh, "a"
-.balign 4
-.long 4, 4, 18
-.asciz "Xen"
-.long pvh_start
-.text
-.code32
-.globl pvh_start
-pvh_start:
-    cmpl $0x336ec578, (%ebx)
+        r#"    cmpl $0x336ec578, (%ebx)
     jne bad
     mov 24(%ebx), %esi
     mov $0x3f8, %dx
@@ -67,7 +58,7 @@ bad:
     hlt
 "#
     );
-    let k = guest(&d, "g", &src, "pvh_start");
+    let k = pvh_guest(&d, "g", &src);
     let o = run(&k, &["--append", "console=ttyS0 previrt=1"]);
     assert_eq!(stdout(&o), "console=ttyS0 previrt=1", "stderr: {}", stderr(&o));
     assert_eq!(o.status.code(), Some((2 << 1) | 1), "two RAM ranges (low and high memory)");
@@ -269,16 +260,7 @@ _start:
 fn pvh_initrd_is_module_zero() {
     let d = scratch("initrd");
     // Print module 0 (the initrd) byte by byte; exit with nr_modules.
-    let src = r#".section .note.pvh, "a"
-.balign 4
-.long 4, 4, 18
-.asciz "Xen"
-.long pvh_start
-.text
-.code32
-.globl pvh_start
-pvh_start:
-    mov 16(%ebx), %edi        /* modlist_paddr */
+    let src = r#"    mov 16(%ebx), %edi        /* modlist_paddr */
     mov (%edi), %esi          /* paddr */
     mov 8(%edi), %ecx         /* size */
     mov $0x3f8, %dx
@@ -290,7 +272,7 @@ pvh_start:
     out %eax, %dx
     hlt
 "#;
-    let k = guest(&d, "g", src, "pvh_start");
+    let k = pvh_guest(&d, "g", src);
     let initrd = d.join("initrd");
     std::fs::write(&initrd, "an initrd of 27 bytes here\n").unwrap();
     let o = run(&k, &["--initrd", initrd.to_str().unwrap(), "--mem", "16M"]);
@@ -379,16 +361,7 @@ m: .quad 1, 2
 fn protected_mode_int_and_iret_are_completed() {
     let d = scratch("iret32");
     // 32-bit PVH guest with an IDT: int $0x30 → handler counts and irets, twice.
-    let src = r#".section .note.pvh, "a"
-.balign 4
-.long 4, 4, 18
-.asciz "Xen"
-.long pvh_start
-.text
-.code32
-.globl pvh_start
-pvh_start:
-    mov $stack_top, %esp
+    let src = r#"    mov $stack_top, %esp
     mov $handler, %eax
     mov $idt + 0x30 * 8, %edi
     mov %ax, (%edi)
@@ -416,7 +389,7 @@ idt: .skip 2048
 .skip 4096
 stack_top:
 "#;
-    let k = guest(&d, "g", src, "pvh_start");
+    let k = pvh_guest(&d, "g", src);
     let o = run(&k, &["--stats"]);
     assert_eq!(o.status.code(), Some((2 << 1) | 1), "stderr: {}", stderr(&o));
 }

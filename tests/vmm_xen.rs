@@ -41,17 +41,7 @@ fn xtf_hvm64_and_hvm32_example_and_selftest_succeed() {
 #[test]
 fn xen_pvh_guest_of_our_own() {
     let d = scratch("xen_own");
-    let src = r#"
-.section .note.pvh, "a"
-.balign 4
-.long 4, 4, 18
-.asciz "Xen"
-.long pvh_start
-.text
-.code32
-.globl pvh_start
-pvh_start:
-    mov $stack_top, %esp
+    let src = r#"    mov $stack_top, %esp
     mov %ebx, start_info
     mov $1, %edi                       /* step 1: signature */
     mov $0x40000000, %eax
@@ -136,7 +126,7 @@ shared_info: .skip 4096
 .skip 4096
 stack_top:
 "#;
-    let k = guest(&d, "g", src, "pvh_start");
+    let k = pvh_guest(&d, "g", src);
     let o = run(&k, &["--abi", "xen"]);
     assert_eq!(stdout(&o), "xen guest: console_io ok\n", "stderr: {}", stderr(&o));
     // SHUTDOWN_crash is reason 3: the exit status.

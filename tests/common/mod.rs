@@ -21,6 +21,22 @@ pub fn require_tool(tool: &str) {
     assert!(found, "`{tool}` not found on PATH; run scripts/install-deps.sh");
 }
 
+/// Debian's 6.1 kernel cache (`vmlinux`, `modules/`), fetched once by scripts/debian-kernel.sh.
+pub fn debian_kernel() -> PathBuf {
+    let o = Command::new("bash")
+        .arg(repo_root().join("scripts/debian-kernel.sh"))
+        .output()
+        .expect("running scripts/debian-kernel.sh");
+    assert!(
+        o.status.success(),
+        "scripts/debian-kernel.sh failed (needs network once; see scripts/install-deps.sh): {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let dir = PathBuf::from(String::from_utf8_lossy(&o.stdout).trim());
+    assert!(dir.join("vmlinux").is_file(), "{}: no vmlinux; run scripts/debian-kernel.sh", dir.display());
+    dir
+}
+
 /// The outputs of one `make` of the example kernel.
 pub struct KernelBuild {
     pub dir: PathBuf,

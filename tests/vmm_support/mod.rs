@@ -44,6 +44,24 @@ pub fn guest(dir: &Path, name: &str, src: &str, entry: &str) -> PathBuf {
     elf
 }
 
+/// A 32-bit PVH guest: the PVH note and the `pvh_start` entry label come first, `body` is the
+/// code at the entry (%ebx = hvm_start_info) and whatever follows it.
+pub fn pvh_guest(dir: &Path, name: &str, body: &str) -> PathBuf {
+    let src = format!(
+        r#".section .note.pvh, "a"
+.balign 4
+.long 4, 4, 18
+.asciz "Xen"
+.long pvh_start
+.text
+.code32
+.globl pvh_start
+pvh_start:
+{body}"#
+    );
+    guest(dir, name, &src, "pvh_start")
+}
+
 /// `previrt run KERNEL ARGS...`.
 pub fn run(kernel: &Path, args: &[&str]) -> Output {
     require_kvm();
