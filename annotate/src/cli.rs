@@ -75,7 +75,7 @@ fn run_inner(a: &AnnotateArgs) -> Result<(), (i32, anyhow::Error)> {
 }
 
 fn write(path: &Path, bytes: &[u8]) -> Result<()> {
-    previrt_postlink::write_atomic(path, bytes).with_context(|| format!("cannot write {}", path.display()))
+    previrt_atomic_write::write(path, bytes).with_context(|| format!("cannot write {}", path.display()))
 }
 
 fn by_kind(ann: &Annotations) -> BTreeMap<&'static str, usize> {

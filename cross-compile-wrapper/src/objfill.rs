@@ -64,7 +64,7 @@ pub fn fill_and_verify(path: &Path, narrow: &[Narrow]) -> Result<ObjectReport> {
         for (at, bytes) in patches {
             data[at..at + bytes.len()].copy_from_slice(&bytes);
         }
-        write_atomically(path, &data)?;
+        previrt_atomic_write::write(path, &data).with_context(|| format!("{}: cannot replace", path.display()))?;
     }
     Ok(report)
 }
@@ -74,14 +74,6 @@ pub fn inspect(path: &Path) -> Result<ObjectReport> {
     let data = std::fs::read(path).with_context(|| format!("{}: cannot read", path.display()))?;
     let elf = Elf::parse(&data).map_err(|e| anyhow!("{}: {e}", path.display()))?;
     Ok(analyse(&elf, &[])?.0)
-}
-
-/// Write `bytes` to a temporary file beside `path`, then rename it over `path`.
-pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
-    let name = path.file_name().ok_or_else(|| anyhow!("{}: not a file name", path.display()))?;
-    let tmp = path.with_file_name(format!(".{}.previrt-{}", name.to_string_lossy(), std::process::id()));
-    std::fs::write(&tmp, bytes).with_context(|| format!("{}: cannot write", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("{}: cannot replace", path.display()))
 }
 
 /// Patches are `(file offset, bytes)`.

@@ -149,7 +149,9 @@ fn report(cmd: &str, args: &RunArgs, res: Result<RunResult, Error>) -> i32 {
         }
         if let Some(p) = &args.stats_json {
             let json = serde_json::to_vec_pretty(&st.to_json()).unwrap_or_default();
-            if let Err(e) = stats::write_atomic(p, &json) {
+            if let Err(e) =
+                previrt_atomic_write::write_with(p, &json, previrt_atomic_write::Options { mode: None, sync: true })
+            {
                 eprintln!("previrt {cmd}: cannot write {}: {e}", p.display());
                 return 1;
             }

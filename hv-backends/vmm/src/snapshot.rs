@@ -415,7 +415,7 @@ fn write(vm: &mut Vm, path: &Path, mem_size: u64, abi: AbiKind) -> Result<usize,
         w.section(Tag::Previrt, &save_previrt(pv));
     }
     let bytes = w.finish();
-    crate::stats::write_atomic(path, &bytes)
+    previrt_atomic_write::write_with(path, &bytes, previrt_atomic_write::Options { mode: None, sync: true })
         .map_err(|e| Stop::Host(format!("cannot write snapshot {}: {e}", path.display())))?;
     Ok(bytes.len())
 }

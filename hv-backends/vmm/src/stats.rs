@@ -5,8 +5,6 @@
 //! return of KVM_RUN to the next entry); time inside KVM_RUN is kept as one total.
 
 use std::collections::BTreeMap;
-use std::io::Write;
-use std::path::Path;
 use std::time::Duration;
 
 /// One row: exit count and handling time.
@@ -112,21 +110,4 @@ impl Stats {
         }
         o.into()
     }
-}
-
-/// Write `data` to `path` atomically: a temporary file beside it, then rename.
-pub fn write_atomic(path: &Path, data: &[u8]) -> std::io::Result<()> {
-    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    let name = path.file_name().ok_or_else(|| std::io::Error::other("output path has no file name"))?;
-    let tmp = dir.join(format!(".{}.tmp{}", name.to_string_lossy(), std::process::id()));
-    let res = (|| {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(data)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)
-    })();
-    if res.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    res
 }

@@ -258,7 +258,7 @@ pub(crate) fn run_with(
     vm.bus.flush();
     if let (Some(p), Some(path)) = (&vm.profile, &args.profile) {
         let json = serde_json::to_vec_pretty(&p.to_json()).unwrap_or_default();
-        crate::stats::write_atomic(path, &json)
+        previrt_atomic_write::write_with(path, &json, previrt_atomic_write::Options { mode: None, sync: true })
             .map_err(|e| Error::Host(format!("cannot write {}: {e}", path.display())))?;
     }
     match res {

@@ -6,7 +6,7 @@
 
 use crate::report::{FileReport, KindCount};
 use crate::verify::{verify, VerifyReport};
-use crate::{patch, write_atomic, Error, Options};
+use crate::{patch, Error, Options};
 use indicatif::{ProgressBar, ProgressStyle};
 use rayon::prelude::*;
 use serde::Serialize;
@@ -140,7 +140,7 @@ pub fn patch_cmd(a: &PatchArgs) -> i32 {
         }
         let data = std::fs::read(&inp)?;
         let p = patch(&data, &opts)?;
-        write_atomic(&out, &p.data)?;
+        previrt_atomic_write::write(&out, &p.data)?;
         let mut r = p.report;
         r.file = inp.display().to_string();
         r.output = Some(out.display().to_string());

@@ -24,8 +24,6 @@ pub use plan::Options;
 pub use report::FileReport;
 pub use verify::{verify, VerifyReport};
 
-use std::path::Path;
-
 /// Why a file was refused. Display is one line without the file name.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -50,14 +48,4 @@ pub fn patch(data: &[u8], opts: &Options) -> Result<Patched, Error> {
         if img.is_rel() { write::write_object(data, &plan)? } else { (write::write_image(data, &img, &plan)?, false) };
     let report = FileReport::new(&img, &plan, signature_stripped);
     Ok(Patched { data: out, report })
-}
-
-/// Write `data` to `path` atomically: a temporary file in the same directory, then rename.
-pub fn write_atomic(path: &Path, data: &[u8]) -> std::io::Result<()> {
-    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    let tmp = dir.join(format!(".{name}.previrt-tmp.{}", std::process::id()));
-    std::fs::write(&tmp, data).and_then(|_| std::fs::rename(&tmp, path)).inspect_err(|_| {
-        let _ = std::fs::remove_file(&tmp);
-    })
 }

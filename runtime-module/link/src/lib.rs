@@ -314,7 +314,7 @@ pub fn link(input: &Path, output: &Path, backend: DefaultBackend, xen: bool) -> 
     let (desc_off, desc_len) = (gap.moved(k.pvh_desc.0), k.pvh_desc.1);
     put(&mut out, desc_off, &entry_phys.to_le_bytes()[..desc_len]);
 
-    write_atomically(output, &out)
+    previrt_atomic_write::write_with(output, &out, previrt_atomic_write::Options { mode: Some(0o755), sync: false })
         .map_err(|e| LinkError::Environment(format!("cannot write {}: {e}", output.display())))?;
     Ok(LinkReport {
         runtime_virt: base,
@@ -329,18 +329,5 @@ pub fn link(input: &Path, output: &Path, backend: DefaultBackend, xen: bool) -> 
         xen_pv,
         multiboot: mb.map(|h| (h.entry as u64, rt.mb_entry.wrapping_sub(k.delta))),
         elf_entry64: redirect64.then_some((old_entry, entry64)),
-    })
-}
-
-/// Write via a temporary file in the same directory and rename; executable like the input.
-fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    use std::os::unix::fs::PermissionsExt;
-    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
-    std::fs::write(&tmp, bytes)?;
-    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o755))?;
-    std::fs::rename(&tmp, path).inspect_err(|_| {
-        let _ = std::fs::remove_file(&tmp);
     })
 }
