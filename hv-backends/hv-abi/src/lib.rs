@@ -14,14 +14,24 @@
 //!    is [`VcpuPage`]: virtual interrupt flag, pending events, console ring, block ring.
 //!
 //! The page hides the transport (port I/O to a doorbell today): guests never depend on it.
+//!
+//! Two majors exist ([`ABI_VERSION`], [`ABI_VERSION_V2`]): they share detection, MSRs, the
+//! vCPU page and events, and differ in the hypercall layout ([`v2`]). Migration: the VMM asks
+//! for a suspend with [`event::SUSPEND`]; a guest that set [`guest_features::SUSPEND`] calls
+//! [`hc::SUSPEND`] at a quiescent point and learns from its result whether it now runs on
+//! another VMM ([`suspend::RESUMED`]), where it re-detects everything (docs/hv-abi.md §9).
 
 #![no_std]
 
 /// ABI version: major in the high 16 bits, minor in the low 16 bits. A guest accepts any
 /// version with the major it knows; minors only add hypercalls, features and fields.
-pub const ABI_VERSION: u32 = 0x0001_0000;
-/// The major version this crate describes.
+pub const ABI_VERSION: u32 = 0x0001_0001;
+/// The major version of [`ABI_VERSION`].
 pub const ABI_MAJOR: u16 = 1;
+/// Version 2: the same ABI with the hypercall layout of [`v2`] (`previrt run --abi hv-v2`).
+pub const ABI_VERSION_V2: u32 = 0x0002_0000;
+/// The major version of [`ABI_VERSION_V2`].
+pub const ABI_MAJOR_V2: u16 = 2;
 
 /// CPUID leaf: eax = highest previrt leaf, ebx/ecx/edx = [`SIGNATURE`].
 pub const CPUID_BASE: u32 = 0x4000_0000;
@@ -100,8 +110,12 @@ pub mod hc {
     pub const BLOCK_KICK: u64 = 8;
     /// `() -> 0`: give up the CPU (host yield).
     pub const YIELD: u64 = 9;
+    /// `() -> suspend::*` (ABI 1.1): the guest is quiescent; the VMM may save it now. Returns
+    /// [`super::suspend::CANCELLED`] at once when no suspend was requested, else (after the
+    /// VM was saved and restored, possibly by another VMM) [`super::suspend::RESUMED`].
+    pub const SUSPEND: u64 = 10;
     /// Number of hypercalls; stubs beyond it return [`super::err::NOSYS`].
-    pub const COUNT: u64 = 10;
+    pub const COUNT: u64 = 11;
 }
 
 /// Negative return values of hypercalls (Linux errno values, negated).
@@ -132,6 +146,94 @@ pub mod event {
     pub const TIMER: u64 = 1 << 0;
     /// Block requests completed.
     pub const BLOCK: u64 = 1 << 1;
+    /// The VMM asks the guest to suspend (ABI 1.1): call [`super::hc::SUSPEND`] at the next
+    /// quiescent point. Never delivered as an upcall (the guest polls for it at its safe
+    /// points; `HALT` returns when it is set).
+    pub const SUSPEND: u64 = 1 << 2;
+    /// The bits that cause an upcall.
+    pub const UPCALL: u64 = TIMER | BLOCK;
+}
+
+/// Bits the guest sets in [`VcpuPage::guest_features`] (ABI 1.1).
+pub mod guest_features {
+    /// The guest answers [`super::event::SUSPEND`] with [`super::hc::SUSPEND`].
+    pub const SUSPEND: u64 = 1 << 0;
+}
+
+/// Results of [`hc::SUSPEND`].
+pub mod suspend {
+    /// No suspend was pending: nothing happened, carry on.
+    pub const CANCELLED: i64 = 0;
+    /// The VM was saved and this is the restored guest: the VMM (and with it the ABI version,
+    /// features, or the paravirtual interface itself) may have changed; re-detect.
+    pub const RESUMED: i64 = 1;
+}
+
+/// ABI version 2: one hypercall entry, renumbered operations, arguments in a block.
+///
+/// Stub 0 of the hypercall page is the only entry: `call page` with %rdi = GPA of a
+/// [`Call`] block (16-byte aligned, in RAM). The VMM writes the result to `Call::ret` and to
+/// %rax. Every other stub returns [`super::err::NOSYS`]. Operation numbers ([`op`]) are
+/// grouped by service; [`OPS`] maps each to the version-1 hypercall with the same meaning.
+pub mod v2 {
+    /// The block a version-2 hypercall points at (64 bytes).
+    #[repr(C)]
+    #[derive(Clone, Copy, Default, Debug, PartialEq, Eq)]
+    pub struct Call {
+        /// An [`op`] number.
+        pub op: u32,
+        /// 0.
+        pub flags: u32,
+        pub args: [u64; 4],
+        /// Written by the VMM.
+        pub ret: i64,
+        pub _reserved: [u64; 2],
+    }
+    /// Size of [`Call`].
+    pub const CALL_SIZE: usize = 64;
+    const _: () = assert!(core::mem::size_of::<Call>() == CALL_SIZE);
+
+    /// Version-2 operation numbers.
+    pub mod op {
+        pub const VERSION: u32 = 0x00;
+        pub const SUSPEND: u32 = 0x01;
+        pub const SHUTDOWN: u32 = 0x02;
+        pub const YIELD: u32 = 0x03;
+        pub const CONSOLE_WRITE: u32 = 0x10;
+        pub const CONSOLE_FLUSH: u32 = 0x11;
+        pub const SET_EVENT_VECTOR: u32 = 0x20;
+        pub const TIMER_SET: u32 = 0x21;
+        pub const HALT: u32 = 0x22;
+        pub const BLOCK_INFO: u32 = 0x30;
+        pub const BLOCK_KICK: u32 = 0x31;
+    }
+
+    /// (version-2 op, version-1 hypercall number).
+    pub const OPS: [(u32, u64); super::hc::COUNT as usize] = [
+        (op::VERSION, super::hc::VERSION),
+        (op::CONSOLE_WRITE, super::hc::CONSOLE_WRITE),
+        (op::CONSOLE_FLUSH, super::hc::CONSOLE_FLUSH),
+        (op::SET_EVENT_VECTOR, super::hc::SET_EVENT_VECTOR),
+        (op::TIMER_SET, super::hc::TIMER_SET),
+        (op::HALT, super::hc::HALT),
+        (op::SHUTDOWN, super::hc::SHUTDOWN),
+        (op::BLOCK_INFO, super::hc::BLOCK_INFO),
+        (op::BLOCK_KICK, super::hc::BLOCK_KICK),
+        (op::YIELD, super::hc::YIELD),
+        (op::SUSPEND, super::hc::SUSPEND),
+    ];
+
+    /// The version-1 hypercall an op stands for.
+    pub fn to_v1(op: u32) -> Option<u64> {
+        OPS.iter().find(|o| o.0 == op).map(|o| o.1)
+    }
+    /// The op of a version-1 hypercall.
+    pub fn from_v1(nr: u64) -> Option<u32> {
+        OPS.iter().find(|o| o.1 == nr).map(|o| o.0)
+    }
+
+    /// Value of %eax the entry stub passes to the VMM (no version-1 number is this large).
+    pub const ENTRY_MARK: u32 = 0x0002_0000;
 }
 
 /// Console ring capacity in bytes (a power of two).
@@ -197,7 +299,9 @@ pub struct VcpuPage {
     pub pending: u64,
     /// Upcalls injected so far (statistics, written by the VMM).
     pub upcalls: u64,
-    pub _reserved1: [u64; 5],
+    /// [`guest_features`] bits the guest supports (ABI 1.1; written by the guest).
+    pub guest_features: u64,
+    pub _reserved1: [u64; 4],
     pub console: ConsoleRing,
     pub block: BlockRing,
     pub _pad: [u8; VCPU_PAGE_PAD],
@@ -211,6 +315,7 @@ pub mod offsets {
     pub const VIF: usize = 0;
     pub const PENDING: usize = 8;
     pub const UPCALLS: usize = 16;
+    pub const GUEST_FEATURES: usize = 24;
     pub const CONSOLE: usize = 64;
     pub const CONSOLE_HEAD: usize = CONSOLE;
     pub const CONSOLE_TAIL: usize = CONSOLE + 4;
@@ -226,6 +331,7 @@ const _: () = {
     assert!(core::mem::size_of::<VcpuPage>() == PAGE_SIZE);
     assert!(core::mem::offset_of!(VcpuPage, pending) == offsets::PENDING);
     assert!(core::mem::offset_of!(VcpuPage, upcalls) == offsets::UPCALLS);
+    assert!(core::mem::offset_of!(VcpuPage, guest_features) == offsets::GUEST_FEATURES);
     assert!(core::mem::offset_of!(VcpuPage, console) == offsets::CONSOLE);
     assert!(core::mem::offset_of!(ConsoleRing, data) == offsets::CONSOLE_DATA - offsets::CONSOLE);
     assert!(core::mem::offset_of!(VcpuPage, block) == offsets::BLOCK);
@@ -246,6 +352,36 @@ pub const fn port_stub(nr: u32) -> [u8; HYPERCALL_STUB_SIZE] {
     s[4] = n[3];
     s[5] = 0xe7;
     s[6] = HYPERCALL_PORT as u8;
+    s[7] = 0xc3;
+    s
+}
+
+/// The stub page of a version: version 1 has stub `nr` at `32 * nr` ([`port_stub`]); version
+/// 2 has the entry at 0 ([`port_stub`] of [`v2::ENTRY_MARK`]) and `-ENOSYS` everywhere else.
+pub fn stub_page(major: u16) -> [u8; PAGE_SIZE] {
+    let mut page = [0xcc; PAGE_SIZE];
+    for (nr, s) in page.chunks_exact_mut(HYPERCALL_STUB_SIZE).enumerate() {
+        let stub = match (major, nr) {
+            (ABI_MAJOR_V2, 0) => port_stub(v2::ENTRY_MARK),
+            (ABI_MAJOR_V2, _) => nosys_stub(),
+            _ => port_stub(nr as u32),
+        };
+        s.copy_from_slice(&stub);
+    }
+    page
+}
+
+/// `mov $-ENOSYS, %rax; ret`, padded with `int3`.
+const fn nosys_stub() -> [u8; HYPERCALL_STUB_SIZE] {
+    let mut s = [0xcc; HYPERCALL_STUB_SIZE];
+    let e = (err::NOSYS as i32).to_le_bytes();
+    s[0] = 0x48;
+    s[1] = 0xc7;
+    s[2] = 0xc0;
+    s[3] = e[0];
+    s[4] = e[1];
+    s[5] = e[2];
+    s[6] = e[3];
     s[7] = 0xc3;
     s
 }
