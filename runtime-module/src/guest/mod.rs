@@ -6,6 +6,7 @@
 
 mod boot;
 pub(crate) mod hw;
+pub(crate) mod paravirt;
 mod rt;
 mod serial;
 
