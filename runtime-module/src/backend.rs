@@ -58,8 +58,13 @@ pub const XEN: Backend = Backend { id: 2, name: "xen", route: long_mode_sites };
 /// by `previrt.backend=hv` or `auto` when CPUID shows the hypervisor's signature.
 pub const HV: Backend = Backend { id: 3, name: "hv", route: hv_sites };
 
+/// Xen HVM/PVH (runtime-module/src/xen_hvm, docs/xen-hvm.md): chosen by
+/// `previrt.backend=xen-hvm` or `auto` on Xen's CPUID signature; it routes the kinds `hv`
+/// routes (both are sides of `guest::paravirt`).
+pub const XEN_HVM: Backend = Backend { id: 4, name: "xen-hvm", route: hv_sites };
+
 /// All backends, by id.
-pub const BACKENDS: &[&Backend] = &[&NATIVE, &TRACE, &XEN, &HV];
+pub const BACKENDS: &[&Backend] = &[&NATIVE, &TRACE, &XEN, &HV, &XEN_HVM];
 
 /// Backends only a platform's own entry chooses, never the command line: Xen PV needs the
 /// state the Xen entry sets up (shared info, callbacks, trap table).

@@ -11,6 +11,7 @@
 //! - [`devices`]: in-guest device models (UART, PIC, PIT, LAPIC page, MSRs) shared by the
 //!   paravirtual backends; built for the host too (tested there).
 //! - [`xen`]: the Xen PV backend (feature `guest`).
+//! - `xen_hvm` (feature `guest`): the Xen HVM/PVH backend (Xen's side of `guest::paravirt`).
 //! - [`hv`]: the in-tree hypervisor's backend (previrt-hv-abi; its kernel half needs `guest`).
 //!
 //! Built for kernels with no SSE/x87, no red zone, kernel code model (see previrt-link); the
@@ -29,3 +30,5 @@ pub mod trace;
 #[cfg(feature = "guest")]
 mod guest;
 pub mod xen;
+#[cfg(feature = "guest")]
+mod xen_hvm;

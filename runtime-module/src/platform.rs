@@ -50,6 +50,14 @@ pub fn detect(cpuid: impl Fn(u32) -> [u32; 4]) -> Platform {
     SIGNATURES.iter().find(|(s, _)| *s == name).map_or(Platform::OtherHypervisor, |(_, p)| *p)
 }
 
+/// What `previrt.backend=auto` runs on each platform (by backend id): the platform's
+/// paravirtual backend where the runtime has one, else native (trap-and-emulate).
+pub fn auto_backend(p: Platform) -> u32 {
+    const AUTO: &[(Platform, u32)] =
+        &[(Platform::PrevirtHv, crate::backend::HV.id), (Platform::XenHvm, crate::backend::XEN_HVM.id)];
+    AUTO.iter().find(|(q, _)| *q == p).map_or(crate::backend::NATIVE.id, |(_, b)| *b)
+}
+
 /// The value of `key=` in a kernel command line (space-separated words).
 pub fn cmdline_value<'a>(cmdline: &'a [u8], key: &[u8]) -> Option<&'a [u8]> {
     cmdline.split(|&b| b == b' ' || b == b'\t' || b == b'\n').find_map(|w| {

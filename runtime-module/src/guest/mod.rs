@@ -213,6 +213,49 @@ pub(crate) unsafe fn patch_at_boot(
     Ok(apply(state, to))
 }
 
+/// The paravirtual backends of HVM-style platforms: the platform each needs (and what to say
+/// when it is not there), its set-up (given TSC ticks per ms), its console for the runtime's
+/// messages, an optional boot-log line, and its site stub.
+struct Paravirtual {
+    backend: &'static Backend,
+    platform: Platform,
+    missing: &'static str,
+    init: fn(u64) -> Result<(), &'static str>,
+    console: fn(&str) -> core::fmt::Result,
+    describe: Option<fn(&mut dyn Write)>,
+    stub: fn() -> u64,
+}
+
+const PARAVIRTUAL: [Paravirtual; 2] = [
+    Paravirtual {
+        backend: &backend::HV,
+        platform: Platform::PrevirtHv,
+        missing: "no previrt hypervisor signature in CPUID",
+        init: crate::hv::init,
+        console: |s| crate::hv::Console.write_str(s),
+        describe: None,
+        stub: crate::hv::stub,
+    },
+    Paravirtual {
+        backend: &backend::XEN_HVM,
+        platform: Platform::XenHvm,
+        missing: "no Xen signature in CPUID",
+        init: |_| crate::xen_hvm::init(),
+        console: |s| crate::xen_hvm::Console.write_str(s),
+        describe: Some(crate::xen_hvm::describe),
+        stub: crate::xen_hvm::stub,
+    },
+];
+
+/// A paravirtual backend's console as a `Write`.
+struct PvConsole(fn(&str) -> core::fmt::Result);
+
+impl Write for PvConsole {
+    fn write_str(&mut self, s: &str) -> core::fmt::Result {
+        (self.0)(s)
+    }
+}
+
 /// Called by every boot path (boot.rs) in long mode with its boot information and path index.
 #[no_mangle]
 extern "C" fn previrt_boot(start_info: u64, path: u32) {
@@ -227,8 +270,8 @@ extern "C" fn previrt_boot(start_info: u64, path: u32) {
     let asked = platform::cmdline_value(cmdline, b"previrt.backend");
     let mut chosen = match asked {
         None => default,
-        // `auto`: the in-tree hypervisor's backend when its signature is there.
-        Some(b"auto") => [&backend::HV, &backend::NATIVE][(state.platform != Platform::PrevirtHv) as usize],
+        // `auto`: the platform's paravirtual backend when its signature is there.
+        Some(b"auto") => backend::by_id(platform::auto_backend(state.platform)).unwrap_or(&backend::NATIVE),
         Some(name) => backend::by_name(name).unwrap_or_else(|| {
             let name = core::str::from_utf8(name).unwrap_or("?");
             let _ = writeln!(out, "previrt: unknown backend '{name}', using {}", default.name);
@@ -236,23 +279,33 @@ extern "C" fn previrt_boot(start_info: u64, path: u32) {
         }),
     };
     let per_ms = tsc_per_ms();
-    if chosen.id == backend::HV.id {
-        let why = match state.platform {
-            Platform::PrevirtHv => crate::hv::init(per_ms).err(),
-            _ => Some("no previrt hypervisor signature in CPUID"),
+    let mut pv = PARAVIRTUAL.iter().find(|p| p.backend.id == chosen.id);
+    if let Some(p) = pv {
+        let why = match state.platform == p.platform {
+            true => (p.init)(per_ms).err(),
+            false => Some(p.missing),
         };
         if let Some(why) = why {
-            let _ = writeln!(out, "previrt: backend hv unavailable ({why}), using {}", backend::NATIVE.name);
+            let _ =
+                writeln!(out, "previrt: backend {} unavailable ({why}), using {}", chosen.name, backend::NATIVE.name);
             chosen = &backend::NATIVE;
+            pv = None;
         }
     }
-    let hv = chosen.id == backend::HV.id;
-    // Once the hv backend is up, the runtime's messages go to its console ring (no exits).
-    let out: &mut dyn Write = if hv { &mut crate::hv::Console } else { &mut out };
+    // Once a paravirtual backend is up, the runtime's messages go to its console (no exits
+    // for hv's ring).
+    let mut pv_out = pv.map(|p| PvConsole(p.console));
+    let out: &mut dyn Write = match &mut pv_out {
+        Some(c) => c,
+        None => &mut out,
+    };
     if asked == Some(b"auto") {
         let _ = writeln!(out, "previrt: backend=auto chose {} (platform={})", chosen.name, state.platform.name());
     }
-    let stub = if hv { crate::hv::stub() } else { sym_addr!("previrt_trace_entry") };
+    if let Some(describe) = pv.and_then(|p| p.describe) {
+        describe(out);
+    }
+    let stub = pv.map_or_else(|| sym_addr!("previrt_trace_entry"), |p| (p.stub)());
     let t0 = hw::rdtsc();
     // SAFETY: the table and the sites it names are in the loaded kernel image, identity- or
     // window-mapped and writable under the boot page tables.

@@ -23,8 +23,14 @@ macro_rules! hypercalls {
 hypercalls! {
     SetTrapTable = 0, "set_trap_table";
     MmuUpdate = 1, "mmu_update";
+    /// Before Xen 3.0.2 (interface 0x00030101): the command and its argument by value.
+    SchedOpCompat = 6, "sched_op_compat";
+    MemoryOp = 12, "memory_op";
     UpdateVaMapping = 14, "update_va_mapping";
     SetTimerOp = 15, "set_timer_op";
+    /// Before Xen 3.0.2: `struct evtchn_op { uint32_t cmd; union {...} u; }`.
+    EventChannelOpCompat = 16, "event_channel_op_compat";
+    XenVersion = 17, "xen_version";
     ConsoleIo = 18, "console_io";
     /// Entered by a jump with a frame on the stack (entry.rs, `xen_iret`), never called.
     Iret = 23, "iret";
@@ -35,6 +41,7 @@ hypercalls! {
     CallbackOp = 30, "callback_op";
     EventChannelOp = 32, "event_channel_op";
     PhysdevOp = 33, "physdev_op";
+    HvmOp = 34, "hvm_op";
 }
 
 /// Hypercalls issued, by number (the exit summary: what the kernel's operations cost in
@@ -115,6 +122,39 @@ pub struct VcpuTimeInfo {
     pub tsc_shift: i8,
     pub flags: u8,
     _pad1: [u8; 2],
+}
+
+impl VcpuTimeInfo {
+    /// Xen system time (ns since boot) at TSC value `tsc`, read under the version protocol
+    /// (odd: being written).
+    pub fn system_time(&self, tsc: impl Fn() -> u64) -> u64 {
+        loop {
+            // SAFETY: fields Xen updates under the version protocol.
+            let (v, stamp, sys, mul, shift) = unsafe {
+                let v = core::ptr::addr_of!(self.version).read_volatile();
+                core::sync::atomic::fence(core::sync::atomic::Ordering::Acquire);
+                (
+                    v,
+                    core::ptr::addr_of!(self.tsc_timestamp).read_volatile(),
+                    core::ptr::addr_of!(self.system_time).read_volatile(),
+                    core::ptr::addr_of!(self.tsc_to_system_mul).read_volatile(),
+                    core::ptr::addr_of!(self.tsc_shift).read_volatile(),
+                )
+            };
+            let delta = tsc_to_ns(tsc().wrapping_sub(stamp), mul, shift);
+            core::sync::atomic::fence(core::sync::atomic::Ordering::Acquire);
+            // SAFETY: as above.
+            if v & 1 == 0 && unsafe { core::ptr::addr_of!(self.version).read_volatile() } == v {
+                return sys.wrapping_add(delta);
+            }
+        }
+    }
+}
+
+/// A TSC interval in ns with vcpu_time_info's scale (`tsc_to_system_mul`, `tsc_shift`).
+pub fn tsc_to_ns(delta: u64, mul: u32, shift: i8) -> u64 {
+    let d = if shift >= 0 { delta << shift } else { delta >> -shift };
+    ((d as u128 * mul as u128) >> 32) as u64
 }
 
 /// Offsets in shared_info of the 2-level event channel bitmaps (after 32 vcpu_info).

@@ -27,7 +27,7 @@ macro_rules! addr_of_sym {
 }
 
 #[cfg(feature = "guest")]
-mod abi;
+pub(crate) mod abi;
 pub use crate::devices;
 #[cfg(feature = "guest")]
 mod entry;

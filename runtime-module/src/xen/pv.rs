@@ -163,32 +163,7 @@ fn rdtsc() -> u64 {
 
 /// Xen system time (ns since boot) from vcpu_time_info and the TSC.
 fn now_ns() -> u64 {
-    let t = &vcpu().time;
-    loop {
-        // SAFETY: fields Xen updates under the version protocol (odd = being written).
-        let (v, stamp, sys, mul, shift) = unsafe {
-            let v = core::ptr::addr_of!(t.version).read_volatile();
-            core::sync::atomic::fence(core::sync::atomic::Ordering::Acquire);
-            (
-                v,
-                core::ptr::addr_of!(t.tsc_timestamp).read_volatile(),
-                core::ptr::addr_of!(t.system_time).read_volatile(),
-                core::ptr::addr_of!(t.tsc_to_system_mul).read_volatile(),
-                core::ptr::addr_of!(t.tsc_shift).read_volatile(),
-            )
-        };
-        let delta = tsc_to_ns(rdtsc().wrapping_sub(stamp), mul, shift);
-        core::sync::atomic::fence(core::sync::atomic::Ordering::Acquire);
-        // SAFETY: as above.
-        if v & 1 == 0 && unsafe { core::ptr::addr_of!(t.version).read_volatile() } == v {
-            return sys.wrapping_add(delta);
-        }
-    }
-}
-
-fn tsc_to_ns(delta: u64, mul: u32, shift: i8) -> u64 {
-    let d = if shift >= 0 { delta << shift } else { delta >> -shift };
-    ((d as u128 * mul as u128) >> 32) as u64
+    vcpu().time.system_time(rdtsc)
 }
 
 /// CPUID as Xen presents it to PV guests (the forced-emulation prefix `ud2; "xen"; cpuid`).
@@ -283,7 +258,7 @@ extern "C" fn previrt_xen_boot(si: u64) -> u64 {
     // SAFETY: the kernel image is mapped writable by Xen's boot tables; nothing runs yet.
     let result = unsafe { guest::patch_at_boot(&backend::XEN, stub) };
     let t = &vcpu().time;
-    let us = tsc_to_ns(rdtsc() - t0, t.tsc_to_system_mul, t.tsc_shift) / 1000;
+    let us = abi::tsc_to_ns(rdtsc() - t0, t.tsc_to_system_mul, t.tsc_shift) / 1000;
     match result {
         Ok(Some(stats)) => {
             let kept = if stats.kept_original == 0 { "" } else { " (some sites kept the original instruction)" };
