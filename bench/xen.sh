@@ -1,20 +1,32 @@
 #!/usr/bin/env bash
 # Xen PV boot-to-verdict time (issue 6; target <= 1.5 s from QEMU start to the verdict).
 #
-#   bash bench/xen.sh [RUNS]
+#   bash bench/xen.sh [RUNS] [CMDLINE]
 #
 # Builds the example kernel with the previrt toolchain, links it (`previrt link`, Xen PV notes
-# included) and boots it as dom0 of Xen 4.17 under QEMU TCG with scripts/xen-run.sh, RUNS
-# times (default 3) each:
-#   floor  = `workloads=compute compute=1`: Xen's own boot + the runtime's start of day + exit,
-#   full   = the default workload list,
-# and prints the median wall time of both, the workloads' share (full - floor), the target
-# ratio, the kernel's TIMING lines and the runtime's exit summary (sites executed per kind,
-# hypercalls by name) of the last full run. The machine is shared: compare figures taken in one
-# run, not across runs.
+# included), builds the reference tiny PV kernel (tests/xen_fixtures/tiny-pv.S: no runtime,
+# prints one line and exits) and boots both as dom0 of Xen 4.17 under QEMU TCG with
+# scripts/xen-run.sh, alternately, RUNS times each (default 5). The kernel's command line is
+# CMDLINE (default: every workload with ticks=10 console_lines=8, the parameters
+# tests/xen_pv.rs uses; the same results are checked against bare metal there).
+#
+# Prints the median of each phase, taken from arrival times of serial lines (ms since
+# xen-run.sh started QEMU):
+#   qemu+bios  first line of Xen
+#   xen        Xen's boot up to its wall-clock read
+#   rtc        the wall-clock read: Xen waits for the RTC's next update (a second boundary
+#              of QEMU's RTC, counted from VM start with -rtc clock=vm), 0-1000 ms
+#   dom0       the rest of Xen's boot and the dom0 build
+#   start      Xen's hand-over to the runtime's boot line (start of day, patching)
+#   kernel     the kernel's boot line to RESULT (all workloads)
+#   total      QEMU start to QEMU exit (xen-run.sh's "verdict after")
+# then the ratio of the medians (ours / reference, and ours / the 1.5 s target), the load
+# average before and after, and the last run's per-workload TIMING lines and exit summary.
+# The machine is shared: compare figures taken in one run, not across runs.
 set -eu
 cd "$(dirname "$0")/.."
-runs=${1:-3}
+runs=${1:-5}
+cmdline=${2-ticks=10 console_lines=8}
 work=$(mktemp -d "${TMPDIR:-/tmp}/previrt-bench-xen.XXXXXX")
 trap 'rm -rf "$work"' EXIT
 
@@ -23,25 +35,58 @@ previrt=target/release/previrt
 "$previrt" toolchain install --prefix "$work/tc" >/dev/null
 make -s -C examples/kernel O="$work/k" CROSS_COMPILE="$work/tc/bin/x86_64-previrt-linux-gnu-"
 "$previrt" link "$work/k/kernel-pvh.elf" -o "$work/linked.elf" >/dev/null
+gcc -c tests/xen_fixtures/tiny-pv.S -o "$work/tiny-pv.o"
+ld -m elf_x86_64 -static -nostdlib --no-warn-rwx-segments -T tests/xen_fixtures/tiny-pv.ld \
+  -o "$work/tiny-pv.elf" "$work/tiny-pv.o"
 
-# Median of the "verdict after N ms" figures of RUNS runs with command line $1.
-median_ms() {
-  local cmdline=$1 i ms all=()
-  for i in $(seq "$runs"); do
-    ms=$(scripts/xen-run.sh "$work/linked.elf" "$cmdline" 2>&1 >"$work/out" | sed -n 's/^xen-run: verdict after \([0-9]*\) ms$/\1/p')
-    grep -q '^RESULT PASS' "$work/out" || { echo "bench/xen: run failed ($cmdline):" >&2; tail -20 "$work/out" >&2; exit 1; }
-    all+=("$ms")
-  done
-  printf '%s\n' "${all[@]}" | sort -n | sed -n "$(((runs + 1) / 2))p"
+# One run: KERNEL CMDLINE -> "qemu+bios xen rtc dom0 start kernel total" (ms) on stdout; the
+# timestamped serial output is left in $work/out.
+run() {
+  local start
+  start=$(date +%s%N)
+  scripts/xen-run.sh "$1" "$2" 2>&1 |
+    perl -MTime::HiRes=time -ne "BEGIN { \$s = $start / 1e9 } printf '%d %s', (time - \$s) * 1000, \$_" >"$work/out"
+  grep -q ' RESULT PASS' "$work/out" || { echo "bench/xen: run failed ($1 $2):" >&2; tail -20 "$work/out" >&2; exit 1; }
+  awk '
+    !first && /\(XEN\)/ { first = $1 }
+    /Allocated console ring/ { rtc_end = $1; rtc_start = prev }
+    /Freed .* init memory/ { dom0 = $1 }
+    /^[0-9]+ previrt: backend=/ { boot = $1 }
+    /^[0-9]+ RESULT / { result = $1 }
+    /xen-run: verdict after/ { total = $(NF - 1) }
+    { prev = $1 }
+    END {
+      if (!boot) boot = dom0   # the reference kernel has no runtime
+      print first, rtc_start - first, rtc_end - rtc_start, dom0 - rtc_end, boot - dom0, result - boot, total
+    }' "$work/out"
 }
 
-floor=$(median_ms "workloads=compute compute=1")
-full=$(median_ms "")
-printf '%-34s %8s\n' "Xen PV dom0, QEMU TCG (median of $runs)" "ms"
-printf '%-34s %8d\n' "floor (boot, start of day, exit)" "$floor"
-printf '%-34s %8d\n' "full (all default workloads)" "$full"
-printf '%-34s %8d\n' "workloads' share" "$((full - floor))"
-printf '%-34s %8s\n' "target" "1500"
-awk -v f="$full" 'BEGIN { printf "%-34s %8.2fx\n", "full / target", f / 1500 }'
+median() { sort -n | sed -n "$(((runs + 1) / 2))p"; }
+
+load_before=$(cut -d' ' -f1-3 /proc/loadavg)
+: >"$work/ref" && : >"$work/ours"
+for _ in $(seq "$runs"); do
+  run "$work/tiny-pv.elf" "" >>"$work/ref"
+  run "$work/linked.elf" "$cmdline" >>"$work/ours"
+done
+load_after=$(cut -d' ' -f1-3 /proc/loadavg)
+
+cols=(qemu+bios xen rtc dom0 start kernel total)
+printf '%-36s' "Xen PV dom0, QEMU TCG (median of $runs, ms)"
+printf '%10s' "${cols[@]}"
 echo
-grep -E '^(TIMING|previrt)' "$work/out"
+for which in ref ours; do
+  label=$([ $which = ref ] && echo "reference tiny PV kernel" || echo "previrt example kernel")
+  printf '%-36s' "$label"
+  for c in $(seq ${#cols[@]}); do printf '%10d' "$(cut -d' ' -f"$c" "$work/$which" | median)"; done
+  echo
+done
+ref=$(cut -d' ' -f7 "$work/ref" | median)
+ours=$(cut -d' ' -f7 "$work/ours" | median)
+awk -v r="$ref" -v o="$ours" 'BEGIN {
+  printf "%-36s %.2fx\n", "previrt / reference", o / r
+  printf "%-36s %.2fx (target 1500 ms)\n", "previrt / target", o / 1500 }'
+echo "every run's total (ms): reference $(cut -d' ' -f7 "$work/ref" | tr '\n' ' ')| previrt $(cut -d' ' -f7 "$work/ours" | tr '\n' ' ')"
+echo "kernel command line: '$cmdline'; load average before: $load_before, after: $load_after (2 cores)"
+echo
+grep -E '^[0-9]+ (TIMING|previrt)' "$work/out" | cut -d' ' -f2-
