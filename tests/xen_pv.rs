@@ -290,3 +290,94 @@ mod models {
         assert_eq!(APIC_BASE_VALUE & 1 << 10, 0, "xAPIC, not x2APIC");
     }
 }
+
+// The console ring of non-initial domains (previrt_runtime::xen::console) on the host: the
+// producer side the runtime uses, against the consumer side a back end uses, in one page.
+mod console_ring {
+    use previrt_runtime::xen::console::{Interface, Ring, OUT_SIZE};
+
+    #[repr(C, align(4096))]
+    struct Page([u8; 4096]);
+
+    fn page() -> Box<Page> {
+        Box::new(Page([0; 4096]))
+    }
+
+    fn indexes(p: &Page) -> (u32, u32) {
+        let at = |off: usize| u32::from_le_bytes(p.0[off..off + 4].try_into().unwrap());
+        let base = std::mem::offset_of!(Interface, out_cons);
+        (at(base + 4), at(base)) // (out_prod, out_cons)
+    }
+
+    #[test]
+    fn bytes_written_are_read_back_in_order_and_indexes_advance() {
+        let mut p = page();
+        // SAFETY: a live, writable page for both views.
+        let (mut producer, mut consumer) = unsafe { (Ring::new(p.0.as_mut_ptr()), Ring::new(p.0.as_mut_ptr())) };
+        assert_eq!(producer.write(b"hello, "), 7);
+        assert_eq!(producer.write(b"ring\n"), 5);
+        assert_eq!(consumer.pending(), 12);
+        let mut buf = [0u8; 64];
+        assert_eq!(consumer.read(&mut buf[..5]), 5, "a short read takes what fits");
+        assert_eq!(&buf[..5], b"hello");
+        assert_eq!(consumer.read(&mut buf), 7);
+        assert_eq!(&buf[..7], b", ring\n");
+        assert_eq!(consumer.read(&mut buf), 0, "nothing left");
+        drop((producer, consumer));
+        assert_eq!(indexes(&p), (12, 12));
+        let out = std::mem::offset_of!(Interface, output);
+        assert_eq!(&p.0[out..out + 12], b"hello, ring\n", "bytes sit at index % size in the output array");
+    }
+
+    #[test]
+    fn a_full_ring_takes_nothing_until_the_consumer_frees_space() {
+        let mut p = page();
+        // SAFETY: as above.
+        let (mut producer, mut consumer) = unsafe { (Ring::new(p.0.as_mut_ptr()), Ring::new(p.0.as_mut_ptr())) };
+        let data: Vec<u8> = (0..OUT_SIZE + 100).map(|i| i as u8).collect();
+        assert_eq!(producer.write(&data), OUT_SIZE, "only the ring's size fits");
+        assert_eq!(producer.write(&data[OUT_SIZE..]), 0, "a full ring takes nothing");
+        let mut buf = vec![0u8; 100];
+        assert_eq!(consumer.read(&mut buf), 100);
+        assert_eq!(buf, data[..100]);
+        assert_eq!(producer.write(&data[OUT_SIZE..]), 100, "freed space is reused");
+        let mut rest = vec![0u8; OUT_SIZE];
+        assert_eq!(consumer.read(&mut rest), OUT_SIZE);
+        assert_eq!(rest, data[100..], "the stream survives the wrap of the array");
+    }
+
+    #[test]
+    fn indexes_wrap_around_u32() {
+        let mut p = page();
+        let base = std::mem::offset_of!(Interface, out_cons);
+        // Both indexes just below 2^32: the next writes cross the u32 wrap.
+        let start = u32::MAX - 9;
+        p.0[base..base + 4].copy_from_slice(&start.to_le_bytes());
+        p.0[base + 4..base + 8].copy_from_slice(&start.to_le_bytes());
+        // SAFETY: as above.
+        let (mut producer, mut consumer) = unsafe { (Ring::new(p.0.as_mut_ptr()), Ring::new(p.0.as_mut_ptr())) };
+        let msg = b"across the u32 wrap";
+        assert_eq!(producer.write(msg), msg.len());
+        assert_eq!(consumer.pending(), msg.len());
+        let mut buf = [0u8; 32];
+        assert_eq!(consumer.read(&mut buf), msg.len());
+        assert_eq!(&buf[..msg.len()], msg);
+        drop((producer, consumer));
+        let end = start.wrapping_add(msg.len() as u32);
+        assert_eq!(indexes(&p), (end, end));
+        assert!(end < start, "the indexes really wrapped");
+    }
+
+    #[test]
+    fn a_corrupt_index_pair_reads_as_full_not_as_more_than_the_ring() {
+        let mut p = page();
+        let base = std::mem::offset_of!(Interface, out_cons);
+        p.0[base + 4..base + 8].copy_from_slice(&5000u32.to_le_bytes()); // out_prod far ahead
+        // SAFETY: as above.
+        let mut r = unsafe { Ring::new(p.0.as_mut_ptr()) };
+        assert_eq!(r.pending(), OUT_SIZE);
+        assert_eq!(r.write(b"x"), 0);
+        let mut buf = vec![0u8; 3 * OUT_SIZE];
+        assert_eq!(r.read(&mut buf), OUT_SIZE, "a back end never reads past the array");
+    }
+}

@@ -2,6 +2,8 @@
 //! native kernel expects and maps the kernel's sensitive operations onto Xen.
 //!
 //! - `abi`: hypercall numbers, shared structures, the hypercall itself.
+//! - [`console`]: the console ring of non-initial domains (`xencons_interface`), producer and
+//!   consumer sides; shared with other Xen backends and back ends.
 //! - [`devices`]: the shared in-guest UART, PIC, PIT, LAPIC-page and MSR models
 //!   ([`crate::devices`], also used by the `hv` backend).
 //! - `mmu`: shadow page tables (the kernel's tables → Xen-validated tables).
@@ -11,8 +13,8 @@
 //! Sites are routed to `pv::previrt_xen_dispatch`, which runs the shared per-kind handlers of
 //! [`crate::emulate`] over `pv::Xen` (the `Machine`) plus the Xen-only ones (segment
 //! selectors). Anything Xen refuses, or that the backend does not model, stops the domain with
-//! a message naming it (`pv::fatal`), never a silent hang. Only [`devices`] is built for the
-//! host too (its models are tested there).
+//! a message naming it (`pv::fatal`), never a silent hang. Only [`devices`] and [`console`]
+//! are built for the host too (tested there).
 
 /// The address of an assembly symbol, RIP-relative (the runtime runs where it was linked,
 /// at low identity-mapped addresses, so no absolute 32-bit relocation).
@@ -28,6 +30,7 @@ macro_rules! addr_of_sym {
 
 #[cfg(feature = "guest")]
 pub(crate) mod abi;
+pub mod console;
 pub use crate::devices;
 #[cfg(feature = "guest")]
 mod entry;
