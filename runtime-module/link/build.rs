@@ -56,6 +56,7 @@ fn main() {
         kernel_elf_entry: 0x10_0000,
         default_backend: 0,
         virt_delta: 0,
+        text_resident: false,
         kernel_entry64: 0x10_0000,
     };
     let linked = out.join("previrt-runtime-check.elf");

@@ -45,10 +45,19 @@ fn hv_sites(r: &SiteRecord) -> Route {
     }
 }
 
+/// The trace backend's sites: long-mode sites but `swapgs`, which a kernel's syscall entry
+/// and exit run on the user's stack (a `call` must not push onto it).
+fn trace_sites(r: &SiteRecord) -> Route {
+    match r.kind == previrt_site_abi::Kind::Swapgs as u16 {
+        true => Route::Original,
+        false => long_mode_sites(r),
+    }
+}
+
 /// Sites run the original instruction.
 pub const NATIVE: Backend = Backend { id: 0, name: "native", route: original };
 /// Every site is counted and its effect performed by the runtime.
-pub const TRACE: Backend = Backend { id: 1, name: "trace", route: long_mode_sites };
+pub const TRACE: Backend = Backend { id: 1, name: "trace", route: trace_sites };
 
 /// Xen PV (runtime-module/src/xen, docs/xen-pv.md): chosen by the Xen entry, which only Xen
 /// enters; every long-mode site is routed to hypercalls and in-guest models.
@@ -63,12 +72,25 @@ pub const HV: Backend = Backend { id: 3, name: "hv", route: hv_sites };
 /// routes (both are sides of `guest::paravirt`).
 pub const XEN_HVM: Backend = Backend { id: 4, name: "xen-hvm", route: hv_sites };
 
+/// After a migration to a platform without a paravirtual interface (guest/migrate.rs): sites
+/// run the original instruction, but `hlt` goes through the runtime, which looks for a
+/// paravirtual interface after it (the VM may have been moved back).
+pub const NATIVE_WATCH: Backend = Backend { id: 5, name: "native-watch", route: hlt_sites };
+
+fn hlt_sites(r: &SiteRecord) -> Route {
+    match long_mode_sites(r) {
+        Route::Stub if r.kind == previrt_site_abi::Kind::Hlt as u16 => Route::Stub,
+        _ => Route::Original,
+    }
+}
+
 /// All backends, by id.
-pub const BACKENDS: &[&Backend] = &[&NATIVE, &TRACE, &XEN, &HV, &XEN_HVM];
+pub const BACKENDS: &[&Backend] = &[&NATIVE, &TRACE, &XEN, &HV, &XEN_HVM, &NATIVE_WATCH];
 
 /// Backends only a platform's own entry chooses, never the command line: Xen PV needs the
-/// state the Xen entry sets up (shared info, callbacks, trap table).
-const ENTRY_ONLY: &[&Backend] = &[&XEN];
+/// state the Xen entry sets up (shared info, callbacks, trap table); native-watch is what a
+/// migration leaves behind.
+const ENTRY_ONLY: &[&Backend] = &[&XEN, &NATIVE_WATCH];
 
 /// A backend the command line may name (`previrt.backend=NAME`).
 pub fn by_name(name: &[u8]) -> Option<&'static Backend> {

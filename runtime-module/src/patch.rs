@@ -21,6 +21,18 @@ pub struct Site {
     pub at: Resolved,
 }
 
+impl Site {
+    /// Where execution continues once the site's instruction is done: `resume`, except in a
+    /// post-link trampoline, whose moved instructions after the site still have to run
+    /// (`site + site_len`; the trampoline then jumps to `resume`).
+    pub fn next(&self) -> u64 {
+        match self.record.has(previrt_site_abi::flags::TRAMPOLINE) {
+            true => self.at.site + self.record.site_len as u64,
+            false => self.at.resume,
+        }
+    }
+}
+
 /// Why a table could not be patched.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PatchError {

@@ -22,6 +22,9 @@ pub struct Placement {
     pub default_backend: u32,
     /// Kernel virtual minus physical address.
     pub virt_delta: u64,
+    /// The runtime lives in the kernel's `.text` padding (text_home.rs): read-only once the
+    /// kernel protects its text, so the runtime clears CR0.WP for its writes.
+    pub text_resident: bool,
     /// The kernel's 64-bit entry (`kernel_entry64`), where the Xen PV entry hands over; 0 if
     /// it has none.
     pub kernel_entry64: u64,
@@ -42,6 +45,7 @@ pub fn link_runtime(object: &Path, out: &Path, p: &Placement) -> Result<(), Stri
         ("__previrt_kernel_elf_entry", p.kernel_elf_entry),
         ("__previrt_default_backend", p.default_backend as u64),
         ("__previrt_virt_delta", p.virt_delta),
+        ("__previrt_text_resident", p.text_resident as u64),
         ("__previrt_kernel_entry64", p.kernel_entry64),
     ];
     let mut cmd = Command::new("ld");

@@ -13,6 +13,7 @@
 pub mod cli;
 mod ld;
 mod multiboot;
+mod text_home;
 pub mod xen_notes;
 
 use object::elf;
@@ -81,6 +82,9 @@ pub struct LinkReport {
     /// The 64-bit ELF entry: (kernel's, runtime's), or None when `e_entry` is the PVH entry
     /// or the kernel is linked at virt != phys (left alone).
     pub elf_entry64: Option<(u64, u64)>,
+    /// The runtime and a copy of the site table went into `.text` padding (module
+    /// text_home) instead of a segment after the image; the copy's address.
+    pub text_resident: Option<u64>,
 }
 
 /// The facts about a kernel ELF that linking needs.
@@ -237,11 +241,30 @@ pub fn link(input: &Path, output: &Path, backend: DefaultBackend, xen: bool) -> 
     // runtime's 64-bit entry runs on the loader's page tables, so only identity-mapped kernels.
     let redirect64 = old_entry != k.pvh_entry && mb.is_none_or(|h| h.entry as u64 != old_entry) && k.delta == 0;
     let page = 4096u64;
-    let base = (k.end_phys.div_ceil(page) * page).wrapping_add(k.delta);
+    // Kernels linked high keep only their image mapped (module text_home): the runtime goes
+    // into .text padding, after a copy of the site table.
+    let home = match k.delta != 0 && mb.is_none() {
+        true => Some(text_home::largest_run(&data).ok_or_else(|| bad("no int3 padding in .text for the runtime"))?),
+        false => None,
+    };
+    let block = match home {
+        Some(_) => text_home::site_block(&data).map_err(bad)?,
+        None => None,
+    };
+    let table_at = home.map(|r| r.start.div_ceil(16) * 16);
+    let (base, sites) = match (home, table_at) {
+        (Some(_), Some(at)) => {
+            let len = block.as_ref().map_or(0, |b| b.bytes.len() as u64);
+            let table_len = block.as_ref().map_or(0, |b| b.table_len as u64);
+            ((at + len).div_ceil(page) * page, (at, at + table_len))
+        }
+        _ => ((k.end_phys.div_ceil(page) * page).wrapping_add(k.delta), k.sites),
+    };
     let placement = ld::Placement {
         base,
-        sites_start: k.sites.0,
-        sites_end: k.sites.1,
+        sites_start: sites.0,
+        sites_end: sites.1,
+        text_resident: home.is_some(),
         kernel_pvh_entry: k.pvh_entry,
         kernel_mb_entry: mb.map_or(0, |h| h.entry as u64),
         kernel_elf_entry: if redirect64 { old_entry } else { 0 },
@@ -257,9 +280,27 @@ pub fn link(input: &Path, output: &Path, backend: DefaultBackend, xen: bool) -> 
     }
 
     // Layout: original file, runtime segment (page aligned), new program header table. With a
-    // multiboot header, the runtime goes where that header's loader puts it (module multiboot).
-    let (mut out, rt_off, gap) = match &mb {
-        Some(h) => {
+    // multiboot header, the runtime goes where that header's loader puts it (module multiboot);
+    // in .text padding, the image's own segment loads it (no new segment).
+    let (mut out, rt_off, gap) = match (&mb, home) {
+        (_, Some(run)) => {
+            if base + rt.mem_size > run.end {
+                return Err(bad(format!(
+                    "the runtime ({} bytes) and site table do not fit the largest .text padding ({} bytes)",
+                    rt.mem_size,
+                    run.end - run.start
+                )));
+            }
+            let mut out = data.clone();
+            if let (Some(b), Some(at)) = (&block, table_at) {
+                put(&mut out, run.offset_of(at), &text_home::relocate(b, at).map_err(bad)?);
+            }
+            let mut image = rt.bytes.clone();
+            image.resize(rt.mem_size as usize, 0);
+            put(&mut out, run.offset_of(base), &image);
+            (out, usize::MAX, multiboot::Gap { at: usize::MAX, gap: 0 })
+        }
+        (Some(h), None) => {
             let r = multiboot::Runtime {
                 phys,
                 bytes: &rt.bytes,
@@ -268,7 +309,7 @@ pub fn link(input: &Path, output: &Path, backend: DefaultBackend, xen: bool) -> 
             };
             multiboot::place_runtime(&data, h, &r).map_err(bad)?
         }
-        None => {
+        (None, None) => {
             let mut out = data.clone();
             out.resize(out.len().div_ceil(page as usize) * page as usize, 0);
             let rt_off = out.len();
@@ -287,6 +328,7 @@ pub fn link(input: &Path, output: &Path, backend: DefaultBackend, xen: bool) -> 
     out.resize(out.len().div_ceil(8) * 8, 0);
     let new_phoff = out.len();
     out.extend_from_slice(&old_phdrs);
+    let segment = rt_off != usize::MAX;
     let mut ph = [0u8; 56];
     put(&mut ph, 0, &elf::PT_LOAD.0.to_le_bytes());
     put(&mut ph, 4, &(elf::PF_R.0 | elf::PF_W.0 | elf::PF_X.0).to_le_bytes());
@@ -296,14 +338,16 @@ pub fn link(input: &Path, output: &Path, backend: DefaultBackend, xen: bool) -> 
     put(&mut ph, 32, &(rt.bytes.len() as u64).to_le_bytes());
     put(&mut ph, 40, &rt.mem_size.to_le_bytes());
     put(&mut ph, 48, &page.to_le_bytes());
-    out.extend_from_slice(&ph[..phentsize.min(56)]);
+    if segment {
+        out.extend_from_slice(&ph[..phentsize.min(56)]);
+    }
     if let Some((off, n)) = &notes {
         out.extend_from_slice(&xen_notes::note_phdr(*off, n.len() as u64)[..phentsize.min(56)]);
     }
 
     // e_phoff (+32), e_phnum (+56); e_entry (+24) keeps the original's address space.
     put(&mut out, 32, &(new_phoff as u64).to_le_bytes());
-    put(&mut out, 56, &((phnum + 1 + notes.is_some() as usize) as u16).to_le_bytes());
+    put(&mut out, 56, &((phnum + segment as usize + notes.is_some() as usize) as u16).to_le_bytes());
     let entry64 = rt.entry64.wrapping_sub(k.delta);
     let new_entry = match () {
         _ if old_entry == k.pvh_entry => entry_phys,
@@ -329,5 +373,6 @@ pub fn link(input: &Path, output: &Path, backend: DefaultBackend, xen: bool) -> 
         xen_pv,
         multiboot: mb.map(|h| (h.entry as u64, rt.mb_entry.wrapping_sub(k.delta))),
         elf_entry64: redirect64.then_some((old_entry, entry64)),
+        text_resident: table_at,
     })
 }

@@ -6,6 +6,8 @@
 
 mod boot;
 pub(crate) mod hw;
+pub(crate) mod migrate;
+mod linux;
 pub(crate) mod paravirt;
 mod rt;
 mod serial;
@@ -153,7 +155,7 @@ unsafe fn build_ool(slot: &mut [u8; OOL_SLOT], site: &crate::patch::Site) {
     }
     let mut jmp = [0u8; CALL_LEN];
     // A jmp is a call with opcode e9; both are rel32 from the end of the 5 bytes.
-    let _ = encode_call(slot_addr + n as u64, site.at.resume, &mut jmp);
+    let _ = encode_call(slot_addr + n as u64, site.next(), &mut jmp);
     jmp[0] = 0xe9;
     slot[n..n + CALL_LEN].copy_from_slice(&jmp);
 }
@@ -279,6 +281,7 @@ extern "C" fn previrt_boot(start_info: u64, path: u32) {
         }),
     };
     let per_ms = tsc_per_ms();
+    migrate::boot(per_ms);
     let mut pv = PARAVIRTUAL.iter().find(|p| p.backend.id == chosen.id);
     if let Some(p) = pv {
         let why = match state.platform == p.platform {
@@ -348,6 +351,7 @@ pub extern "C" fn previrt_repatch(id: u32) -> i32 {
 /// (emulated, or out of line), and set up the iret frame.
 #[no_mangle]
 extern "C" fn previrt_trace_dispatch(regs: &mut Regs) {
+    let entry = (regs.cs, regs.ss, regs.gpr[gpr::RSP]);
     let Some((op, ool)) = enter_site(regs) else {
         let _ = writeln!(
             Com1,
@@ -363,6 +367,13 @@ extern "C" fn previrt_trace_dispatch(regs: &mut Regs) {
         regs.rip = ool;
     }
     regs.iret_rsp = regs.gpr[gpr::RSP];
+    // Unless the site changed CS or SS, return without reloading them (CS = 0 tells the stub):
+    // an `iretq` would reload both from the GDT, wrong right after a kernel's `lgdt` and
+    // before its own far return (Linux's startup_64). The stub's plain return writes three
+    // words below the target RSP, which must not reach the frame it still reads.
+    if (regs.cs, regs.ss) == (entry.0, entry.1) && regs.iret_rsp >= entry.2 - 8 {
+        regs.cs = 0;
+    }
 }
 
 /// The per-kind site execution summary (`previrt-trace: …`), for any routing backend's exit.
@@ -385,16 +396,17 @@ pub(crate) fn enter_site(regs: &mut Regs) -> Option<(Option<Op>, u64)> {
     // SAFETY: the state is only written at boot/repatch, with no CPU inside a site.
     let state = unsafe { STATE.get() };
     let p = state.patcher.as_ref()?;
-    let i = p.find(regs.rip.wrapping_sub(CALL_LEN as u64))?;
+    // `alias`: the caller runs the image at its physical alias (linux.rs); so do resume and slot.
+    let (i, alias) = linux::find_site(p, regs.rip.wrapping_sub(CALL_LEN as u64))?;
     // SAFETY: index entries name records and save slots of the loaded table.
     let (site, saved) = unsafe {
         let site = p.site(&p.index[i]);
         (site, core::slice::from_raw_parts(site.at.save as *const u8, site.record.insn_len as usize))
     };
-    COUNTERS.hit(site.record.kind, i);
-    regs.rip = site.at.resume;
+    linux::writable(|| COUNTERS.hit(site.record.kind, i));
+    regs.rip = site.next() - alias;
     // SAFETY: slot i was built at boot for site i.
-    let ool = unsafe { OOL.get()[i].as_ptr() } as u64;
+    let ool = unsafe { OOL.get()[i].as_ptr() } as u64 - alias;
     Some((Op::new(&site.record, site.at.site, saved), ool))
 }
 
@@ -473,13 +485,37 @@ macro_rules! site_stub {
 }
 pub(crate) use site_stub;
 
-// The trace stub: real interrupts off for the dispatch.
+// The trace stub: real interrupts off for the dispatch. Its exit is `iretq`, or with CS = 0 in
+// the frame (rip, cs, rflags, rsp, ss) a return that keeps CS and SS: RIP, RFLAGS and the
+// saved %rax go below the target RSP, then popq/popfq/ret there (frame fields are read before
+// the slot they share is written).
 core::arch::global_asm!(
     concat!(
         ".section .text.previrt_trace, \"ax\", @progbits\n",
         ".globl previrt_trace_entry\n",
         "previrt_trace_entry:\n",
-        site_stub!("    cli\n", "previrt_trace_dispatch", "    iretq\n"),
+        site_stub!(
+            "    cli\n",
+            "previrt_trace_dispatch",
+            r#"    cmpq $0, 8(%rsp)
+    jne 1f
+    pushq %rax
+    pushq %rbx
+    movq 40(%rsp), %rax
+    movq 16(%rsp), %rbx
+    movq %rbx, -8(%rax)
+    movq 32(%rsp), %rbx
+    movq %rbx, -16(%rax)
+    movq 8(%rsp), %rbx
+    movq %rbx, -24(%rax)
+    movq (%rsp), %rbx
+    leaq -24(%rax), %rsp
+    popq %rax
+    popfq
+    ret
+1:  iretq
+"#
+        ),
         ".text\n"
     ),
     options(att_syntax, raw)
