@@ -22,6 +22,8 @@ enum Command {
     Run(previrt_vmm::RunArgs),
     /// Resume a VM saved by `previrt run --snapshot FILE --snapshot-after …`.
     Restore(previrt_vmm::RestoreArgs),
+    /// Ask a running `previrt run --control SOCKET` to save its VM (the guest suspends itself first if it can).
+    Snapshot(previrt_vmm::SnapshotArgs),
     /// Install the CROSS_COMPILE toolchain that pre-virtualizes at assembler level.
     #[command(subcommand)]
     Toolchain(previrt_toolchain::ToolchainCommand),
@@ -46,6 +48,7 @@ fn main() {
         Command::Scan(a) => std::process::exit(previrt_rewriter::cli::run(&a)),
         Command::Run(a) => std::process::exit(previrt_vmm::main_run(&a)),
         Command::Restore(a) => std::process::exit(previrt_vmm::main_restore(&a)),
+        Command::Snapshot(a) => std::process::exit(previrt_vmm::main_snapshot(&a)),
         Command::Toolchain(c) => std::process::exit(previrt_toolchain::run(c)),
         Command::Link(a) => std::process::exit(previrt_link::cli::run(&a)),
         Command::Patch(a) => std::process::exit(previrt_postlink::cli::patch_cmd(&a)),

@@ -78,6 +78,7 @@ impl Uart {
 /// One 8259: the initialization sequence (ICW1–ICW4) gives the vector base, the data port
 /// outside it the interrupt mask. EOIs need no model (delivery is edge-like: one event, one
 /// vector); the in-service register reads as empty.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Pic {
     pub base: u8,
     pub mask: u8,
@@ -123,6 +124,7 @@ impl Pic {
 
 /// 8254 channel 0: the divisor the kernel programs sets the tick period; a latched read
 /// returns a count in [1, divisor] derived from system time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Pit {
     pub divisor: u32,
     /// Low byte of a divisor being written (lo/hi access mode).
@@ -132,6 +134,15 @@ pub struct Pit {
 }
 
 pub const PIT_HZ: u64 = 1_193_182;
+
+/// What the kernel programmed into the PIC pair and the PIT: handed from one backend to the
+/// next when a migration changes the backend (guest/migrate.rs), so the new one binds the
+/// kernel's configuration to its platform (hypercalls, or the real devices).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Programmed {
+    pub pic: [Pic; 2],
+    pub pit: Pit,
+}
 
 impl Pit {
     pub const fn new() -> Pit {

@@ -172,9 +172,9 @@ pub mod suspend {
 /// ABI version 2: one hypercall entry, renumbered operations, arguments in a block.
 ///
 /// Stub 0 of the hypercall page is the only entry: `call page` with %rdi = GPA of a
-/// [`Call`] block (16-byte aligned, in RAM). The VMM writes the result to `Call::ret` and to
-/// %rax. Every other stub returns [`super::err::NOSYS`]. Operation numbers ([`op`]) are
-/// grouped by service; [`OPS`] maps each to the version-1 hypercall with the same meaning.
+/// [`Call`] block (16-byte aligned, in RAM). The result comes back in %rax, as in version 1.
+/// Every other stub returns [`super::err::NOSYS`]. Operation numbers ([`op`]) are grouped by
+/// service; [`OPS`] maps each to the version-1 hypercall with the same meaning.
 pub mod v2 {
     /// The block a version-2 hypercall points at (64 bytes).
     #[repr(C)]
@@ -185,9 +185,7 @@ pub mod v2 {
         /// 0.
         pub flags: u32,
         pub args: [u64; 4],
-        /// Written by the VMM.
-        pub ret: i64,
-        pub _reserved: [u64; 2],
+        pub _reserved: [u64; 3],
     }
     /// Size of [`Call`].
     pub const CALL_SIZE: usize = 64;

@@ -87,6 +87,8 @@ fn main() {
                 profile: None,
                 snapshot: None,
                 snapshot_after: None,
+                control: None,
+                suspend_timeout: 2000,
             };
             let r = previrt_vmm::run(&args, Box::new(std::io::sink())).expect("guest run");
             (r.stats.wall.as_secs_f64() * 1e6 / N as f64, r.stats.exits())

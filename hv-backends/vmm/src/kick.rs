@@ -11,6 +11,18 @@ use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
 
 extern "C" fn noop(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
 
+/// Make [`kick`] interrupt KVM_RUN (a handler, so the signal does not kill the process).
+pub fn install() -> std::io::Result<()> {
+    register_signal_handler(SIGRTMIN(), noop).map_err(|e| std::io::Error::from_raw_os_error(e.errno()))
+}
+
+/// Interrupt `thread`'s KVM_RUN now (async-signal-safe). [`install`] must have run.
+pub fn kick(thread: libc::pthread_t) {
+    // SAFETY: pthread_kill with a valid signal; a thread that has exited is reported, not UB,
+    // for threads of this process that are still joinable (the vCPU thread runs the VM).
+    unsafe { libc::pthread_kill(thread, SIGRTMIN()) };
+}
+
 struct State {
     deadline: Option<Instant>,
     stop: bool,
@@ -24,7 +36,7 @@ pub struct Kicker {
 impl Kicker {
     /// A kicker aimed at the calling thread.
     pub fn for_current_thread() -> std::io::Result<Kicker> {
-        register_signal_handler(SIGRTMIN(), noop).map_err(|e| std::io::Error::from_raw_os_error(e.errno()))?;
+        install()?;
         // SAFETY: pthread_self has no preconditions.
         let target = unsafe { libc::pthread_self() };
         let state = Arc::new((Mutex::new(State { deadline: None, stop: false }), Condvar::new()));
@@ -40,8 +52,8 @@ impl Kicker {
                         if d > now {
                             g = cv.wait_timeout(g, d - now).unwrap_or_else(|e| e.into_inner()).0;
                         } else {
-                            // SAFETY: the target thread outlives the kicker (joined in Drop).
-                            unsafe { libc::pthread_kill(target, SIGRTMIN()) };
+                            // The target thread outlives the kicker (joined in Drop).
+                            kick(target);
                             g = cv.wait_timeout(g, Duration::from_millis(1)).unwrap_or_else(|e| e.into_inner()).0;
                         }
                     }

@@ -22,7 +22,7 @@ pub mod xen;
 
 use std::path::PathBuf;
 
-pub use vm::snapshot::{self, RestoreArgs};
+pub use vm::snapshot::{self, main_snapshot, RestoreArgs, SnapshotArgs};
 pub use vm::{run, Error, RunResult};
 /// Guest memory types of the public API ([`pv::Pv`] and [`xen::Xen`] take a `GuestMemoryMmap`).
 pub use vm_memory;
@@ -30,8 +30,13 @@ pub use vm_memory;
 /// Which paravirtual interface the VMM offers the guest.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum AbiKind {
-    /// The previrt ABI (docs/hv-abi.md).
+    /// The previrt ABI, version 1 (docs/hv-abi.md); also spelled `hv-v1`.
+    #[value(alias = "hv-v1")]
     Previrt,
+    /// The previrt ABI, version 2: the same services with another hypercall layout
+    /// (docs/hv-abi.md §10).
+    #[value(name = "hv-v2")]
+    PrevirtV2,
     /// Xen-compatible: 'XenVMMXenVMM' CPUID leaves and Xen hypercalls.
     Xen,
     /// No paravirtual interface: plain trap-and-emulate.
@@ -86,14 +91,32 @@ pub struct RunArgs {
     /// per instruction).
     #[arg(long, value_name = "FILE")]
     pub profile: Option<PathBuf>,
-    /// Save the whole VM to FILE (atomically) and stop when --snapshot-after fires; resume
-    /// with `previrt restore FILE` (docs/snapshot.md).
-    #[arg(long, value_name = "FILE", requires = "snapshot_after")]
+    /// Save the whole VM to FILE (atomically) and stop when --snapshot-after fires or on
+    /// SIGUSR1; resume with `previrt restore FILE` (docs/snapshot.md).
+    #[arg(long, value_name = "FILE")]
     pub snapshot: Option<PathBuf>,
     /// When to snapshot: after N handled exits ("5000exits") or at the first exit after N ms
     /// ("200ms").
     #[arg(long, requires = "snapshot")]
     pub snapshot_after: Option<snapshot::When>,
+    /// Listen on this Unix socket for `previrt snapshot SOCKET -o FILE` requests.
+    #[arg(long, value_name = "SOCKET")]
+    pub control: Option<PathBuf>,
+    /// How long a snapshot request waits for the guest to suspend itself (cooperative
+    /// re-patching) before the VM is saved without it ("forced").
+    #[arg(long, value_name = "MS", default_value_t = 2000)]
+    pub suspend_timeout: u64,
+}
+
+impl AbiKind {
+    /// The previrt ABI major version, for the previrt kinds.
+    pub fn hv_major(self) -> Option<u16> {
+        match self {
+            AbiKind::Previrt => Some(previrt_hv_abi::ABI_MAJOR),
+            AbiKind::PrevirtV2 => Some(previrt_hv_abi::ABI_MAJOR_V2),
+            _ => None,
+        }
+    }
 }
 
 /// Parse "128M", "1G", "65536K" or bytes.

@@ -29,6 +29,9 @@ pub enum Outcome {
     Shutdown(i32),
     /// The guest broke the ABI; stop it with this message.
     Fatal(String),
+    /// The guest is quiescent and asks to be saved (`SUSPEND`, docs/hv-abi.md §9); the run
+    /// loop saves it if a snapshot was requested, else returns `suspend::CANCELLED`.
+    Suspend,
 }
 
 /// State shared with the console-doorbell thread.
@@ -128,6 +131,10 @@ pub struct Pv {
     disk_sectors: u64,
     /// The console doorbell is backed by an ioeventfd.
     pub doorbell: bool,
+    /// ABI major version offered: [`abi::ABI_MAJOR`] or [`abi::ABI_MAJOR_V2`].
+    major: u16,
+    /// The version-1 number of the last hypercall (a version-2 op decoded), for statistics.
+    last: u64,
 }
 
 /// A guest-physical page that lies wholly in guest RAM.
@@ -150,7 +157,28 @@ impl Pv {
             disk,
             disk_sectors,
             doorbell: false,
+            major: abi::ABI_MAJOR,
+            last: hc::COUNT,
         })
+    }
+
+    /// Offer ABI major `major` (1 or 2) instead of 1.
+    pub fn with_major(mut self, major: u16) -> Pv {
+        self.major = major;
+        self
+    }
+
+    /// The ABI major version offered.
+    pub fn major(&self) -> u16 {
+        self.major
+    }
+
+    fn version(&self) -> u32 {
+        if self.major == abi::ABI_MAJOR_V2 {
+            abi::ABI_VERSION_V2
+        } else {
+            abi::ABI_VERSION
+        }
     }
 
     /// CPUID leaves of this ABI: (leaf, eax, ebx, ecx, edx).
@@ -165,8 +193,17 @@ impl Pv {
         }
         [
             (abi::CPUID_BASE, abi::CPUID_MAX_LEAF, b, c, d),
-            (abi::CPUID_VERSION, abi::ABI_VERSION, f, abi::MSR_HYPERCALL_PAGE, hc::COUNT as u32),
+            (abi::CPUID_VERSION, self.version(), f, abi::MSR_HYPERCALL_PAGE, self.stubs()),
         ]
+    }
+
+    /// Number of live stubs in the hypercall page.
+    fn stubs(&self) -> u32 {
+        if self.major == abi::ABI_MAJOR_V2 {
+            1
+        } else {
+            hc::COUNT as u32
+        }
     }
 
     /// rdmsr of one of our MSRs; None: not ours.
@@ -186,9 +223,7 @@ impl Pv {
         match index {
             abi::MSR_HYPERCALL_PAGE => {
                 if ok && enable {
-                    let page: Vec<u8> =
-                        (0..(abi::PAGE_SIZE / abi::HYPERCALL_STUB_SIZE) as u32).flat_map(abi::port_stub).collect();
-                    if mem.write_slice(&page, GuestAddress(gpa)).is_err() {
+                    if mem.write_slice(&abi::stub_page(self.major), GuestAddress(gpa)).is_err() {
                         return Some(false);
                     }
                 }
@@ -207,10 +242,35 @@ impl Pv {
         Some(ok)
     }
 
-    /// Dispatch hypercall `nr` with arguments `a` (rdi, rsi, rdx, rcx).
+    /// Dispatch the hypercall whose stub passed `nr` (%eax), with the argument registers
+    /// `a` (rdi, rsi, rdx, rcx). Under version 2 the only entry passes [`abi::v2::ENTRY_MARK`]
+    /// and %rdi points at the [`abi::v2::Call`] block, which is decoded into the same calls.
     pub fn hypercall(&mut self, mem: &GuestMemoryMmap, nr: u64, a: [u64; 4], now: Instant) -> Outcome {
+        let (nr, a) = match (self.major, nr) {
+            (abi::ABI_MAJOR_V2, n) if n == abi::v2::ENTRY_MARK as u64 => match read_call(mem, a[0]) {
+                Some(c) => (abi::v2::to_v1(c.op).unwrap_or(hc::COUNT), c.args),
+                None => {
+                    self.last = hc::COUNT;
+                    return Outcome::Ret(err::FAULT);
+                }
+            },
+            // The doorbell port's synchronous fallback (no ioeventfd) is a flush in any version.
+            (abi::ABI_MAJOR_V2, hc::CONSOLE_FLUSH) => (hc::CONSOLE_FLUSH, a),
+            (abi::ABI_MAJOR_V2, _) => (hc::COUNT, a),
+            _ => (nr, a),
+        };
+        self.last = nr;
+        self.call(mem, nr, a, now)
+    }
+
+    /// Name of the last hypercall, for the exit accounting.
+    pub fn last_name(&self) -> &'static str {
+        Pv::name(self.last)
+    }
+
+    fn call(&mut self, mem: &GuestMemoryMmap, nr: u64, a: [u64; 4], now: Instant) -> Outcome {
         let r = match nr {
-            hc::VERSION => abi::ABI_VERSION as i64,
+            hc::VERSION => self.version() as i64,
             hc::CONSOLE_WRITE => self.console_write(mem, a[0], a[1]),
             hc::CONSOLE_FLUSH => match self.shared.drain_console(mem) {
                 Ok(n) => n as i64,
@@ -243,6 +303,7 @@ impl Pv {
                 std::thread::yield_now();
                 0
             }
+            hc::SUSPEND => return Outcome::Suspend,
             _ => err::NOSYS,
         };
         Outcome::Ret(r)
@@ -261,6 +322,7 @@ impl Pv {
             "block_info",
             "block_kick",
             "yield",
+            "suspend",
         ];
         NAMES.get(nr as usize).copied().unwrap_or("invalid")
     }
@@ -339,6 +401,22 @@ impl Pv {
         }
         Ok(done)
     }
+}
+
+/// A version-2 call block (16-byte aligned, in RAM).
+fn read_call(mem: &GuestMemoryMmap, gpa: u64) -> Option<abi::v2::Call> {
+    let mut b = [0u8; abi::v2::CALL_SIZE];
+    if gpa % 16 != 0 {
+        return None;
+    }
+    mem.read_slice(&mut b, GuestAddress(gpa)).ok()?;
+    let u64_at = |o: usize| u64::from_le_bytes(b[o..o + 8].try_into().unwrap());
+    Some(abi::v2::Call {
+        op: u32::from_le_bytes(b[0..4].try_into().unwrap()),
+        flags: 0,
+        args: [u64_at(8), u64_at(16), u64_at(24), u64_at(32)],
+        _reserved: [0; 3],
+    })
 }
 
 fn read_req(mem: &GuestMemoryMmap, gpa: u64) -> Option<abi::BlockReq> {

@@ -1,6 +1,10 @@
-//! Save and restore of a whole VM: `previrt run --snapshot FILE --snapshot-after N(exits|ms)`
-//! writes a snapshot and stops; `previrt restore FILE` resumes it (docs/snapshot.md has the
-//! format field by field).
+//! Save and restore of a whole VM: `previrt run --snapshot FILE --snapshot-after N(exits|ms)`,
+//! SIGUSR1, or a `--control` socket request (`previrt snapshot`) writes a snapshot and stops;
+//! `previrt restore FILE` resumes it (docs/snapshot.md has the format field by field).
+//!
+//! Every trigger first asks a guest that supports it to suspend itself (docs/hv-abi.md §9):
+//! it re-patches itself after the restore. A guest that does not answer within the timeout
+//! is saved anyway and the snapshot says so ("forced").
 //!
 //! A child of `vm` (it reads and writes the VM's private state). The snapshot is taken between
 //! two exits, after a KVM_RUN with `immediate_exit` set has completed any in-flight port/MMIO
@@ -8,7 +12,11 @@
 //! order restore needs (FACTS.md): MP_STATE, REGS, SREGS, XSAVE, XCRS, DEBUGREGS, LAPIC, MSRS
 //! (after LAPIC), VCPU_EVENTS; the irqchip and PIT before the vCPU, the clock last.
 
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use kvm_bindings::{
@@ -17,7 +25,8 @@ use kvm_bindings::{
     KVM_IRQCHIP_PIC_SLAVE,
 };
 use kvm_ioctls::Kvm;
-use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use previrt_hv_abi as abi;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 use super::{Error, Personality, Stop, Vm};
 use crate::{AbiKind, Backend, RunArgs};
@@ -50,28 +59,282 @@ impl std::str::FromStr for When {
     }
 }
 
-/// The snapshot trigger of one run.
-pub(super) struct Trigger {
-    when: When,
+/// One request to save the VM: where, and who waits for the answer (a control connection).
+struct Request {
     path: PathBuf,
+    reply: Option<mpsc::Sender<String>>,
+}
+
+/// A request waiting for the guest to suspend.
+struct Pending {
+    req: Request,
+    since: Instant,
+}
+
+/// Set by the SIGUSR1 handler.
+static SIGUSR1: AtomicBool = AtomicBool::new(false);
+/// The vCPU thread, kicked out of KVM_RUN by SIGUSR1 and control requests.
+static VCPU_THREAD: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+extern "C" fn on_sigusr1(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    SIGUSR1.store(true, Ordering::SeqCst);
+    super::super::kick::kick(VCPU_THREAD.load(Ordering::SeqCst) as libc::pthread_t);
+}
+
+/// The snapshot triggers of one run (`--snapshot-after`, SIGUSR1, `--control`).
+pub(super) struct Trigger {
+    when: Option<When>,
+    /// `--snapshot FILE`: where the exit/time trigger and SIGUSR1 save.
+    path: Option<PathBuf>,
     exits: u64,
     start: Instant,
     mem_size: u64,
     abi: AbiKind,
+    timeout: Duration,
+    control: Option<(PathBuf, mpsc::Receiver<Request>)>,
+    pending: Option<Pending>,
+    /// `--disk`: absolute path and size, saved so restore can reopen it.
+    disk: Option<(PathBuf, u64)>,
 }
 
 impl Trigger {
-    pub(super) fn new(args: &RunArgs, mem_size: u64) -> Option<Trigger> {
-        let (when, path) = (args.snapshot_after?, args.snapshot.clone()?);
-        Some(Trigger { when, path, exits: 0, start: Instant::now(), mem_size, abi: args.abi })
+    /// The triggers `args` ask for (None: no snapshot possible). Err: a bad option (one line).
+    pub(super) fn new(args: &RunArgs, mem_size: u64) -> Result<Option<Trigger>, String> {
+        if args.snapshot.is_none() && args.control.is_none() {
+            return Ok(None);
+        }
+        super::super::kick::install().map_err(|e| format!("signal handler: {e}"))?;
+        // SAFETY: pthread_self has no preconditions; the run happens on this thread.
+        VCPU_THREAD.store(unsafe { libc::pthread_self() } as u64, Ordering::SeqCst);
+        if args.snapshot.is_some() {
+            vmm_sys_util::signal::register_signal_handler(libc::SIGUSR1, on_sigusr1)
+                .map_err(|e| format!("SIGUSR1 handler: {e}"))?;
+        }
+        let control = args.control.as_ref().map(|p| listen(p).map(|rx| (p.clone(), rx))).transpose()?;
+        let disk = match &args.disk {
+            Some(p) => {
+                let abs = std::fs::canonicalize(p).map_err(|e| format!("--disk {}: {e}", p.display()))?;
+                let len = std::fs::metadata(&abs).map_err(|e| format!("--disk {}: {e}", p.display()))?.len();
+                Some((abs, len))
+            }
+            None => None,
+        };
+        Ok(Some(Trigger {
+            when: args.snapshot_after,
+            path: args.snapshot.clone(),
+            exits: 0,
+            start: Instant::now(),
+            mem_size,
+            abi: args.abi,
+            timeout: Duration::from_millis(args.suspend_timeout),
+            control,
+            pending: None,
+            disk,
+        }))
     }
 
-    /// Count one handled exit; true when the snapshot is due.
-    pub(super) fn due(&mut self) -> bool {
+    /// Count one handled exit; a new request if a trigger fired.
+    fn next(&mut self) -> Option<Request> {
         self.exits += 1;
-        match self.when {
-            When::Exits(n) => self.exits >= n,
-            When::Millis(n) => self.start.elapsed() >= Duration::from_millis(n),
+        let due = match self.when {
+            Some(When::Exits(n)) => self.exits >= n,
+            Some(When::Millis(n)) => self.start.elapsed() >= Duration::from_millis(n),
+            None => false,
+        };
+        if (due || SIGUSR1.swap(false, Ordering::SeqCst)) && self.path.is_some() {
+            self.when = None;
+            return Some(Request { path: self.path.clone()?, reply: None });
+        }
+        self.control.as_ref().and_then(|(_, rx)| rx.try_recv().ok())
+    }
+
+    /// When the pending request gives up waiting for the guest.
+    pub(super) fn deadline(&self) -> Option<Instant> {
+        self.pending.as_ref().map(|p| p.since + self.timeout)
+    }
+}
+
+impl Drop for Trigger {
+    fn drop(&mut self) {
+        if let Some((p, _)) = &self.control {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
+/// Serve `previrt snapshot` on a Unix socket: one request line (`{"path": FILE}`) per
+/// connection, answered with one JSON line once the run loop has saved (or failed).
+fn listen(path: &Path) -> Result<mpsc::Receiver<Request>, String> {
+    let l = UnixListener::bind(path).map_err(|e| format!("--control {}: {e}", path.display()))?;
+    let (tx, rx) = mpsc::channel();
+    std::thread::Builder::new()
+        .name("previrt-control".into())
+        .spawn(move || {
+            for conn in l.incoming().flatten() {
+                let mut line = String::new();
+                let mut conn = BufReader::new(conn);
+                let _ = conn.read_line(&mut line);
+                let answer = match serde_json::from_str::<serde_json::Value>(&line) {
+                    Ok(v) => match v["path"].as_str() {
+                        Some(p) if Path::new(p).is_absolute() => {
+                            let (rtx, rrx) = mpsc::channel();
+                            let _ = tx.send(Request { path: PathBuf::from(p), reply: Some(rtx) });
+                            super::super::kick::kick(VCPU_THREAD.load(Ordering::SeqCst) as libc::pthread_t);
+                            rrx.recv().unwrap_or_else(|_| reply_err("the VM stopped before saving"))
+                        }
+                        _ => reply_err("request needs an absolute \"path\""),
+                    },
+                    Err(e) => reply_err(&format!("bad request: {e}")),
+                };
+                let _ = writeln!(conn.get_mut(), "{answer}");
+            }
+        })
+        .map_err(|e| format!("control thread: {e}"))?;
+    Ok(rx)
+}
+
+fn reply_err(msg: &str) -> String {
+    serde_json::json!({ "ok": false, "error": msg }).to_string()
+}
+
+/// How a snapshot came about.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Mode {
+    /// The guest called SUSPEND after waiting this long; it re-patches itself after restore.
+    Cooperative(Duration),
+    /// Saved without the guest's help, for this reason.
+    Forced(String),
+}
+
+impl Mode {
+    fn describe(&self) -> String {
+        match self {
+            Mode::Cooperative(w) => {
+                format!("cooperative: guest suspended after {:.1} ms", w.as_secs_f64() * 1e3)
+            }
+            Mode::Forced(why) => format!("forced: {why}; no re-patching"),
+        }
+    }
+    fn section(&self) -> Vec<u8> {
+        let (mode, why) = match self {
+            Mode::Cooperative(_) => (1u32, ""),
+            Mode::Forced(w) => (0, w.as_str()),
+        };
+        [&mode.to_le_bytes()[..], &0u32.to_le_bytes(), why.as_bytes()].concat()
+    }
+}
+
+/// Called after every handled exit while a trigger exists: start a request (ask the guest to
+/// suspend, or save at once if it cannot), or give up waiting for it. Some(status): the VM
+/// was saved and the run ends.
+pub(super) fn poll(vm: &mut Vm) -> Result<Option<i32>, Stop> {
+    let Some(t) = vm.snapshot.as_mut() else { return Ok(None) };
+    if t.pending.is_none() {
+        if let Some(req) = t.next() {
+            if !vm.persona.can_suspend(&vm.mem) {
+                return finish(vm, req, Mode::Forced("the guest does not support suspend".into()));
+            }
+            vm.persona.request_suspend(&vm.mem);
+            t.pending = Some(Pending { req, since: Instant::now() });
+        }
+        return Ok(None);
+    }
+    if t.deadline().is_some_and(|d| Instant::now() >= d) {
+        let ms = t.timeout.as_millis();
+        let p = t.pending.take().expect("checked above");
+        vm.persona.cancel_suspend(&vm.mem);
+        return finish(vm, p.req, Mode::Forced(format!("the guest did not suspend within {ms} ms")));
+    }
+    Ok(None)
+}
+
+/// The guest called SUSPEND. With a request pending: complete the call as the stub's `ret`
+/// would, with RAX = RESUMED, and save, so the saved vCPU is outside the hypercall page (whose
+/// contents belong to the restoring VMM). Without one: return CANCELLED.
+pub(super) fn suspended(vm: &mut Vm) -> Result<Option<i32>, Stop> {
+    // Let KVM finish the stub's `out` first: it may still write RIP back.
+    vm.vcpu.set_kvm_immediate_exit(1);
+    let _ = vm.vcpu.run();
+    vm.vcpu.set_kvm_immediate_exit(0);
+    let mut regs = vm.vcpu.get_regs().map_err(kvm_err("KVM_GET_REGS"))?;
+    let sregs = vm.vcpu.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?;
+    let at = |la| super::emulate::translate(&vm.mem, &sregs, la);
+    let ret = at(regs.rsp).and_then(|gpa| vm.mem.read_obj::<u64>(GuestAddress(gpa)).ok());
+    let pending = vm.snapshot.as_mut().and_then(|t| t.pending.take());
+    let (Some(p), Some(ret)) = (pending, ret) else {
+        regs.rax = abi::suspend::CANCELLED as u64;
+        return vm.vcpu.set_regs(&regs).map(|_| None).map_err(kvm_err("KVM_SET_REGS"));
+    };
+    vm.persona.cancel_suspend(&vm.mem);
+    let saved = regs;
+    regs.rip = ret;
+    regs.rsp += 8;
+    regs.rax = abi::suspend::RESUMED as u64;
+    vm.vcpu.set_regs(&regs).map_err(kvm_err("KVM_SET_REGS"))?;
+    let out = finish(vm, p.req, Mode::Cooperative(p.since.elapsed()));
+    if matches!(out, Ok(None)) {
+        // Not saved: the guest carries on as if no suspend had been asked for.
+        let back = kvm_regs { rax: abi::suspend::CANCELLED as u64, ..saved };
+        vm.vcpu.set_regs(&back).map_err(kvm_err("KVM_SET_REGS"))?;
+    }
+    out
+}
+
+/// Save for `req`, say so (stderr, and the control connection), and end the run (Some(0)).
+/// A file that cannot be written fails only a control request (Ok(None): the VM runs on).
+fn finish(vm: &mut Vm, req: Request, mode: Mode) -> Result<Option<i32>, Stop> {
+    let t0 = Instant::now();
+    let t = vm.snapshot.as_ref().expect("a trigger exists");
+    let (mem_size, abi, exits, disk) = (t.mem_size, t.abi, t.exits, t.disk.clone());
+    match write(vm, &req.path, mem_size, abi, &mode, disk.as_ref()) {
+        Ok(len) => {
+            let ms = t0.elapsed().as_secs_f64() * 1e3;
+            eprintln!(
+                "previrt run: snapshot written to {} ({len} bytes, after {exits} exits, {ms:.1} ms to save; {})",
+                req.path.display(),
+                mode.describe()
+            );
+            if let Some(r) = req.reply {
+                let (coop, wait, why) = match &mode {
+                    Mode::Cooperative(w) => (true, w.as_secs_f64() * 1e3, String::new()),
+                    Mode::Forced(w) => (false, 0.0, w.clone()),
+                };
+                let _ = r.send(
+                    serde_json::json!({"ok": true, "path": req.path, "bytes": len, "cooperative": coop,
+                        "reason": why, "save_ms": ms, "wait_ms": wait, "exits": exits})
+                    .to_string(),
+                );
+            }
+            Ok(Some(0))
+        }
+        Err(Stop::Host(e)) if req.reply.is_some() => {
+            let _ = req.reply.unwrap().send(reply_err(&e));
+            Ok(None)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+impl Personality {
+    /// The guest answers suspend requests (docs/hv-abi.md §9). The Xen personality does not
+    /// yet: it would report its guest's opt-in here.
+    fn can_suspend(&self, mem: &GuestMemoryMmap) -> bool {
+        match self {
+            Personality::Previrt(pv) => {
+                pv.shared.read_u64(mem, abi::offsets::GUEST_FEATURES).unwrap_or(0) & abi::guest_features::SUSPEND != 0
+            }
+            _ => false,
+        }
+    }
+    fn request_suspend(&self, mem: &GuestMemoryMmap) {
+        if let Personality::Previrt(pv) = self {
+            pv.shared.raise(mem, abi::event::SUSPEND);
+        }
+    }
+    fn cancel_suspend(&self, mem: &GuestMemoryMmap) {
+        if let Personality::Previrt(pv) = self {
+            let p = pv.shared.read_u64(mem, abi::offsets::PENDING).unwrap_or(0);
+            pv.shared.write_u64(mem, abi::offsets::PENDING, p & !abi::event::SUSPEND);
         }
     }
 }
@@ -97,9 +360,11 @@ pub enum Tag {
     Clock = 20,
     Uart = 30,
     Previrt = 31,
+    Suspend = 32,
+    Disk = 33,
 }
 
-const TAGS: [Tag; 17] = [
+const TAGS: [Tag; 19] = [
     Tag::Memory,
     Tag::PicMaster,
     Tag::PicSlave,
@@ -117,6 +382,8 @@ const TAGS: [Tag; 17] = [
     Tag::Clock,
     Tag::Uart,
     Tag::Previrt,
+    Tag::Suspend,
+    Tag::Disk,
 ];
 
 /// The KVM irqchips in a snapshot: (section, chip id).
@@ -126,7 +393,8 @@ const CHIPS: [(Tag, u32); 3] = [
     (Tag::Ioapic, KVM_IRQCHIP_IOAPIC),
 ];
 
-const ABIS: [(u32, AbiKind); 3] = [(0, AbiKind::Previrt), (1, AbiKind::Xen), (2, AbiKind::None)];
+const ABIS: [(u32, AbiKind); 4] =
+    [(0, AbiKind::Previrt), (1, AbiKind::Xen), (2, AbiKind::None), (3, AbiKind::PrevirtV2)];
 
 /// A validated snapshot file.
 pub struct Image {
@@ -213,6 +481,20 @@ impl Image {
             ));
         }
         Ok(img)
+    }
+
+    /// How the snapshot was taken (no Suspend section: forced, as before session 2).
+    pub fn mode(&self) -> Mode {
+        match self.section(Tag::Suspend) {
+            Some(b) if b.len() >= 8 && u32_at(b, 0) == 1 => Mode::Cooperative(Duration::ZERO),
+            Some(b) if b.len() >= 8 => Mode::Forced(String::from_utf8_lossy(&b[8..]).into_owned()),
+            _ => Mode::Forced("saved by an older previrt".into()),
+        }
+    }
+
+    /// The guest had registered a previrt ABI page (hypercall or vCPU page) when it was saved.
+    fn uses_previrt_abi(&self) -> bool {
+        self.section(Tag::Previrt).is_some_and(|b| b.len() >= 16 && (u64_at(b, 0) | u64_at(b, 8)) & 1 != 0)
     }
 
     fn section(&self, t: Tag) -> Option<&[u8]> {
@@ -359,22 +641,14 @@ fn write_msrs(vm: &Vm, mut entries: &[kvm_msr_entry]) -> Result<Vec<u32>, Stop> 
     Ok(rejected)
 }
 
-/// Take the snapshot the trigger asks for, write it atomically, say so on stderr and end the
-/// run with status 0 (the guest lives on in the file).
-pub(super) fn save(vm: &mut Vm) -> Result<i32, Stop> {
-    let t0 = Instant::now();
-    let trig = vm.snapshot.take().expect("save is called when the trigger fires");
-    let len = write(vm, &trig.path, trig.mem_size, trig.abi)?;
-    eprintln!(
-        "previrt run: snapshot written to {} ({len} bytes, after {} exits, {:.1} ms to save)",
-        trig.path.display(),
-        trig.exits,
-        t0.elapsed().as_secs_f64() * 1e3
-    );
-    Ok(0)
-}
-
-fn write(vm: &mut Vm, path: &Path, mem_size: u64, abi: AbiKind) -> Result<usize, Stop> {
+fn write(
+    vm: &mut Vm,
+    path: &Path,
+    mem_size: u64,
+    abi: AbiKind,
+    mode: &Mode,
+    disk: Option<&(PathBuf, u64)>,
+) -> Result<usize, Stop> {
     // Complete an in-flight port/MMIO access (and any register write-back) without running.
     vm.vcpu.set_kvm_immediate_exit(1);
     let _ = vm.vcpu.run();
@@ -413,6 +687,10 @@ fn write(vm: &mut Vm, path: &Path, mem_size: u64, abi: AbiKind) -> Result<usize,
     w.section(Tag::Uart, &vm.bus.save_state());
     if let Personality::Previrt(pv) = &vm.persona {
         w.section(Tag::Previrt, &save_previrt(pv));
+    }
+    w.section(Tag::Suspend, &mode.section());
+    if let Some((p, len)) = disk {
+        w.section(Tag::Disk, &[&len.to_le_bytes()[..], p.as_os_str().as_encoded_bytes()].concat());
     }
     let bytes = w.finish();
     previrt_atomic_write::write_with(path, &bytes, previrt_atomic_write::Options { mode: None, sync: true })
@@ -517,8 +795,12 @@ pub(super) fn apply(vm: &mut Vm, img: &Image) -> Result<(), Stop> {
         restore_previrt(vm, b)?;
     }
     eprintln!(
-        "previrt restore: resuming after {:.1} ms (read, check, new VM, memory and state)",
-        img.opened.elapsed().as_secs_f64() * 1e3
+        "previrt restore: resuming after {:.1} ms (read, check, new VM, memory and state); {}",
+        img.opened.elapsed().as_secs_f64() * 1e3,
+        match img.mode() {
+            Mode::Cooperative(_) => "the guest suspended itself and re-detects its platform".to_string(),
+            Mode::Forced(why) => format!("forced snapshot ({why}): the guest was not re-patched"),
+        }
     );
     Ok(())
 }
@@ -549,6 +831,15 @@ pub struct RestoreArgs {
     /// When to snapshot again: N exits ("5000exits") or N ms ("200ms").
     #[arg(long, requires = "snapshot")]
     pub snapshot_after: Option<When>,
+    /// The disk file (default: the path saved in the snapshot); must have the saved size.
+    #[arg(long)]
+    pub disk: Option<PathBuf>,
+    /// Listen for `previrt snapshot` requests on this Unix socket.
+    #[arg(long, value_name = "SOCKET")]
+    pub control: Option<PathBuf>,
+    /// How long a snapshot request waits for the guest to suspend itself.
+    #[arg(long, value_name = "MS", default_value_t = 2000)]
+    pub suspend_timeout: u64,
 }
 
 /// Read and validate a snapshot; Err is one line naming the file.
@@ -568,20 +859,106 @@ pub fn open(args: &RestoreArgs) -> Result<(Image, RunArgs), Error> {
             )));
         }
     }
+    let abi = args.abi.unwrap_or(img.abi);
+    if let (Mode::Forced(why), true, true) = (img.mode(), abi != img.abi, img.uses_previrt_abi()) {
+        return Err(Error::BadInput(format!(
+            "{name}: forced snapshot ({why}) of a guest using the {:?} ABI cannot resume under --abi {:?}: \
+             nothing re-patched it",
+            img.abi, abi
+        )));
+    }
+    let disk = match img.section(Tag::Disk) {
+        Some(b) if b.len() >= 8 => {
+            let saved = PathBuf::from(String::from_utf8_lossy(&b[8..]).into_owned());
+            let p = args.disk.clone().unwrap_or(saved);
+            let len =
+                std::fs::metadata(&p).map_err(|e| Error::BadInput(format!("{name}: disk {}: {e}", p.display())))?.len();
+            if len != u64_at(b, 0) {
+                return Err(Error::BadInput(format!(
+                    "{name}: disk {} has {len} bytes, the snapshot was taken with {}",
+                    p.display(),
+                    u64_at(b, 0)
+                )));
+            }
+            Some(p)
+        }
+        _ if args.disk.is_some() => {
+            return Err(Error::BadInput(format!("{name}: --disk given but the snapshot was taken without a disk")))
+        }
+        _ => None,
+    };
     let run = RunArgs {
         kernel: args.file.clone(),
         mem: img.mem_size.to_string(),
         append: String::new(),
         initrd: None,
-        disk: None,
+        disk,
         boot: None,
         backend: args.backend,
-        abi: args.abi.unwrap_or(img.abi),
+        abi,
         stats: args.stats,
         stats_json: args.stats_json.clone(),
         profile: None,
         snapshot: args.snapshot.clone(),
         snapshot_after: args.snapshot_after,
+        control: args.control.clone(),
+        suspend_timeout: args.suspend_timeout,
     };
     Ok((img, run))
+}
+
+/// `previrt snapshot` arguments.
+#[derive(Debug, Clone, clap::Args)]
+pub struct SnapshotArgs {
+    /// The control socket of a `previrt run --control SOCKET`.
+    pub socket: PathBuf,
+    /// Where the VMM writes the snapshot.
+    #[arg(short, long)]
+    pub output: PathBuf,
+    /// Print the VMM's answer as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `previrt snapshot SOCKET -o FILE`: ask a running VMM to save its VM; 0 saved, 1 the VMM
+/// could not, 2 bad input (no such socket).
+pub fn main_snapshot(args: &SnapshotArgs) -> i32 {
+    let fail = |code: i32, msg: String| {
+        eprintln!("previrt snapshot: {msg}");
+        code
+    };
+    let out = match args.output.parent().filter(|p| !p.as_os_str().is_empty()) {
+        Some(dir) => match std::fs::canonicalize(dir) {
+            Ok(d) => d.join(args.output.file_name().unwrap_or_default()),
+            Err(e) => return fail(2, format!("{}: {e}", dir.display())),
+        },
+        None => std::env::current_dir().unwrap_or_default().join(&args.output),
+    };
+    let mut conn = match UnixStream::connect(&args.socket) {
+        Ok(c) => c,
+        Err(e) => return fail(2, format!("cannot connect to {}: {e}", args.socket.display())),
+    };
+    if let Err(e) = writeln!(conn, "{}", serde_json::json!({ "path": out })) {
+        return fail(1, format!("{}: {e}", args.socket.display()));
+    }
+    let mut line = String::new();
+    let _ = BufReader::new(&conn).read_line(&mut line);
+    let v: serde_json::Value = match serde_json::from_str(&line) {
+        Ok(v) => v,
+        Err(_) => return fail(1, format!("no answer from {} (the VM ended?)", args.socket.display())),
+    };
+    if args.json {
+        println!("{v}");
+    }
+    if v["ok"] != true {
+        return fail(1, v["error"].as_str().unwrap_or("failed").to_string());
+    }
+    if !args.json {
+        let how = match v["cooperative"].as_bool() {
+            Some(true) => format!("cooperative, guest suspended after {:.1} ms", v["wait_ms"].as_f64().unwrap_or(0.0)),
+            _ => format!("forced: {}; no re-patching", v["reason"].as_str().unwrap_or("")),
+        };
+        println!("snapshot written to {} ({} bytes; {how})", out.display(), v["bytes"]);
+    }
+    0
 }

@@ -119,7 +119,7 @@ pub(crate) fn run_with(
     out: Box<dyn std::io::Write + Send>,
     restore: Option<&snapshot::Image>,
 ) -> Result<RunResult, Error> {
-    if args.snapshot.is_some() && args.abi == AbiKind::Xen {
+    if (args.snapshot.is_some() || args.control.is_some()) && args.abi == AbiKind::Xen {
         return Err(Error::BadInput("--snapshot: the Xen personality cannot be saved yet".into()));
     }
     let mem_size = crate::parse_size(&args.mem)
@@ -153,7 +153,9 @@ pub(crate) fn run_with(
     };
     let persona = match args.abi {
         AbiKind::None => Personality::None,
-        AbiKind::Previrt => Personality::Previrt(Pv::new(console.clone(), disk).map_err(host("disk"))?),
+        AbiKind::Previrt | AbiKind::PrevirtV2 => Personality::Previrt(
+            Pv::new(console.clone(), disk).map_err(host("disk"))?.with_major(args.abi.hv_major().unwrap_or(1)),
+        ),
         AbiKind::Xen => Personality::Xen(Xen::new(console.clone())),
     };
 
@@ -243,7 +245,7 @@ pub(crate) fn run_with(
         ud_stepping: false,
         sync_regs,
         profile: args.profile.as_ref().map(|_| crate::profile::Profile::new(mem_size)),
-        snapshot: snapshot::Trigger::new(args, mem_size),
+        snapshot: snapshot::Trigger::new(args, mem_size).map_err(Error::BadInput)?,
     };
     if vm.profile.is_some() {
         let dbg = kvm_guest_debug { control: KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_SINGLESTEP, ..Default::default() };
@@ -488,8 +490,10 @@ impl Vm {
             if let Some(s) = status {
                 return Ok(s);
             }
-            if self.snapshot.as_mut().is_some_and(|t| t.due()) {
-                return snapshot::save(self);
+            if self.snapshot.is_some() {
+                if let Some(s) = snapshot::poll(self)? {
+                    return Ok(s);
+                }
             }
         }
     }
@@ -572,7 +576,8 @@ impl Vm {
         let Personality::Previrt(pv) = &mut self.persona else { return Ok(()) };
         pv.tick(&self.mem, Instant::now());
         if let Some(k) = &self.kicker {
-            k.set(pv.timer.deadline);
+            let suspend = self.snapshot.as_ref().and_then(|t| t.deadline());
+            k.set(pv.timer.deadline.into_iter().chain(suspend).min());
         }
         let sh = pv.shared.clone();
         let (Some(pending), Some(vif)) =
@@ -580,7 +585,8 @@ impl Vm {
         else {
             return Ok(());
         };
-        if pending == 0 || vif == 0 || pv.event_vector == 0 {
+        // A suspend request is polled by the guest, never injected.
+        if pending & abi::event::UPCALL == 0 || vif == 0 || pv.event_vector == 0 {
             return Ok(());
         }
         let vector = pv.event_vector;
@@ -624,7 +630,7 @@ impl Vm {
                 if out == Outcome::Halt {
                     out = halt(pv, &self.mem);
                 }
-                (format!("previrt:{}", Pv::name(nr)), out)
+                (format!("previrt:{}", pv.last_name()), out)
             }
             Personality::Xen(x) => {
                 // Xen's two register conventions: 64-bit code passes rdi, rsi, rdx, r10, r8;
@@ -648,6 +654,10 @@ impl Vm {
                 None
             }
             Outcome::Shutdown(s) => Some(s),
+            Outcome::Suspend => {
+                self.stats.add(Table::Hypercall, name, t.elapsed());
+                return snapshot::suspended(self);
+            }
             Outcome::Fatal(m) => return self.guest(format!("{name} at RIP {:#x}: {m}", regs.rip)),
             Outcome::Halt => unreachable!("halt is resolved above"),
         };

@@ -14,7 +14,7 @@
 //! the platform's timer only backs up code that waits for a tick without any site
 //! ([`BACKSTOP_NS`]) and wakes a halted kernel at its next tick.
 
-use crate::devices::{self, Dev, Pic, Pit, Uart};
+use crate::devices::{self, Dev, Pic, Pit, Programmed, Uart};
 use crate::emulate::{self, gpr, rflags, DescTable, Machine, Regs};
 use crate::guest::{self, hw, sym_addr};
 use core::fmt::{self, Write};
@@ -50,6 +50,11 @@ pub trait Hypervisor {
     fn summary(&self, out: &mut dyn Write);
     /// Stop the VM with exit status `status`.
     fn shutdown(&mut self, status: u32) -> !;
+    /// The platform asks the guest to suspend (guest/migrate.rs answers at the dispatcher's
+    /// safe point). Platforms without a suspend protocol never ask.
+    fn suspend_requested(&self) -> bool {
+        false
+    }
 }
 
 /// The device models and the runtime-kept interrupt flag and ticks over platform `H`.
@@ -81,6 +86,25 @@ impl<H: Hypervisor> Paravirt<H> {
             vector: 0,
             next_tick: 0,
             delivered: 0,
+        }
+    }
+
+    /// The configuration the kernel programmed (for the next backend after a migration).
+    pub fn programmed(&self) -> Programmed {
+        Programmed { pic: self.pic, pit: self.pit }
+    }
+
+    /// Take over configuration programmed under another backend, and bind it to this
+    /// platform: the event vector and the tick timer are sent again.
+    pub fn adopt(&mut self, p: &Programmed) {
+        self.pic = p.pic;
+        self.pit = p.pit;
+        self.vector = 0;
+        self.sync_vector();
+        self.next_tick = 0;
+        if self.pit.period_ns() != 0 {
+            self.next_tick = self.hv.now_ns() + self.pit.period_ns();
+            self.hv.backstop(BACKSTOP_NS);
         }
     }
 
@@ -177,6 +201,12 @@ impl<H: Hypervisor> Paravirt<H> {
         };
         if !op.is_some_and(|op| emulate::emulate(&op, regs, self)) {
             regs.rip = ool;
+        }
+        // The site's work is done and nothing else runs: the safe point for a suspend. If
+        // the guest resumed under another backend, this machine is no longer in charge.
+        if self.hv.suspend_requested() && guest::migrate::safe_point() {
+            regs.iret_rsp = regs.gpr[gpr::RSP];
+            return;
         }
         self.tick();
         self.deliver_pending(regs);

@@ -1,13 +1,17 @@
 //! The `hv` backend in the kernel: hypercalls, the shared vCPU page and the in-tree
 //! hypervisor's side of the shared paravirtual machine ([`Paravirt`]: device models,
 //! interrupt flag, ticks, the site dispatcher), and its stub.
+//!
+//! Both ABI majors are spoken: version 1 calls stub `nr`, version 2 the single entry with a
+//! [`abi::v2::Call`] block; [`init`] picks the one CPUID reports, at boot and again after a
+//! migration (guest/migrate.rs), so the same kernel moves between the two.
 
 use crate::emulate::{Machine, Regs};
 use crate::guest::paravirt::{Hypervisor, Paravirt, BACKSTOP_NS};
 use crate::guest::{self, hw, link_value, sym_addr, Global};
 use core::cell::UnsafeCell;
 use core::fmt::{self, Write};
-use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use core::sync::atomic::{AtomicU16, AtomicU32, AtomicU64, Ordering};
 use previrt_hv_abi::{self as abi, event, features, hc, timer, VcpuPage};
 
 /// The page the VMM fills with hypercall stubs (executable: the runtime's pages are mapped
@@ -20,6 +24,19 @@ static HYPERCALLS: Global<StubPage> = Global(UnsafeCell::new(StubPage([0xcc; abi
 struct SharedPage(VcpuPage);
 // SAFETY (zeroed): VcpuPage is plain integers and arrays.
 static VCPU: Global<SharedPage> = Global(UnsafeCell::new(SharedPage(unsafe { core::mem::zeroed() })));
+
+/// The ABI major in use ([`abi::ABI_MAJOR`] or [`abi::ABI_MAJOR_V2`]).
+static MAJOR: AtomicU16 = AtomicU16::new(abi::ABI_MAJOR);
+
+/// The block version-2 hypercalls point at (single vCPU; only used inside [`hypercall`]).
+#[repr(C, align(16))]
+struct CallBlock(abi::v2::Call);
+static CALL: Global<CallBlock> = Global(UnsafeCell::new(CallBlock(abi::v2::Call {
+    op: 0,
+    flags: 0,
+    args: [0; 4],
+    _reserved: [0; 3],
+})));
 
 /// Hypercalls made, by number (the exit summary prints them).
 static CALLS: [AtomicU64; hc::COUNT as usize] = [const { AtomicU64::new(0) }; hc::COUNT as usize];
@@ -54,10 +71,22 @@ fn gpa(va: u64) -> u64 {
     va.wrapping_sub(link_value!("__previrt_virt_delta"))
 }
 
-/// Hypercall `nr`: a call into the VMM's stub page (only %rax is clobbered).
+/// Hypercall `nr` (a version-1 number) with arguments `a`: version 1 calls stub `nr` with the
+/// arguments in registers; version 2 fills the call block with the renumbered op and calls
+/// the entry with its GPA. Only %rax is clobbered.
 fn hypercall(nr: u64, a: [u64; 4]) -> i64 {
-    let stub = HYPERCALLS.0.get() as u64 + nr * abi::HYPERCALL_STUB_SIZE as u64;
     CALLS[nr as usize].fetch_add(1, Ordering::Relaxed);
+    let (stub, a) = match MAJOR.load(Ordering::Relaxed) {
+        abi::ABI_MAJOR_V2 => {
+            // SAFETY: single vCPU, interrupts off in the runtime: nothing else uses the block.
+            let block = unsafe { CALL.get() };
+            let op = abi::v2::from_v1(nr).unwrap_or(u32::MAX);
+            block.0 = abi::v2::Call { op, flags: 0, args: a, _reserved: [0; 3] };
+            (0, [gpa(block as *mut CallBlock as u64), 0, 0, 0])
+        }
+        _ => (nr * abi::HYPERCALL_STUB_SIZE as u64, a),
+    };
+    let stub = HYPERCALLS.0.get() as u64 + stub;
     let r: i64;
     // SAFETY: the VMM filled the page at `init`; the stubs follow the SysV convention and
     // preserve every register but %rax.
@@ -68,12 +97,15 @@ fn hypercall(nr: u64, a: [u64; 4]) -> i64 {
     r
 }
 
-/// Set up the ABI at boot: check the version, install the hypercall and vCPU pages.
+/// Set up the ABI (at boot, and after a migration): check the version, install the hypercall
+/// and vCPU pages, say the guest answers suspend requests.
 pub(crate) fn init(tsc_per_ms: u64) -> Result<(), &'static str> {
     let [version, feats, _, _] = hw::cpuid(abi::CPUID_VERSION, 0);
-    if version >> 16 != abi::ABI_MAJOR as u32 {
-        return Err("the hypervisor offers another major version of the previrt ABI");
+    let major = (version >> 16) as u16;
+    if major != abi::ABI_MAJOR && major != abi::ABI_MAJOR_V2 {
+        return Err("the hypervisor offers a major version of the previrt ABI this runtime does not know");
     }
+    MAJOR.store(major, Ordering::Relaxed);
     // SAFETY: boot runs once, single-threaded.
     let x = unsafe { HV.get() };
     x.hv.features = feats;
@@ -82,10 +114,37 @@ pub(crate) fn init(tsc_per_ms: u64) -> Result<(), &'static str> {
     vif().store(0, Ordering::Relaxed);
     Machine::wrmsr(&mut h, abi::MSR_HYPERCALL_PAGE, gpa(HYPERCALLS.0.get() as u64) | abi::MSR_ENABLE);
     Machine::wrmsr(&mut h, abi::MSR_VCPU_PAGE, gpa(page() as u64) | abi::MSR_ENABLE);
-    if hypercall(hc::VERSION, [0; 4]) != abi::ABI_VERSION as i64 {
+    if hypercall(hc::VERSION, [0; 4]) != version as i64 {
         return Err("the hypercall page does not answer VERSION");
     }
+    // SAFETY: the page is registered; the guest writes this field, the VMM reads it.
+    unsafe { core::ptr::addr_of_mut!((*page()).guest_features).write_volatile(abi::guest_features::SUSPEND) };
     Ok(())
+}
+
+/// The ABI version in use (for the migration log line).
+pub(crate) fn version() -> u16 {
+    MAJOR.load(Ordering::Relaxed)
+}
+
+/// Migration: the console line buffer goes out, then `SUSPEND`; its result
+/// ([`abi::suspend::RESUMED`] after a restore).
+pub(crate) fn suspend() -> i64 {
+    // SAFETY: called at the dispatcher's safe point (single vCPU, interrupts off).
+    unsafe { HV.get() }.flush();
+    hypercall(hc::SUSPEND, [0; 4])
+}
+
+/// Migration: what the kernel programmed, for the next backend.
+pub(crate) fn programmed() -> crate::devices::Programmed {
+    // SAFETY: as `suspend`.
+    unsafe { HV.get() }.programmed()
+}
+
+/// Migration: bind what the kernel programmed under the previous backend.
+pub(crate) fn adopt(p: &crate::devices::Programmed) {
+    // SAFETY: as `suspend`.
+    unsafe { HV.get() }.adopt(p)
 }
 
 /// The runtime's own messages: through the UART model's line buffer into the console ring.
@@ -188,6 +247,9 @@ impl Hypervisor for Hv {
         loop {
             hypercall(hc::SHUTDOWN, [status as u64, 0, 0, 0]);
         }
+    }
+    fn suspend_requested(&self) -> bool {
+        pending().load(Ordering::Acquire) & event::SUSPEND != 0
     }
 }
 

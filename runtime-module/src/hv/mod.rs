@@ -21,7 +21,7 @@
 #[cfg(feature = "guest")]
 mod machine;
 #[cfg(feature = "guest")]
-pub(crate) use machine::{init, stub, Console};
+pub(crate) use machine::{adopt, init, programmed, stub, suspend, version, Console};
 
 use previrt_site_abi::Kind;
 

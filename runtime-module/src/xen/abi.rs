@@ -62,6 +62,8 @@ pub const SHUTDOWN_CRASH: u32 = 3;
 pub const VCPUOP_STOP_PERIODIC_TIMER: u64 = 7;
 pub const EVTCHNOP_BIND_VIRQ: u64 = 1;
 pub const EVTCHNOP_UNMASK: u64 = 9;
+pub const EVTCHNOP_SEND: u64 = 4;
+pub const SCHEDOP_YIELD: u64 = 0;
 pub const VIRQ_TIMER: u32 = 0;
 pub const CALLBACKOP_REGISTER: u64 = 0;
 pub const CALLBACKTYPE_EVENT: u16 = 0;
@@ -93,6 +95,9 @@ pub mod start_info {
     pub const NR_PAGES: usize = 32;
     pub const SHARED_INFO: usize = 40;
     pub const FLAGS: usize = 48;
+    /// console.domU.mfn and .evtchn (a non-initial domain's console ring and its channel).
+    pub const CONSOLE_MFN: usize = 72;
+    pub const CONSOLE_EVTCHN: usize = 80;
     pub const MFN_LIST: usize = 104;
     pub const CMD_LINE: usize = 128;
     pub const CMD_LINE_LEN: usize = 1024;

@@ -1,6 +1,6 @@
 //! The Xen PV entry points, in assembly: the domain's entry (XEN_ELFNOTE_ENTRY), the site stub,
 //! the event upcall, the exception trampolines, the failsafe callback, and the pages Xen
-//! fills or shares (hypercall page, shared_info, the LAPIC model page).
+//! fills or shares (hypercall page, shared_info, a domU's console ring, the LAPIC model page).
 //!
 //! Xen enters `previrt_xen_entry` in long mode, ring 3, `%rsi` = start_info, events masked.
 //! Exceptions and upcalls arrive on the current stack with `%rcx` and `%r11` pushed above a
@@ -139,10 +139,11 @@ previrt_xen_failsafe:
 
     .section .bss.previrt_xen, "aw", @nobits
     .balign 4096
-    .globl previrt_xen_hypercall_page, previrt_xen_shared_info, previrt_xen_lapic
+    .globl previrt_xen_hypercall_page, previrt_xen_shared_info, previrt_xen_lapic, previrt_xen_console
 previrt_xen_hypercall_page: .skip 4096
 previrt_xen_shared_info: .skip 4096
 previrt_xen_lapic: .skip 4096
+previrt_xen_console: .skip 4096
 xen_boot_stack: .skip 16384
 xen_boot_stack_top:
     .text

@@ -10,7 +10,7 @@
 //!   `MMUEXT_INVLPG_LOCAL`; a page fault on a page the guest maps but the shadow does not
 //!   (a mapping added without `invlpg`, allowed on hardware) resyncs it and retries.
 //! - Every shadow also maps the runtime itself and the p2m list (Xen's identity layout), the
-//!   shadow tables read-only, and the shared_info page.
+//!   shadow tables read-only, and the pages Xen shares (shared_info, a domU's console ring).
 //! - Guest pages naming frame 0xfee00 (the local APIC) map the runtime's LAPIC model page.
 //! - Global, huge (2 MiB/1 GiB) guest pages and accessed/dirty write-back are not supported.
 
@@ -60,8 +60,9 @@ pub struct Mmu {
     pub nr_pages: u64,
     pub runtime: (u64, u64),
     pub p2m_range: (u64, u64),
-    pub shared_info_va: u64,
-    pub shared_info_maddr: u64,
+    /// Pages Xen shares with the domain (shared_info, the console ring), mapped writable at
+    /// runtime addresses in every shadow: (virtual address, machine address); 0 = unused.
+    pub shared: [(u64, u64); 2],
     pub lapic_page: u64,
 }
 
@@ -106,8 +107,7 @@ impl Mmu {
             nr_pages: 0,
             runtime: (0, 0),
             p2m_range: (0, 0),
-            shared_info_va: 0,
-            shared_info_maddr: 0,
+            shared: [(0, 0); 2],
             lapic_page: 0,
         }
     }
@@ -136,8 +136,8 @@ impl Mmu {
     /// The runtime's own mapping of `va`, if it is in a range every shadow maps.
     fn extra(&self, va: u64) -> Option<u64> {
         let inside = |(a, b): (u64, u64)| va >= a && va < b;
-        if va == self.shared_info_va {
-            return Some(self.shared_info_maddr | PRESENT | WRITABLE | ACCESSED | DIRTY);
+        if let Some((_, maddr)) = self.shared.iter().find(|(v, m)| *v == va && *m != 0) {
+            return Some(maddr | PRESENT | WRITABLE | ACCESSED | DIRTY);
         }
         if !inside(self.runtime) && !inside(self.p2m_range) {
             return None;

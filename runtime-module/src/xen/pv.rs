@@ -1,7 +1,7 @@
 //! The Xen PV backend proper: start of day, the site dispatcher, the event upcall, the #PF
 //! hook and the Xen [`Machine`] (docs/xen-pv.md).
 
-use super::{abi, devices, mmu};
+use super::{abi, console, devices, mmu};
 
 use crate::backend;
 use crate::emulate::{self, gpr, rflags, DescTable, Handler, Machine, Op, Regs};
@@ -27,6 +27,8 @@ static mut previrt_xen_deliver: u64 = 0;
 /// Everything the backend knows; single vCPU, touched with events masked.
 pub struct Xen {
     flags: u32,
+    /// A non-initial domain's console ring and its event channel (dom0 uses `console_io`).
+    ring: Option<(console::Ring, u32)>,
     mmu: Mmu,
     uart: Uart,
     pic: [Pic; 2],
@@ -42,6 +44,7 @@ pub struct Xen {
 
 static XEN: Global<Xen> = Global(UnsafeCell::new(Xen {
     flags: 0,
+    ring: None,
     mmu: Mmu::new(),
     uart: Uart::new(),
     pic: [Pic::new(), Pic::new()],
@@ -91,9 +94,26 @@ impl Write for Console {
     }
 }
 
-fn console_write(b: &[u8]) {
-    // SAFETY: a buffer of b.len() readable bytes.
-    unsafe { abi::call(Hypercall::ConsoleIo, [abi::CONSOLEIO_WRITE, b.len() as u64, b.as_ptr() as u64, 0, 0]) };
+/// Console output as Xen allows it: `console_io` for the initial domain, the console ring
+/// otherwise. Failures are ignored: there is no other place to report them.
+fn console_write(ring: Option<&mut (console::Ring, u32)>, mut b: &[u8]) {
+    let Some((ring, port)) = ring else {
+        // SAFETY: a buffer of b.len() readable bytes.
+        unsafe { abi::call(Hypercall::ConsoleIo, [abi::CONSOLEIO_WRITE, b.len() as u64, b.as_ptr() as u64, 0, 0]) };
+        return;
+    };
+    while !b.is_empty() {
+        let n = ring.write(b);
+        b = &b[n..];
+        // SAFETY: evtchn_send is one port number; sched_yield takes no argument.
+        unsafe {
+            abi::call(Hypercall::EventChannelOp, [abi::EVTCHNOP_SEND, port as *const u32 as u64, 0, 0, 0]);
+            if n == 0 {
+                // Full: let the back end (in another domain) drain it.
+                abi::call(Hypercall::SchedOp, [abi::SCHEDOP_YIELD, 0, 0, 0, 0]);
+            }
+        }
+    }
 }
 
 fn shutdown(reason: u32) -> ! {
@@ -152,7 +172,7 @@ fn mmu_ok<T>(r: Result<T, MmuError>) -> T {
 }
 
 fn flush_uart(x: &mut Xen) {
-    console_write(&x.uart.buf[..x.uart.len]);
+    console_write(x.ring.as_mut(), &x.uart.buf[..x.uart.len]);
     x.uart.len = 0;
 }
 
@@ -208,8 +228,19 @@ extern "C" fn previrt_xen_boot(si: u64) -> u64 {
     m.p2m = field(S::MFN_LIST);
     m.p2m_range = (m.p2m & !0xfff, (m.p2m + m.nr_pages * 8 + 0xfff) & !0xfff);
     m.runtime = (link_value!("__previrt_runtime_start"), link_value!("__previrt_runtime_end"));
-    m.shared_info_va = shared_va;
-    m.shared_info_maddr = field(S::SHARED_INFO) & !0xfff;
+    m.shared[0] = (shared_va, field(S::SHARED_INFO) & !0xfff);
+    if x.flags & abi::SIF_INITDOMAIN == 0 {
+        // Not dom0: no console_io; the console is the ring Xen's builder set up.
+        let va = addr_of_sym!("previrt_xen_console");
+        let maddr = field(S::CONSOLE_MFN) << 12;
+        must(
+            Hypercall::UpdateVaMapping,
+            [va, maddr | mmu::PRESENT | mmu::WRITABLE | mmu::ACCESSED | mmu::DIRTY, abi::UVMF_INVLPG, 0, 0],
+        );
+        m.shared[1] = (va, maddr);
+        // SAFETY: the ring's page is mapped at `va` from now on, in every shadow too.
+        x.ring = Some((unsafe { console::Ring::new(va as *mut u8) }, field(S::CONSOLE_EVTCHN) as u32));
+    }
     m.lapic_page = addr_of_sym!("previrt_xen_lapic");
     mmu_ok(m.protect_pool());
 

@@ -1,0 +1,208 @@
+//! Migration-time re-patching (docs/snapshot.md, docs/hv-abi.md §9): at a safe point the
+//! active backend suspends the guest; when the suspend call returns "resumed elsewhere" the
+//! runtime re-detects the platform, chooses the backend for it, hands the kernel's device
+//! configuration over, re-patches every site and returns into the kernel.
+//!
+//! Backends take part through [`HOOKS`], one row each: how they suspend, what the kernel
+//! programmed under them ([`Programmed`]), how they bind such a configuration, what they leave
+//! behind in the virtual hardware that travelled with the snapshot. A backend without a row
+//! (trace, Xen PV) never suspends. The paravirtual backends' set-up, console and stub come
+//! from the boot table (`super::PARAVIRTUAL`), so a new backend (`pvm`) adds a row there and
+//! one here.
+//!
+//! After a migration to a platform with no paravirtual interface the runtime runs
+//! [`backend::NATIVE_WATCH`]: native instructions (trap-and-emulate), except `hlt`, after
+//! which it looks at CPUID once; when a paravirtual interface has appeared (the VM was moved
+//! back) it re-patches for it the same way.
+
+use super::{apply, hw, serial::Com1, sym_addr, Global, PvConsole, PARAVIRTUAL, STATE};
+use crate::backend::{self, Backend};
+use crate::devices::{Pic, Pit, Programmed};
+use crate::emulate::{self, gpr, Regs};
+use crate::platform;
+use core::cell::UnsafeCell;
+use core::fmt::Write;
+use core::sync::atomic::{AtomicU64, Ordering};
+use previrt_hv_abi::suspend;
+
+/// A backend's part in a migration.
+struct Hooks {
+    backend: &'static Backend,
+    /// On the old platform, at the safe point: flush what is buffered and call the platform's
+    /// suspend; its result (`suspend::RESUMED` when this is the restored guest).
+    suspend: fn() -> i64,
+    /// What the kernel programmed while this backend ran.
+    programmed: fn() -> Programmed,
+    /// On the new platform: bind `Programmed` (after the backend's set-up succeeded).
+    adopt: fn(&Programmed),
+    /// On the new platform: undo what this backend left in the virtual hardware that came
+    /// with the snapshot.
+    release: fn(),
+}
+
+static HOOKS: [Hooks; 2] = [
+    Hooks {
+        backend: &backend::HV,
+        suspend: crate::hv::suspend,
+        programmed: crate::hv::programmed,
+        adopt: crate::hv::adopt,
+        release: || {},
+    },
+    Hooks {
+        backend: &backend::NATIVE_WATCH,
+        suspend: || suspend::CANCELLED,
+        programmed: native_programmed,
+        adopt: native_adopt,
+        release: native_release,
+    },
+];
+
+fn hooks(b: &Backend) -> Option<&'static Hooks> {
+    HOOKS.iter().find(|h| h.backend.id == b.id)
+}
+
+/// The row of the backend every platform has.
+fn watch() -> &'static Hooks {
+    hooks(&backend::NATIVE_WATCH).expect("native-watch has a row")
+}
+
+/// TSC ticks per millisecond measured at boot (the backends' clocks; same host after a move).
+static TSC_PER_MS: AtomicU64 = AtomicU64::new(0);
+
+/// Boot: remember the TSC rate for set-ups after a migration.
+pub(super) fn boot(tsc_per_ms: u64) {
+    TSC_PER_MS.store(tsc_per_ms, Ordering::Relaxed);
+}
+
+/// The active backend's platform asks for a suspend, and nothing runs inside a site or a
+/// handler (a dispatcher calls this after the site's work, with interrupts off). Suspends;
+/// after a restore re-patches for where the guest now runs. True when the backend changed
+/// (the caller's machine is no longer in charge).
+pub(crate) fn safe_point() -> bool {
+    // SAFETY: single vCPU, interrupts off, no CPU inside a site.
+    let from = unsafe { STATE.get() }.active;
+    let Some(h) = hooks(from) else { return false };
+    if (h.suspend)() != suspend::RESUMED {
+        return false;
+    }
+    resume(h) != from.id
+}
+
+/// Re-detect, choose, set up, hand over, re-patch; returns the new backend's id.
+fn resume(from: &Hooks) -> u32 {
+    let t0 = hw::rdtsc();
+    let programmed = (from.programmed)();
+    (from.release)();
+    // SAFETY: as `safe_point`.
+    let state = unsafe { STATE.get() };
+    state.platform = platform::detect(|leaf| hw::cpuid(leaf, 0));
+    let per_ms = TSC_PER_MS.load(Ordering::Relaxed);
+    let want = platform::auto_backend(state.platform);
+    // The platform's paravirtual backend if it sets up and can migrate; else native-watch.
+    let pv = PARAVIRTUAL.iter().find(|p| p.backend.id == want && hooks(p.backend).is_some());
+    let why = match pv {
+        Some(p) => (p.init)(per_ms).err(),
+        None => None,
+    };
+    let pv = pv.filter(|_| why.is_none());
+    let to = pv.and_then(|p| hooks(p.backend)).unwrap_or_else(watch);
+    (to.adopt)(&programmed);
+    state.stub = pv.map_or_else(|| sym_addr!("previrt_watch_entry"), |p| (p.stub)());
+    // SAFETY: as `safe_point`; the site table and text are mapped as at boot.
+    let stats = unsafe { apply(state, to.backend) };
+    let cycles = hw::rdtsc() - t0;
+    let mut pv_out = pv.map(|p| PvConsole(p.console));
+    let out: &mut dyn Write = match &mut pv_out {
+        Some(c) => c,
+        None => &mut Com1,
+    };
+    let _ = write!(out, "previrt: resumed on {}: backend={}", state.platform.name(), to.backend.name);
+    if to.backend.id == backend::HV.id {
+        let _ = write!(out, " abi=v{}", crate::hv::version());
+    }
+    if let Some(why) = why {
+        let _ = write!(out, " ({why})");
+    }
+    let _ = writeln!(out, " sites={} re-patched in {} us", stats.map_or(0, |s| s.sites), cycles * 1000 / per_ms.max(1));
+    to.backend.id
+}
+
+/// Native-watch's record of what it programmed into the real devices (an 8259 cannot be read
+/// back, except its mask).
+static NATIVE: Global<Programmed> =
+    Global(UnsafeCell::new(Programmed { pic: [Pic::new(), Pic::new()], pit: Pit::new() }));
+
+const PIC_PORTS: [u16; 2] = [0x20, 0xa0];
+/// ICW3: the slave hangs on the master's IRQ2 / has cascade identity 2.
+const PIC_ICW3: [u8; 2] = [0x04, 0x02];
+
+/// The kernel's configuration into the real PIC pair and PIT (trap-and-emulate from here).
+fn native_adopt(p: &Programmed) {
+    // SAFETY: single vCPU at the safe point.
+    unsafe { *NATIVE.get() = *p };
+    for ((pic, port), icw3) in p.pic.iter().zip(PIC_PORTS).zip(PIC_ICW3) {
+        // ICW1 (edge, cascade, ICW4 follows), ICW2 vector base, ICW3, ICW4 (8086 mode), mask.
+        for (reg, v) in [(0, 0x11), (1, pic.base), (1, icw3), (1, 0x01), (1, pic.mask)] {
+            hw::outb(port + reg, v);
+        }
+    }
+    if p.pit.divisor != 0 {
+        // Channel 0, lo/hi byte, mode 2 (rate generator): a tick per divisor.
+        hw::outb(0x43, 0x34);
+        hw::outb(0x40, p.pit.divisor as u8);
+        hw::outb(0x40, (p.pit.divisor >> 8) as u8);
+    }
+}
+
+/// What native-watch programmed, with the masks the kernel may have changed since (OCW1 reads
+/// back from the data port).
+fn native_programmed() -> Programmed {
+    // SAFETY: single vCPU at the safe point.
+    let mut p = unsafe { *NATIVE.get() };
+    for (pic, port) in p.pic.iter_mut().zip(PIC_PORTS) {
+        pic.mask = hw::inb(port + 1);
+    }
+    p
+}
+
+/// The real devices stop interrupting: both PICs masked, the PIT's channel 0 turned into a
+/// one-shot (the next backend keeps time its own way).
+fn native_release() {
+    for port in PIC_PORTS {
+        hw::outb(port + 1, 0xff);
+    }
+    hw::outb(0x43, 0x30);
+    hw::outb(0x40, 0xff);
+    hw::outb(0x40, 0xff);
+}
+
+/// Native-watch's dispatcher (only `hlt` sites call it): halt as the hardware would, then one
+/// CPUID look at the platform; another one than at the last resume means the VM was moved.
+#[no_mangle]
+extern "C" fn previrt_watch_dispatch(regs: &mut Regs) {
+    let Some((op, ool)) = super::enter_site(regs) else {
+        let _ = writeln!(Com1, "previrt: call into the runtime from {:#x}, which is no site", regs.rip.wrapping_sub(5));
+        super::stop()
+    };
+    if !op.is_some_and(|op| emulate::emulate(&op, regs, &mut hw::Hardware)) {
+        regs.rip = ool;
+    }
+    // SAFETY: read-only; written at boot and by `resume`, on this vCPU.
+    let known = unsafe { STATE.get() }.platform;
+    if platform::detect(|leaf| hw::cpuid(leaf, 0)) != known {
+        resume(watch());
+    }
+    regs.iret_rsp = regs.gpr[gpr::RSP];
+}
+
+// Native-watch's stub: the trace stub's text with its dispatcher.
+core::arch::global_asm!(
+    concat!(
+        ".section .text.previrt_watch, \"ax\", @progbits\n",
+        ".globl previrt_watch_entry\n",
+        "previrt_watch_entry:\n",
+        super::site_stub!("    cli\n", "previrt_watch_dispatch", "    iretq\n"),
+        ".text\n"
+    ),
+    options(att_syntax, raw)
+);
