@@ -132,3 +132,90 @@ stack_top:
     // SHUTDOWN_crash is reason 3: the exit status.
     assert_eq!(o.status.code(), Some(3), "stderr: {}", stderr(&o));
 }
+
+/// The historical split (`--abi xen-3.0.2` vs `--abi xen`): one guest probes both generations
+/// of the scheduler and event-channel calls, the Xen version, and the 4.6+ upcall-vector call,
+/// and shuts down through whichever `sched_op` form answers, with the outcome bits as the
+/// reason (the personality's exit status):
+/// bit 0 XENVER_version is 4.x, bit 6 it is 3.x; bit 1 sched_op(29, yield) = 0; bit 2
+/// sched_op_compat(6, yield) = 0; bit 3 event_channel_op(32, bind_virq) = 0; bit 4
+/// event_channel_op_compat(16, {bind_virq}) = 0; bit 5 hvm_op(set_evtchn_upcall_vector) = 0.
+#[test]
+fn xen_3_0_2_offers_only_the_compat_calls_and_current_xen_only_the_new_ones() {
+    let d = scratch("xen_abi_split");
+    let src = r#"    mov $stack_top, %esp
+    mov $0x40000002, %eax
+    cpuid
+    mov %ebx, %ecx
+    mov $hypercall_page, %eax
+    xor %edx, %edx
+    wrmsr
+    xor %esi, %esi                     /* outcome bits (the hypercall stubs keep %esi) */
+    xor %ebx, %ebx                     /* xen_version(XENVER_version) */
+    call hypercall_page + 17 * 32
+    shr $16, %eax
+    cmp $4, %eax
+    jne 1f
+    or $1, %esi
+1:  cmp $3, %eax
+    jne 1f
+    or $64, %esi
+1:  xor %ebx, %ebx                     /* sched_op(SCHEDOP_yield, NULL) */
+    xor %ecx, %ecx
+    call hypercall_page + 29 * 32
+    test %eax, %eax
+    jnz 1f
+    or $2, %esi
+1:  xor %ebx, %ebx                     /* sched_op_compat(SCHEDOP_yield, 0) */
+    xor %ecx, %ecx
+    call hypercall_page + 6 * 32
+    test %eax, %eax
+    jnz 1f
+    or $4, %esi
+1:  mov $1, %ebx                       /* event_channel_op(EVTCHNOP_bind_virq, &bind) */
+    mov $bind, %ecx
+    call hypercall_page + 32 * 32
+    test %eax, %eax
+    jnz 1f
+    or $8, %esi
+1:  mov $op, %ebx                      /* event_channel_op_compat(&{bind_virq, ...}) */
+    call hypercall_page + 16 * 32
+    test %eax, %eax
+    jnz 1f
+    or $16, %esi
+1:  mov $23, %ebx                      /* hvm_op(HVMOP_set_evtchn_upcall_vector, &uv) */
+    mov $uv, %ecx
+    call hypercall_page + 34 * 32
+    test %eax, %eax
+    jnz 1f
+    or $32, %esi
+1:  mov %esi, reason
+    mov $2, %ebx                       /* sched_op(SCHEDOP_shutdown, &reason) */
+    mov $reason, %ecx
+    call hypercall_page + 29 * 32
+    mov $2, %ebx                       /* sched_op_compat(SCHEDOP_shutdown, reason) */
+    mov %esi, %ecx
+    call hypercall_page + 6 * 32
+    mov $0x7f, %eax                    /* neither shut down: status 255 */
+    mov $0xf4, %dx
+    out %eax, %dx
+    hlt
+.data
+.balign 8
+reason: .long 0
+bind: .long 0, 0, 0                    /* VIRQ_TIMER, vCPU 0, port out */
+op:   .long 1, 0, 0, 0                 /* EVTCHNOP_bind_virq, VIRQ_TIMER, vCPU 0, port out */
+uv:   .long 0                          /* vCPU 0 */
+      .byte 0x30, 0, 0, 0              /* vector */
+.bss
+.balign 4096
+hypercall_page: .skip 4096
+.skip 4096
+stack_top:
+"#;
+    let k = pvh_guest(&d, "g", src);
+    for (abi, bits) in [("xen", 1 | 2 | 8 | 32), ("xen-3.0.2", 64 | 4 | 16)] {
+        let o = run(&k, &["--abi", abi]);
+        assert_eq!(o.status.code(), Some(bits), "--abi {abi}: outcome bits\nstderr: {}", stderr(&o));
+    }
+}

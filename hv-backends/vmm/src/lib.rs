@@ -41,6 +41,21 @@ pub enum AbiKind {
     Xen,
     /// No paravirtual interface: plain trap-and-emulate.
     None,
+    /// The Xen personality as Xen 3.0.2: sched_op_compat and event_channel_op_compat instead
+    /// of sched_op and event_channel_op (docs/xen-hvm.md); `xen` is Xen 4.17.
+    #[value(name = "xen-3.0.2")]
+    Xen302,
+}
+
+impl AbiKind {
+    /// The Xen interface version, for the Xen kinds.
+    pub fn xen_version(self) -> Option<xen::Version> {
+        match self {
+            AbiKind::Xen => Some(xen::Version::V4_17),
+            AbiKind::Xen302 => Some(xen::Version::V3_0_2),
+            _ => None,
+        }
+    }
 }
 
 /// How guest code executes on this host.

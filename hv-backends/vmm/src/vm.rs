@@ -119,7 +119,7 @@ pub(crate) fn run_with(
     out: Box<dyn std::io::Write + Send>,
     restore: Option<&snapshot::Image>,
 ) -> Result<RunResult, Error> {
-    if (args.snapshot.is_some() || args.control.is_some()) && args.abi == AbiKind::Xen {
+    if (args.snapshot.is_some() || args.control.is_some()) && args.abi.xen_version().is_some() {
         return Err(Error::BadInput("--snapshot: the Xen personality cannot be saved yet".into()));
     }
     let mem_size = crate::parse_size(&args.mem)
@@ -146,7 +146,7 @@ pub(crate) fn run_with(
             let image = read_file(&args.kernel, "kernel")?;
             let initrd = args.initrd.as_deref().map(|p| read_file(p, "initrd")).transpose()?;
             let loaded = boot::load_kernel(&mem, &image, args.boot)?;
-            let start_flags = if args.abi == AbiKind::Xen { crate::xen::SIF_INITDOMAIN } else { 0 };
+            let start_flags = if args.abi.xen_version().is_some() { crate::xen::SIF_INITDOMAIN } else { 0 };
             boot::write_boot_info(&mem, mem_size, &loaded, &args.append, initrd.as_deref(), start_flags)?;
             Some(loaded)
         }
@@ -156,7 +156,9 @@ pub(crate) fn run_with(
         AbiKind::Previrt | AbiKind::PrevirtV2 => Personality::Previrt(
             Pv::new(console.clone(), disk).map_err(host("disk"))?.with_major(args.abi.hv_major().unwrap_or(1)),
         ),
-        AbiKind::Xen => Personality::Xen(Xen::new(console.clone())),
+        AbiKind::Xen | AbiKind::Xen302 => {
+            Personality::Xen(Xen::new(console.clone(), args.abi.xen_version().unwrap_or(crate::xen::Version::V4_17)))
+        }
     };
 
     let kvm = Kvm::new().map_err(|e| {
@@ -219,9 +221,15 @@ pub(crate) fn run_with(
         }
     }
     crate::pvm::setup(&vcpu, args.backend).map_err(Error::Host)?;
+    if let Personality::Xen(x) = &mut persona {
+        let (khz, tsc) = guest_tsc(&vcpu).map_err(host("TSC (KVM_GET_TSC_KHZ, KVM_GET_MSRS)"))?;
+        x.set_clock(&mem, khz, tsc);
+    }
 
     let kicker = match persona {
-        Personality::Previrt(_) => Some(Kicker::for_current_thread().map_err(host("timer thread"))?),
+        Personality::Previrt(_) | Personality::Xen(_) => {
+            Some(Kicker::for_current_thread().map_err(host("timer thread"))?)
+        }
         _ => None,
     };
     let bus = PortBus::new(IrqLine(irq), console);
@@ -570,9 +578,19 @@ impl Vm {
         self.set_regs(&regs)
     }
 
-    /// Before each KVM_RUN: the #UD breakpoint, then the previrt ABI's timer and events.
+    /// Before each KVM_RUN: the #UD breakpoint, then the personality's timer and events.
     fn before_entry(&mut self) -> Result<(), Stop> {
         self.arm_ud_breakpoint()?;
+        if let Personality::Xen(x) = &mut self.persona {
+            x.tick(&self.mem, Instant::now());
+            if let Some(k) = &self.kicker {
+                k.set(x.deadline());
+            }
+            return match x.pending_vector(&self.mem) {
+                Some(v) => self.inject(v).map(|_| ()),
+                None => Ok(()),
+            };
+        }
         let Personality::Previrt(pv) = &mut self.persona else { return Ok(()) };
         pv.tick(&self.mem, Instant::now());
         if let Some(k) = &self.kicker {
@@ -590,6 +608,18 @@ impl Vm {
             return Ok(());
         }
         let vector = pv.event_vector;
+        if !self.inject(vector)? {
+            return Ok(());
+        }
+        sh.write_u32(&self.mem, abi::offsets::VIF, 0);
+        let n = sh.read_u64(&self.mem, abi::offsets::UPCALLS).unwrap_or(0);
+        sh.write_u64(&self.mem, abi::offsets::UPCALLS, n.wrapping_add(1));
+        Ok(())
+    }
+
+    /// Inject external interrupt `vector` if the vCPU can take one now (RFLAGS.IF, no
+    /// interrupt shadow, nothing else being injected). True if injected.
+    fn inject(&mut self, vector: u8) -> Result<bool, Stop> {
         let regs = self.regs()?;
         let mut ev = self.vcpu.get_vcpu_events().map_err(|e| Stop::Host(format!("KVM_GET_VCPU_EVENTS: {e}")))?;
         if regs.rflags & EFLAGS_IF == 0
@@ -597,18 +627,15 @@ impl Vm {
             || ev.exception.injected != 0
             || ev.interrupt.shadow != 0
         {
-            return Ok(());
+            return Ok(false);
         }
         ev.interrupt.injected = 1;
         ev.interrupt.nr = vector;
         ev.interrupt.soft = 0;
         ev.flags = 0;
         self.vcpu.set_vcpu_events(&ev).map_err(|e| Stop::Host(format!("KVM_SET_VCPU_EVENTS: {e}")))?;
-        sh.write_u32(&self.mem, abi::offsets::VIF, 0);
-        let n = sh.read_u64(&self.mem, abi::offsets::UPCALLS).unwrap_or(0);
-        sh.write_u64(&self.mem, abi::offsets::UPCALLS, n.wrapping_add(1));
         self.stats.add(Table::Reason, "upcall_injected", Duration::ZERO);
-        Ok(())
+        Ok(true)
     }
 
     /// A hypercall through the stub port: number in eax, arguments in registers.
@@ -643,7 +670,11 @@ impl Vm {
                 };
                 let mem = &self.mem;
                 let tr = |la| emulate::translate(mem, &sregs, la);
-                (format!("xen:{}", crate::xen::name(nr)), x.hypercall(mem, nr, a, bits64, &tr))
+                let mut out = x.hypercall(mem, nr, a, bits64, &tr);
+                if out == Outcome::Halt {
+                    out = x.block(mem);
+                }
+                (format!("xen:{}", crate::xen::name(nr)), out)
             }
             Personality::None => unreachable!("hypercall port is only routed with a personality"),
         };
@@ -740,6 +771,16 @@ impl Vm {
         self.stats.add(Table::Insn, format!("{:?}", what.insn.mnemonic()).to_lowercase(), Duration::ZERO);
         Ok(())
     }
+}
+
+/// The vCPU's TSC rate (kHz) and current value, for a Xen guest's system time.
+fn guest_tsc(vcpu: &VcpuFd) -> Result<(u32, u64), kvm_ioctls::Error> {
+    const IA32_TSC: u32 = 0x10;
+    let khz = vcpu.get_tsc_khz()?;
+    let mut msrs = kvm_bindings::Msrs::from_entries(&[kvm_bindings::kvm_msr_entry { index: IA32_TSC, ..Default::default() }])
+        .map_err(|_| kvm_ioctls::Error::new(libc::EINVAL))?;
+    vcpu.get_msrs(&mut msrs)?;
+    Ok((khz, msrs.as_slice()[0].data))
 }
 
 /// HALT: wait for the timer if no event is pending; return the pending bits.
