@@ -39,8 +39,21 @@ fn long_mode_sites(r: &SiteRecord) -> Route {
 
 /// The `hv` backend's sites: long-mode sites of the kinds it routes ([`crate::hv::ROUTED`]).
 fn hv_sites(r: &SiteRecord) -> Route {
+    listed_sites(r, crate::hv::ROUTED)
+}
+
+/// The `pvm` backend's sites: the `hv` backend's and [`crate::pvm::ROUTED`].
+fn pvm_sites(r: &SiteRecord) -> Route {
+    match hv_sites(r) {
+        Route::Original => listed_sites(r, crate::pvm::ROUTED),
+        stub => stub,
+    }
+}
+
+/// Long-mode sites of the kinds in `kinds`.
+fn listed_sites(r: &SiteRecord, kinds: &[previrt_site_abi::Kind]) -> Route {
     match long_mode_sites(r) {
-        Route::Stub if r.kind().is_some_and(|k| crate::hv::ROUTED.contains(&k)) => Route::Stub,
+        Route::Stub if r.kind().is_some_and(|k| kinds.contains(&k)) => Route::Stub,
         _ => Route::Original,
     }
 }
@@ -84,8 +97,13 @@ fn hlt_sites(r: &SiteRecord) -> Route {
     }
 }
 
+/// The in-tree hypervisor's ABI with the kernel running natively in this host's KVM-PVM mode
+/// (runtime-module/src/pvm, docs/pvm.md): chosen by `previrt.backend=pvm`, or `auto` when the
+/// VMM advertises the mode in the ABI's CPUID leaf.
+pub const PVM: Backend = Backend { id: 6, name: "pvm", route: pvm_sites };
+
 /// All backends, by id.
-pub const BACKENDS: &[&Backend] = &[&NATIVE, &TRACE, &XEN, &HV, &XEN_HVM, &NATIVE_WATCH];
+pub const BACKENDS: &[&Backend] = &[&NATIVE, &TRACE, &XEN, &HV, &XEN_HVM, &NATIVE_WATCH, &PVM];
 
 /// Backends only a platform's own entry chooses, never the command line: Xen PV needs the
 /// state the Xen entry sets up (shared info, callbacks, trap table); native-watch is what a

@@ -25,6 +25,7 @@ pub mod emulate;
 pub mod hv;
 pub mod patch;
 pub mod platform;
+pub mod pvm;
 pub mod trace;
 
 #[cfg(feature = "guest")]

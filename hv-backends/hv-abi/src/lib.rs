@@ -64,6 +64,9 @@ pub mod features {
     /// An asynchronous console doorbell: `out %al, $CONSOLE_DOORBELL_PORT` flushes the console
     /// ring without a synchronous exit (ioeventfd).
     pub const CONSOLE_DOORBELL: u32 = 1 << 3;
+    /// The VMM switched this host's KVM-PVM native mode on for the vCPU (docs/pvm.md): a
+    /// guest that keeps the mode's rules (the runtime's `pvm` backend) runs natively.
+    pub const PVM_NATIVE: u32 = 1 << 4;
 }
 
 /// `wrmsr` here with `gpa | 1` installs the hypercall page at `gpa`; `0` uninstalls.

@@ -24,7 +24,7 @@ const ADDR: u64 = 0x000f_ffff_ffff_f000;
 /// from a small static pool. Applies to identity-mapped kernels (virt = phys), whose page
 /// tables are reachable at their physical addresses; kernels linked high map the runtime with
 /// their image window (docs/runtime-entry.md).
-unsafe fn map_runtime(cr3: u64) {
+pub(crate) unsafe fn map_runtime(cr3: u64) {
     if super::link_value!("__previrt_virt_delta") != 0 {
         return;
     }

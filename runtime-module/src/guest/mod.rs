@@ -228,7 +228,7 @@ struct Paravirtual {
     stub: fn() -> u64,
 }
 
-const PARAVIRTUAL: [Paravirtual; 2] = [
+const PARAVIRTUAL: [Paravirtual; 3] = [
     Paravirtual {
         backend: &backend::HV,
         platform: Platform::PrevirtHv,
@@ -246,6 +246,15 @@ const PARAVIRTUAL: [Paravirtual; 2] = [
         console: |s| crate::xen_hvm::Console.write_str(s),
         describe: Some(crate::xen_hvm::describe),
         stub: crate::xen_hvm::stub,
+    },
+    Paravirtual {
+        backend: &backend::PVM,
+        platform: Platform::PrevirtHv,
+        missing: "no previrt hypervisor signature in CPUID",
+        init: crate::pvm::init,
+        console: |s| crate::hv::Console.write_str(s),
+        describe: None,
+        stub: crate::pvm::stub,
     },
 ];
 
@@ -280,6 +289,10 @@ extern "C" fn previrt_boot(start_info: u64, path: u32) {
             default
         }),
     };
+    // `auto` on the in-tree hypervisor: its KVM-PVM native mode when the VMM offers it.
+    if asked == Some(b"auto") && chosen.id == backend::HV.id && crate::pvm::offered() {
+        chosen = &backend::PVM;
+    }
     let per_ms = tsc_per_ms();
     migrate::boot(per_ms);
     let mut pv = PARAVIRTUAL.iter().find(|p| p.backend.id == chosen.id);

@@ -133,7 +133,7 @@ impl<H: Hypervisor> Paravirt<H> {
     }
 
     /// A tick due now becomes pending (missed periods are skipped, as the VMMs do).
-    fn tick(&mut self) {
+    pub(crate) fn tick(&mut self) {
         let period = self.pit.period_ns();
         if self.next_tick == 0 || period == 0 {
             return;
@@ -162,7 +162,7 @@ impl<H: Hypervisor> Paravirt<H> {
     /// to 16 bytes; no privilege change, the kernel runs at CPL 0). The stub's register frame
     /// sits right below the kernel's stack pointer, so the stub returns to
     /// `previrt_pv_deliver`, which pushes the frame from `previrt_pv_frame` and jumps.
-    fn deliver_pending(&mut self, regs: &mut Regs) {
+    pub(crate) fn deliver_pending(&mut self, regs: &mut Regs) {
         if regs.rflags & rflags::IF == 0 || self.vector == 0 || !self.hv.timer_pending() {
             return;
         }

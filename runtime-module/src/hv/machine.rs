@@ -147,6 +147,17 @@ pub(crate) fn adopt(p: &crate::devices::Programmed) {
     unsafe { HV.get() }.adopt(p)
 }
 
+/// The machine, for the `pvm` backend: the same ABI and models with the kernel deprivileged.
+pub(crate) fn machine() -> &'static mut Paravirt<Hv> {
+    // SAFETY: single vCPU; used inside the pvm stub (no events) or at boot.
+    unsafe { HV.get() }
+}
+
+/// Address of the shared `vif` (the pvm stub saves and clears it around its dispatch).
+pub(crate) fn vif_addr() -> u64 {
+    vif().as_ptr() as u64
+}
+
 /// The runtime's own messages: through the UART model's line buffer into the console ring.
 pub(crate) struct Console;
 
