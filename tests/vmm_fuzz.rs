@@ -92,6 +92,7 @@ fn previrt_dispatcher_survives_random_input() {
                         Outcome::Shutdown(s) => assert!(nr == hc::SHUTDOWN && (0..=255).contains(&s)),
                         Outcome::Fatal(m) => assert!(!m.is_empty()),
                         Outcome::Halt => panic!("only HALT halts"),
+                        Outcome::Suspend => assert_eq!(nr, hc::SUSPEND, "seed {seed} iter {i}"),
                     }
                 }
             }
