@@ -5,12 +5,15 @@
 //! initramfs that loads three patched modules — their init functions run `in`/`out` moved into
 //! trampolines — and prints exactly what the unpatched kernel with the original modules prints;
 //! so does the patched kernel with the guest runtime linked in (`previrt link`, native backend),
-//! which rewrites every post-link site at boot.
+//! which rewrites every post-link site at boot. With the runtime's trace backend the same
+//! kernel and modules behave the same again, the runtime patches each module's sites when the
+//! module loader finalizes it, and the trace summary counts the kernel's and the modules'
+//! executed sites.
 
 mod common;
 
 use common::require_tool;
-use previrt_postlink::{patch, verify, Options};
+use previrt_postlink::{patch, verify, FileReport, Options};
 use previrt_rewriter::elf::Elf;
 use previrt_site_abi::SITES_SECTION;
 use std::path::Path;
@@ -73,7 +76,7 @@ const MODULES: &[&str] =
     &["drivers/watchdog/watchdog.ko", "drivers/watchdog/w83627hf_wdt.ko", "drivers/watchdog/sc1200wdt.ko"];
 
 /// `/init`: load the modules (sc1200wdt probes the port given), print the results and the
-/// modules' kernel messages, power off.
+/// modules' kernel messages, then `END`.
 const INIT: &str = r#"#!/bin/sh
 /bin/busybox mount -t proc proc /proc
 /bin/busybox echo previrt-init: hello
@@ -83,10 +86,20 @@ const INIT: &str = r#"#!/bin/sh
 /bin/busybox cut -d' ' -f1,3 /proc/modules
 /bin/busybox dmesg | /bin/busybox grep -E 'w83627|sc1200' | /bin/busybox sed 's/^\[[^]]*\] //'
 /bin/busybox echo previrt-init: done
-/bin/busybox poweroff -f
 "#;
 
-fn initramfs(dir: &Path, modules: &[(String, Vec<u8>)], out: &Path) {
+/// Power off.
+const POWEROFF: &str = "/bin/busybox poweroff -f\n";
+
+/// Leave through isa-debug-exit (port 0xf4, QEMU's `-device isa-debug-exit`) by writing
+/// /dev/port: the kernel's own `outb` does it, so the trace backend sees the exit and prints
+/// its summary first.
+const DEBUG_EXIT: &str = "/bin/busybox mknod /dev/port c 1 4
+/bin/busybox printf '\\001' | /bin/busybox dd of=/dev/port bs=1 seek=244 count=1 2>/dev/null
+/bin/busybox poweroff -f
+";
+
+fn initramfs(dir: &Path, modules: &[(String, Vec<u8>)], end: &str, out: &Path) {
     require_tool("cpio");
     let busybox = ["/usr/bin/busybox", "/bin/busybox"]
         .into_iter()
@@ -99,7 +112,7 @@ fn initramfs(dir: &Path, modules: &[(String, Vec<u8>)], out: &Path) {
     }
     std::fs::copy(busybox, root.join("bin/busybox")).unwrap();
     std::os::unix::fs::symlink("busybox", root.join("bin/sh")).unwrap();
-    std::fs::write(root.join("init"), INIT).unwrap();
+    std::fs::write(root.join("init"), format!("{INIT}{end}")).unwrap();
     std::fs::set_permissions(root.join("init"), std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
     for (name, data) in modules {
         std::fs::write(root.join("m").join(name), data).unwrap();
@@ -122,6 +135,7 @@ fn boot(kernel: &Path, initrd: &Path, append: &str) -> (Vec<String>, String) {
         .arg(kernel)
         .arg("-initrd")
         .arg(initrd)
+        .args(["-device", "isa-debug-exit,iobase=0xf4,iosize=0x04"])
         .arg("-append")
         .arg(format!("console=ttyS0 panic=-1 loglevel=3 {append}"))
         .output()
@@ -131,6 +145,8 @@ fn boot(kernel: &Path, initrd: &Path, append: &str) -> (Vec<String>, String) {
         .lines()
         .skip_while(|l| !l.starts_with("previrt-init: hello"))
         .take_while(|l| !l.starts_with("previrt-init: done"))
+        // The runtime's own lines (module hook) are checked by the trace test.
+        .filter(|l| !l.starts_with("previrt: "))
         .map(str::to_owned)
         .collect();
     assert!(!lines.is_empty() && log.contains("previrt-init: done"), "{} did not reach init:\n{log}", kernel.display());
@@ -147,20 +163,13 @@ fn patched_debian_kernel_boots_and_loads_patched_modules() {
     assert!(patched.report.trampolines > 500);
     let pk = dir.join("vmlinux");
     std::fs::write(&pk, &patched.data).unwrap();
-    let (mut orig_mods, mut patched_mods) = (Vec::new(), Vec::new());
-    for m in MODULES {
-        let data = std::fs::read(deb.join("modules").join(m)).unwrap();
-        let name = Path::new(m).file_name().unwrap().to_string_lossy().into_owned();
-        let p = patch(&data, &Options::default()).unwrap();
-        if *m != MODULES[0] {
-            assert!(p.report.trampolines > 0, "{m}: no trampolines");
-        }
-        patched_mods.push((name.clone(), p.data));
-        orig_mods.push((name, data));
+    let (orig_mods, patched_mods, reports) = modules(&deb);
+    for (m, r) in MODULES.iter().zip(&reports).skip(1) {
+        assert!(r.trampolines > 0, "{m}: no trampolines");
     }
     let (oi, pi) = (dir.join("orig.cpio"), dir.join("patched.cpio"));
-    initramfs(&dir, &orig_mods, &oi);
-    initramfs(&dir, &patched_mods, &pi);
+    initramfs(&dir, &orig_mods, POWEROFF, &oi);
+    initramfs(&dir, &patched_mods, POWEROFF, &pi);
     // Only init's and the modules' own lines count: TCG timing may add clocksource warnings,
     // and the signature taint line names the first module loaded (watchdog).
     let (plain, _) = boot(&deb.join("vmlinux"), &oi, "");
@@ -177,5 +186,74 @@ fn patched_debian_kernel_boots_and_loads_patched_modules() {
     let line = format!("previrt: backend=native sites={} patched", patched.report.sites);
     assert!(log.contains(&line), "no `{line}` in the boot log:\n{log}");
     assert_eq!(plain, with_runtime, "patched kernel with the runtime behaves differently");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+type Modules = Vec<(String, Vec<u8>)>;
+
+/// The original and the patched MODULES as (file name, bytes), and the patch reports.
+fn modules(deb: &Path) -> (Modules, Modules, Vec<FileReport>) {
+    let (mut orig, mut patched, mut reports) = (Vec::new(), Vec::new(), Vec::new());
+    for m in MODULES {
+        let data = std::fs::read(deb.join("modules").join(m)).unwrap();
+        let name = Path::new(m).file_name().unwrap().to_string_lossy().into_owned();
+        let p = patch(&data, &Options::default()).unwrap();
+        reports.push(p.report);
+        patched.push((name.clone(), p.data));
+        orig.push((name, data));
+    }
+    (orig, patched, reports)
+}
+
+#[test]
+fn patched_debian_kernel_traces_boot_and_module_loading() {
+    let deb = common::debian_kernel();
+    let dir = std::env::temp_dir().join(format!("previrt-postlink-trace-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let previrt = env!("CARGO_BIN_EXE_previrt");
+    let (pk, linked) = (dir.join("vmlinux"), dir.join("vmlinux.linked"));
+    let o = Command::new(previrt).arg("patch").arg(deb.join("vmlinux")).arg("-o").arg(&pk).output().unwrap();
+    assert!(o.status.success(), "previrt patch: {}", String::from_utf8_lossy(&o.stderr));
+    let o = Command::new(previrt).arg("link").arg(&pk).arg("-o").arg(&linked).arg("--json").output().unwrap();
+    assert!(o.status.success(), "previrt link: {}", String::from_utf8_lossy(&o.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert!(report["text_resident"].is_u64(), "Linux is linked high: the runtime goes into .text padding: {report}");
+    assert!(report["module_hook"]["function"].is_u64(), "module_finalize not found: {report}");
+    let kernel_sites = report["sites"].as_u64().unwrap() as usize;
+
+    let (orig_mods, patched_mods, reports) = modules(&deb);
+    let module_sites: Vec<usize> = reports.iter().map(|r| r.sites).collect();
+    let (oi, pi) = (dir.join("orig.cpio"), dir.join("patched.cpio"));
+    initramfs(&dir, &orig_mods, DEBUG_EXIT, &oi);
+    initramfs(&dir, &patched_mods, DEBUG_EXIT, &pi);
+    let (plain, _) = boot(&deb.join("vmlinux"), &oi, "");
+    let (traced, log) = boot(&linked, &pi, "previrt.backend=trace previrt.trace=sites");
+    assert!(plain.iter().any(|l| l.starts_with("insmod w83627hf_wdt")), "{plain:?}");
+    assert_eq!(plain, traced, "the traced kernel and modules behave differently");
+
+    let boot_line = format!("previrt: backend=trace sites={kernel_sites} patched in ");
+    assert!(log.lines().any(|l| l.starts_with(&boot_line)), "no `{boot_line}` in:\n{log}");
+    // Each module load (busybox insmod may try a second system call after a failed init)
+    // reports its sites patched by the hook before the module ran.
+    let mut loaded = 0;
+    for ((name, _), sites) in patched_mods.iter().zip(&module_sites) {
+        let name = name.trim_end_matches(".ko");
+        let line = format!("previrt: module {name}: sites={sites} patched at load for trace");
+        let n = log.lines().filter(|l| l.starts_with(&line)).count();
+        assert!(n >= 1, "no `{line}` in the log:\n{log}");
+        loaded += n * sites;
+    }
+    assert!(module_sites[1] > 0 && module_sites[2] > 0, "the driver modules carry sites: {module_sites:?}");
+    let summary = log.lines().find(|l| l.starts_with("previrt-trace:")).unwrap_or_else(|| panic!("no summary:\n{log}"));
+    let executed = summary.rsplit("sites-executed=").next().unwrap();
+    let (ran, total) = executed.split_once('/').unwrap();
+    assert_eq!(total.trim().parse::<usize>().unwrap(), kernel_sites + loaded, "{summary}");
+    assert!(ran.parse::<usize>().unwrap() > 100, "{summary}");
+    // The driver modules' init functions ran their port I/O through the runtime.
+    let module_io: Vec<&str> = log
+        .lines()
+        .filter(|l| l.starts_with("previrt-trace-site: 0xffffffffc") && (l.contains(" in ") || l.contains(" out ")))
+        .collect();
+    assert!(!module_io.is_empty(), "no module in/out site executed:\n{summary}");
     let _ = std::fs::remove_dir_all(&dir);
 }

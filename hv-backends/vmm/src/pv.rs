@@ -131,6 +131,8 @@ pub struct Pv {
     disk_sectors: u64,
     /// The console doorbell is backed by an ioeventfd.
     pub doorbell: bool,
+    /// KVM-PVM native mode is on for the vCPU (`--backend native|auto`, docs/pvm.md).
+    pub native: bool,
     /// ABI major version offered: [`abi::ABI_MAJOR`] or [`abi::ABI_MAJOR_V2`].
     major: u16,
     /// The version-1 number of the last hypercall (a version-2 op decoded), for statistics.
@@ -157,6 +159,7 @@ impl Pv {
             disk,
             disk_sectors,
             doorbell: false,
+            native: false,
             major: abi::ABI_MAJOR,
             last: hc::COUNT,
         })
@@ -190,6 +193,9 @@ impl Pv {
         }
         if self.doorbell {
             f |= abi::features::CONSOLE_DOORBELL;
+        }
+        if self.native {
+            f |= abi::features::PVM_NATIVE;
         }
         [
             (abi::CPUID_BASE, abi::CPUID_MAX_LEAF, b, c, d),

@@ -205,6 +205,11 @@ pub(crate) fn run_with(
     }
 
     let vcpu = vm.create_vcpu(0).map_err(host("KVM_CREATE_VCPU"))?;
+    // The mode first: the ABI's CPUID leaf advertises it to the guest's runtime.
+    let native = crate::pvm::setup(&vcpu, args.backend).map_err(Error::Host)?;
+    if let Personality::Previrt(pv) = &mut persona {
+        pv.native = native;
+    }
     let mut cpuid = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(host("KVM_GET_SUPPORTED_CPUID"))?;
     cpuid = guest_cpuid(&cpuid, &persona.cpuid()).map_err(host("CPUID table"))?;
     vcpu.set_cpuid2(&cpuid).map_err(host("KVM_SET_CPUID2"))?;
@@ -220,7 +225,6 @@ pub(crate) fn run_with(
             set_lint(&vcpu).map_err(host("KVM_SET_LAPIC"))?;
         }
     }
-    crate::pvm::setup(&vcpu, args.backend).map_err(Error::Host)?;
     if let Personality::Xen(x) = &mut persona {
         let (khz, tsc) = guest_tsc(&vcpu).map_err(host("TSC (KVM_GET_TSC_KHZ, KVM_GET_MSRS)"))?;
         x.set_clock(&mem, khz, tsc);

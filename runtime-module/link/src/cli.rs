@@ -31,6 +31,7 @@ pub fn run(a: &LinkArgs) -> i32 {
                 "runtime_virt": r.runtime_virt, "runtime_phys": r.runtime_phys,
                 "runtime_file_size": r.runtime_file_size, "runtime_mem_size": r.runtime_mem_size,
                 "sites": r.sites, "text_resident": r.text_resident,
+                "module_hook": r.module_hook.map(|(f, at)| serde_json::json!({"function": f, "at": at})),
                 "kinds": r.kinds.iter().map(|(k, (all, long))| (k.to_string(), serde_json::json!({"sites": all, "long_mode": long}))).collect::<serde_json::Map<_, _>>(),
                 "kernel_pvh_entry": r.kernel_pvh_entry,
                 "runtime_pvh_entry": r.runtime_pvh_entry, "default_backend": a.backend,

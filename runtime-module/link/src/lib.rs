@@ -12,6 +12,7 @@
 
 pub mod cli;
 mod ld;
+mod module_hook;
 mod multiboot;
 mod text_home;
 pub mod xen_notes;
@@ -85,6 +86,9 @@ pub struct LinkReport {
     /// The runtime and a copy of the site table went into `.text` padding (module
     /// text_home) instead of a segment after the image; the copy's address.
     pub text_resident: Option<u64>,
+    /// The module-loading hook (module module_hook): `module_finalize`'s entry and the
+    /// address of the instructions moved behind the hook call.
+    pub module_hook: Option<(u64, u64)>,
 }
 
 /// The facts about a kernel ELF that linking needs.
@@ -183,6 +187,8 @@ struct LinkedRuntime {
     mb_entry: u64,
     entry64: u64,
     xen: Option<xen_notes::XenPv>,
+    /// `previrt_module_hook` and `previrt_module_hook_tramp`.
+    module_hook: (u64, u64),
 }
 
 fn link_runtime(p: &ld::Placement) -> Result<LinkedRuntime, LinkError> {
@@ -211,6 +217,7 @@ fn link_runtime(p: &ld::Placement) -> Result<LinkedRuntime, LinkError> {
         mb_entry: sym("previrt_mb_entry")?,
         entry64: sym("previrt_entry64")?,
         xen: xen_notes::runtime_symbols(&data),
+        module_hook: (sym("previrt_module_hook")?, sym("previrt_module_hook_tramp")?),
     })
 }
 
@@ -252,6 +259,8 @@ pub fn link(input: &Path, output: &Path, backend: DefaultBackend, xen: bool) -> 
         None => None,
     };
     let table_at = home.map(|r| r.start.div_ceil(16) * 16);
+    // Linux's module loader calls the runtime before a module runs (module module_hook).
+    let hook = home.and_then(|_| module_hook::find(&data));
     let (base, sites) = match (home, table_at) {
         (Some(_), Some(at)) => {
             let len = block.as_ref().map_or(0, |b| b.bytes.len() as u64);
@@ -297,6 +306,14 @@ pub fn link(input: &Path, output: &Path, backend: DefaultBackend, xen: bool) -> 
             }
             let mut image = rt.bytes.clone();
             image.resize(rt.mem_size as usize, 0);
+            if let Some(h) = &hook {
+                let (call, tramp) = rt.module_hook;
+                let (t, j) = module_hook::trampoline(h, tramp, call).zip(module_hook::entry_jump(h, tramp)).ok_or_else(
+                    || LinkError::Environment("module hook out of rel32 reach of the runtime".into()),
+                )?;
+                put(&mut image, (tramp - base) as usize, &t);
+                put(&mut out, h.file_offset, &j);
+            }
             put(&mut out, run.offset_of(base), &image);
             (out, usize::MAX, multiboot::Gap { at: usize::MAX, gap: 0 })
         }
@@ -374,5 +391,6 @@ pub fn link(input: &Path, output: &Path, backend: DefaultBackend, xen: bool) -> 
         multiboot: mb.map(|h| (h.entry as u64, rt.mb_entry.wrapping_sub(k.delta))),
         elf_entry64: redirect64.then_some((old_entry, entry64)),
         text_resident: table_at,
+        module_hook: hook.map(|h| (h.function, h.at)),
     })
 }

@@ -249,7 +249,10 @@ boot_gdtr:
     .long 0
 
     .section .bss.previrt_boot, "aw", @nobits
-    .balign 4096
+    /* The root at an even page (CR3 bit 12 clear): with KVM-PVM's native mode on, a root
+       with bit 12 set makes the host run the boot natively, which these tables (no U bits)
+       and the runtime's detection (cpuid) are not meant for (docs/pvm.md). */
+    .balign 8192
 boot_pml4:    .skip 4096
 boot_pdpt_lo: .skip 4096
 boot_pd_lo:   .skip 4 * 4096

@@ -394,11 +394,9 @@ pub(crate) fn site_summary(out: &mut dyn Write) {
     // SAFETY: read-only use of the state written at boot.
     let state = unsafe { STATE.get() };
     let Some(p) = state.patcher.as_ref() else { return };
-    let _ = COUNTERS.summary(p.sites, out);
+    let _ = COUNTERS.summary(linux::indexed(p), out);
     if state.site_profile {
-        // SAFETY: index entries name records of the loaded table.
-        let sites = p.index[..p.sites].iter().map(|e| (e.site, unsafe { p.site(e) }.record.kind));
-        let _ = COUNTERS.profile(sites, out);
+        let _ = COUNTERS.profile(linux::site_kinds(p), out);
     }
 }
 

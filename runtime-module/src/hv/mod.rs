@@ -21,7 +21,7 @@
 #[cfg(feature = "guest")]
 mod machine;
 #[cfg(feature = "guest")]
-pub(crate) use machine::{adopt, init, machine, programmed, stub, suspend, version, vif_addr, Console};
+pub(crate) use machine::{adopt, init, machine, programmed, stub, suspend, version, vif_addr, Console, Hv};
 
 use previrt_site_abi::Kind;
 
