@@ -169,6 +169,65 @@ fn the_same_linked_elf_runs_on_the_in_tree_hypervisor() {
     assert_eq!(verdicts(&out), verdicts(&plain.stdout), "previrt run output differs from the plain kernel on QEMU");
 }
 
+/// The example kernel built with the previrt toolchain and the annotations `previrt annotate`
+/// finds in the plain build (its get_pte/set_pte and readl/writel lines become pt_read/pt_write
+/// and mmio sites), then linked.
+fn annotated_kernel() -> PathBuf {
+    let k = linked_kernel();
+    let ann = k.dir.join("ann.json");
+    let o = previrt().arg("annotate").arg(example_kernel().pvh_elf()).arg("-o").arg(&ann).output().unwrap();
+    assert!(o.status.success(), "previrt annotate: {}", String::from_utf8_lossy(&o.stderr));
+    let (out, cross) = (k.dir.join("annotated"), k.dir.join("toolchain/bin/x86_64-previrt-linux-gnu-"));
+    let st = Command::new("make")
+        .arg("-s")
+        .arg("-C")
+        .arg(repo_root().join("examples/kernel"))
+        .arg(format!("O={}", out.display()))
+        .arg(format!("CROSS_COMPILE={}", cross.display()))
+        .arg(format!("CC={}gcc --annotations {}", cross.display(), ann.display()))
+        .status()
+        .expect("make (scripts/install-deps.sh)");
+    assert!(st.success(), "building the annotated kernel");
+    let elf = k.dir.join("annotated-linked.elf");
+    let report = link(&out.join("kernel-pvh.elf"), &elf, &[]);
+    assert!(report["kinds"]["pt_write"]["sites"].as_u64().unwrap_or(0) > 0, "no pt_write sites: {report}");
+    elf
+}
+
+#[test]
+fn annotated_page_table_writes_go_to_mmu_update_with_bare_metal_results() {
+    let elf = annotated_kernel();
+    let (status, out) = xen_run(&elf, "");
+    assert_eq!(status, Some(0), "xen-run.sh status {status:?}\n{out}");
+    assert!(out.contains("previrt-xen: page tables: direct ("), "boot log names the mode\n{out}");
+    let plain = run_qemu(&example_kernel().pvh_elf(), "");
+    assert_eq!(verdicts(&out), verdicts(&plain.stdout), "annotated kernel under Xen differs from the plain kernel on QEMU");
+
+    // Every executed pt_write is either an mmu_update on a live table or a store into a page
+    // that is not a table yet; pt_reads of tables are translated back; nothing is resynced.
+    let sites = counts(&out, "previrt-trace:");
+    let pt = counts(&out, "previrt-xen: page tables direct:");
+    let hypercalls = counts(&out, "previrt-xen: hypercalls");
+    assert_eq!(pt["mmu_update"] + pt["store"], sites["pt_write"], "{pt:?} vs {sites:?}");
+    assert!(pt["mmu_update"] > 100 && pt["translated"] > 0 && pt["adopted"] > 0, "{pt:?}");
+    assert!(hypercalls["mmu_update"] >= pt["mmu_update"], "{hypercalls:?} vs {pt:?}");
+    assert!(!out.contains("page tables shadowed"), "{out}");
+
+    // The same kernel image without annotations is shadowed: resyncs instead.
+    let (_, shadowed) = xen_run(&linked_kernel().elf, "workloads=pagetable");
+    let resyncs = counts(&shadowed, "previrt-xen: page tables shadowed:");
+    assert!(resyncs["cr3"] > 0 && resyncs["page"] > 0, "{resyncs:?}\n{shadowed}");
+
+    // Repeats reuse the pinned address spaces; a kernel #PF behaves as on bare metal.
+    for (cmdline, status) in [("workloads=pagetable repeat=3", 0), ("workloads=pagetable,fault", 1)] {
+        let (got, out) = xen_run(&elf, cmdline);
+        assert_eq!(got, Some(status), "{cmdline}\n{out}");
+        // The same ELF on QEMU: exception lines carry code addresses.
+        let bare = run_qemu(&elf, cmdline);
+        assert_eq!(verdicts(&out), verdicts(&bare.stdout), "{cmdline}: Xen PV differs from bare metal");
+    }
+}
+
 #[test]
 fn a_request_xen_refuses_stops_the_domain_with_the_hypercall_and_error() {
     let k = linked_kernel();

@@ -400,6 +400,15 @@ pub(crate) fn site_summary(out: &mut dyn Write) {
     }
 }
 
+/// Whether the loaded site table has a site of `kind`: a backend choosing at boot how to
+/// serve a kind (Xen PV: page-table writes through `mmu_update` or shadow tables).
+pub(crate) fn has_site(kind: Kind) -> bool {
+    // SAFETY: read-only use of the state written at boot.
+    let state = unsafe { STATE.get() };
+    // SAFETY: index entries name records of the loaded table.
+    state.patcher.as_ref().is_some_and(|p| p.index[..p.sites].iter().any(|e| unsafe { p.site(e) }.record.kind == kind as u16))
+}
+
 /// The site a stub was called from (`regs.rip` is the return address): counts it, sets
 /// `regs.rip` to its resume address and returns its op (None for an unknown kind) and the
 /// address of its out-of-line slot. None when the caller is no site.

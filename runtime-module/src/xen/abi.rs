@@ -76,6 +76,7 @@ pub const UVMF_INVLPG: u64 = 2;
 pub const DOMID_SELF: u64 = 0x7ff0;
 
 pub const MMUEXT_PIN_L4_TABLE: u32 = 3;
+pub const MMUEXT_UNPIN_TABLE: u32 = 4;
 pub const MMUEXT_NEW_BASEPTR: u32 = 5;
 pub const MMUEXT_TLB_FLUSH_LOCAL: u32 = 6;
 pub const MMUEXT_INVLPG_LOCAL: u32 = 7;
@@ -98,6 +99,8 @@ pub mod start_info {
     /// console.domU.mfn and .evtchn (a non-initial domain's console ring and its channel).
     pub const CONSOLE_MFN: usize = 72;
     pub const CONSOLE_EVTCHN: usize = 80;
+    /// Virtual address of Xen's boot L4 table.
+    pub const PT_BASE: usize = 88;
     pub const MFN_LIST: usize = 104;
     pub const CMD_LINE: usize = 128;
     pub const CMD_LINE_LEN: usize = 1024;

@@ -1,7 +1,11 @@
-//! Shadow page tables: the kernel's own 4-level tables (pseudo-physical frame numbers, written
-//! with plain stores) are translated into Xen-validated tables (machine frames) that the
-//! runtime owns and updates only through `mmu_update`.
+//! The kernel's page tables under Xen, in one of two modes chosen at boot:
+//! - direct (`super::direct`), for a kernel whose page-table accesses are sites: its tables
+//!   become Xen's tables, written with `mmu_update`;
+//! - shadow (this file), for any other kernel: its own 4-level tables (pseudo-physical frame
+//!   numbers, written with plain stores) are translated into Xen-validated tables (machine
+//!   frames) that the runtime owns and updates only through `mmu_update`.
 //!
+//! Shadow mode:
 //! - A shadow table mirrors one guest table: key (level, guest table address, virtual base),
 //!   so tables the kernel shares between address spaces are shared in the shadows too.
 //! - A CR3 load resyncs the whole lower half of the new address space (only entries that
@@ -22,10 +26,10 @@ pub const USER: u64 = 1 << 2;
 pub const ACCESSED: u64 = 1 << 5;
 pub const DIRTY: u64 = 1 << 6;
 pub const HUGE: u64 = 1 << 7;
-const ADDR: u64 = 0x000f_ffff_ffff_f000;
+pub(super) const ADDR: u64 = 0x000f_ffff_ffff_f000;
 /// Guest leaf flags carried into the shadow (not G: every CR3 load flushes everything).
 const LEAF_FLAGS: u64 = PRESENT | WRITABLE | USER | (1 << 3) | (1 << 4) | ACCESSED | DIRTY | (1 << 63);
-const TABLE_FLAGS: u64 = PRESENT | WRITABLE | USER | ACCESSED;
+pub(super) const TABLE_FLAGS: u64 = PRESENT | WRITABLE | USER | ACCESSED;
 /// Lower half of the address space: Xen owns L4 slots 256–271 and the kernel lives below.
 const LOWER_HALF: u64 = 1 << 47;
 const NO_GUEST: u64 = u64::MAX;
@@ -36,6 +40,11 @@ pub struct Page(pub [u64; 512]);
 
 /// The shadow table pool; read-only in every mapping once boot has remapped it.
 pub static mut POOL: [Page; POOL_PAGES] = [const { Page([0; 512]) }; POOL_PAGES];
+
+/// Most page-table pages direct mode tracks (the kernel's and the runtime's together).
+pub(super) const MAX_TABLES: usize = 128;
+/// Most address spaces (root tables) direct mode keeps pinned.
+pub(super) const MAX_ROOTS: usize = 8;
 
 #[derive(Clone, Copy)]
 struct Shadow {
@@ -49,7 +58,8 @@ const QUEUE: usize = 64;
 
 pub struct Mmu {
     shadows: [Shadow; POOL_PAGES],
-    used: usize,
+    /// Pool pages in use (shadow tables, or direct mode's tables for the runtime's mappings).
+    pub(super) used: usize,
     queue: [MmuUpdate; QUEUE],
     queued: usize,
     /// The guest CR3 loaded last (None: still on Xen's boot tables) and its root shadow.
@@ -64,23 +74,63 @@ pub struct Mmu {
     /// runtime addresses in every shadow: (virtual address, machine address); 0 = unused.
     pub shared: [(u64, u64); 2],
     pub lapic_page: u64,
+    /// Direct mode (chosen at boot) and its state: page-table pages Xen holds as tables
+    /// (pseudo-physical frame, level), pinned roots, Xen's boot root (unpinned at the first
+    /// switch; 0 after).
+    pub direct: bool,
+    pub(super) tables: [(u64, u8); MAX_TABLES],
+    pub(super) ntables: usize,
+    pub(super) roots: [u64; MAX_ROOTS],
+    pub(super) nroots: usize,
+    pub boot_root: u64,
+    /// What the exit summary reports: shadow resyncs (CR3 loads, single pages), or direct
+    /// mode's page-table writes by route and tables adopted.
+    pub stats: Stats,
+}
+
+#[derive(Default, Clone, Copy)]
+pub struct Stats {
+    pub resync_cr3: u32,
+    pub resync_page: u32,
+    pub pt_update: u32,
+    pub pt_store: u32,
+    pub pt_read_translated: u32,
+    pub adopted: u32,
 }
 
 /// What went wrong, for the fatal-error message.
 pub enum MmuError {
     Hypercall(Hypercall, [u64; 5], i64),
     PoolFull,
-    Huge { va: u64 },
-    NotRam { va: u64, pfn: u64 },
+    Huge {
+        va: u64,
+    },
+    NotRam {
+        va: u64,
+        pfn: u64,
+    },
+    /// Direct mode: an entry (at kernel address `entry`) names a frame that is not the kernel's.
+    Frame {
+        entry: u64,
+        pfn: u64,
+    },
+    /// Direct mode: one page used as page tables at two levels.
+    Level {
+        pfn: u64,
+        level: u8,
+        was: u8,
+    },
+    /// Direct mode: more page-table pages or address spaces than it tracks.
+    Tables,
 }
 
-type R<T> = Result<T, MmuError>;
+pub(super) type R<T> = Result<T, MmuError>;
 
 fn span(level: u8) -> u64 {
     1u64 << (12 + 9 * (level as u32 - 1))
 }
 
-fn hypercall(h: Hypercall, a: [u64; 5]) -> R<()> {
+pub(super) fn hypercall(h: Hypercall, a: [u64; 5]) -> R<()> {
     // SAFETY: callers pass pointers to live, correctly laid out structures.
     let rc = unsafe { abi::call(h, a) };
     if rc < 0 {
@@ -109,6 +159,20 @@ impl Mmu {
             p2m_range: (0, 0),
             shared: [(0, 0); 2],
             lapic_page: 0,
+            direct: false,
+            tables: [(0, 0); MAX_TABLES],
+            ntables: 0,
+            roots: [0; MAX_ROOTS],
+            nroots: 0,
+            boot_root: 0,
+            stats: Stats {
+                resync_cr3: 0,
+                resync_page: 0,
+                pt_update: 0,
+                pt_store: 0,
+                pt_read_translated: 0,
+                adopted: 0,
+            },
         }
     }
 
@@ -118,7 +182,7 @@ impl Mmu {
         (pfn < self.nr_pages).then(|| unsafe { ((self.p2m + pfn * 8) as *const u64).read_volatile() })
     }
 
-    fn pool_range() -> (u64, u64) {
+    pub(super) fn pool_range() -> (u64, u64) {
         let start = core::ptr::addr_of!(POOL) as u64;
         (start, start + (POOL_PAGES * 4096) as u64)
     }
@@ -134,7 +198,7 @@ impl Mmu {
     }
 
     /// The runtime's own mapping of `va`, if it is in a range every shadow maps.
-    fn extra(&self, va: u64) -> Option<u64> {
+    pub(super) fn extra(&self, va: u64) -> Option<u64> {
         let inside = |(a, b): (u64, u64)| va >= a && va < b;
         if let Some((_, maddr)) = self.shared.iter().find(|(v, m)| *v == va && *m != 0) {
             return Some(maddr | PRESENT | WRITABLE | ACCESSED | DIRTY);
@@ -242,6 +306,10 @@ impl Mmu {
     /// A CR3 load of guest table `cr3`.
     pub fn load_cr3(&mut self, cr3: u64) -> R<()> {
         let cr3 = cr3 & ADDR;
+        if self.direct {
+            return self.direct_load_cr3(cr3);
+        }
+        self.stats.resync_cr3 += 1;
         let fresh = !self.shadows[..self.used].iter().any(|s| s.level == 4 && s.guest == cr3);
         let root = self.sync(4, cr3, 0, 0, LOWER_HALF)?;
         self.flush()?;
@@ -261,7 +329,8 @@ impl Mmu {
 
     /// Resync the page at `va` in the current address space; true if its shadow changed.
     pub fn sync_page(&mut self, va: u64) -> R<bool> {
-        let Some(cr3) = self.guest_cr3 else { return Ok(false) };
+        let Some(cr3) = self.guest_cr3.filter(|_| !self.direct) else { return Ok(false) };
+        self.stats.resync_page += 1;
         self.flush()?;
         self.sync(4, cr3, 0, va, va + 1)?;
         let changed = self.queued != 0;
@@ -271,6 +340,7 @@ impl Mmu {
 
     /// `invlpg`: resync and flush one page.
     pub fn invlpg(&mut self, va: u64) -> R<()> {
+        // Direct mode: the entry was written to Xen's tables already; only the TLB is stale.
         self.sync_page(va)?;
         mmuext(abi::MMUEXT_INVLPG_LOCAL, va)
     }

@@ -6,7 +6,9 @@
 //!   consumer sides; shared with other Xen backends and back ends.
 //! - [`devices`]: the shared in-guest UART, PIC, PIT, LAPIC-page and MSR models
 //!   ([`crate::devices`], also used by the `hv` backend).
-//! - `mmu`: shadow page tables (the kernel's tables → Xen-validated tables).
+//! - `mmu`: the kernel's page tables under Xen: shadow tables (the kernel's tables →
+//!   Xen-validated tables), or `direct`: the kernel's own tables are Xen's, written with
+//!   `mmu_update` from its `pt_write` sites (annotated kernels).
 //! - `entry`: the assembly entry points (domain entry, site stub, upcall, traps).
 //! - `pv`: the start of day, the site dispatcher, the upcall and the Xen `Machine`.
 //!
@@ -32,6 +34,8 @@ macro_rules! addr_of_sym {
 pub(crate) mod abi;
 pub mod console;
 pub use crate::devices;
+#[cfg(feature = "guest")]
+mod direct;
 #[cfg(feature = "guest")]
 mod entry;
 #[cfg(feature = "guest")]

@@ -168,6 +168,17 @@ fn mmu_ok<T>(r: Result<T, MmuError>) -> T {
         MmuError::NotRam { va, pfn } => fatal(format_args!(
             "the kernel maps {va:#x} to frame {pfn:#x}, which is neither its RAM nor a modelled device"
         )),
+        MmuError::Frame { entry, pfn } => fatal(format_args!(
+            "the page-table entry at {entry:#x} names frame {pfn:#x}, which is neither the kernel's RAM nor a modelled device"
+        )),
+        MmuError::Level { pfn, level, was } => {
+            fatal(format_args!("frame {pfn:#x} is used as a level-{level} table and as a level-{was} table"))
+        }
+        MmuError::Tables => fatal(format_args!(
+            "more than {} page-table pages or {} address spaces for direct page tables",
+            mmu::MAX_TABLES,
+            mmu::MAX_ROOTS
+        )),
     })
 }
 
@@ -304,14 +315,33 @@ extern "C" fn previrt_xen_boot(si: u64) -> u64 {
         Ok(None) => {}
         Err(e) => fatal(format_args!("site table unusable: {e}")),
     }
+    // The kernel's page-table writes are sites (an annotated build): its tables become Xen's,
+    // written with mmu_update (xen/direct.rs); otherwise they are shadowed (xen/mmu.rs).
+    x.mmu.direct = guest::has_site(Kind::PtWrite);
+    if x.mmu.direct {
+        x.mmu.boot_root = x.mmu.mfn(field(S::PT_BASE) >> 12).unwrap_or(0);
+    }
+    let _ = writeln!(Console, "previrt-xen: page tables: {}", PT_MODES[x.mmu.direct as usize]);
     if link_value!("__previrt_kernel_entry64") == 0 {
         fatal(format_args!("the kernel has no 64-bit entry (previrt link found no kernel_entry64)"));
     }
     info as *const BootInfo as u64
 }
 
-/// Kinds whose effect differs under Xen PV: segment selectors name Xen's flat descriptors.
-const XEN_HANDLERS: &[(Kind, Handler)] = &[(Kind::MovSeg, mov_seg), (Kind::FarRet, far_ret)];
+/// The boot log's page-table mode, by `Mmu::direct`.
+const PT_MODES: [&str; 2] =
+    ["shadowed (no pt_write sites)", "direct (pt_write sites -> mmu_update with pfn->mfn, pt_read mfn->pfn)"];
+
+/// Kinds whose effect differs under Xen PV: segment selectors name Xen's flat descriptors;
+/// memory-access sites (annotations) reach page tables and the LAPIC model page.
+const XEN_HANDLERS: &[(Kind, Handler)] = &[
+    (Kind::MovSeg, mov_seg),
+    (Kind::FarRet, far_ret),
+    (Kind::PtRead, pt_access),
+    (Kind::PtWrite, pt_access),
+    (Kind::MmioRead, mmio_access),
+    (Kind::MmioWrite, mmio_access),
+];
 
 /// The site stub's Rust half.
 #[no_mangle]
@@ -507,6 +537,19 @@ impl Xen {
             }
         }
         let _ = writeln!(out);
+        let st = self.mmu.stats;
+        let _ = match self.mmu.direct {
+            true => writeln!(
+                out,
+                "previrt-xen: page tables direct: pt_write mmu_update={} store={} pt_read translated={} tables adopted={}",
+                st.pt_update, st.pt_store, st.pt_read_translated, st.adopted
+            ),
+            false => writeln!(
+                out,
+                "previrt-xen: page tables shadowed: resyncs cr3={} page={}",
+                st.resync_cr3, st.resync_page
+            ),
+        };
         if self.flags & abi::SIF_INITDOMAIN != 0 {
             // isa-debug-exit when running as dom0 under QEMU; Xen emulates the port write
             // (virtual IOPL 1).
@@ -551,6 +594,63 @@ fn mov_seg(op: &Op, regs: &mut Regs, _: &mut dyn Machine) -> bool {
             }
         }
         regs.write(op.reg, op.width.max(2), v as u64);
+    }
+    true
+}
+
+/// A `mov` to or from memory (the forms annotations make sites of): address, width, and the
+/// value a store writes (a register, or the immediate at the end of the saved instruction).
+fn mov_access(op: &Op, regs: &Regs) -> Option<(u64, u8, Option<u64>)> {
+    let len = op.insn_len as usize;
+    let opcode = *op.insn[..len].iter().find(|&&b| b != 0x66 && b & 0xf0 != 0x40)?;
+    let w = op.width;
+    let store =
+        match opcode {
+            0x8a | 0x8b => None,
+            0x88 | 0x89 => Some(regs.read(op.reg, w)),
+            0xc6 => Some(op.insn[len - 1] as u64),
+            0xc7 if w == 2 => Some(u16::from_le_bytes([op.insn[len - 2], op.insn[len - 1]]) as u64),
+            0xc7 => Some(i32::from_le_bytes([op.insn[len - 4], op.insn[len - 3], op.insn[len - 2], op.insn[len - 1]])
+                as i64 as u64),
+            _ => return None,
+        };
+    (op.flags & flags::MEM != 0 && (store.is_some() == (op.flags & flags::WRITE != 0))).then_some((
+        op.address(regs),
+        w,
+        store,
+    ))
+}
+
+/// `pt_read`/`pt_write` (8-byte entries): shadow mode does the access itself (its tables
+/// are the kernel's); direct mode translates (xen/direct.rs).
+fn pt_access(op: &Op, regs: &mut Regs, m: &mut dyn Machine) -> bool {
+    let Some((at, 8, store)) = mov_access(op, regs) else { return false };
+    // SAFETY: dispatch runs with events masked.
+    let x = unsafe { XEN.get() };
+    match (store, x.mmu.direct) {
+        (Some(v), true) => mmu_ok(x.mmu.write_entry(at, v)),
+        (Some(v), false) => m.write(at, &v.to_le_bytes()),
+        (None, direct) => {
+            let mut b = [0u8; 8];
+            m.read(at, &mut b);
+            let e = u64::from_le_bytes(b);
+            regs.write(op.reg, 8, if direct { x.mmu.read_entry(at, e) } else { e });
+        }
+    }
+    true
+}
+
+/// `mmio_read`/`mmio_write`: the access itself, through the kernel's mapping (the LAPIC frame
+/// maps the runtime's LAPIC register page).
+fn mmio_access(op: &Op, regs: &mut Regs, m: &mut dyn Machine) -> bool {
+    let Some((at, w @ (1 | 2 | 4 | 8), store)) = mov_access(op, regs) else { return false };
+    match store {
+        Some(v) => m.write(at, &v.to_le_bytes()[..w as usize]),
+        None => {
+            let mut b = [0u8; 8];
+            m.read(at, &mut b[..w as usize]);
+            regs.write(op.reg, w, u64::from_le_bytes(b));
+        }
     }
     true
 }
