@@ -1,12 +1,19 @@
 #!/usr/bin/env bash
 # Post-link patcher on Debian 6.1's vmlinux and all its modules (issue 8).
-#   bash bench/postlink.sh [--no-objdump]
+#   bash bench/postlink.sh [--no-objdump] [--boot]
 # Patches vmlinux + every .ko with `previrt patch` on 2 cores (RAYON_NUM_THREADS=2), verifies
 # every output with `previrt verify`, reports coverage (sites / (sensitive instructions + pv
 # sites)), the trap fallbacks by reason, and times patch (wall and CPU) and verify against
 # `objdump -d` over the same files in the same run (2 parallel objdumps). Target: patch <= 30 s,
 # coverage >= 99.5 %.
+# --boot also times QEMU TCG boots of Debian's vmlinux to a busybox initramfs that leaves
+# through isa-debug-exit: unpatched, patched + `previrt link` with the native backend, and with
+# the trace backend (whose summary line it prints), side by side.
 set -euo pipefail
+no_objdump=0 boot=0
+for a in "$@"; do
+    case $a in --no-objdump) no_objdump=1 ;; --boot) boot=1 ;; *) echo "unknown option $a" >&2; exit 2 ;; esac
+done
 cd "$(dirname "$0")/.."
 export RAYON_NUM_THREADS=2
 cargo build -q --release --bin previrt
@@ -32,7 +39,7 @@ set +e
 set -e
 t2=$(now)
 objdump_s=skipped
-if [ "${1:-}" != "--no-objdump" ]; then
+if [ "$no_objdump" = 0 ]; then
     t3=$(now)
     { echo "$deb/vmlinux"; find "$deb/modules" -name '*.ko'; } | xargs -P2 -n 64 objdump -d >/dev/null
     objdump_s=$(secs "$t3" "$(now)")
@@ -76,4 +83,26 @@ else:
 PY
 tail -1 "$work/verify-modules.txt"
 grep -v '^PASS' "$work/verify-vmlinux.txt" || true
+
+if [ "$boot" = 1 ]; then
+    "$bin" link "$work/vmlinux" -o "$work/vmlinux.linked" >/dev/null
+    mkdir -p "$work/root/bin" "$work/root/dev" "$work/root/proc"
+    cp "$(command -v busybox)" "$work/root/bin/busybox"
+    ln -sf busybox "$work/root/bin/sh"
+    printf '#!/bin/sh\n/bin/busybox mknod /dev/port c 1 4\n/bin/busybox printf "\\001" | /bin/busybox dd of=/dev/port bs=1 seek=244 count=1 2>/dev/null\n' >"$work/root/init"
+    chmod +x "$work/root/init"
+    (cd "$work/root" && find . | cpio -o -H newc --quiet >"$work/init.cpio")
+    boot_s() {
+        local t; t=$(now)
+        timeout 300 qemu-system-x86_64 -machine q35,accel=tcg -cpu max -m 1024 -display none -vga none \
+            -monitor none -serial stdio -no-reboot -device isa-debug-exit,iobase=0xf4,iosize=0x04 \
+            -kernel "$1" -initrd "$work/init.cpio" -append "console=ttyS0 loglevel=3 panic=-1 $2" >"$work/boot.log" 2>&1 || true
+        secs "$t" "$(now)"
+    }
+    plain=$(boot_s "$deb/vmlinux" "")
+    native=$(boot_s "$work/vmlinux.linked" "previrt.backend=native")
+    trace=$(boot_s "$work/vmlinux.linked" "previrt.backend=trace")
+    python3 -c "import sys; p, n, t = map(float, sys.argv[1:]); print(f'boot to init exit (QEMU TCG): unpatched {p:.1f} s, linked native {n:.1f} s ({n / p:.2f}x), linked trace {t:.1f} s ({t / p:.2f}x)')" "$plain" "$native" "$trace"
+    grep -a '^previrt' "$work/boot.log" || true
+fi
 [ "$v1" = 0 ] && [ "$v2" = 0 ]
