@@ -14,6 +14,10 @@ pub const MSR_SIGNATURE: u32 = 0x4b56_4d11;
 pub const SIGNATURE: u64 = 0x4d_5650;
 /// Bit 0 = 1: guest code meeting the rules in docs/pvm.md runs natively.
 pub const MSR_MODE: u32 = 0x4b56_4d10;
+/// The code segment native guest code runs on (the host's user code segment, which every IDT
+/// gate must name). The vCPU's saved CS sometimes shows it instead of the guest's own
+/// (after a trapping `sti`), so with the mode on it is the kernel's too.
+pub const NATIVE_CS: u16 = 0x33;
 
 fn msr(index: u32, data: u64) -> Msrs {
     Msrs::from_entries(&[kvm_msr_entry { index, data, ..Default::default() }]).expect("one MSR entry fits")

@@ -1,0 +1,394 @@
+//! The `pvm` backend in the kernel: its [`Machine`] (the `hv` machine with CR3, `invlpg` and
+//! `lidt` kept within the mode's rules), the site dispatcher and stub, the substitute IDT and
+//! the #PF check (module docs in `super`).
+
+use super::shadow;
+use crate::emulate::{self, gpr, rflags, DescTable, Machine, Regs};
+use crate::guest::paravirt::Paravirt;
+use crate::guest::{self, hw, sym_addr, Global};
+use crate::hv::{self, Hv};
+use core::cell::UnsafeCell;
+use previrt_hv_abi as abi;
+
+/// The selectors the kernel's frames carry (host-pushed frames show them too); native code
+/// runs on the host's user selectors instead.
+const KERNEL_CS: u64 = 0x10;
+const KERNEL_SS: u64 = 0x18;
+/// The mode's DPL3 code segment every IDT gate must name.
+const GATE_CS: u16 = 0x33;
+const PF_VECTOR: usize = 14;
+
+/// The substitute IDT (256 gates).
+#[repr(C, align(4096))]
+struct Idt([[u8; 16]; 256]);
+static IDT: Global<Idt> = Global(UnsafeCell::new(Idt([[0; 16]; 256])));
+
+/// Where each vector's trampoline goes: the kernel's handler, or the #PF check.
+#[no_mangle]
+static mut previrt_pvm_handlers: [u64; 256] = [0; 256];
+/// Set by every host delivery (it clears the mode's own interrupt flag); the dispatcher
+/// re-opens the flag with one trapping `sti` when the kernel's IF is on.
+#[no_mangle]
+static mut previrt_pvm_masked: u8 = 1;
+/// The shared `vif` the stub saves and clears (set at [`init`]).
+#[no_mangle]
+static mut previrt_pvm_vif: u64 = 0;
+/// The #PF stub's verdict: 0 retry, else the kernel's handler to continue in.
+#[no_mangle]
+static mut previrt_pvm_next: u64 = 0;
+
+/// What the backend keeps besides the `hv` machine.
+struct State {
+    /// CR3 as the kernel loaded it (what `mov from cr3` returns).
+    kernel_cr3: u64,
+    /// The CR3 value loaded (the live copy's root), and which pool it is in.
+    cr3: u64,
+    pool: usize,
+    /// The kernel's IDT as it loaded it; None before its `lidt`.
+    idt: Option<DescTable>,
+    /// The kernel's #PF handler (its trampoline goes to the fault check first).
+    kernel_pf: u64,
+    /// Shadow rebuilds and #PFs resolved by one (the exit summary).
+    syncs: u64,
+    resolved: u64,
+}
+
+static STATE: Global<State> =
+    Global(UnsafeCell::new(State { kernel_cr3: 0, cr3: 0, pool: 0, idt: None, kernel_pf: 0, syncs: 0, resolved: 0 }));
+
+/// Whether the VMM switched KVM-PVM native mode on (the hv ABI's CPUID leaf says so).
+pub(crate) fn offered() -> bool {
+    let [_, feats, _, _] = hw::cpuid(abi::CPUID_VERSION, 0);
+    feats & abi::features::PVM_NATIVE != 0
+}
+
+/// Set up the `hv` ABI, then require the mode.
+pub(crate) fn init(tsc_per_ms: u64) -> Result<(), &'static str> {
+    if !offered() {
+        return Err("the VMM does not offer KVM-PVM native mode (run with --backend native|auto)");
+    }
+    hv::init(tsc_per_ms)?;
+    // SAFETY: boot, single-threaded.
+    unsafe { previrt_pvm_vif = hv::vif_addr() };
+    Ok(())
+}
+
+/// Where `pvm` sites call.
+pub(crate) fn stub() -> u64 {
+    sym_addr!("previrt_pvm_entry")
+}
+
+/// The code segment now: RPL 3 once the CPU runs natively (the mode's rules are met).
+fn native() -> bool {
+    let cs: u64;
+    // SAFETY: reads a segment register.
+    unsafe { core::arch::asm!("mov {}, cs", out(reg) cs, options(nomem, nostack, preserves_flags)) };
+    cs & 3 == 3
+}
+
+/// The hardware selectors to return with: the current CS/SS.
+fn hardware_selectors() -> (u64, u64) {
+    let (cs, ss): (u64, u64);
+    // SAFETY: reads segment registers.
+    unsafe {
+        core::arch::asm!("mov {}, cs", "mov {}, ss", out(reg) cs, out(reg) ss, options(nomem, nostack, preserves_flags))
+    };
+    (cs, ss)
+}
+
+impl State {
+    /// Build a copy of the kernel's current address space in the idle pool and load it.
+    fn sync(&mut self, pv: &mut Paravirt<Hv>) {
+        let pool = self.pool ^ 1;
+        let Some(cr3) = shadow::build(pool, self.kernel_cr3) else {
+            pv.fatal(format_args!("pvm: the kernel's page tables do not fit the shadow pool"))
+        };
+        hw::Hardware.write_cr(3, cr3);
+        (self.cr3, self.pool) = (cr3, pool);
+        self.syncs += 1;
+        self.install_idt();
+    }
+
+    /// Once native, the substitute IDT replaces the kernel's (whose gates the mode refuses).
+    fn install_idt(&mut self) {
+        if let Some(t) = self.idt.filter(|_| native()) {
+            let base = IDT.0.get() as u64;
+            hw::Hardware.load_idt(DescTable { limit: t.limit.min(4095), base });
+        }
+    }
+
+    /// Substitute gates for the kernel's table `t`: same vectors and gate types, selector
+    /// 0x33, DPL 3, no IST, each through its trampoline.
+    fn build_idt(&mut self, t: DescTable) {
+        // SAFETY: the runtime's own table and the handler slots the trampolines read; no
+        // event is delivered through them while they change (interrupts are off in the kernel
+        // when it loads an IDT, and `vif` is clear in the runtime).
+        let (idt, handlers) = unsafe { (&mut IDT.get().0, &mut *core::ptr::addr_of_mut!(previrt_pvm_handlers)) };
+        let tramp = sym_addr!("previrt_pvm_vectors");
+        for (v, gate) in idt.iter_mut().enumerate() {
+            let mut g = [0u8; 16];
+            if (v as u64 + 1) * 16 <= t.limit as u64 + 1 {
+                hw::Hardware.read(t.base + v as u64 * 16, &mut g);
+            }
+            if g[5] & 0x80 == 0 {
+                *gate = [0; 16];
+                continue;
+            }
+            handlers[v] = u16::from_le_bytes([g[0], g[1]]) as u64
+                | (u16::from_le_bytes([g[6], g[7]]) as u64) << 16
+                | (u32::from_le_bytes([g[8], g[9], g[10], g[11]]) as u64) << 32;
+            let to = tramp + v as u64 * 16;
+            g[0..2].copy_from_slice(&(to as u16).to_le_bytes());
+            g[2..4].copy_from_slice(&GATE_CS.to_le_bytes());
+            g[4] = 0;
+            g[5] = 0xe0 | (g[5] & 0x0f);
+            g[6..8].copy_from_slice(&((to >> 16) as u16).to_le_bytes());
+            g[8..12].copy_from_slice(&((to >> 32) as u32).to_le_bytes());
+            *gate = g;
+        }
+        self.kernel_pf = handlers[PF_VECTOR];
+        handlers[PF_VECTOR] = sym_addr!("previrt_pvm_pf");
+        self.idt = Some(t);
+        self.install_idt();
+    }
+}
+
+/// The `hv` machine with the mode's rules kept: CR3, `invlpg`, `lidt`, and the interrupt
+/// flag (kept in the register frame only; the stub publishes it as `vif` on its way out).
+struct Pvm<'a> {
+    pv: &'a mut Paravirt<Hv>,
+    st: &'a mut State,
+}
+
+impl Machine for Pvm<'_> {
+    fn read(&mut self, addr: u64, buf: &mut [u8]) {
+        self.pv.read(addr, buf)
+    }
+    fn write(&mut self, addr: u64, buf: &[u8]) {
+        self.pv.write(addr, buf)
+    }
+    fn port_in(&mut self, port: u16, width: u8) -> u32 {
+        self.pv.port_in(port, width)
+    }
+    fn port_out(&mut self, port: u16, width: u8, value: u32) {
+        self.pv.port_out(port, width, value)
+    }
+    fn cpuid(&mut self, leaf: u32, subleaf: u32) -> [u32; 4] {
+        self.pv.cpuid(leaf, subleaf)
+    }
+    fn rdmsr(&mut self, msr: u32) -> u64 {
+        self.pv.rdmsr(msr)
+    }
+    fn wrmsr(&mut self, msr: u32, value: u64) {
+        self.pv.wrmsr(msr, value)
+    }
+    fn read_cr(&mut self, n: u8) -> u64 {
+        match n {
+            3 if self.st.kernel_cr3 != 0 => self.st.kernel_cr3,
+            _ => self.pv.read_cr(n),
+        }
+    }
+    fn write_cr(&mut self, n: u8, value: u64) {
+        if n != 3 {
+            return self.pv.write_cr(n, value);
+        }
+        // The runtime must stay mapped in every address space the kernel loads.
+        // SAFETY: the kernel's new root table (identity-mapped kernel).
+        unsafe { hw::map_runtime(value) };
+        self.st.kernel_cr3 = value;
+        self.st.sync(self.pv);
+    }
+    fn invlpg(&mut self, _addr: u64) {
+        // The copy is rebuilt and reloaded, which also flushes the TLB entry.
+        self.st.sync(self.pv);
+    }
+    fn halt(&mut self, interrupts: bool) {
+        self.pv.halt(interrupts)
+    }
+    fn load_gdt(&mut self, table: DescTable) {
+        self.pv.load_gdt(table)
+    }
+    fn load_idt(&mut self, table: DescTable) {
+        self.st.build_idt(table);
+        if !native() {
+            self.pv.load_idt(table);
+        }
+    }
+    fn load_tr(&mut self, selector: u16) {
+        self.pv.load_tr(selector)
+    }
+    fn set_interrupt_flag(&mut self, regs: &mut Regs, on: bool) {
+        regs.rflags = if on { regs.rflags | rflags::IF } else { regs.rflags & !rflags::IF };
+    }
+}
+
+/// Set by [`reopen`]: the stub's return runs `sti; iretq` (one trapping `sti`, whose
+/// interrupt shadow covers the `iretq`, as in the probe of docs/pvm.md).
+#[no_mangle]
+static mut previrt_pvm_sti: u8 = 0;
+
+/// After a host delivery closed the mode's own interrupt flag, have the return open it again
+/// when the kernel's IF (`on`) is set.
+fn reopen(on: bool) {
+    // SAFETY: single vCPU; the flags are written by the trampolines, the stubs and here.
+    unsafe {
+        if on && previrt_pvm_masked != 0 && native() {
+            previrt_pvm_masked = 0;
+            previrt_pvm_sti = 1;
+        }
+    }
+}
+
+/// The stub's Rust half: the shared handlers over [`Pvm`] with the kernel's selectors in
+/// the frame, then ticks and pending events as in `hv`, then the hardware's selectors.
+#[no_mangle]
+extern "C" fn previrt_pvm_dispatch(regs: &mut Regs) {
+    let pv = hv::machine();
+    // SAFETY: the stub runs with `vif` clear (no event inside the runtime), single vCPU.
+    let st = unsafe { STATE.get() };
+    let Some((op, ool)) = guest::enter_site(regs) else {
+        pv.fatal(format_args!("call into the runtime from {:#x}, which is no site", regs.rip.wrapping_sub(5)))
+    };
+    if regs.cs & 3 == 3 {
+        (regs.cs, regs.ss) = (KERNEL_CS, KERNEL_SS);
+    }
+    if !op.is_some_and(|op| emulate::emulate(&op, regs, &mut Pvm { pv: &mut *pv, st: &mut *st })) {
+        regs.rip = ool;
+    }
+    pv.tick();
+    pv.deliver_pending(regs);
+    reopen(regs.rflags & rflags::IF != 0);
+    if native() {
+        (regs.cs, regs.ss) = hardware_selectors();
+    }
+    regs.iret_rsp = regs.gpr[gpr::RSP];
+}
+
+/// The #PF check, from `previrt_pvm_pf` with the GPRs (15) and the host's frame (error code,
+/// rip, cs, rflags, rsp, ss): a fault the kernel's tables would not raise (the copy is older
+/// than a mapping) is resolved by a sync and retried; others go to the kernel's handler.
+#[no_mangle]
+extern "C" fn previrt_pvm_fault(frame: &mut [u64; 21]) -> u64 {
+    let pv = hv::machine();
+    // SAFETY: as the dispatcher.
+    let st = unsafe { STATE.get() };
+    let addr = hw::Hardware.read_cr(2);
+    let write = frame[15] & 2 != 0;
+    let ours = shadow::kernel_allows(st.kernel_cr3, addr, write)
+        .is_some_and(|k| shadow::shadow_allows(st.cr3, addr, write) != Some(k));
+    if !ours {
+        return st.kernel_pf;
+    }
+    st.sync(pv);
+    st.resolved += 1;
+    // SAFETY: the shared page's `vif` (the kernel's IF at the fault).
+    reopen(unsafe { (previrt_pvm_vif as *const u32).read_volatile() } != 0);
+    (frame[17], frame[20]) = hardware_selectors();
+    0
+}
+
+// The pvm site stub: the trace stub's text with `vif` saved into the frame's IF and cleared
+// for the dispatch (and `cli` on the ordinary path, before the kernel's first CR3 load makes
+// it native), and `vif` set from the frame's IF just before the `iretq` (an event that comes
+// between the two is taken on the kernel's stack below the frame, as at any instruction).
+core::arch::global_asm!(
+    concat!(
+        ".section .text.previrt_pvm, \"ax\", @progbits\n",
+        ".globl previrt_pvm_entry\n",
+        "previrt_pvm_entry:\n",
+        guest::site_stub!(
+            r#"    movq %cs, %rax
+    testb $3, %al
+    jnz 1f
+    cli
+1:  movq previrt_pvm_vif(%rip), %rcx
+    xorl %eax, %eax
+    xchgl %eax, (%rcx)
+    andq $-513, 144(%rsp)
+    andl $1, %eax
+    shlq $9, %rax
+    orq %rax, 144(%rsp)
+"#,
+            "previrt_pvm_dispatch",
+            r#"    pushq %rax
+    pushq %rcx
+    movq 32(%rsp), %rax
+    shrq $9, %rax
+    andl $1, %eax
+    movq previrt_pvm_vif(%rip), %rcx
+    movl %eax, (%rcx)
+    popq %rcx
+    popq %rax
+    cmpb $0, previrt_pvm_sti(%rip)
+    jne 2f
+    iretq
+2:  movb $0, previrt_pvm_sti(%rip)
+    sti
+    iretq
+"#
+        ),
+        // #PF: save the GPRs, ask `previrt_pvm_fault`, then retry or go to the kernel.
+        r#"previrt_pvm_pf:
+    pushq %rax
+    pushq %rbx
+    pushq %rcx
+    pushq %rdx
+    pushq %rsi
+    pushq %rdi
+    pushq %rbp
+    pushq %r8
+    pushq %r9
+    pushq %r10
+    pushq %r11
+    pushq %r12
+    pushq %r13
+    pushq %r14
+    pushq %r15
+    movq %rsp, %rdi
+    movq %rsp, %rbx
+    andq $-16, %rsp
+    cld
+    call previrt_pvm_fault
+    movq %rbx, %rsp
+    movq %rax, previrt_pvm_next(%rip)
+    popq %r15
+    popq %r14
+    popq %r13
+    popq %r12
+    popq %r11
+    popq %r10
+    popq %r9
+    popq %r8
+    popq %rbp
+    popq %rdi
+    popq %rsi
+    popq %rdx
+    popq %rcx
+    popq %rbx
+    popq %rax
+    cmpq $0, previrt_pvm_next(%rip)
+    jne 1f
+    addq $8, %rsp
+    cmpb $0, previrt_pvm_sti(%rip)
+    jne 2f
+    iretq
+2:  movb $0, previrt_pvm_sti(%rip)
+    sti
+    iretq
+1:  jmpq *previrt_pvm_next(%rip)
+
+    .balign 16
+    .globl previrt_pvm_vectors
+previrt_pvm_vectors:
+    .set pvm_vector, 0
+    .rept 256
+    .balign 16
+    movb $1, previrt_pvm_masked(%rip)
+    jmpq *(previrt_pvm_handlers + 8 * pvm_vector)(%rip)
+    .set pvm_vector, pvm_vector + 1
+    .endr
+"#,
+        ".text\n"
+    ),
+    options(att_syntax, raw)
+);

@@ -1,0 +1,106 @@
+//! Shadow page tables for KVM-PVM's native mode: copies of the kernel's tables with U=1 at
+//! every level, rooted at a page whose GPA has bit 12 set (docs/pvm.md). Two pools: a sync
+//! builds a complete copy in the pool that is not live, then the caller loads its root, so
+//! the tables the CPU walks are never edited under it.
+//!
+//! The kernel's tables are read at their physical addresses (identity-mapped kernels, as
+//! `hw::map_runtime` assumes); large pages are copied as leaves. Accessed/dirty bits are set
+//! in the copy only (the example kernel never reads them).
+
+use crate::guest::{link_value, Global};
+use core::cell::UnsafeCell;
+
+const PRESENT: u64 = 1;
+const WRITABLE: u64 = 1 << 1;
+const USER: u64 = 1 << 2;
+const HUGE: u64 = 1 << 7;
+const ADDR: u64 = 0x000f_ffff_ffff_f000;
+/// CR3 bit the mode requires (root table at an odd 4 KiB page).
+pub const ROOT_BIT: u64 = 1 << 12;
+
+/// Tables per pool: the example kernel's busiest address space uses about a dozen; one
+/// extra page so that a root with [`ROOT_BIT`] always fits.
+const POOL_PAGES: usize = 40;
+
+#[repr(C, align(4096))]
+struct Pools([[[u64; 512]; POOL_PAGES]; 2]);
+static POOLS: Global<Pools> = Global(UnsafeCell::new(Pools([[[0; 512]; POOL_PAGES]; 2])));
+
+fn gpa(va: u64) -> u64 {
+    va.wrapping_sub(link_value!("__previrt_virt_delta"))
+}
+
+/// A pool being filled: its tables, the root's index and the next free one.
+struct Fill {
+    tables: &'static mut [[u64; 512]; POOL_PAGES],
+    root: usize,
+    used: usize,
+}
+
+impl Fill {
+    fn alloc(&mut self) -> Option<usize> {
+        self.used += usize::from(self.used == self.root);
+        let i = self.used;
+        self.used += 1;
+        (i < POOL_PAGES).then_some(i)
+    }
+
+    /// Copy the kernel's table at physical `src` (level 4 = root) into table `dst`.
+    fn copy(&mut self, src: u64, dst: usize, level: u32) -> Option<()> {
+        for i in 0..512 {
+            // SAFETY: `src` is a page-table page the kernel built (identity-mapped).
+            let e = unsafe { ((src & ADDR) as *const u64).add(i).read_volatile() };
+            let v = if e & PRESENT == 0 {
+                0
+            } else if level == 1 || e & HUGE != 0 {
+                e | USER
+            } else {
+                let child = self.alloc()?;
+                self.copy(e & ADDR, child, level - 1)?;
+                (e & !ADDR) | gpa(self.tables[child].as_ptr() as u64) | USER
+            };
+            self.tables[dst][i] = v;
+        }
+        Some(())
+    }
+}
+
+/// Build the copy of the address space rooted at `kernel_cr3` in pool `pool` (0 or 1, the
+/// one not live); the CR3 value to load (root GPA with [`ROOT_BIT`], the kernel's low flag
+/// bits), or None when the pool is too small.
+pub fn build(pool: usize, kernel_cr3: u64) -> Option<u64> {
+    // SAFETY: the pool not live is only touched here (single vCPU, no events in the runtime).
+    let tables = unsafe { &mut POOLS.get().0[pool & 1] };
+    // The root is whichever of the first two pages has bit 12 set.
+    let root = usize::from(gpa(tables[0].as_ptr() as u64) & ROOT_BIT == 0);
+    let mut fill = Fill { tables, root, used: 0 };
+    fill.copy(kernel_cr3, root, 4)?;
+    Some(gpa(fill.tables[root].as_ptr() as u64) | (kernel_cr3 & 0x18))
+}
+
+/// What the kernel's tables say about `va`: the leaf entry, if every level is present and
+/// (for a write) writable.
+pub fn kernel_allows(kernel_cr3: u64, va: u64, write: bool) -> Option<u64> {
+    walk(kernel_cr3, va, write, 0)
+}
+
+/// The same walk through the live copy (its table pointers are GPAs).
+pub fn shadow_allows(cr3: u64, va: u64, write: bool) -> Option<u64> {
+    walk(cr3, va, write, link_value!("__previrt_virt_delta"))
+}
+
+fn walk(cr3: u64, va: u64, write: bool, delta: u64) -> Option<u64> {
+    let mut table = cr3 & ADDR;
+    for shift in [39u32, 30, 21, 12] {
+        // SAFETY: a page-table page of a live address space (identity-mapped, plus `delta`).
+        let e = unsafe { ((table.wrapping_add(delta)) as *const u64).add(((va >> shift) & 511) as usize).read_volatile() };
+        if e & PRESENT == 0 || (write && e & WRITABLE == 0) {
+            return None;
+        }
+        if shift == 12 || e & HUGE != 0 {
+            return Some(e & (ADDR | WRITABLE | PRESENT));
+        }
+        table = e & ADDR;
+    }
+    None
+}
