@@ -8,12 +8,14 @@
 //! - [`verify`]: re-disassembles an original and its patched copy and proves the patch
 //!   preserved everything it must.
 //! - [`cli`]: `previrt patch` and `previrt verify` (many files in parallel, `--json`).
+//! - [`kallsyms`]: the symbols of a stripped vmlinux, from its kallsyms tables.
 //!
 //! How windows are chosen and which kernel tables are respected: `docs/post-link.md`.
 
 pub mod cli;
 pub mod code;
 pub mod image;
+pub mod kallsyms;
 pub mod plan;
 pub mod report;
 pub mod tables;

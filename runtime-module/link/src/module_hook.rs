@@ -3,19 +3,17 @@
 //! The runtime must patch a module's `.previrt.sites` after the module loader has applied the
 //! module's relocations and before any of its code runs. x86 Linux's `module_finalize(hdr,
 //! sechdrs, mod)` is that point (called from `post_relocation`, before `complete_formation`
-//! makes the module's text read-only). A stripped vmlinux has no symbol table, so the function
-//! is found by what it does: it is the function that passes the section name
-//! `".parainstructions"` to `strcmp` (`mov $name, %rdi`). Its entry is the nearest preceding
-//! 16-byte aligned `call __fentry__` (optionally after `endbr64`); `__fentry__` is the most
-//! frequent target of a `call` at a 16-byte aligned address. The first whole instructions
-//! after that call (≥ 5 bytes, none relative to RIP or changing control flow) move into the
-//! runtime's `previrt_module_hook_tramp` behind a `call previrt_module_hook`; a `jmp` to the
-//! trampoline replaces them. The `__fentry__` call itself stays (ftrace checks and rewrites it).
+//! makes the module's text read-only). A stripped vmlinux still has kallsyms
+//! (`previrt_postlink::kallsyms`): `module_finalize` and `__fentry__` are found by name. The
+//! first whole instructions after the function's `__fentry__` call (after `endbr64`, if any;
+//! ≥ 5 bytes, none relative to RIP or changing control flow) move into the runtime's
+//! `previrt_module_hook_tramp` behind a `call previrt_module_hook`; a `jmp` to the trampoline
+//! replaces them. The `__fentry__` call itself stays (ftrace checks and rewrites it).
 
 use iced_x86::{Decoder, DecoderOptions, FlowControl};
 use object::read::elf::{FileHeader, SectionHeader};
 use object::{elf, LittleEndian as LE};
-use std::collections::HashMap;
+use previrt_postlink::kallsyms::Kallsyms;
 
 /// Where the hook goes.
 #[derive(Debug, Clone)]
@@ -32,16 +30,9 @@ pub struct Hook {
 const CALL: u8 = 0xe8;
 const JMP: u8 = 0xe9;
 const ENDBR64: [u8; 4] = [0xf3, 0x0f, 0x1e, 0xfa];
-/// `mov $imm32, %rdi`: the first argument of `strcmp`.
-const MOV_IMM_RDI: [u8; 3] = [0x48, 0xc7, 0xc7];
-const NAME: &[u8] = b".parainstructions\0";
 
-fn rel32(b: &[u8], at: usize) -> i64 {
-    i32::from_le_bytes(b[at..at + 4].try_into().unwrap()) as i64
-}
-
-/// Find `module_finalize` and the instructions to move; None when the kernel does not look
-/// like x86 Linux with ftrace.
+/// Find `module_finalize` and the instructions to move; None when the kernel has no kallsyms
+/// or no such function, or its first instructions cannot move.
 pub fn find(data: &[u8]) -> Option<Hook> {
     let hdr = elf::FileHeader64::<LE>::parse(data).ok()?;
     let sections = hdr.sections(LE, data).ok()?;
@@ -49,24 +40,18 @@ pub fn find(data: &[u8]) -> Option<Hook> {
     let (_, text) = sections.section_by_name(LE, b".text")?;
     let (ro, code) = (rodata.data(LE, data).ok()?, text.data(LE, data).ok()?);
     let base = text.sh_addr(LE);
-    let name = ro.windows(NAME.len()).position(|w| w == NAME).map(|i| rodata.sh_addr(LE) + i as u64)?;
-    let mut pattern = MOV_IMM_RDI.to_vec();
-    pattern.extend_from_slice(&(name as u32).to_le_bytes());
-    let reference = code.windows(pattern.len()).position(|w| w == pattern)?;
-
-    let target = |at: usize| (base as i64 + at as i64 + 5 + rel32(code, at + 1)) as u64;
-    let mut calls: HashMap<u64, usize> = HashMap::new();
-    for at in (0..code.len().saturating_sub(5)).step_by(16).filter(|&at| code[at] == CALL) {
-        *calls.entry(target(at)).or_default() += 1;
+    let syms = Kallsyms::read(ro, base)?;
+    let function = syms.get("module_finalize")?;
+    let entry = usize::try_from(function.checked_sub(base)?).ok().filter(|&e| e < code.len())?;
+    let mut start = if code[entry..].starts_with(&ENDBR64) { entry + 4 } else { entry };
+    let called = |at: usize| {
+        let rel = i32::from_le_bytes(code.get(at + 1..at + 5)?.try_into().ok()?) as i64;
+        (code[at] == CALL).then(|| (base as i64 + at as i64 + 5 + rel) as u64)
+    };
+    if syms.get("__fentry__").is_some_and(|f| called(start) == Some(f)) {
+        start += 5;
     }
-    let fentry = calls.into_iter().max_by_key(|&(_, n)| n)?.0;
-    let (entry, call) = (0..=reference / 16).rev().map(|k| k * 16).find_map(|at| {
-        let call = if code[at..].starts_with(&ENDBR64) { at + 4 } else { at };
-        (code.get(call) == Some(&CALL) && target(call) == fentry).then_some((at, call))
-    })?;
-
-    let start = call + 5;
-    let mut decoder = Decoder::with_ip(64, &code[start..], base + start as u64, DecoderOptions::NONE);
+    let mut decoder = Decoder::with_ip(64, code.get(start..)?, base + start as u64, DecoderOptions::NONE);
     let mut len = 0;
     while len < 5 {
         let insn = decoder.decode();
@@ -76,7 +61,7 @@ pub fn find(data: &[u8]) -> Option<Hook> {
         len += insn.len();
     }
     Some(Hook {
-        function: base + entry as u64,
+        function,
         at: base + start as u64,
         file_offset: text.sh_offset(LE) as usize + start,
         moved: code[start..start + len].to_vec(),

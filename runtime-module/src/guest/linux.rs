@@ -10,7 +10,8 @@
 //! - modules: `previrt link` makes the kernel's module loader call [`previrt_module_hook`]
 //!   at the entry of `module_finalize(hdr, sechdrs, mod)` — after the module's relocations,
 //!   before it runs — and the runtime patches the module's `.previrt.sites` for the active
-//!   backend. Module sites are indexed after the kernel's (unsorted, found by a linear scan);
+//!   backend (listed in the exit summary). Module sites are indexed after the kernel's
+//!   (unsorted, found by a linear scan);
 //!   an entry whose site lies in a newly loaded module's memory is dropped first, so a module
 //!   loaded where an unloaded one was never finds the old records.
 
@@ -120,8 +121,7 @@ unsafe fn patch_module(hdr: u64, sechdrs: u64, module: u64) {
     let Some(table) = sections(hdr, sechdrs).find(|s| s.name == previrt_site_abi::SITES_SECTION.as_bytes()) else {
         return;
     };
-    let name = core::slice::from_raw_parts((module + MODULE_NAME) as *const u8, MODULE_NAME_LEN);
-    let name = core::str::from_utf8(&name[..name.iter().position(|&b| b == 0).unwrap_or(0)]).unwrap_or("?");
+    let name: [u8; MODULE_NAME_LEN] = ((module + MODULE_NAME) as *const [u8; MODULE_NAME_LEN]).read();
     let used = indexed(p);
     for s in sections(hdr, sechdrs).filter(|s| s.flags & SHF_ALLOC != 0) {
         for e in p.index[p.sites..used].iter_mut().filter(|e| e.site >= s.addr && e.site < s.addr + s.size) {
@@ -132,7 +132,7 @@ unsafe fn patch_module(hdr: u64, sechdrs: u64, module: u64) {
     let m = match Patcher::prepare(table.addr, table.size as usize, &mut p.index[used..]) {
         Ok(m) => m,
         Err(e) => {
-            let _ = writeln!(out, "previrt: module {name}: site table unusable, left unpatched: {e}");
+            let _ = writeln!(out, "previrt: module {}: site table unusable, left unpatched: {e}", text(&name));
             return;
         }
     };
@@ -144,11 +144,41 @@ unsafe fn patch_module(hdr: u64, sechdrs: u64, module: u64) {
     let stats = m.apply(state.active, state.stub);
     serialize();
     *MODULE_SITES.get() += m.sites;
-    let _ = writeln!(
-        out,
-        "previrt: module {name}: sites={} patched at load for {} ({} routed)",
-        stats.sites, state.active.name, stats.routed
-    );
+    let (loads, n) = LOADS.get();
+    if let Some(l) = loads.get_mut(*n) {
+        *l = Load { name, sites: stats.sites, routed: stats.routed };
+    }
+    *n += 1;
+}
+
+/// One module load, for the exit summary (printing while the kernel's console driver owns the
+/// UART could split its lines).
+#[derive(Clone, Copy)]
+struct Load {
+    name: [u8; MODULE_NAME_LEN],
+    sites: usize,
+    routed: usize,
+}
+
+/// The first loads and the number of all loads.
+const LOADS_KEPT: usize = 64;
+static LOADS: Global<([Load; LOADS_KEPT], usize)> =
+    Global(UnsafeCell::new(([Load { name: [0; MODULE_NAME_LEN], sites: 0, routed: 0 }; LOADS_KEPT], 0)));
+
+fn text(name: &[u8]) -> &str {
+    core::str::from_utf8(&name[..name.iter().position(|&b| b == 0).unwrap_or(name.len())]).unwrap_or("?")
+}
+
+/// `previrt-trace-module: NAME sites=N routed=R` for every module load the hook patched.
+pub(crate) fn module_summary(out: &mut dyn Write) {
+    // SAFETY: read-only use of what the hook wrote.
+    let (loads, n) = unsafe { LOADS.get() };
+    for l in &loads[..(*n).min(LOADS_KEPT)] {
+        let _ = writeln!(out, "previrt-trace-module: {} sites={} routed={}", text(&l.name), l.sites, l.routed);
+    }
+    if *n > LOADS_KEPT {
+        let _ = writeln!(out, "previrt-trace-module: {} more loads not listed", *n - LOADS_KEPT);
+    }
 }
 
 // The module hook: `previrt link` puts `call previrt_module_hook` in front of the first

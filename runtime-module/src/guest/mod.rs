@@ -395,6 +395,7 @@ pub(crate) fn site_summary(out: &mut dyn Write) {
     let state = unsafe { STATE.get() };
     let Some(p) = state.patcher.as_ref() else { return };
     let _ = COUNTERS.summary(linux::indexed(p), out);
+    linux::module_summary(out);
     if state.site_profile {
         let _ = COUNTERS.profile(linux::site_kinds(p), out);
     }
