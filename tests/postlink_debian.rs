@@ -255,3 +255,22 @@ fn patched_debian_kernel_traces_boot_and_module_loading() {
     assert!(!module_io.is_empty(), "no module in/out site executed:\n{summary}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn debian_vmlinux_kallsyms_read_without_a_symbol_table() {
+    let data = std::fs::read(common::debian_kernel().join("vmlinux")).unwrap();
+    let elf = Elf::parse(&data).unwrap();
+    assert!(elf.section_by_name(".symtab").is_none(), "Debian's vmlinux is stripped");
+    let (text, rodata) = (elf.section_by_name(".text").unwrap(), elf.section_by_name(".rodata").unwrap());
+    let syms = previrt_postlink::kallsyms::Kallsyms::read(rodata.data, text.addr).expect("kallsyms tables");
+    assert!(syms.len() > 50_000, "{} symbols", syms.len());
+    // The entry the PVH path ends in is the first byte of .text; functions lie in .text.
+    assert_eq!(syms.get("startup_64"), Some(text.addr));
+    for f in ["module_finalize", "__fentry__", "do_init_module", "apply_paravirt"] {
+        let a = syms.get(f).unwrap_or_else(|| panic!("no {f}"));
+        assert!(a >= text.addr && a < text.addr + text.size, "{f} at {a:#x} outside .text");
+    }
+    // Section bounds: a jump table of whole 16-byte entries.
+    let (start, stop) = (syms.get("__start___jump_table").unwrap(), syms.get("__stop___jump_table").unwrap());
+    assert!(stop > start && (stop - start) % 16 == 0, "{start:#x}..{stop:#x}");
+}
