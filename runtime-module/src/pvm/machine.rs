@@ -173,8 +173,20 @@ impl Machine for Pvm<'_> {
     fn port_out(&mut self, port: u16, width: u8, value: u32) {
         self.pv.port_out(port, width, value)
     }
+    /// Native `cpuid` answers from the outer machine (another APIC ID, no previrt leaves);
+    /// `int $0x1a` gets the VMM's table (docs/pvm.md).
     fn cpuid(&mut self, leaf: u32, subleaf: u32) -> [u32; 4] {
-        self.pv.cpuid(leaf, subleaf)
+        if !native() {
+            return self.pv.cpuid(leaf, subleaf);
+        }
+        let (a, b, c, d): (u32, u32, u32, u32);
+        // SAFETY: the host answers `int $0x1a` with the VMM's CPUID leaf; rbx is saved by
+        // hand (LLVM reserves it).
+        unsafe {
+            core::arch::asm!("xchg {b:r}, rbx", "int 0x1a", "xchg {b:r}, rbx", b = out(reg) b,
+                inout("eax") leaf => a, inout("ecx") subleaf => c, out("edx") d, options(nostack))
+        };
+        [a, b, c, d]
     }
     fn rdmsr(&mut self, msr: u32) -> u64 {
         self.pv.rdmsr(msr)

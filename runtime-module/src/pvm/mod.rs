@@ -36,5 +36,5 @@ pub(crate) use machine::{init, offered, stub};
 use previrt_site_abi::Kind;
 
 /// The kinds `pvm` routes besides the `hv` backend's ([`crate::hv::ROUTED`], whose mov cr
-/// covers CR3): `invlpg` (shadow sync) and `lidt` (substitute IDT).
-pub const ROUTED: &[Kind] = &[Kind::Invlpg, Kind::Lidt];
+/// covers CR3): `invlpg` (shadow sync), `lidt` (substitute IDT) and `cpuid` (the VMM's table).
+pub const ROUTED: &[Kind] = &[Kind::Invlpg, Kind::Lidt, Kind::Cpuid];
