@@ -129,6 +129,13 @@ pub trait Machine {
     fn load_idt(&mut self, table: DescTable);
     fn load_tr(&mut self, selector: u16);
 
+    /// A load (`store` None) or store of `width` bytes at `addr` by a memory-access site
+    /// (`mmio_*`/`pt_*`, from `previrt annotate`): the value read, or `Some(0)` for a store,
+    /// when the backend models that address; `None` runs the original instruction.
+    fn memory(&mut self, _kind: Kind, _addr: u64, _width: u8, _store: Option<u64>) -> Option<u64> {
+        None
+    }
+
     fn interrupt_flag(&mut self, regs: &Regs) -> bool {
         regs.rflags & rflags::IF != 0
     }
@@ -239,6 +246,10 @@ pub const HANDLERS: &[(Kind, Handler)] = &[
     (Kind::Lgdt, lgdt),
     (Kind::Lidt, lidt),
     (Kind::Ltr, ltr),
+    (Kind::MmioRead, memory_access),
+    (Kind::MmioWrite, memory_access),
+    (Kind::PtRead, memory_access),
+    (Kind::PtWrite, memory_access),
 ];
 
 /// The handler for a kind, if it is emulated.
@@ -406,6 +417,40 @@ fn invlpg(op: &Op, regs: &mut Regs, m: &mut dyn Machine) -> bool {
         m.invlpg(op.address(regs));
         true
     }
+}
+
+/// Where a plain `mov` between a register or immediate and memory keeps its data: opcode
+/// (after legacy and REX prefixes) and whether the data is an immediate. Other forms
+/// (read-modify-write, `movzx`, string moves) run the original instruction.
+/// (Byte-register moves are left out: without REX, registers 4-7 name %ah-%bh.)
+const MOVES: &[(u8, bool)] = &[(0x8b, false), (0x89, false), (0xc7, true), (0xc6, true)];
+
+/// A memory-access site: the machine's model of that address, if it has one.
+fn memory_access(op: &Op, regs: &mut Regs, m: &mut dyn Machine) -> bool {
+    let body = op.insn[..op.insn_len.min(15) as usize].iter().position(|b| !matches!(b, 0x66 | 0x40..=0x4f));
+    let Some(&(_, imm)) = body.and_then(|i| MOVES.iter().find(|(o, _)| *o == op.insn[i])) else { return false };
+    if !op.has(flags::MEM) || !long_mode(op) || !matches!(op.width, 1 | 2 | 4 | 8) {
+        return false;
+    }
+    let store = op.has(flags::WRITE).then(|| {
+        if imm {
+            // The immediate ends the instruction: imm8/16/32, sign-extended for 8-byte stores.
+            let n = op.width.min(4) as usize;
+            let mut b = [0u8; 4];
+            b[..n].copy_from_slice(&op.insn[op.insn_len as usize - n..op.insn_len as usize]);
+            (if n == 4 { i32::from_le_bytes(b) as i64 as u64 } else { u32::from_le_bytes(b) as u64 }) & mask(op.width)
+        } else {
+            regs.read(op.reg, op.width)
+        }
+    });
+    if !imm && reg::class(op.reg) != reg::GPR {
+        return false;
+    }
+    let Some(v) = m.memory(op.kind, op.address(regs), op.width, store) else { return false };
+    if store.is_none() {
+        regs.write(op.reg, op.width, v);
+    }
+    true
 }
 
 fn hlt(_: &Op, regs: &mut Regs, m: &mut dyn Machine) -> bool {

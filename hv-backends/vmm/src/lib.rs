@@ -2,8 +2,8 @@
 //!
 //! One vCPU, guest RAM from 0, kernels loaded as ELF (PVH, multiboot v1, 64-bit entry) or
 //! Linux bzImage ([`boot`]); a UART, isa-debug-exit and the in-kernel PIC/PIT ([`devices`]);
-//! per-exit accounting ([`stats`]); instructions the host emulator refuses completed with
-//! iced-x86 ([`emulate`]); the previrt paravirtual ABI ([`pv`]) and a Xen personality ([`xen`]).
+//! per-exit accounting ([`stats`]) and KVM's own counters ([`kvmstats`]); instructions the
+//! host emulator refuses completed with iced-x86 ([`emulate`]); the previrt paravirtual ABI ([`pv`]) and a Xen personality ([`xen`]).
 //!
 //! Public API: [`RunArgs`] (the command line), [`run`] (boot and run to the end) and
 //! [`main_run`] (both, with the process exit status `previrt run` uses).
@@ -12,6 +12,7 @@ pub mod boot;
 pub mod devices;
 pub mod emulate;
 mod kick;
+pub mod kvmstats;
 pub mod layout;
 pub mod profile;
 pub mod pv;

@@ -48,6 +48,9 @@ pub struct Stats {
     pub in_kvm: Duration,
     /// Wall time from the first KVM_RUN to the end.
     pub wall: Duration,
+    /// KVM's own counters at the end of the run ([`crate::kvmstats`]): traffic the host kernel
+    /// handled without an exit to the VMM (empty when the host has no binary stats).
+    pub kvm: Vec<(&'static str, u64)>,
 }
 
 impl Stats {
@@ -80,6 +83,13 @@ impl Stats {
             self.wall.as_secs_f64() * 1e3,
             self.in_kvm.as_secs_f64() * 1e3
         );
+        if !self.kvm.is_empty() {
+            s += "  kvm        ";
+            for (n, v) in &self.kvm {
+                s += &format!(" {n}={v}");
+            }
+            s += "\n";
+        }
         for t in Table::ALL {
             let mut rows: Vec<_> = self.table(t).collect();
             if rows.is_empty() {
@@ -108,6 +118,7 @@ impl Stats {
                 .collect();
             o.insert(t.name().into(), m.into());
         }
+        o.insert("kvm".into(), self.kvm.iter().map(|(n, v)| (n.to_string(), serde_json::Value::from(*v))).collect());
         o.into()
     }
 }

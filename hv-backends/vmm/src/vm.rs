@@ -263,12 +263,14 @@ pub(crate) fn run_with(
         let dbg = kvm_guest_debug { control: KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_SINGLESTEP, ..Default::default() };
         vm.vcpu.set_guest_debug(&dbg).map_err(host("KVM_SET_GUEST_DEBUG (--profile)"))?;
     }
+    let kvm_stats = crate::kvmstats::KvmStats::open(&vm.vcpu);
     let start = Instant::now();
     let res = match restore {
         Some(img) => snapshot::apply(&mut vm, img).and_then(|_| vm.run_loop()),
         None => vm.run_loop(),
     };
     vm.stats.wall = start.elapsed();
+    vm.stats.kvm = kvm_stats.map(|k| k.read()).unwrap_or_default();
     vm.bus.flush();
     if let (Some(p), Some(path)) = (&vm.profile, &args.profile) {
         let json = serde_json::to_vec_pretty(&p.to_json()).unwrap_or_default();

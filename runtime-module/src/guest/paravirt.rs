@@ -18,6 +18,7 @@ use crate::devices::{self, Dev, Pic, Pit, Programmed, Uart};
 use crate::emulate::{self, gpr, rflags, DescTable, Machine, Regs};
 use crate::guest::{self, hw, sym_addr};
 use core::fmt::{self, Write};
+use previrt_site_abi::Kind;
 
 /// Period of the platform's backstop timer.
 pub const BACKSTOP_NS: u64 = 1_000_000_000;
@@ -50,6 +51,10 @@ pub trait Hypervisor {
     fn summary(&self, out: &mut dyn Write);
     /// Stop the VM with exit status `status`.
     fn shutdown(&mut self, status: u32) -> !;
+    /// A memory-access site ([`Machine::memory`]): the platform's model of that address.
+    fn memory(&mut self, _kind: Kind, _addr: u64, _width: u8, _store: Option<u64>) -> Option<u64> {
+        None
+    }
     /// The platform asks the guest to suspend (guest/migrate.rs answers at the dispatcher's
     /// safe point). Platforms without a suspend protocol never ask.
     fn suspend_requested(&self) -> bool {
@@ -245,6 +250,9 @@ impl Write for Line {
 }
 
 impl<H: Hypervisor> Machine for Paravirt<H> {
+    fn memory(&mut self, kind: Kind, addr: u64, width: u8, store: Option<u64>) -> Option<u64> {
+        self.hv.memory(kind, addr, width, store)
+    }
     fn read(&mut self, addr: u64, buf: &mut [u8]) {
         hw::Hardware.read(addr, buf)
     }

@@ -253,11 +253,15 @@ impl Hypervisor for Hv {
         // SAFETY: statistics written by the VMM.
         let upcalls = unsafe { core::ptr::addr_of!((*page()).upcalls).read_volatile() };
         let _ = write!(out, " doorbells={} upcalls={upcalls}", DOORBELLS.load(Ordering::Relaxed));
+        let _ = write!(out, " lapic-in-guest={}", super::mmio::served());
     }
     fn shutdown(&mut self, status: u32) -> ! {
         loop {
             hypercall(hc::SHUTDOWN, [status as u64, 0, 0, 0]);
         }
+    }
+    fn memory(&mut self, kind: previrt_site_abi::Kind, addr: u64, width: u8, store: Option<u64>) -> Option<u64> {
+        super::mmio::access(kind, addr, width, store)
     }
     fn suspend_requested(&self) -> bool {
         pending().load(Ordering::Acquire) & event::SUSPEND != 0

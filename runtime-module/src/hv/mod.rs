@@ -17,9 +17,15 @@
 //! - hlt with IF on becomes `HALT`. cpuid, MSRs, mov cr, invlpg and descriptor-table loads
 //!   stay native (they exit to KVM, not to the VMM, on this host); mov cr is still routed so
 //!   the runtime maps itself into every address space the kernel loads.
+//! - MMIO sites (`previrt annotate`): the LAPIC registers without side effects are served
+//!   from an in-guest copy ([`mmio`]); the rest, and page-table sites, keep the original
+//!   instruction (KVM's shadow MMU handles page-table writes in the host kernel, and this
+//!   ABI has no page-table hypercall that would be cheaper).
 
 #[cfg(feature = "guest")]
 mod machine;
+#[cfg(feature = "guest")]
+mod mmio;
 #[cfg(feature = "guest")]
 pub(crate) use machine::{adopt, init, machine, programmed, stub, suspend, version, vif_addr, Console, Hv};
 
@@ -28,5 +34,16 @@ use previrt_site_abi::Kind;
 /// The kinds the `hv` backend routes through the runtime (everything else keeps the original
 /// instruction). Measured on this host: the unmodified kernel's cpuid, rdmsr/wrmsr, invlpg and
 /// lgdt/lidt never reach the VMM, so routing them would only add runtime instructions.
-pub const ROUTED: &[Kind] =
-    &[Kind::Cli, Kind::Sti, Kind::Pushf, Kind::Popf, Kind::Iret, Kind::In, Kind::Out, Kind::Hlt, Kind::MovCr];
+pub const ROUTED: &[Kind] = &[
+    Kind::Cli,
+    Kind::Sti,
+    Kind::Pushf,
+    Kind::Popf,
+    Kind::Iret,
+    Kind::In,
+    Kind::Out,
+    Kind::Hlt,
+    Kind::MovCr,
+    Kind::MmioRead,
+    Kind::MmioWrite,
+];
