@@ -166,3 +166,26 @@ pub fn workload_lines(output: &str) -> Vec<WorkloadLine> {
 pub fn deterministic_lines(output: &str) -> Vec<&str> {
     output.lines().filter(|l| !l.starts_with("kernel: ") && !l.starts_with("TIMING ")).collect()
 }
+
+/// The example kernel built with the previrt toolchain (`previrt toolchain install`, then
+/// `make CROSS_COMPILE=…`) and `previrt link`ed with the runtime (PVH entry), once per test
+/// process, under cargo's target tmp dir.
+pub fn linked_example_kernel() -> &'static Path {
+    static ELF: OnceLock<PathBuf> = OnceLock::new();
+    ELF.get_or_init(|| {
+        let base = Path::new(env!("CARGO_TARGET_TMPDIR"));
+        remove_dirs_of_dead_processes(base, "linked-kernel-");
+        let dir = base.join(format!("linked-kernel-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let previrt = || Command::new(env!("CARGO_BIN_EXE_previrt"));
+        let tc = dir.join("toolchain");
+        let o = previrt().args(["toolchain", "install", "--prefix"]).arg(&tc).output().expect("previrt");
+        assert!(o.status.success(), "previrt toolchain install: {}", String::from_utf8_lossy(&o.stderr));
+        let prefix = format!("{}/bin/x86_64-previrt-linux-gnu-", tc.display());
+        let build = build_example_kernel(&dir.join("kernel"), Some(&prefix));
+        let elf = dir.join("linked.elf");
+        let o = previrt().arg("link").arg(build.pvh_elf()).arg("-o").arg(&elf).output().expect("previrt");
+        assert!(o.status.success(), "previrt link: {}", String::from_utf8_lossy(&o.stderr));
+        elf
+    })
+}

@@ -261,20 +261,21 @@ pub(super) fn suspended(vm: &mut Vm) -> Result<Option<i32>, Stop> {
     let at = |la| super::emulate::translate(&vm.mem, &sregs, la);
     let ret = at(regs.rsp).and_then(|gpa| vm.mem.read_obj::<u64>(GuestAddress(gpa)).ok());
     let pending = vm.snapshot.as_mut().and_then(|t| t.pending.take());
+    let (resumed, cancelled) = vm.persona.suspend_results();
     let (Some(p), Some(ret)) = (pending, ret) else {
-        regs.rax = abi::suspend::CANCELLED as u64;
+        regs.rax = cancelled;
         return vm.vcpu.set_regs(&regs).map(|_| None).map_err(kvm_err("KVM_SET_REGS"));
     };
     vm.persona.cancel_suspend(&vm.mem);
     let saved = regs;
     regs.rip = ret;
     regs.rsp += 8;
-    regs.rax = abi::suspend::RESUMED as u64;
+    regs.rax = resumed;
     vm.vcpu.set_regs(&regs).map_err(kvm_err("KVM_SET_REGS"))?;
     let out = finish(vm, p.req, Mode::Cooperative(p.since.elapsed()));
     if matches!(out, Ok(None)) {
         // Not saved: the guest carries on as if no suspend had been asked for.
-        let back = kvm_regs { rax: abi::suspend::CANCELLED as u64, ..saved };
+        let back = kvm_regs { rax: cancelled, ..saved };
         vm.vcpu.set_regs(&back).map_err(kvm_err("KVM_SET_REGS"))?;
     }
     out
@@ -323,18 +324,35 @@ impl Personality {
             Personality::Previrt(pv) => {
                 pv.shared.read_u64(mem, abi::offsets::GUEST_FEATURES).unwrap_or(0) & abi::guest_features::SUSPEND != 0
             }
-            _ => false,
+            Personality::Xen(x) => x.can_suspend(),
+            Personality::None => false,
         }
     }
     fn request_suspend(&self, mem: &GuestMemoryMmap) {
-        if let Personality::Previrt(pv) = self {
-            pv.shared.raise(mem, abi::event::SUSPEND);
+        match self {
+            Personality::Previrt(pv) => {
+                pv.shared.raise(mem, abi::event::SUSPEND);
+            }
+            Personality::Xen(x) => x.request_suspend(mem),
+            Personality::None => {}
         }
     }
     fn cancel_suspend(&self, mem: &GuestMemoryMmap) {
-        if let Personality::Previrt(pv) = self {
-            let p = pv.shared.read_u64(mem, abi::offsets::PENDING).unwrap_or(0);
-            pv.shared.write_u64(mem, abi::offsets::PENDING, p & !abi::event::SUSPEND);
+        match self {
+            Personality::Previrt(pv) => {
+                let p = pv.shared.read_u64(mem, abi::offsets::PENDING).unwrap_or(0);
+                pv.shared.write_u64(mem, abi::offsets::PENDING, p & !abi::event::SUSPEND);
+            }
+            Personality::Xen(x) => x.cancel_suspend(mem),
+            Personality::None => {}
+        }
+    }
+    /// The suspend call's results (resumed elsewhere, cancelled): the previrt ABI's, or Xen's
+    /// SCHEDOP_shutdown(SHUTDOWN_suspend) convention (0 in the new domain, 1 cancelled).
+    fn suspend_results(&self) -> (u64, u64) {
+        match self {
+            Personality::Xen(_) => (0, 1),
+            _ => (abi::suspend::RESUMED as u64, abi::suspend::CANCELLED as u64),
         }
     }
 }
@@ -362,9 +380,10 @@ pub enum Tag {
     Previrt = 31,
     Suspend = 32,
     Disk = 33,
+    Xen = 34,
 }
 
-const TAGS: [Tag; 19] = [
+const TAGS: [Tag; 20] = [
     Tag::Memory,
     Tag::PicMaster,
     Tag::PicSlave,
@@ -384,6 +403,7 @@ const TAGS: [Tag; 19] = [
     Tag::Previrt,
     Tag::Suspend,
     Tag::Disk,
+    Tag::Xen,
 ];
 
 /// The KVM irqchips in a snapshot: (section, chip id).
@@ -393,8 +413,8 @@ const CHIPS: [(Tag, u32); 3] = [
     (Tag::Ioapic, KVM_IRQCHIP_IOAPIC),
 ];
 
-const ABIS: [(u32, AbiKind); 4] =
-    [(0, AbiKind::Previrt), (1, AbiKind::Xen), (2, AbiKind::None), (3, AbiKind::PrevirtV2)];
+const ABIS: [(u32, AbiKind); 5] =
+    [(0, AbiKind::Previrt), (1, AbiKind::Xen), (2, AbiKind::None), (3, AbiKind::PrevirtV2), (4, AbiKind::Xen302)];
 
 /// A validated snapshot file.
 pub struct Image {
@@ -493,6 +513,11 @@ impl Image {
     }
 
     /// The guest had registered a previrt ABI page (hypercall or vCPU page) when it was saved.
+    /// A Xen guest's live channels and shared_info (a forced snapshot keeps them).
+    fn uses_xen(&self) -> bool {
+        self.section(Tag::Xen).is_some_and(|b| b.len() >= 20 && u64_at(b, 12) != u64::MAX)
+    }
+
     fn uses_previrt_abi(&self) -> bool {
         self.section(Tag::Previrt).is_some_and(|b| b.len() >= 16 && (u64_at(b, 0) | u64_at(b, 8)) & 1 != 0)
     }
@@ -688,6 +713,9 @@ fn write(
     if let Personality::Previrt(pv) = &vm.persona {
         w.section(Tag::Previrt, &save_previrt(pv));
     }
+    if let Personality::Xen(x) = &vm.persona {
+        w.section(Tag::Xen, &x.save(matches!(mode, Mode::Cooperative(_))));
+    }
     w.section(Tag::Suspend, &mode.section());
     if let Some((p, len)) = disk {
         w.section(Tag::Disk, &[&len.to_le_bytes()[..], p.as_os_str().as_encoded_bytes()].concat());
@@ -794,6 +822,14 @@ pub(super) fn apply(vm: &mut Vm, img: &Image) -> Result<(), Stop> {
     if let Some(b) = img.section(Tag::Previrt) {
         restore_previrt(vm, b)?;
     }
+    if let Personality::Xen(x) = &mut vm.persona {
+        if let Some(b) = img.section(Tag::Xen).filter(|_| img.abi.xen_version().is_some()) {
+            x.restore(&vm.mem, b).map_err(|e| Stop::Host(format!("snapshot section Xen: {e}")))?;
+        }
+        // Xen system time follows the restored TSC.
+        let (khz, tsc) = super::guest_tsc(&vm.vcpu).map_err(kvm_err("KVM_GET_TSC_KHZ/KVM_GET_MSRS"))?;
+        x.set_clock(&vm.mem, khz, tsc);
+    }
     eprintln!(
         "previrt restore: resuming after {:.1} ms (read, check, new VM, memory and state); {}",
         img.opened.elapsed().as_secs_f64() * 1e3,
@@ -860,7 +896,7 @@ pub fn open(args: &RestoreArgs) -> Result<(Image, RunArgs), Error> {
         }
     }
     let abi = args.abi.unwrap_or(img.abi);
-    if let (Mode::Forced(why), true, true) = (img.mode(), abi != img.abi, img.uses_previrt_abi()) {
+    if let (Mode::Forced(why), true, true) = (img.mode(), abi != img.abi, img.uses_previrt_abi() || img.uses_xen()) {
         return Err(Error::BadInput(format!(
             "{name}: forced snapshot ({why}) of a guest using the {:?} ABI cannot resume under --abi {:?}: \
              nothing re-patched it",

@@ -119,9 +119,6 @@ pub(crate) fn run_with(
     out: Box<dyn std::io::Write + Send>,
     restore: Option<&snapshot::Image>,
 ) -> Result<RunResult, Error> {
-    if (args.snapshot.is_some() || args.control.is_some()) && args.abi.xen_version().is_some() {
-        return Err(Error::BadInput("--snapshot: the Xen personality cannot be saved yet".into()));
-    }
     let mem_size = crate::parse_size(&args.mem)
         .filter(|&s| (2 << 20..=crate::layout::MAX_RAM).contains(&s) && s % 4096 == 0)
         .ok_or_else(|| Error::BadInput(format!("--mem {}: need 2M..=3G in whole pages (e.g. 128M)", args.mem)))?;
@@ -590,7 +587,8 @@ impl Vm {
         if let Personality::Xen(x) = &mut self.persona {
             x.tick(&self.mem, Instant::now());
             if let Some(k) = &self.kicker {
-                k.set(x.deadline());
+                let suspend = self.snapshot.as_ref().and_then(|t| t.deadline());
+                k.set(x.deadline().into_iter().chain(suspend).min());
             }
             return match x.pending_vector(&self.mem) {
                 Some(v) => self.inject(v).map(|_| ()),

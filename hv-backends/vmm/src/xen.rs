@@ -94,6 +94,7 @@ impl Version {
 /// makes that code the exit status (the runtime passes isa-debug-exit's status this way).
 fn shutdown(reason: u64) -> Outcome {
     match reason {
+        SHUTDOWN_SUSPEND => Outcome::Suspend,
         0..=255 => Outcome::Shutdown(reason as i32),
         _ => Outcome::Ret(xerr::EINVAL),
     }
@@ -149,6 +150,17 @@ enum Channel {
 }
 
 const VIRQ_TIMER: u32 = 0;
+/// previrt's stand-in for the toolstack writing `control/shutdown = "suspend"` to xenstore
+/// (this personality has no xenstore): a guest that binds this virtual interrupt (VIRQ_ARCH_7,
+/// unused by Xen on x86) opts in to suspend requests, which arrive as its channel going
+/// pending (the guest keeps it masked and polls it); it answers with
+/// `SCHEDOP_shutdown(SHUTDOWN_suspend)`, which returns 0 in the restored guest ("resumed in a
+/// new domain") and 1 when cancelled, as on Xen.
+pub const VIRQ_SUSPEND: u32 = 23;
+/// The virtual interrupts this personality raises.
+const VIRQS: [u32; 2] = [VIRQ_TIMER, VIRQ_SUSPEND];
+/// SCHEDOP_shutdown reason: suspend (sched.h).
+const SHUTDOWN_SUSPEND: u64 = 2;
 
 pub struct Xen {
     console: ConsoleOut,
@@ -365,8 +377,7 @@ impl Xen {
             // struct evtchn_bind_virq { uint32_t virq; uint32_t vcpu; evtchn_port_t port; }.
             BIND_VIRQ => {
                 let (Some(virq), Some(vcpu)) = (u32_at(0), u32_at(4)) else { return xerr::EFAULT };
-                // VIRQ_TIMER is the only virtual interrupt this personality raises.
-                if virq != VIRQ_TIMER || vcpu != 0 || self.ports.contains(&Some(Channel::Virq(virq))) {
+                if !VIRQS.contains(&virq) || vcpu != 0 || self.ports.contains(&Some(Channel::Virq(virq))) {
                     return xerr::EINVAL;
                 }
                 let port = self.ports.len() as u32;
@@ -541,6 +552,79 @@ impl Xen {
         self.shared_info.is_some_and(|b| mem.load::<u8>(GuestAddress(b + si::UPCALL_PENDING), Ordering::Acquire).is_ok_and(|v| v != 0))
     }
 
+    fn virq_port(&self, virq: u32) -> Option<u32> {
+        self.ports.iter().position(|c| *c == Some(Channel::Virq(virq))).map(|p| p as u32)
+    }
+
+    /// The guest bound VIRQ_SUSPEND: it answers suspend requests.
+    pub fn can_suspend(&self) -> bool {
+        self.virq_port(VIRQ_SUSPEND).is_some()
+    }
+
+    /// Ask the guest to suspend: its VIRQ_SUSPEND channel goes pending.
+    pub fn request_suspend(&self, mem: &GuestMemoryMmap) {
+        if let Some(port) = self.virq_port(VIRQ_SUSPEND) {
+            self.set_pending(mem, port);
+        }
+    }
+
+    pub fn cancel_suspend(&self, mem: &GuestMemoryMmap) {
+        if let Some(port) = self.virq_port(VIRQ_SUSPEND) {
+            let (word, bit) = (port as u64 / 64 * 8, 1u64 << (port % 64));
+            self.atomic(mem, si::EVTCHN_PENDING + word, |a| {
+                a.fetch_and(!bit, Ordering::SeqCst);
+            });
+        }
+    }
+
+    /// The state a snapshot keeps (section Xen, docs/snapshot.md): version, hypercall MSR,
+    /// shared_info GPA (u64::MAX: none), callback vector, ns to the timer (u64::MAX: none), then
+    /// one u32 per port from 1 (u32::MAX free, else the virq). A guest that suspended itself
+    /// resumes as in a new Xen domain: nothing but the hypercall MSR is kept (it re-maps
+    /// shared_info and re-binds its channels, as Xen guests do after a migration).
+    pub fn save(&self, suspended: bool) -> Vec<u8> {
+        let now = Instant::now();
+        let mut b = Vec::new();
+        b.extend_from_slice(&self.version.number().to_le_bytes());
+        b.extend_from_slice(&self.hypercall_msr.to_le_bytes());
+        if suspended {
+            b.extend_from_slice(&[u64::MAX, 0, u64::MAX].map(u64::to_le_bytes).concat());
+            return b;
+        }
+        let timer = self.timer.map_or(u64::MAX, |d| d.saturating_duration_since(now).as_nanos() as u64);
+        for v in [self.shared_info.unwrap_or(u64::MAX), self.callback_vector as u64, timer] {
+            b.extend_from_slice(&v.to_le_bytes());
+        }
+        for c in &self.ports[1..] {
+            let Channel::Virq(v) = c.unwrap_or(Channel::Virq(u32::MAX));
+            b.extend_from_slice(&v.to_le_bytes());
+        }
+        b
+    }
+
+    /// Take the state `save` wrote (under this personality's own version). Err: malformed.
+    pub fn restore(&mut self, mem: &GuestMemoryMmap, b: &[u8]) -> Result<(), String> {
+        if b.len() < 36 || (b.len() - 36) % 4 != 0 {
+            return Err(format!("{} bytes", b.len()));
+        }
+        let u64_at = |o: usize| u64::from_le_bytes(b[o..o + 8].try_into().unwrap());
+        let msr = u64_at(4);
+        if msr != 0 && self.wrmsr(mem, MSR_HYPERCALL, msr) != Some(true) {
+            return Err(format!("hypercall page MSR {msr:#x} refused"));
+        }
+        self.shared_info = Some(u64_at(12)).filter(|&g| g != u64::MAX);
+        self.callback_vector = u64_at(20) as u8;
+        self.timer = Some(u64_at(28)).filter(|&t| t != u64::MAX).map(|ns| Instant::now() + Duration::from_nanos(ns));
+        self.ports = std::iter::once(None)
+            .chain(b[36..].chunks_exact(4).map(|c| {
+                let v = u32::from_le_bytes(c.try_into().unwrap());
+                (v != u32::MAX).then_some(Channel::Virq(v))
+            }))
+            .collect();
+        self.publish_time(mem);
+        Ok(())
+    }
+
     /// When the timer is due next (for the kick thread).
     pub fn deadline(&self) -> Option<Instant> {
         self.timer
@@ -552,8 +636,8 @@ impl Xen {
             return false;
         }
         self.timer = None;
-        if let Some(port) = self.ports.iter().position(|c| *c == Some(Channel::Virq(VIRQ_TIMER))) {
-            self.set_pending(mem, port as u32);
+        if let Some(port) = self.virq_port(VIRQ_TIMER) {
+            self.set_pending(mem, port);
         }
         true
     }

@@ -40,12 +40,19 @@ struct Hooks {
     release: fn(),
 }
 
-static HOOKS: [Hooks; 2] = [
+static HOOKS: [Hooks; 3] = [
     Hooks {
         backend: &backend::HV,
         suspend: crate::hv::suspend,
         programmed: crate::hv::programmed,
         adopt: crate::hv::adopt,
+        release: || {},
+    },
+    Hooks {
+        backend: &backend::XEN_HVM,
+        suspend: crate::xen_hvm::suspend,
+        programmed: crate::xen_hvm::programmed,
+        adopt: crate::xen_hvm::adopt,
         release: || {},
     },
     Hooks {

@@ -50,10 +50,22 @@ pub struct XenHvm {
     /// XENVER_version: major << 16 | minor.
     version: u32,
     timer_port: u32,
+    /// The VIRQ_SUSPEND channel (kept masked, polled at safe points); 0: the hypervisor
+    /// has no suspend requests.
+    suspend_port: u32,
 }
 
-static XEN: Global<Paravirt<XenHvm>> =
-    Global(UnsafeCell::new(Paravirt::new(XenHvm { generation: Generation::Current, version: 0, timer_port: 0 })));
+static XEN: Global<Paravirt<XenHvm>> = Global(UnsafeCell::new(Paravirt::new(XenHvm {
+    generation: Generation::Current,
+    version: 0,
+    timer_port: 0,
+    suspend_port: 0,
+})));
+
+/// previrt's suspend request channel (the VMM personality's stand-in for xenstore's
+/// `control/shutdown`; docs/xen-hvm.md). Real Xen refuses the bind: no suspend requests.
+const VIRQ_SUSPEND: u32 = 23;
+const SHUTDOWN_SUSPEND: u64 = 2;
 
 fn shared_info() -> u64 {
     sym_addr!("previrt_xen_shared_info")
@@ -142,8 +154,13 @@ impl XenHvm {
     }
 
     fn port_bit(&self) -> (usize, u64) {
-        (self.timer_port as usize / 64, 1 << (self.timer_port % 64))
+        bit(self.timer_port)
     }
+}
+
+/// Word index and bit of event channel `port` in the shared_info bitmaps.
+fn bit(port: u32) -> (usize, u64) {
+    (port as usize / 64, 1 << (port % 64))
 }
 
 fn fatal(what: fmt::Arguments) -> ! {
@@ -160,8 +177,10 @@ pub(crate) fn init() -> Result<(), &'static str> {
     }
     let [_, msr, ..] = hw::cpuid(0x4000_0002, 0);
     crate::emulate::Machine::wrmsr(&mut hw::Hardware, msr, gpa(abi::hypercall_page()));
-    // SAFETY: boot runs once, single-threaded.
+    // SAFETY: boot (or a resume at the safe point) runs single-threaded, interrupts off.
     let x = unsafe { XEN.get() };
+    // A resumed guest finds out anew which calls this hypervisor has.
+    x.hv.generation = Generation::Current;
     let version = call(Hypercall::XenVersion, [XENVER_VERSION, 0, 0, 0, 0]);
     if version <= 0 {
         return Err("the hypercall page does not answer xen_version");
@@ -184,7 +203,41 @@ pub(crate) fn init() -> Result<(), &'static str> {
         return Err("binding VIRQ_TIMER failed");
     }
     x.hv.timer_port = bind[2];
+    // Opt in to suspend requests where offered; the channel stays masked (no upcall).
+    let mut bind = [VIRQ_SUSPEND, 0, 0];
+    x.hv.suspend_port = 0;
+    if x.hv.evtchn_op(abi::EVTCHNOP_BIND_VIRQ, &mut bind) == 0 {
+        let (i, b) = bit(bind[2]);
+        bitmap(abi::EVTCHN_MASK, i).fetch_or(b, core::sync::atomic::Ordering::AcqRel);
+        x.hv.suspend_port = bind[2];
+    }
     Ok(())
+}
+
+/// Migration (guest/migrate.rs): at the safe point, flush the console line, stop the timer
+/// and suspend; `suspend::RESUMED` in the restored guest (Xen returns 0 in the new domain).
+pub(crate) fn suspend() -> i64 {
+    // SAFETY: called at the dispatcher's safe point (single vCPU, interrupts off).
+    let x = unsafe { XEN.get() };
+    x.flush();
+    call(Hypercall::SetTimerOp, [0; 5]);
+    let reason = SHUTDOWN_SUSPEND as u32;
+    match x.hv.sched_op(abi::SCHEDOP_SHUTDOWN, SHUTDOWN_SUSPEND, &reason as *const u32 as u64) {
+        0 => previrt_hv_abi::suspend::RESUMED,
+        _ => previrt_hv_abi::suspend::CANCELLED,
+    }
+}
+
+/// Migration: what the kernel programmed, for the next backend.
+pub(crate) fn programmed() -> crate::devices::Programmed {
+    // SAFETY: as `suspend`.
+    unsafe { XEN.get() }.programmed()
+}
+
+/// Migration: bind what the kernel programmed under the previous backend.
+pub(crate) fn adopt(p: &crate::devices::Programmed) {
+    // SAFETY: as `suspend`.
+    unsafe { XEN.get() }.adopt(p)
 }
 
 /// One boot-log line: what was found.
@@ -271,6 +324,10 @@ impl Hypervisor for XenHvm {
     }
     /// Xen injects the callback vector by RFLAGS.IF (HVM): no copy of the flag to keep.
     fn set_vif(&mut self, _on: bool) {}
+    fn suspend_requested(&self) -> bool {
+        let (i, b) = bit(self.suspend_port);
+        self.suspend_port != 0 && bitmap(abi::EVTCHN_PENDING, i).load(core::sync::atomic::Ordering::Acquire) & b != 0
+    }
     fn now_ns(&self) -> u64 {
         vcpu().time.system_time(hw::rdtsc)
     }
