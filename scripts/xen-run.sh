@@ -9,7 +9,8 @@
 # crashed without a verdict (the line before Xen's says why), 124 = timed out.
 # Prints "xen-run: verdict after N ms" (QEMU start to QEMU exit) on stderr.
 # Environment: QEMU (default qemu-system-x86_64), XEN_GZ (default /boot/xen-4.17-amd64.gz),
-# TIMEOUT in seconds (default 60), DOM0_MEM (default 16M).
+# TIMEOUT in seconds (default 60), DOM0_MEM (default 16M), MEM (the machine's MiB, default 64),
+# DOM0_INITRD (a second module for dom0, e.g. Linux's initramfs: scripts/xen-domu.sh).
 set -u
 
 if [ $# -lt 1 ] || [ $# -gt 2 ]; then
@@ -26,10 +27,13 @@ if [ ! -r "$kernel" ]; then
   echo "xen-run: cannot read kernel '$kernel'" >&2
   exit 2
 fi
-case $kernel in *,* | *' '*)
-  echo "xen-run: the kernel path must not contain ',' or spaces (QEMU's -initrd list)" >&2
-  exit 2 ;;
-esac
+for path in "$kernel" ${DOM0_INITRD:+"$DOM0_INITRD"}; do
+  case $path in *,* | *' '*)
+    echo "xen-run: '$path': module paths must not contain ',' or spaces (QEMU's -initrd list)" >&2
+    exit 2 ;;
+  esac
+done
+initrd=${DOM0_INITRD:+,$DOM0_INITRD}
 if ! command -v "$qemu" >/dev/null 2>&1; then
   echo "xen-run: '$qemu' not found; run scripts/install-deps.sh" >&2
   exit 2
@@ -61,18 +65,19 @@ start=$(date +%s%N)
 # option ROM for SeaBIOS to load), no SVM/VMX (Xen skips HVM set-up), a small machine, and the
 # RTC on the VM clock so its first second boundary — which Xen's wall-clock read waits for —
 # counts from VM start, not from QEMU's start-up. Xen: no scrubbing, no cpufreq, one CPU.
-timeout -k 5 "$timeout_s" "$qemu" -machine q35,accel=tcg -nodefaults -cpu max,-svm,-vmx -m 64 \
+timeout -k 5 "$timeout_s" "$qemu" -machine q35,accel=tcg -nodefaults -cpu max,-svm,-vmx -m "${MEM:-64}" \
   -rtc clock=vm -smp 1 -display none -monitor none -serial stdio -no-reboot \
   -device isa-debug-exit,iobase=0xf4,iosize=0x04 -kernel "$xen_bin" \
   -append "console=com1 com1=115200,8n1 dom0_mem=${DOM0_MEM:-16M} no-bootscrub cpufreq=none maxcpus=1 loglvl=all guest_loglvl=all" \
-  -initrd "$kernel ${cmdline//,/,,}" </dev/null >"$fifo" 2>&1 &
+  -initrd "$kernel ${cmdline//,/,,}$initrd" </dev/null >"$fifo" 2>&1 &
 qemu_pid=$!
 
 # Without isa-debug-exit Xen keeps the machine running after dom0 stops: end it on that line.
 stopped=
 qemu_error=
 while IFS= read -r line; do
-  line=${line%$'\r'}
+  # Lines relayed from dom0's hvc console end in "\r\r".
+  while [ "${line%$'\r'}" != "$line" ]; do line=${line%$'\r'}; done
   printf '%s\n' "$line"
   case $line in
     "$(basename "$qemu"):"*) qemu_error=1 ;;

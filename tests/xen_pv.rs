@@ -193,6 +193,38 @@ fn the_same_linked_elf_runs_on_the_in_tree_hypervisor() {
     assert_eq!(verdicts(&out), verdicts(&plain.stdout), "previrt run output differs from the plain kernel on QEMU");
 }
 
+#[test]
+fn example_kernel_runs_as_xen_pv_domu_with_its_console_on_the_ring() {
+    // dom0 is Debian's Linux with Xen's toolstack (scripts/xen-domu.sh); the domU has no
+    // console_io, so everything it prints went through its console ring and xenconsoled.
+    require_xen();
+    let k = linked_kernel();
+    let cmdline = "ticks=10 console_lines=8";
+    let o = Command::new(repo_root().join("scripts/xen-domu.sh"))
+        .arg(&k.elf)
+        .arg(cmdline)
+        .env("TIMEOUT", "400")
+        .output()
+        .expect("running scripts/xen-domu.sh");
+    let all = format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+    assert_eq!(o.status.code(), Some(0), "xen-domu.sh status\n{all}");
+    let console = all
+        .split_once("xen-domu: console begin\n")
+        .and_then(|(_, rest)| rest.split_once("xen-domu: console end"))
+        .map(|(log, _)| log)
+        .unwrap_or_else(|| panic!("no domU console log\n{all}"));
+    let boot = console.lines().find(|l| l.starts_with("previrt: backend=")).unwrap_or_default();
+    assert!(boot.starts_with("previrt: backend=xen ") && boot.contains("(platform=xen-pv)"), "{console}");
+    let plain = run_qemu(&example_kernel().pvh_elf(), cmdline);
+    assert_eq!(verdicts(console), verdicts(&plain.stdout), "domU output differs from the plain kernel on QEMU");
+    let calls = counts(console, "previrt-xen: hypercalls");
+    assert!(!calls.contains_key("console_io"), "a domU has no console_io: {calls:?}");
+    // Binding and unmasking the timer are two event_channel_ops; every line after them is
+    // one kick of the ring's event channel (EVTCHNOP_send).
+    let lines = console.lines().take_while(|l| !l.starts_with("previrt-xen: hypercalls")).count() as u64;
+    assert!(calls["event_channel_op"] >= 2 + lines, "{calls:?} for {lines} lines");
+}
+
 /// The example kernel built with the previrt toolchain and the annotations `previrt annotate`
 /// finds in the plain build (its get_pte/set_pte and readl/writel lines become pt_read/pt_write
 /// and mmio sites), then linked.
