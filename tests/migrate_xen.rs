@@ -50,14 +50,14 @@ struct Move {
     stats: serde_json::Value,
 }
 
-/// Run the linked kernel under `--abi from` with `previrt.backend=auto`, snapshot after
-/// `after` exits, restore under `--abi to` with statistics.
-fn migrate(name: &str, from: &str, to: &str, after: &str) -> Move {
+/// Run the linked kernel under `--abi from` with `previrt.backend=auto` (and `run_extra`),
+/// snapshot after `after` exits, restore under `--abi to` with statistics.
+fn migrate(name: &str, from: &str, to: &str, after: &str, run_extra: &[&str]) -> Move {
     let d = scratch(name);
     let (snap, stats) = (d.join("vm.snap"), d.join("restored.json"));
     let kernel = common::linked_example_kernel().to_str().unwrap();
     let append = format!("previrt.backend=auto {CMDLINE}");
-    let saved = previrt(&[
+    let mut run = vec![
         "run",
         kernel,
         "--boot",
@@ -70,14 +70,20 @@ fn migrate(name: &str, from: &str, to: &str, after: &str) -> Move {
         snap.to_str().unwrap(),
         "--snapshot-after",
         after,
-    ]);
+    ];
+    run.extend_from_slice(run_extra);
+    let saved = previrt(&run);
     assert_eq!(saved.status.code(), Some(0), "saving run under {from}: {}", text(&saved.stderr));
-    let err = text(&saved.stderr);
-    assert!(err.contains("snapshot written to") && err.contains("cooperative"), "not a cooperative save: {err}");
+    assert!(text(&saved.stderr).contains("snapshot written to"), "{}", text(&saved.stderr));
     let restored =
         previrt(&["restore", snap.to_str().unwrap(), "--abi", to, "--stats-json", stats.to_str().unwrap()]);
     let json = std::fs::read(&stats).unwrap_or_else(|e| panic!("no stats ({e}): {}", text(&restored.stderr)));
     Move { saved, restored, stats: serde_json::from_slice(&json).unwrap() }
+}
+
+fn assert_cooperative(m: &Move) {
+    let err = text(&m.saved.stderr);
+    assert!(err.contains("cooperative: guest suspended"), "not a cooperative save: {err}");
 }
 
 /// Both halves together are QEMU's run of the plain kernel; the move happened mid-workload.
@@ -114,7 +120,8 @@ fn assert_paravirtual_exits(stats: &serde_json::Value) {
 
 #[test]
 fn xen_3_0_2_to_current_xen_rebinds_with_the_new_calls() {
-    let m = migrate("302-to-417", "xen-3.0.2", "xen", "120exits");
+    let m = migrate("302-to-417", "xen-3.0.2", "xen", "120exits", &[]);
+    assert_cooperative(&m);
     assert!(text(&m.saved.stdout).contains("previrt-xen-hvm: Xen 3.0, sched_op_compat/event_channel_op_compat"));
     assert_stream_continues(&m);
     let b = text(&m.restored.stdout);
@@ -129,7 +136,8 @@ fn xen_3_0_2_to_current_xen_rebinds_with_the_new_calls() {
 
 #[test]
 fn in_tree_pv_to_xen_personality_repatches_for_xen_hvm() {
-    let m = migrate("hv-to-xen", "previrt", "xen", "150exits");
+    let m = migrate("hv-to-xen", "previrt", "xen", "150exits", &[]);
+    assert_cooperative(&m);
     assert!(text(&m.saved.stdout).contains("previrt: backend=auto chose hv"));
     assert_stream_continues(&m);
     let b = text(&m.restored.stdout);
@@ -142,7 +150,8 @@ fn in_tree_pv_to_xen_personality_repatches_for_xen_hvm() {
 
 #[test]
 fn xen_personality_to_in_tree_pv_repatches_for_hv() {
-    let m = migrate("xen-to-hv", "xen", "previrt", "120exits");
+    let m = migrate("xen-to-hv", "xen", "previrt", "120exits", &[]);
+    assert_cooperative(&m);
     assert!(text(&m.saved.stdout).contains("previrt: backend=auto chose xen-hvm"));
     assert_stream_continues(&m);
     let b = text(&m.restored.stdout);
@@ -150,4 +159,29 @@ fn xen_personality_to_in_tree_pv_repatches_for_hv() {
     assert_paravirtual_exits(&m.stats);
     let s = &m.stats;
     assert!(s["hypercalls"].as_object().unwrap().keys().all(|k| k.starts_with("previrt:")), "{}", s["hypercalls"]);
+}
+
+/// A guest that does not answer in time (`--suspend-timeout 0`) is saved as it is: the
+/// personality's whole state goes into section Xen (shared_info, channels, callback vector,
+/// timer), so under the same `--abi` the kernel carries on without knowing it moved; under
+/// another one nothing re-patched it, and the restore is refused before anything runs.
+#[test]
+fn forced_xen_snapshot_resumes_under_xen_only() {
+    let m = migrate("xen-forced", "xen", "xen", "120exits", &["--suspend-timeout", "0"]);
+    let err = text(&m.saved.stderr);
+    assert!(err.contains("forced: the guest did not suspend within 0 ms"), "{err}");
+    assert_stream_continues(&m);
+    let b = text(&m.restored.stdout);
+    assert!(!b.contains("resumed on"), "a forced snapshot is not re-patched: {b}");
+    assert_paravirtual_exits(&m.stats);
+    // The restored guest keeps its timer channel and callback vector: no new bind or vector.
+    let s = &m.stats;
+    assert_eq!(hypercall(s, "xen:event_channel_op") + hypercall(s, "xen:hvm_op"), 0, "{}", s["hypercalls"]);
+    assert!(hypercall(s, "xen:sched_op") > 0 && s["reasons"]["upcall_injected"]["count"].as_u64() > Some(0));
+
+    let snap = Path::new(env!("CARGO_TARGET_TMPDIR")).join("migrate-xen/xen-forced/vm.snap");
+    let o = previrt(&["restore", snap.to_str().unwrap(), "--abi", "previrt"]);
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o.stderr));
+    assert!(text(&o.stderr).contains("cannot resume under --abi Previrt: nothing re-patched it"), "{}", text(&o.stderr));
+    assert!(o.stdout.is_empty(), "nothing ran: {}", text(&o.stdout));
 }
