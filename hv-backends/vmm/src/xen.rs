@@ -132,14 +132,17 @@ impl Clock {
             shift += 1;
         }
         let mul = ((1_000_000u128 << 32) / (khz << shift)) as u32;
-        let sys = (((guest_tsc as u128) << shift) * mul as u128 >> 32) as u64;
+        let sys = ((((guest_tsc as u128) << shift) * mul as u128) >> 32) as u64;
         Clock { mul, shift, sys, at: Instant::now() }
     }
     fn now(&self, at: Instant) -> u64 {
-        self.sys + at.saturating_duration_since(self.at).as_nanos() as u64
+        self.sys.saturating_add(at.saturating_duration_since(self.at).as_nanos() as u64)
     }
+    /// The host instant of system time `sys`; timeouts more than a year away are a year away
+    /// (they never fire in a run, and `Instant` arithmetic stays in range).
     fn instant(&self, sys: u64) -> Instant {
-        self.at + Duration::from_nanos(sys.saturating_sub(self.sys))
+        const YEAR_NS: u64 = 365 * 86_400 * 1_000_000_000;
+        self.at + Duration::from_nanos(sys.saturating_sub(self.sys).min(YEAR_NS))
     }
 }
 
@@ -263,7 +266,7 @@ impl Xen {
             // struct evtchn_op { uint32_t cmd; union { ... } u; }: the union (4-byte members
             // only) follows the command.
             16 => match g.read::<4>(a[0]) {
-                Some(cmd) => self.event_channel_op(&g, u32::from_le_bytes(cmd) as u64, a[0] + 4),
+                Some(cmd) => self.event_channel_op(&g, u32::from_le_bytes(cmd) as u64, a[0].wrapping_add(4)),
                 None => xerr::EFAULT,
             },
             34 => self.hvm_op(&g, a[0], a[1]),
@@ -296,7 +299,7 @@ impl Xen {
             5 => g.write(arg, &0xffff_8000_0000_0000u64.to_le_bytes()[8 - g.long..]),
             // XENVER_get_features: { uint submap_idx; uint32 submap; }.
             6 => match g.read::<4>(arg) {
-                Some(_) => g.write(arg + 4, &0u32.to_le_bytes()),
+                Some(_) => g.write(arg.wrapping_add(4), &0u32.to_le_bytes()),
                 None => xerr::EFAULT,
             },
             // XENVER_pagesize.
@@ -372,7 +375,7 @@ impl Xen {
         const CLOSE: u64 = 3;
         const SEND: u64 = 4;
         const UNMASK: u64 = 9;
-        let u32_at = |o: u64| g.read::<4>(arg + o).map(u32::from_le_bytes);
+        let u32_at = |o: u64| g.read::<4>(arg.wrapping_add(o)).map(u32::from_le_bytes);
         match cmd {
             // struct evtchn_bind_virq { uint32_t virq; uint32_t vcpu; evtchn_port_t port; }.
             BIND_VIRQ => {
@@ -384,7 +387,7 @@ impl Xen {
                 if port >= si::PORTS {
                     return xerr::EINVAL;
                 }
-                if g.write(arg + 8, &port.to_le_bytes()) != 0 {
+                if g.write(arg.wrapping_add(8), &port.to_le_bytes()) != 0 {
                     return xerr::EFAULT;
                 }
                 self.ports.push(Some(Channel::Virq(virq)));
@@ -451,11 +454,11 @@ impl Xen {
                     0 => 0,
                     v => CALLBACK_TYPE_VECTOR << 56 | v as u64,
                 };
-                g.write(arg + 8, &v.to_le_bytes())
+                g.write(arg.wrapping_add(8), &v.to_le_bytes())
             }
             // No other parameter is backed by anything: no xenstore, no PV console ring.
             (HVMOP_GET_PARAM, 0..64) => {
-                let _ = g.write(arg + 8, &0u64.to_le_bytes());
+                let _ = g.write(arg.wrapping_add(8), &0u64.to_le_bytes());
                 xerr::EINVAL
             }
             (HVMOP_SET_PARAM, 0..64) => xerr::EPERM,
@@ -604,7 +607,7 @@ impl Xen {
 
     /// Take the state `save` wrote (under this personality's own version). Err: malformed.
     pub fn restore(&mut self, mem: &GuestMemoryMmap, b: &[u8]) -> Result<(), String> {
-        if b.len() < 36 || (b.len() - 36) % 4 != 0 {
+        if b.len() < 36 || !(b.len() - 36).is_multiple_of(4) {
             return Err(format!("{} bytes", b.len()));
         }
         let u64_at = |o: usize| u64::from_le_bytes(b[o..o + 8].try_into().unwrap());
