@@ -222,10 +222,36 @@ fn assembler_path_makes_annotated_lines_sites() {
     assert_eq!(traced.status, 0, "{}", traced.stdout);
     let counts = traced.stdout.lines().find(|l| l.starts_with("previrt-trace:")).expect("trace summary line");
     let count = |kind: &str| summary_count(counts, kind);
-    let (_, p) = mmio_profile(&out.join("kernel-pvh.elf"), &d);
+    let (prof, p) = mmio_profile(&out.join("kernel-pvh.elf"), &d);
     for kind in ["mmio_read", "mmio_write", "pt_read", "pt_write"] {
         assert!(count(kind) > 0, "{kind}: {counts}");
         assert_eq!(count(kind), traced_count(&p, kind), "{kind}: trace backend vs hypervisor profile ({counts})");
+    }
+
+    // Profile -> build in one step: `gcc --annotations PROFILE` derives the annotations from
+    // the image the profile names (written beside it) and builds with them.
+    assert_eq!(Path::new(p["image"].as_str().unwrap()), out.join("kernel-pvh.elf").canonicalize().unwrap());
+    let from_prof = d.join("kp");
+    let cross = format!("{}/bin/x86_64-previrt-linux-gnu-", d.join("tc").display());
+    let st = Command::new("make")
+        .args(["-s", "-C", s(&kernel_src())])
+        .arg(format!("O={}", from_prof.display()))
+        .arg(format!("CROSS_COMPILE={cross}"))
+        .arg(format!("CC={cross}gcc --annotations {}", prof.display()))
+        .status()
+        .expect("make (run scripts/install-deps.sh)");
+    assert!(st.success());
+    let derived: Value = serde_json::from_slice(&std::fs::read(d.join("profile.annotations.json")).unwrap()).unwrap();
+    assert!(derived["found"]["profile"].as_u64().unwrap() > 0, "{}", derived["found"]);
+    let rep = json_of(&previrt(&["toolchain", "report", s(&from_prof.join("kernel-pvh.elf")), "--json"]));
+    for kind in ["mmio_read", "mmio_write", "pt_read", "pt_write"] {
+        let want = derived["accesses"].as_array().unwrap().iter().filter(|a| a["kind"] == kind).count() as u64;
+        assert!(want > 0, "{kind}");
+        assert_eq!(
+            rep[0]["report"]["sites"][kind].as_u64().unwrap_or(0),
+            want,
+            "{kind} sites vs profile-derived annotations"
+        );
     }
 }
 

@@ -7,7 +7,8 @@
 //!
 //! The annotations come from `previrt annotate -o FILE` (by `file:line`), handed over by
 //! `x86_64-previrt-linux-gnu-gcc --annotations FILE` or the environment variable
-//! [`ENV`].
+//! [`ENV`]; FILE may also be a `previrt run --profile` trace, from which they are derived in
+//! the same step.
 
 use crate::rules::Target;
 use anyhow::{Context, Result};
@@ -53,8 +54,13 @@ impl LineAnnotations {
         std::env::var_os(ENV).map(|p| LineAnnotations::read(Path::new(&p)))
     }
 
+    /// An annotations file, or a `previrt run --profile` trace (derived with
+    /// [`crate::annotations_from_profile`]).
     pub fn read(path: &Path) -> Result<LineAnnotations> {
-        let text = std::fs::read(path).with_context(|| format!("cannot read annotations {}", path.display()))?;
+        let mut text = std::fs::read(path).with_context(|| format!("cannot read annotations {}", path.display()))?;
+        if crate::profile::Profile::is_profile(&text) {
+            text = crate::annotations_from_profile(path)?;
+        }
         let f: FileForm = serde_json::from_slice(&text)
             .with_context(|| format!("{}: not a previrt annotations file", path.display()))?;
         let mut a = LineAnnotations::default();

@@ -165,6 +165,31 @@ struct Found {
     why: BTreeMap<Source, String>,
 }
 
+/// The annotations file a build derives from a profile alone (`gcc --annotations PROFILE`):
+/// every source over the image the profile traced, written once beside the profile as
+/// `NAME.annotations.json` and reused while it is newer than the profile and the image. The
+/// image must not be the build's own output (it is read while the build runs).
+pub fn annotations_from_profile(path: &std::path::Path) -> Result<Vec<u8>> {
+    let profile = Profile::read(path)?;
+    let image = profile.image.clone().ok_or_else(|| {
+        anyhow!("{}: the profile names no image (record it again with `previrt run --profile`)", path.display())
+    })?;
+    let derived = path.with_extension("annotations.json");
+    let mtime = |p: &std::path::Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+    if let (Some(d), Some(p), Some(i)) = (mtime(&derived), mtime(path), mtime(&image)) {
+        if d >= p && d >= i {
+            return std::fs::read(&derived).map_err(|e| anyhow!("cannot read {}: {e}", derived.display()));
+        }
+    }
+    let data =
+        std::fs::read(&image).map_err(|e| anyhow!("cannot read {} (the profile's image): {e}", image.display()))?;
+    let ann = analyse(&data, &image.display().to_string(), &Options::default(), Some(&profile))?;
+    let json = serde_json::to_vec_pretty(&ann)?;
+    // Concurrent compilers may both derive it; each write is atomic and the results equal.
+    previrt_atomic_write::write(&derived, &json).map_err(|e| anyhow!("cannot write {}: {e}", derived.display()))?;
+    Ok(json)
+}
+
 /// Find the MMIO and page-table accesses of the linked image `data` (vmlinux, the example
 /// kernel) from the rules, its DWARF and, when given, a profile of a run.
 pub fn analyse(data: &[u8], image_name: &str, opts: &Options, profile: Option<&Profile>) -> Result<Annotations> {

@@ -24,6 +24,9 @@ pub struct Traced {
 #[derive(Debug, Clone, Deserialize)]
 pub struct Profile {
     pub format: String,
+    /// The traced kernel (absent in profiles written before it was recorded).
+    #[serde(default)]
+    pub image: Option<std::path::PathBuf>,
     pub steps: u64,
     pub pt_pages: u64,
     pub accesses: Vec<Traced>,
@@ -41,6 +44,15 @@ impl Profile {
             bail!("{}: profile format {:?}, expected {FORMAT:?}", path.display(), p.format);
         }
         Ok(p)
+    }
+
+    /// Whether `text` is a profile (rather than an annotations file).
+    pub fn is_profile(text: &[u8]) -> bool {
+        #[derive(Deserialize)]
+        struct Head {
+            format: String,
+        }
+        serde_json::from_slice::<Head>(text).is_ok_and(|h| h.format == FORMAT)
     }
 
     /// How often each RIP executed.

@@ -161,7 +161,9 @@ impl Profile {
     }
 
     /// The trace as `previrt-profile/1` JSON, accesses sorted by RIP.
-    pub fn to_json(&self) -> serde_json::Value {
+    /// The profile file's JSON; `image` is the traced kernel (its absolute path), so a build
+    /// can derive annotations from the profile alone (docs/annotations.md).
+    pub fn to_json(&self, image: &std::path::Path) -> serde_json::Value {
         let mut rows: Vec<_> = self.seen.iter().filter_map(|(k, &(n, gpa))| Some((k, n, gpa, self.kind(k)?))).collect();
         rows.sort_by_key(|(k, _, gpa, _)| (k.rip, k.write, *gpa));
         let accesses: Vec<_> = rows
@@ -172,7 +174,8 @@ impl Profile {
             .collect();
         let mut executed: Vec<_> = self.executed.iter().map(|(&rip, &n)| [rip, n]).collect();
         executed.sort_unstable();
-        serde_json::json!({"format": FORMAT, "steps": self.steps, "pt_pages": self.pt_pages.len(),
+        let image = std::fs::canonicalize(image).unwrap_or_else(|_| image.to_path_buf());
+        serde_json::json!({"format": FORMAT, "image": image, "steps": self.steps, "pt_pages": self.pt_pages.len(),
             "accesses": accesses, "executed": executed})
     }
 }

@@ -270,7 +270,7 @@ pub(crate) fn run_with(
     vm.stats.kvm = kvm_stats.map(|k| k.read()).unwrap_or_default();
     vm.bus.flush();
     if let (Some(p), Some(path)) = (&vm.profile, &args.profile) {
-        let json = serde_json::to_vec_pretty(&p.to_json()).unwrap_or_default();
+        let json = serde_json::to_vec_pretty(&p.to_json(&args.kernel)).unwrap_or_default();
         previrt_atomic_write::write_with(path, &json, previrt_atomic_write::Options { mode: None, sync: true })
             .map_err(|e| Error::Host(format!("cannot write {}: {e}", path.display())))?;
     }
