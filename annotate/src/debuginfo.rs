@@ -51,6 +51,8 @@ pub struct Scope {
 #[derive(Debug, Clone)]
 pub struct TypedPointer {
     pub target: Target,
+    /// The innermost named scope (function or inlined body) declaring it.
+    pub scope: String,
     pub reg: Register,
     pub begin: u64,
     pub end: u64,
@@ -125,12 +127,13 @@ impl DebugInfo {
         unit: &gimli::Unit<R<'a>>,
         pt_types: &[String],
     ) -> Result<()> {
-        // Ranges of the enclosing scopes, innermost last, with their depth.
-        let mut stack: Vec<(isize, Vec<(u64, u64)>)> = Vec::new();
+        // The enclosing scopes, innermost last: depth, ranges, innermost named scope's name.
+        type Enclosing = (isize, Vec<(u64, u64)>, String);
+        let mut stack: Vec<Enclosing> = Vec::new();
         let mut cursor = unit.entries();
         while let Some(e) = cursor.next_dfs()? {
             let depth = e.depth();
-            while stack.last().is_some_and(|(d, _)| *d >= depth) {
+            while stack.last().is_some_and(|(d, _, _)| *d >= depth) {
                 stack.pop();
             }
             match e.tag() {
@@ -140,22 +143,26 @@ impl DebugInfo {
                     while let Some(r) = it.next()? {
                         ranges.push((r.begin, r.end));
                     }
+                    let mut scope = stack.last().map(|s| s.2.clone()).unwrap_or_default();
                     if ranges.is_empty() {
                         ranges = stack.last().map(|s| s.1.clone()).unwrap_or_default();
                     } else if e.tag() != gimli::DW_TAG_lexical_block {
                         if let Some(name) = name_of(dwarf, unit, e) {
-                            self.scopes.push(Scope { name, ranges: ranges.clone() });
+                            self.scopes.push(Scope { name: name.clone(), ranges: ranges.clone() });
+                            scope = name;
                         }
                     }
-                    stack.push((depth, ranges));
+                    stack.push((depth, ranges, scope));
                 }
                 gimli::DW_TAG_formal_parameter | gimli::DW_TAG_variable => {
                     let Some(ty) = type_of(unit, e) else { continue };
                     let Some(target) = pointee_target(dwarf, unit, ty, pt_types) else { continue };
                     let name = name_of(dwarf, unit, e).unwrap_or_default();
                     let Some(loc) = e.attr_value(gimli::DW_AT_location) else { continue };
+                    let scope = stack.last().map(|s| s.2.clone()).unwrap_or_default();
                     let mut push = |reg, begin, end| {
-                        self.pointers.push(TypedPointer { target, reg, begin, end, name: name.clone() })
+                        let scope = scope.clone();
+                        self.pointers.push(TypedPointer { target, scope, reg, begin, end, name: name.clone() })
                     };
                     if let AttributeValue::Exprloc(expr) = loc {
                         if let Some(reg) = register_of(expr, unit.encoding()) {

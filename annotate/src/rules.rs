@@ -16,6 +16,7 @@ pub enum Target {
 pub enum Pattern {
     Exact(&'static str),
     Prefix(&'static str),
+    Suffix(&'static str),
 }
 
 impl Pattern {
@@ -23,11 +24,12 @@ impl Pattern {
         match self {
             Pattern::Exact(n) => name == n,
             Pattern::Prefix(p) => name.starts_with(p),
+            Pattern::Suffix(p) => name.ends_with(p),
         }
     }
 }
 
-use Pattern::{Exact, Prefix};
+use Pattern::{Exact, Prefix, Suffix};
 use Target::{Mmio, PageTable};
 
 /// Accessor functions: Linux's names (asm/io.h, asm-generic/io.h, asm/apic.h,
@@ -85,6 +87,33 @@ pub const RULES: &[(Pattern, Target)] = &[
     (Exact("ptep_get_and_clear"), PageTable),
 ];
 
+/// Functions whose `volatile` pointers point at ordinary memory, not at devices. DWARF has no
+/// address spaces (Linux's `__iomem` is seen only by sparse), so the DWARF source takes a
+/// volatile pointer for device memory; in these scopes (inlined or not) it is a bitmap, an
+/// atomic counter or a `READ_ONCE` of plain data, and the pointer is not an MMIO source.
+pub const PLAIN_VOLATILE: &[Pattern] = &[
+    Suffix("test_bit"),
+    Suffix("test_bit_acquire"),
+    Suffix("set_bit"),
+    Suffix("clear_bit"),
+    Suffix("change_bit"),
+    Suffix("_bit_unlock"),
+    Suffix("_bit_lock"),
+    Prefix("find_"),
+    Prefix("__read_once"),
+    Prefix("__write_once"),
+    Prefix("arch_atomic"),
+    Prefix("raw_atomic"),
+    Prefix("atomic"),
+    Prefix("__arch_xchg"),
+    Prefix("arch_cmpxchg"),
+];
+
+/// Whether volatile pointers in scope `name` point at plain memory ([`PLAIN_VOLATILE`]).
+pub fn plain_volatile(name: &str) -> bool {
+    PLAIN_VOLATILE.iter().any(|p| p.matches(name))
+}
+
 /// The target of the first rule matching `name`.
 pub fn lookup(name: &str) -> Option<Target> {
     RULES.iter().find(|(p, _)| p.matches(name)).map(|&(_, t)| t)
@@ -103,5 +132,7 @@ mod tests {
         assert_eq!(lookup("readlink"), None);
         assert_eq!(lookup("pte_val"), None);
         assert_eq!(lookup("memcpy"), None);
+        assert!(plain_volatile("constant_test_bit") && plain_volatile("arch_atomic_read"));
+        assert!(!plain_volatile("readl") && !plain_volatile("native_apic_mem_read"));
     }
 }
