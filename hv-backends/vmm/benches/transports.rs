@@ -82,6 +82,7 @@ fn main() {
                 boot: None,
                 backend: Backend::Pv,
                 abi: AbiKind::Previrt,
+                domu: false,
                 stats: false,
                 stats_json: None,
                 profile: None,

@@ -96,6 +96,10 @@ pub struct RunArgs {
     /// Paravirtual interface offered to the guest.
     #[arg(long, value_enum, default_value = "previrt")]
     pub abi: AbiKind,
+    /// With a Xen --abi: start the guest as an ordinary domain (SIF_INITDOMAIN clear): no
+    /// console_io, its console is the ring of HVM_PARAM_CONSOLE_PFN/_EVTCHN (docs/xen-hvm.md).
+    #[arg(long)]
+    pub domu: bool,
     /// Print the exit accounting table to stderr at the end.
     #[arg(long)]
     pub stats: bool,

@@ -932,6 +932,7 @@ pub fn open(args: &RestoreArgs) -> Result<(Image, RunArgs), Error> {
         boot: None,
         backend: args.backend,
         abi,
+        domu: false,
         stats: args.stats,
         stats_json: args.stats_json.clone(),
         profile: None,

@@ -119,6 +119,9 @@ pub(crate) fn run_with(
     out: Box<dyn std::io::Write + Send>,
     restore: Option<&snapshot::Image>,
 ) -> Result<RunResult, Error> {
+    if args.domu && (args.abi.xen_version().is_none() || args.snapshot.is_some() || args.control.is_some()) {
+        return Err(Error::BadInput("--domu: needs --abi xen or xen-3.0.2, and is not saved by snapshots".into()));
+    }
     let mem_size = crate::parse_size(&args.mem)
         .filter(|&s| (2 << 20..=crate::layout::MAX_RAM).contains(&s) && s % 4096 == 0)
         .ok_or_else(|| Error::BadInput(format!("--mem {}: need 2M..=3G in whole pages (e.g. 128M)", args.mem)))?;
@@ -143,7 +146,8 @@ pub(crate) fn run_with(
             let image = read_file(&args.kernel, "kernel")?;
             let initrd = args.initrd.as_deref().map(|p| read_file(p, "initrd")).transpose()?;
             let loaded = boot::load_kernel(&mem, &image, args.boot)?;
-            let start_flags = if args.abi.xen_version().is_some() { crate::xen::SIF_INITDOMAIN } else { 0 };
+            let start_flags =
+                if args.abi.xen_version().is_some() && !args.domu { crate::xen::SIF_INITDOMAIN } else { 0 };
             boot::write_boot_info(&mem, mem_size, &loaded, &args.append, initrd.as_deref(), start_flags)?;
             Some(loaded)
         }
@@ -154,7 +158,11 @@ pub(crate) fn run_with(
             Pv::new(console.clone(), disk).map_err(host("disk"))?.with_major(args.abi.hv_major().unwrap_or(1)),
         ),
         AbiKind::Xen | AbiKind::Xen302 => {
-            Personality::Xen(Xen::new(console.clone(), args.abi.xen_version().unwrap_or(crate::xen::Version::V4_17)))
+            let mut x = Xen::new(console.clone(), args.abi.xen_version().unwrap_or(crate::xen::Version::V4_17));
+            if args.domu {
+                x.offer_console_ring();
+            }
+            Personality::Xen(x)
         }
     };
 

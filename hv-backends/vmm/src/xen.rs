@@ -21,6 +21,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, Volati
 use crate::devices::ConsoleOut;
 use crate::emulate::{read_linear_with, write_linear_with, Translate};
 use crate::pv::Outcome;
+use previrt_runtime::xen::console::Ring;
 
 /// hvm_start_info.flags bit: this domain is the initial domain (xen.h SIF_INITDOMAIN). The
 /// personality presents the guest as dom0: no xenstore or PV console to look for.
@@ -150,7 +151,14 @@ impl Clock {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Channel {
     Virq(u32),
+    /// The console back end (`--domu`): a send drains the console ring.
+    Console,
 }
+
+/// Where `--domu` puts the console page: the reserved hole below 1 MiB (docs/hv-abi.md §7),
+/// which no kernel uses as RAM. A guest may move it into its own memory with
+/// XENMAPSPACE_gmfn (the only page that call moves here).
+const CONSOLE_GPA: u64 = 0xa_0000;
 
 const VIRQ_TIMER: u32 = 0;
 /// previrt's stand-in for the toolstack writing `control/shutdown = "suspend"` to xenstore
@@ -178,6 +186,8 @@ pub struct Xen {
     /// The one-shot timer (set_timer_op / VCPUOP_set_singleshot_timer), as a host instant.
     timer: Option<Instant>,
     clock: Clock,
+    /// `--domu`: GPA of the console page (HVM_PARAM_CONSOLE_PFN); None for the initial domain.
+    console_ring: Option<u64>,
 }
 
 impl Xen {
@@ -191,6 +201,34 @@ impl Xen {
             callback_vector: 0,
             timer: None,
             clock: Clock::new(1_000_000, 0),
+            console_ring: None,
+        }
+    }
+
+    /// Start the guest as an ordinary domain's console: a `xencons_interface` page and an
+    /// event channel to the back end (HVM_PARAM_CONSOLE_PFN, _EVTCHN); console_io is refused.
+    pub fn offer_console_ring(&mut self) {
+        self.console_ring = Some(CONSOLE_GPA);
+        self.ports.push(Some(Channel::Console));
+    }
+
+    /// Copy what the guest wrote to the console ring out to the console.
+    fn drain_console_ring(&mut self, mem: &GuestMemoryMmap) -> i64 {
+        let Some(gpa) = self.console_ring else { return xerr::EINVAL };
+        let Ok(page) = mem.get_host_address(GuestAddress(gpa)) else { return xerr::EFAULT };
+        if !mem.check_range(GuestAddress(gpa), 4096) {
+            return xerr::EFAULT;
+        }
+        // SAFETY: a whole page of guest RAM, mapped for the VM's lifetime; the guest is the
+        // only other party and the ring's indices are checked (a corrupt pair reads as full).
+        let mut ring = unsafe { Ring::new(page) };
+        let mut buf = [0u8; 2048];
+        loop {
+            let n = ring.read(&mut buf);
+            if n == 0 {
+                return 0;
+            }
+            let _ = self.console.write_all(&buf[..n]);
         }
     }
 
@@ -313,6 +351,10 @@ impl Xen {
     fn console_io(&mut self, g: &Guest, cmd: u64, count: u64, buf: u64) -> i64 {
         const CONSOLEIO_WRITE: u64 = 0;
         const CONSOLEIO_READ: u64 = 1;
+        if self.console_ring.is_some() {
+            // Only the initial domain has Xen's console.
+            return xerr::EPERM;
+        }
         match cmd {
             CONSOLEIO_WRITE => {
                 if count > 64 * 1024 {
@@ -399,10 +441,11 @@ impl Xen {
                 let Some(slot) = self.ports.get_mut(port as usize).filter(|c| c.is_some()) else {
                     return xerr::EINVAL;
                 };
-                match cmd {
-                    CLOSE => *slot = None,
+                match (cmd, *slot) {
+                    (CLOSE, _) => *slot = None,
+                    (SEND, Some(Channel::Console)) => return self.drain_console_ring(g.mem),
                     // A virq channel has no remote end: sending is accepted and does nothing.
-                    SEND => {}
+                    (SEND, _) => {}
                     _ => self.unmask(g.mem, port),
                 }
                 0
@@ -416,6 +459,8 @@ impl Xen {
         const HVMOP_GET_PARAM: u64 = 1;
         const HVMOP_SET_EVTCHN_UPCALL_VECTOR: u64 = 23;
         const HVM_PARAM_CALLBACK_IRQ: u32 = 0;
+        const HVM_PARAM_CONSOLE_PFN: u32 = 17;
+        const HVM_PARAM_CONSOLE_EVTCHN: u32 = 18;
         const CALLBACK_TYPE_VECTOR: u64 = 2;
         if cmd == HVMOP_SET_EVTCHN_UPCALL_VECTOR {
             // Xen 4.6 and later. struct { uint32_t vcpu; uint8_t vector; }.
@@ -456,7 +501,15 @@ impl Xen {
                 };
                 g.write(arg.wrapping_add(8), &v.to_le_bytes())
             }
-            // No other parameter is backed by anything: no xenstore, no PV console ring.
+            (HVMOP_GET_PARAM, HVM_PARAM_CONSOLE_PFN | HVM_PARAM_CONSOLE_EVTCHN) if self.console_ring.is_some() => {
+                let v = match index {
+                    HVM_PARAM_CONSOLE_PFN => self.console_ring.unwrap_or(0) >> 12,
+                    _ => self.ports.iter().position(|c| *c == Some(Channel::Console)).unwrap_or(0) as u64,
+                };
+                g.write(arg.wrapping_add(8), &v.to_le_bytes())
+            }
+            // No other parameter is backed by anything: no xenstore (nor a console ring for
+            // the initial domain).
             (HVMOP_GET_PARAM, 0..64) => {
                 let _ = g.write(arg.wrapping_add(8), &0u64.to_le_bytes());
                 xerr::EINVAL
@@ -470,6 +523,7 @@ impl Xen {
         const XENMEM_ADD_TO_PHYSMAP: u64 = 7;
         const XENMAPSPACE_SHARED_INFO: u32 = 0;
         const XENMAPSPACE_GRANT_TABLE: u32 = 1;
+        const XENMAPSPACE_GMFN: u32 = 2;
         const GRANT_FRAMES: u64 = 32;
         if cmd != XENMEM_ADD_TO_PHYSMAP {
             return xerr::ENOSYS;
@@ -488,6 +542,9 @@ impl Xen {
             u64::from_le_bytes(v)
         };
         let (idx, gpfn) = (field(8), field(8 + g.long));
+        if space == XENMAPSPACE_GMFN {
+            return self.move_console_page(g.mem, idx, gpfn);
+        }
         match (space, idx) {
             (XENMAPSPACE_SHARED_INFO, 0) | (XENMAPSPACE_GRANT_TABLE, 0..GRANT_FRAMES) => {}
             _ => return xerr::EINVAL,
@@ -502,6 +559,22 @@ impl Xen {
             self.shared_info = Some(gpa);
             self.publish_time(g.mem);
         }
+        0
+    }
+
+    /// XENMAPSPACE_gmfn for the console page: its contents move to `gpfn`, where the back end
+    /// looks from now on. Any other frame: -EINVAL (there is no p2m to remap).
+    fn move_console_page(&mut self, mem: &GuestMemoryMmap, idx: u64, gpfn: u64) -> i64 {
+        let Some(from) = self.console_ring.filter(|&g| g >> 12 == idx) else { return xerr::EINVAL };
+        let Some(to) = gpfn.checked_mul(4096).filter(|&g| mem.check_range(GuestAddress(g), 4096)) else {
+            return xerr::EINVAL;
+        };
+        let mut page = [0u8; 4096];
+        if mem.read_slice(&mut page, GuestAddress(from)).is_err() || mem.write_slice(&page, GuestAddress(to)).is_err() {
+            return xerr::EFAULT;
+        }
+        let _ = mem.write_slice(&[0u8; 4096], GuestAddress(from));
+        self.console_ring = Some(to);
         0
     }
 
@@ -599,7 +672,11 @@ impl Xen {
             b.extend_from_slice(&v.to_le_bytes());
         }
         for c in &self.ports[1..] {
-            let Channel::Virq(v) = c.unwrap_or(Channel::Virq(u32::MAX));
+            // The console channel exists only with --domu, which snapshots refuse.
+            let v = match c {
+                Some(Channel::Virq(v)) => *v,
+                _ => u32::MAX,
+            };
             b.extend_from_slice(&v.to_le_bytes());
         }
         b

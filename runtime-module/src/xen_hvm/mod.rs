@@ -15,7 +15,10 @@
 //!   vector; Xen injects it while `evtchn_upcall_pending` is set and RFLAGS.IF allows, the
 //!   runtime delivers it itself when IF comes back on; the PIC EOI clears the timer channel.
 //! - Timer: `set_timer_op` (one-shot, absolute system time). hlt: `SCHEDOP_block`.
-//! - Console: `console_io` (the initial domain's console, a line per call).
+//! - Console: `console_io` for the initial domain (a line per call); an ordinary domain
+//!   (HVM_PARAM_CONSOLE_PFN answered) moves its console page into the runtime
+//!   (XENMAPSPACE_gmfn: the kernel's page tables map the runtime, not that frame) and writes the
+//!   ring with the Xen PV backend's writer ([`crate::xen::console`]), then `EVTCHNOP_send`.
 //! - isa-debug-exit: `SCHEDOP_shutdown` whose reason is the status QEMU would give (Xen keeps
 //!   the reason as the domain's 8-bit shutdown code).
 
@@ -30,7 +33,13 @@ const XENVER_VERSION: u64 = 0;
 const XENMEM_ADD_TO_PHYSMAP: u64 = 7;
 const XENMAPSPACE_SHARED_INFO: u32 = 0;
 const HVMOP_SET_PARAM: u64 = 0;
+const HVMOP_GET_PARAM: u64 = 1;
 const HVM_PARAM_CALLBACK_IRQ: u32 = 0;
+const HVM_PARAM_CONSOLE_PFN: u32 = 17;
+const HVM_PARAM_CONSOLE_EVTCHN: u32 = 18;
+const XENMAPSPACE_GMFN: u32 = 2;
+const EVTCHNOP_SEND: u64 = 4;
+const SCHEDOP_YIELD: u64 = 0;
 /// HVM_PARAM_CALLBACK_IRQ value type "vector" (bits 63:56 = 2; the vector in bits 7:0).
 const CALLBACK_TYPE_VECTOR: u64 = 2 << 56;
 const SCHEDOP_BLOCK: u64 = 1;
@@ -53,13 +62,21 @@ pub struct XenHvm {
     /// The VIRQ_SUSPEND channel (kept masked, polled at safe points); 0: the hypervisor
     /// has no suspend requests.
     suspend_port: u32,
+    /// An ordinary domain's console channel (0: the initial domain, console_io).
+    console_port: u32,
 }
+
+/// Where an ordinary domain's console page is moved to (mapped wherever the runtime is).
+#[repr(C, align(4096))]
+struct ConsolePage([u8; 4096]);
+static CONSOLE_PAGE: Global<ConsolePage> = Global(UnsafeCell::new(ConsolePage([0; 4096])));
 
 static XEN: Global<Paravirt<XenHvm>> = Global(UnsafeCell::new(Paravirt::new(XenHvm {
     generation: Generation::Current,
     version: 0,
     timer_port: 0,
     suspend_port: 0,
+    console_port: 0,
 })));
 
 /// previrt's suspend request channel (the VMM personality's stand-in for xenstore's
@@ -85,6 +102,17 @@ fn bitmap(offset: usize, i: usize) -> &'static core::sync::atomic::AtomicU64 {
 /// Guest-physical address of a runtime address.
 fn gpa(va: u64) -> u64 {
     va.wrapping_sub(link_value!("__previrt_virt_delta"))
+}
+
+/// HVMOP_get_param of this domain; None if refused.
+fn get_param(index: u32) -> Option<u64> {
+    let mut p = HvmParam { domid: abi::DOMID_SELF as u16, _pad: 0, index, value: 0 };
+    (call(Hypercall::HvmOp, [HVMOP_GET_PARAM, &mut p as *mut _ as u64, 0, 0, 0]) == 0).then_some(p.value)
+}
+
+fn add_to_physmap(space: u32, idx: u64, gpfn: u64) -> i64 {
+    let mut xatp = AddToPhysmap { domid: abi::DOMID_SELF as u16, size: 0, space, idx, gpfn };
+    call(Hypercall::MemoryOp, [XENMEM_ADD_TO_PHYSMAP, &mut xatp as *mut _ as u64, 0, 0, 0])
 }
 
 fn call(h: Hypercall, a: [u64; 5]) -> i64 {
@@ -186,14 +214,7 @@ pub(crate) fn init() -> Result<(), &'static str> {
         return Err("the hypercall page does not answer xen_version");
     }
     x.hv.version = version as u32;
-    let mut xatp = AddToPhysmap {
-        domid: abi::DOMID_SELF as u16,
-        size: 0,
-        space: XENMAPSPACE_SHARED_INFO,
-        idx: 0,
-        gpfn: gpa(shared_info()) >> 12,
-    };
-    if call(Hypercall::MemoryOp, [XENMEM_ADD_TO_PHYSMAP, &mut xatp as *mut _ as u64, 0, 0, 0]) != 0 {
+    if add_to_physmap(XENMAPSPACE_SHARED_INFO, 0, gpa(shared_info()) >> 12) != 0 {
         return Err("XENMEM_add_to_physmap(shared_info) refused");
     }
     // struct evtchn_bind_virq: virq, vcpu in; port out.
@@ -210,6 +231,15 @@ pub(crate) fn init() -> Result<(), &'static str> {
         let (i, b) = bit(bind[2]);
         bitmap(abi::EVTCHN_MASK, i).fetch_or(b, core::sync::atomic::Ordering::AcqRel);
         x.hv.suspend_port = bind[2];
+    }
+    // An ordinary domain has a console ring instead of console_io.
+    x.hv.console_port = 0;
+    if let (Some(pfn @ 1..), Some(port @ 1..)) = (get_param(HVM_PARAM_CONSOLE_PFN), get_param(HVM_PARAM_CONSOLE_EVTCHN)) {
+        let page = CONSOLE_PAGE.0.get() as u64;
+        if add_to_physmap(XENMAPSPACE_GMFN, pfn, gpa(page) >> 12) != 0 {
+            return Err("the console page cannot be moved into the runtime");
+        }
+        x.hv.console_port = port as u32;
     }
     Ok(())
 }
@@ -270,9 +300,25 @@ impl Write for Console {
 impl Hypervisor for XenHvm {
     const NAME: &'static str = "previrt-xen-hvm";
 
-    fn console(&mut self, bytes: &[u8]) {
-        if !bytes.is_empty() {
-            call(Hypercall::ConsoleIo, [abi::CONSOLEIO_WRITE, bytes.len() as u64, bytes.as_ptr() as u64, 0, 0]);
+    fn console(&mut self, mut bytes: &[u8]) {
+        if self.console_port == 0 {
+            if !bytes.is_empty() {
+                call(Hypercall::ConsoleIo, [abi::CONSOLEIO_WRITE, bytes.len() as u64, bytes.as_ptr() as u64, 0, 0]);
+            }
+            return;
+        }
+        // SAFETY: the console page was moved into CONSOLE_PAGE at `init`; the back end only
+        // follows the ring protocol.
+        let mut ring = unsafe { crate::xen::console::Ring::new(CONSOLE_PAGE.0.get() as *mut u8) };
+        while !bytes.is_empty() {
+            let n = ring.write(bytes);
+            let mut send = [self.console_port];
+            self.evtchn_op(EVTCHNOP_SEND, &mut send);
+            if n == 0 {
+                // Full: let the back end run.
+                self.sched_op(SCHEDOP_YIELD, 0, 0);
+            }
+            bytes = &bytes[n..];
         }
     }
     fn set_vector(&mut self, vector: u8) -> bool {
