@@ -7,7 +7,10 @@ use crate::emulate::{self, gpr, rflags, DescTable, Machine, Regs};
 use crate::guest::paravirt::Paravirt;
 use crate::guest::{self, hw, sym_addr, Global};
 use crate::hv::{self, Hv};
+use crate::devices::{self, Dev};
 use core::cell::UnsafeCell;
+use core::fmt::Write;
+use previrt_site_abi::Kind;
 use previrt_hv_abi as abi;
 
 /// The selectors the kernel's frames carry (host-pushed frames show them too); native code
@@ -97,6 +100,13 @@ fn hardware_selectors() -> (u64, u64) {
 }
 
 impl State {
+    /// The backend's line of the exit summary: whether the kernel ran natively (the site's
+    /// code segment had RPL 3), shadow syncs and #PFs they resolved.
+    fn summary(&self, out: &mut dyn Write) {
+        let native = if native() { "yes" } else { "no" };
+        let _ = writeln!(out, "previrt-pvm: native={native} shadow-syncs={} faults-resolved={}", self.syncs, self.resolved);
+    }
+
     /// Build a copy of the kernel's current address space in the idle pool and load it.
     fn sync(&mut self, pv: &mut Paravirt<Hv>) {
         let pool = self.pool ^ 1;
@@ -263,6 +273,9 @@ extern "C" fn previrt_pvm_dispatch(regs: &mut Regs) {
     };
     if regs.cs & 3 == 3 {
         (regs.cs, regs.ss) = (KERNEL_CS, KERNEL_SS);
+    }
+    if op.is_some_and(|op| op.kind == Kind::Out && matches!(devices::device(op.port(regs)), Some((Dev::DebugExit, _)))) {
+        st.summary(pv);
     }
     if !op.is_some_and(|op| emulate::emulate(&op, regs, &mut Pvm { pv: &mut *pv, st: &mut *st })) {
         regs.rip = ool;
