@@ -3,11 +3,15 @@
 //! sites), `previrt link`ed (linked high: virt != phys, plus Linux's zero-based per-CPU
 //! segment) and booted under QEMU TCG with the native backend. Without a root file system Linux
 //! ends in its VFS panic; it must get there exactly as the unlinked kernel does, after the
-//! runtime has patched every site.
+//! runtime has patched every site. The runtime and its copy of the site table live in the
+//! kernel's `.text` padding: the copy names exactly the original sites. (The trace backend and
+//! module loading: tests/postlink_debian.rs.)
 
 mod common;
 
 use common::require_tool;
+use previrt_rewriter::elf::Elf;
+use previrt_site_abi::{chunks, SITES_SECTION};
 use std::path::Path;
 use std::process::Command;
 
@@ -48,6 +52,7 @@ fn patched_debian_vmlinux_boots_through_the_runtime() {
     let report: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     let sites = report["sites"].as_u64().unwrap();
     assert!(sites > 1000, "the patched vmlinux should carry thousands of sites: {report}");
+    table_copy_names_the_same_sites(&patched, &linked, report["text_resident"].as_u64().unwrap());
 
     let plain = boot(&patched, "");
     let through = boot(&linked, "previrt.backend=native");
@@ -59,4 +64,29 @@ fn patched_debian_vmlinux_boots_through_the_runtime() {
         s.lines().find(|l| l.contains("Linux version")).map(|l| l.split("] ").nth(1).unwrap_or(l).to_string())
     };
     assert_eq!(banner(&plain), banner(&through));
+}
+
+/// The linked kernel keeps its segments, and the site table copy in `.text` resolves to the
+/// same sites, resume and origin addresses as the patched kernel's table.
+fn table_copy_names_the_same_sites(patched: &Path, linked: &Path, copy: u64) {
+    let (p, l) = (std::fs::read(patched).unwrap(), std::fs::read(linked).unwrap());
+    let (pe, le) = (Elf::parse(&p).unwrap(), Elf::parse(&l).unwrap());
+    let phnum = |d: &[u8]| u16::from_le_bytes([d[0x38], d[0x39]]);
+    assert_eq!(phnum(&p), phnum(&l), "no segment added for a kernel linked high");
+    let table = pe.section_by_name(SITES_SECTION).unwrap();
+    let text = le.section_by_name(".text").unwrap();
+    assert!(copy > text.addr && copy + table.size < text.addr + text.size, "copy not inside .text");
+    let at = (copy - text.addr) as usize;
+    let resolved = |bytes: &[u8], base: u64| {
+        chunks(bytes)
+            .flat_map(|c| {
+                let c = c.unwrap();
+                c.records().map(|(off, r)| r.resolve(base + off as u64)).collect::<Vec<_>>()
+            })
+            .map(|r| (r.site, r.resume, r.origin))
+            .collect::<Vec<_>>()
+    };
+    let orig = resolved(table.data, table.addr);
+    assert!(orig.len() > 1000);
+    assert_eq!(orig, resolved(&text.data[at..at + table.size as usize], copy));
 }

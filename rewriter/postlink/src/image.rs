@@ -2,6 +2,7 @@
 //! ([`Code`]), the relocations and kernel tables that point into them, and where they point.
 
 use crate::code::{Code, BOUNDARY, PIN, RELOC};
+use crate::kallsyms::Kallsyms;
 use crate::tables::{Extent, Ptr, Role, Table, TABLES};
 use crate::Error;
 use object::read::elf::Sym;
@@ -47,6 +48,16 @@ pub struct Image<'a> {
     /// Relocations per section index they apply to (relocatable objects only).
     pub relocs: HashMap<usize, Vec<Reloc>>,
     pub table_refs: Vec<TableRef>,
+    /// A linked kernel's kallsyms (stripped vmlinux), for tables merged into other sections.
+    pub kallsyms: Option<Kallsyms>,
+}
+
+/// Where a table's entries are: address, bytes, and the section index when the table is a
+/// section of its own (relocations are per section).
+struct Located<'a> {
+    addr: u64,
+    data: &'a [u8],
+    section: Option<usize>,
 }
 
 impl<'a> Image<'a> {
@@ -89,7 +100,14 @@ impl<'a> Image<'a> {
             }
         }
         let code = elf.exec_sections().map(|s| Code::decode(&elf, s)).collect();
-        let mut img = Image { elf, code, relocs, table_refs: Vec::new() };
+        let kallsyms = match elf.elf_type {
+            ElfType::Rel => None,
+            _ => elf
+                .section_by_name(".rodata")
+                .zip(elf.section_by_name(".text"))
+                .and_then(|(ro, text)| Kallsyms::read(ro.data, text.addr)),
+        };
+        let mut img = Image { elf, code, relocs, table_refs: Vec::new(), kallsyms };
         img.table_refs = img.read_tables()?;
         img.mark();
         Ok(img)
@@ -123,7 +141,7 @@ impl<'a> Image<'a> {
     fn read_tables(&self) -> Result<Vec<TableRef>, Error> {
         let mut out = Vec::new();
         for table in TABLES {
-            let Some(s) = self.elf.section_by_name(table.section) else { continue };
+            let Some(s) = self.locate(table) else { continue };
             if s.data.len() % table.entry_size != 0 {
                 return Err(Error::Input(format!(
                     "{} is {} bytes, not a multiple of its {}-byte entries (unknown kernel version?)",
@@ -132,9 +150,9 @@ impl<'a> Image<'a> {
                     table.entry_size
                 )));
             }
-            let by_offset: HashMap<u64, (u32, i64)> = self
-                .relocs
-                .get(&s.index)
+            let by_offset: HashMap<u64, (u32, i64)> = s
+                .section
+                .and_then(|i| self.relocs.get(&i))
                 .map(|v| v.iter().map(|r| (r.offset, (r.sym, r.addend))).collect())
                 .unwrap_or_default();
             for (k, entry) in s.data.chunks_exact(table.entry_size).enumerate() {
@@ -163,6 +181,22 @@ impl<'a> Image<'a> {
             }
         }
         Ok(out)
+    }
+
+    /// A table's entries: its section, or the bytes between its bounding symbols (kallsyms)
+    /// inside the section that holds them.
+    fn locate(&self, table: &Table) -> Option<Located<'a>> {
+        if let Some(s) = self.elf.section_by_name(table.section) {
+            return Some(Located { addr: s.addr, data: s.data, section: Some(s.index) });
+        }
+        let (start, stop) = table.bounds?;
+        let syms = self.kallsyms.as_ref()?;
+        let (start, stop) = (syms.get(start)?, syms.get(stop)?);
+        let s = self.elf.sections.iter().find(|s| {
+            s.is_alloc() && s.sh_type != object::elf::SHT_NOBITS.0 && s.addr <= start && stop <= s.addr + s.size
+        })?;
+        let data = s.data.get((start - s.addr) as usize..(stop.checked_sub(s.addr)?) as usize)?;
+        Some(Located { addr: start, data, section: None })
     }
 
     /// Code addresses that data of a linked image may hold, found without symbols: every
@@ -234,14 +268,12 @@ impl<'a> Image<'a> {
             }
         }
         // An object has every table it uses as a section; a linked kernel may have merged some
-        // into .data, and then every instruction that could be one of their sites is pinned.
+        // into .data, and then, unless kallsyms names their bounds, every instruction that could
+        // be one of their sites is pinned.
         let missing: Vec<&Table> = if self.is_rel() {
             Vec::new()
         } else {
-            TABLES
-                .iter()
-                .filter(|t| t.could_be_site.is_some() && self.elf.section_by_name(t.section).is_none())
-                .collect()
+            TABLES.iter().filter(|t| t.could_be_site.is_some() && self.locate(t).is_none()).collect()
         };
         let linked = !self.is_rel();
         for code in &mut self.code {

@@ -59,6 +59,10 @@ pub struct Table {
     /// A linked kernel merges this table into `.data` (no section of its own, no symbols):
     /// pin every instruction that could be one of its sites instead.
     pub could_be_site: Option<fn(&Instruction) -> bool>,
+    /// The symbols bounding the merged table (`__start_…`, `__stop_…`), which a stripped
+    /// vmlinux's kallsyms still names: then its entries are read exactly, nothing is pinned
+    /// by pattern.
+    pub bounds: Option<(&'static str, &'static str)>,
 }
 
 const fn pin(offset: usize, ptr: Ptr, extent: Extent) -> Field {
@@ -91,6 +95,7 @@ pub static TABLES: &[Table] = &[
         fields: &[pin(0, Ptr::Rel32, Extent::Insn), boundary(4)],
         pv_sites: false,
         could_be_site: None,
+        bounds: None,
     },
     Table {
         section: ".altinstructions",
@@ -98,6 +103,7 @@ pub static TABLES: &[Table] = &[
         fields: &[pin(0, Ptr::Rel32, Extent::LenByte(10)), boundary(4)],
         pv_sites: false,
         could_be_site: None,
+        bounds: None,
     },
     Table {
         section: ".parainstructions",
@@ -105,16 +111,18 @@ pub static TABLES: &[Table] = &[
         fields: &[pin(0, Ptr::Abs64, Extent::LenByte(9))],
         pv_sites: true,
         could_be_site: None,
+        bounds: None,
     },
-    Table { section: ".retpoline_sites", entry_size: 4, fields: SITE_LIST, pv_sites: false, could_be_site: None },
-    Table { section: ".return_sites", entry_size: 4, fields: SITE_LIST, pv_sites: false, could_be_site: None },
-    Table { section: ".smp_locks", entry_size: 4, fields: SITE_LIST, pv_sites: false, could_be_site: None },
+    Table { section: ".retpoline_sites", entry_size: 4, fields: SITE_LIST, pv_sites: false, could_be_site: None, bounds: None },
+    Table { section: ".return_sites", entry_size: 4, fields: SITE_LIST, pv_sites: false, could_be_site: None, bounds: None },
+    Table { section: ".smp_locks", entry_size: 4, fields: SITE_LIST, pv_sites: false, could_be_site: None, bounds: None },
     Table {
         section: ".ibt_endbr_seal",
         entry_size: 4,
         fields: SITE_LIST,
         pv_sites: false,
         could_be_site: Some(is_endbr),
+        bounds: Some(("__ibt_endbr_seal", "__ibt_endbr_seal_end")),
     },
     Table {
         section: "__jump_table",
@@ -122,6 +130,7 @@ pub static TABLES: &[Table] = &[
         fields: &[pin(0, Ptr::Rel32, Extent::Insn), boundary(4)],
         pv_sites: false,
         could_be_site: Some(is_jump_label),
+        bounds: Some(("__start___jump_table", "__stop___jump_table")),
     },
     Table {
         section: ".static_call_sites",
@@ -129,6 +138,7 @@ pub static TABLES: &[Table] = &[
         fields: SITE_LIST,
         pv_sites: false,
         could_be_site: Some(is_nop5_or_rel),
+        bounds: Some(("__start_static_call_sites", "__stop_static_call_sites")),
     },
     Table {
         section: "__mcount_loc",
@@ -136,7 +146,8 @@ pub static TABLES: &[Table] = &[
         fields: &[pin(0, Ptr::Abs64, Extent::Insn)],
         pv_sites: false,
         could_be_site: Some(is_nop5_or_rel),
+        bounds: Some(("__start_mcount_loc", "__stop_mcount_loc")),
     },
-    Table { section: "__bug_table", entry_size: 12, fields: SITE_LIST, pv_sites: false, could_be_site: None },
-    Table { section: ".orc_unwind_ip", entry_size: 4, fields: &[boundary(0)], pv_sites: false, could_be_site: None },
+    Table { section: "__bug_table", entry_size: 12, fields: SITE_LIST, pv_sites: false, could_be_site: None, bounds: None },
+    Table { section: ".orc_unwind_ip", entry_size: 4, fields: &[boundary(0)], pv_sites: false, could_be_site: None, bounds: None },
 ];
