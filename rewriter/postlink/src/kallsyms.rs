@@ -58,7 +58,9 @@ fn tokens(ro: &[u8]) -> Option<(usize, Vec<&[u8]>)> {
                     s.iter().position(|&b| b == 0).filter(|&n| n > 0).map(|n| &s[..n])
                 })
                 .collect();
-            if let Some(t) = strings.filter(|t| idx.iter().skip(1).all(|&o| ro[table + o - 1] == 0) && t.len() == TOKENS) {
+            if let Some(t) =
+                strings.filter(|t| idx.iter().skip(1).all(|&o| ro[table + o - 1] == 0) && t.len() == TOKENS)
+            {
                 return Some((table, t));
             }
         }
@@ -86,7 +88,8 @@ impl Kallsyms {
                 len = (len & 0x7f) | (*ro.get(at)? as usize) << 7;
                 at += 1;
             }
-            let name: Vec<u8> = ro.get(at..at + len)?.iter().flat_map(|&t| tokens[t as usize].iter().copied()).collect();
+            let name: Vec<u8> =
+                ro.get(at..at + len)?.iter().flat_map(|&t| tokens[t as usize].iter().copied()).collect();
             at += len;
             let off = u32_at(ro, offsets + 4 * i) as i32;
             let addr = if off >= 0 { off as u64 } else { text.wrapping_sub(1).wrapping_sub(off as i64 as u64) };

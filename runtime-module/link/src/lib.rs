@@ -308,9 +308,9 @@ pub fn link(input: &Path, output: &Path, backend: DefaultBackend, xen: bool) -> 
             image.resize(rt.mem_size as usize, 0);
             if let Some(h) = &hook {
                 let (call, tramp) = rt.module_hook;
-                let (t, j) = module_hook::trampoline(h, tramp, call).zip(module_hook::entry_jump(h, tramp)).ok_or_else(
-                    || LinkError::Environment("module hook out of rel32 reach of the runtime".into()),
-                )?;
+                let (t, j) = module_hook::trampoline(h, tramp, call)
+                    .zip(module_hook::entry_jump(h, tramp))
+                    .ok_or_else(|| LinkError::Environment("module hook out of rel32 reach of the runtime".into()))?;
                 put(&mut image, (tramp - base) as usize, &t);
                 put(&mut out, h.file_offset, &j);
             }

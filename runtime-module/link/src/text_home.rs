@@ -99,8 +99,9 @@ pub fn relocate(b: &Block, to: u64) -> Result<Vec<u8>, String> {
                 let rel = i32::from_le_bytes(table[at..at + 4].try_into().unwrap()) as i64;
                 let target = (b.addr + at as u64).wrapping_add(rel as u64);
                 let target = if inside(target) { target - b.addr + to } else { target };
-                let moved = i32::try_from(target.wrapping_sub(to + at as u64) as i64)
-                    .map_err(|_| format!("site record at {:#x}: target out of rel32 reach from .text", b.addr + off as u64))?;
+                let moved = i32::try_from(target.wrapping_sub(to + at as u64) as i64).map_err(|_| {
+                    format!("site record at {:#x}: target out of rel32 reach from .text", b.addr + off as u64)
+                })?;
                 out[at..at + 4].copy_from_slice(&moved.to_le_bytes());
             }
         }
