@@ -65,7 +65,11 @@ fn run_inner(a: &AnnotateArgs) -> Result<(), (i32, anyhow::Error)> {
     if a.json {
         let v = serde_json::json!({
             "image": ann.image, "debug_info": ann.debug_info, "found": ann.found,
-            "by_kind": by_kind(&ann), "profile_skipped": ann.profile_skipped, "score": sc, "patched_sites": patched,
+            "by_kind": by_kind(&ann), "profile_skipped": ann.profile_skipped, "score": sc,
+            "patched_sites": patched.as_ref().map(|p| p.sites),
+            "trampoline_sites": patched.as_ref().map(|p| p.trampolines),
+            "trap_sites": patched.as_ref().map(|p| p.traps.iter()
+                .map(|(addr, r)| serde_json::json!({"address": addr, "reason": r.text()})).collect::<Vec<_>>()),
         });
         println!("{}", serde_json::to_string_pretty(&v).expect("serializable"));
     } else {
@@ -86,7 +90,7 @@ fn by_kind(ann: &Annotations) -> BTreeMap<&'static str, usize> {
     m
 }
 
-fn print_summary(ann: &Annotations, sc: Option<&Score>, patched: Option<usize>) {
+fn print_summary(ann: &Annotations, sc: Option<&Score>, patched: Option<emit::Patched>) {
     println!("{}: {} memory accesses annotated", ann.image, ann.accesses.len());
     if !ann.debug_info {
         println!("  no DWARF line table: rules see symbols only, the DWARF source finds nothing");
@@ -119,7 +123,15 @@ fn print_summary(ann: &Annotations, sc: Option<&Score>, patched: Option<usize>) 
             );
         }
     }
-    if let Some(n) = patched {
-        println!("patched: {n} memory-access sites (producer 3, trap-based)");
+    if let Some(p) = patched {
+        println!(
+            "patched: {} memory-access sites (producer 3): {} in trampolines, {} TRAP",
+            p.sites,
+            p.trampolines,
+            p.traps.len()
+        );
+        for (addr, r) in &p.traps {
+            println!("  TRAP {addr:#x}: {}", r.text());
+        }
     }
 }

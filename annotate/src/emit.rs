@@ -2,30 +2,40 @@
 //! image with `previrt-postlink`'s writer (a new `PT_LOAD` holding `.previrt.sites` and
 //! `.previrt.save`), as a chunk of producer 3.
 //!
-//! The sites are trap-based (`TRAP`, `site_len == insn_len`): the instruction stays where it
-//! is and the runtime handles it by `int3` or by its fault. Moving loads/stores into
-//! trampolines needs the post-link planner to accept instructions the catalogue does not
-//! classify; until then this is the documented fallback of docs/site-abi.md.
+//! The sites are trampoline sites like the post-link patcher's own: its planner
+//! (`previrt_postlink::plan::plan_sites`) moves a window of whole instructions around each
+//! access into a trampoline where the access gets 5 bytes (room for the runtime's `call`);
+//! where no safe window exists it keeps the instruction in place as a `TRAP` site, for the
+//! same reasons (pinned by a kernel table, branch target, no padding left, …).
 
 use crate::insn::{decode_one, MemAccess};
 use crate::Annotations;
 use anyhow::{anyhow, bail, Result};
 use object::{Object, ObjectSection};
-use previrt_postlink::image::{Image, Loc};
-use previrt_postlink::plan::{Plan, PlannedSite};
-use previrt_site_abi::{flags, Kind, Producer, SITES_SECTION};
+use previrt_postlink::code::Code;
+use previrt_postlink::plan::{plan_sites, Plan, TrapReason, JMP_LEN};
+use previrt_site_abi::{flags, Kind, Producer, SiteRecord, SITES_SECTION};
+use std::collections::HashMap;
 
 /// Offset of `producer` in a chunk header.
 const PRODUCER_AT: usize = 12;
 
-/// `data` (the image the annotations were made for) with a site for every annotated access;
-/// also the number of sites.
-pub fn patch(data: &[u8], ann: &Annotations) -> Result<(Vec<u8>, usize)> {
-    let img = Image::read(data).map_err(|e| anyhow!("{e}"))?;
+/// What [`patch`] did: the sites, and those left in place as `TRAP` sites with the reason.
+#[derive(Debug, Default)]
+pub struct Patched {
+    pub sites: usize,
+    pub trampolines: usize,
+    pub traps: Vec<(u64, TrapReason)>,
+}
+
+/// `data` (the image the annotations were made for) with a site for every annotated access.
+pub fn patch(data: &[u8], ann: &Annotations) -> Result<(Vec<u8>, Patched)> {
+    let img = previrt_postlink::image::Image::read(data).map_err(|e| anyhow!("{e}"))?;
     if img.is_rel() {
         bail!("post-link annotation sites need a linked image (vmlinux), not a relocatable object");
     }
-    let mut plan = Plan::default();
+    // Records by (section, offset); a trampoline gives each access the 5 bytes of a `call`.
+    let mut records: HashMap<(usize, u64), SiteRecord> = HashMap::new();
     for a in &ann.accesses {
         let loc =
             img.loc_of_addr(a.address).ok_or_else(|| anyhow!("{:#x}: not in an executable section", a.address))?;
@@ -37,15 +47,20 @@ pub fn patch(data: &[u8], ann: &Annotations) -> Result<(Vec<u8>, usize)> {
             )?;
         let kind = Kind::from_name(a.kind).ok_or_else(|| anyhow!("{:#x}: unknown kind {}", a.address, a.kind))?;
         let mut rec = access.record(kind);
-        rec.flags |= flags::TRAP | previrt_rewriter::record::section_flags(&code.name);
-        plan.sites.push(PlannedSite {
-            rec,
-            site: loc,
-            origin: loc,
-            resume: Loc { sec: loc.sec, off: loc.off + a.insn_len as u64 },
-        });
+        rec.site_len = rec.insn_len.max(JMP_LEN as u8);
+        records.insert((loc.sec, loc.off), rec);
     }
-    let n = plan.sites.len();
+    let site_of = |code: &Code, k: usize| records.get(&(code.sec, code.insns[k].off as u64)).copied();
+    let plan: Plan = plan_sites(&img, &site_of);
+    let done = Patched {
+        sites: plan.sites.len(),
+        trampolines: plan.sites.iter().filter(|s| s.rec.has(flags::TRAMPOLINE)).count(),
+        traps: plan
+            .fallbacks
+            .iter()
+            .map(|f| (img.code[img.code_index(f.loc.sec).expect("code section")].base + f.loc.off, f.reason))
+            .collect(),
+    };
     let mut out = previrt_postlink::write::write_image(data, &img, &plan).map_err(|e| anyhow!("{e}"))?;
     // The writer labels its chunk as the post-link patcher's; these sites are the annotator's.
     let at = {
@@ -58,5 +73,5 @@ pub fn patch(data: &[u8], ann: &Annotations) -> Result<(Vec<u8>, usize)> {
         s.file_range().ok_or_else(|| anyhow!("site table without file bytes"))?.0 as usize
     };
     out[at + PRODUCER_AT..at + PRODUCER_AT + 2].copy_from_slice(&(Producer::Annotate as u16).to_le_bytes());
-    Ok((out, n))
+    Ok((out, done))
 }

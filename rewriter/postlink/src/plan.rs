@@ -213,18 +213,33 @@ pub fn wanted(entry: &Entry, opts: &Options) -> bool {
 
 /// Plan every executable section of `img`.
 pub fn plan(img: &Image, opts: &Options) -> Plan {
-    let mut plan = Plan::default();
-    let mut space = Space::new(img);
-    for code in &img.code {
-        plan_section(img, code, opts, &mut space, &mut plan);
-    }
+    let mut plan = plan_sites(img, &|code: &Code, k: usize| {
+        let entry = code.insns[k].entry.filter(|e| wanted(e, opts))?;
+        Some(operands(&code.decode_at(k), entry, code.insns[k].bits as u32))
+    });
     pv_sites(img, &mut plan);
     plan
 }
 
-fn trap(code: &Code, k: usize, entry: &Entry, reason: TrapReason, plan: &mut Plan) {
+/// Which instruction (section's code, instruction index) is a site, and its record
+/// (`site_len`: the bytes the site needs in a trampoline).
+pub type SiteOf<'a> = &'a dyn Fn(&Code, usize) -> Option<SiteRecord>;
+
+/// Plan windows and trampolines for the instructions `site_of` names — the catalogue's
+/// sensitive instructions ([`plan`]) or a caller's (the annotator's memory accesses) — with
+/// the same rules and fallbacks.
+pub fn plan_sites(img: &Image, site_of: SiteOf) -> Plan {
+    let mut plan = Plan::default();
+    let mut space = Space::new(img);
+    for code in &img.code {
+        plan_section(img, code, site_of, &mut space, &mut plan);
+    }
+    plan
+}
+
+fn trap(code: &Code, k: usize, mut rec: SiteRecord, reason: TrapReason, plan: &mut Plan) {
     let ins = code.insns[k];
-    let mut rec = operands(&code.decode_at(k), entry, ins.bits as u32);
+    let kind = rec.kind().expect("site records name a kind");
     rec.flags |= flags::TRAP | section_flags(&code.name);
     rec.site_len = rec.insn_len;
     let at = Loc { sec: code.sec, off: ins.off as u64 };
@@ -234,10 +249,10 @@ fn trap(code: &Code, k: usize, entry: &Entry, reason: TrapReason, plan: &mut Pla
         origin: at,
         resume: Loc { sec: code.sec, off: at.off + ins.len as u64 },
     });
-    plan.fallbacks.push(Fallback { loc: at, kind: entry.kind, reason });
+    plan.fallbacks.push(Fallback { loc: at, kind, reason });
 }
 
-fn plan_section(img: &Image, code: &Code, opts: &Options, space: &mut Space, plan: &mut Plan) {
+fn plan_section(img: &Image, code: &Code, site_of: SiteOf, space: &mut Space, plan: &mut Plan) {
     let n = code.insns.len();
     let pinned = |j: usize| {
         let i = &code.insns[j];
@@ -254,7 +269,7 @@ fn plan_section(img: &Image, code: &Code, opts: &Options, space: &mut Space, pla
     let no_trampolines = section_flags(&code.name) & flags::IN_ALTINSTR != 0;
     let mut tail = Vec::new();
     for k in 0..n {
-        let Some(entry) = code.insns[k].entry.filter(|e| wanted(e, opts)) else { continue };
+        let Some(rec) = site_of(code, k) else { continue };
         if claimed[k] {
             continue;
         }
@@ -273,7 +288,7 @@ fn plan_section(img: &Image, code: &Code, opts: &Options, space: &mut Space, pla
             None
         };
         if let Some(r) = reason {
-            trap(code, k, entry, r, plan);
+            trap(code, k, rec, r, plan);
             continue;
         }
         // Smallest window [a, b] ∋ k of ≥ 5 bytes; ties prefer starting at k.
@@ -301,12 +316,12 @@ fn plan_section(img: &Image, code: &Code, opts: &Options, space: &mut Space, pla
             a -= 1;
         }
         let Some((_, a, mut b)) = best else {
-            trap(code, k, entry, TrapReason::NoWindow, plan);
+            trap(code, k, rec, TrapReason::NoWindow, plan);
             continue;
         };
         // Take a sensitive instruction a few bytes further into the same trampoline: its own
         // window would need the neighbours this one just took (`out; add; out`).
-        let sensitive = |j: usize| code.insns[j].entry.is_some_and(|e| wanted(e, opts));
+        let sensitive = |j: usize| site_of(code, j).is_some();
         while let Some(j) = (b + 1..n.min(b + 4)).find(|&j| sensitive(j)) {
             if !(b + 1..=j).all(|i| ok(i, &claimed) && interior_ok(i)) {
                 break;
@@ -315,21 +330,21 @@ fn plan_section(img: &Image, code: &Code, opts: &Options, space: &mut Space, pla
         }
         // Lengths do not depend on the address (branches become rel32): size it in place.
         let Some(tramp_len) =
-            build(code, a, b, code.base + code.insns[a].off as u64, opts).map(|t| t.bytes.len() as u64)
+            build(code, a, b, code.base + code.insns[a].off as u64, site_of).map(|t| t.bytes.len() as u64)
         else {
-            trap(code, k, entry, TrapReason::NoWindow, plan);
+            trap(code, k, rec, TrapReason::NoWindow, plan);
             continue;
         };
         let Some(at) = space.take(code, code.insns[a].off as u64, tramp_len, tail.len()) else {
-            trap(code, k, entry, TrapReason::NoSpace, plan);
+            trap(code, k, rec, TrapReason::NoSpace, plan);
             continue;
         };
         let at_ip = img.code[img.code_index(at.sec).unwrap()].base + at.off;
         // Both jumps and every moved branch must reach: rel32 from the trampoline's address.
         let reach = |from: u64, to: u64| i32::try_from(to.wrapping_sub(from) as i64).is_ok();
-        let built = build(code, a, b, at_ip, opts).filter(|t| t.bytes.len() as u64 == tramp_len);
+        let built = build(code, a, b, at_ip, site_of).filter(|t| t.bytes.len() as u64 == tramp_len);
         let Some(t) = built.filter(|_| reach(code.base + code.insns[a].off as u64 + JMP_LEN, at_ip)) else {
-            trap(code, k, entry, TrapReason::NoSpace, plan);
+            trap(code, k, rec, TrapReason::NoSpace, plan);
             continue;
         };
         let start = code.insns[a].off as u64;
@@ -383,7 +398,7 @@ pub struct Trampoline {
     pub moved: Vec<Moved>,
 }
 
-pub fn build(code: &Code, a: usize, b: usize, at: u64, opts: &Options) -> Option<Trampoline> {
+pub fn build(code: &Code, a: usize, b: usize, at: u64, site_of: SiteOf) -> Option<Trampoline> {
     let mut t = Trampoline { bytes: Vec::new(), sites: Vec::new(), moved: Vec::new() };
     for j in a..=b {
         let pos = at + t.bytes.len() as u64;
@@ -395,8 +410,7 @@ pub fn build(code: &Code, a: usize, b: usize, at: u64, opts: &Options) -> Option
             len: bytes.len() as u64,
         });
         t.bytes.extend_from_slice(&bytes);
-        if let Some(entry) = code.insns[j].entry.filter(|e| wanted(e, opts)) {
-            let rec = operands(&code.decode_at(j), entry, 64);
+        if let Some(rec) = site_of(code, j) {
             t.bytes.resize((pos + rec.site_len as u64 - at) as usize, 0x90);
             t.sites.push((j, pos, rec));
         }
