@@ -4,9 +4,11 @@
 #   bash bench/xen.sh [RUNS] [CMDLINE]
 #
 # Builds the example kernel with the previrt toolchain, links it (`previrt link`, Xen PV notes
-# included), builds the reference tiny PV kernel (tests/xen_fixtures/tiny-pv.S: no runtime,
-# prints one line and exits) and boots both as dom0 of Xen 4.17 under QEMU TCG with
-# scripts/xen-run.sh, alternately, RUNS times each (default 5). The kernel's command line is
+# included), the same kernel built with its page-table and MMIO annotations (`previrt annotate`
+# of a plain build, `gcc --annotations`: direct page tables, docs/xen-pv.md), the reference tiny
+# PV kernel (tests/xen_fixtures/tiny-pv.S: no runtime, prints one line and exits), and boots the
+# three as dom0 of Xen 4.17 under QEMU TCG with scripts/xen-run.sh, in turn, RUNS times each
+# (default 5). The kernel's command line is
 # CMDLINE (default: every workload with ticks=10 console_lines=8, the parameters
 # tests/xen_pv.rs uses; the same results are checked against bare metal there).
 #
@@ -35,6 +37,11 @@ previrt=target/release/previrt
 "$previrt" toolchain install --prefix "$work/tc" >/dev/null
 make -s -C examples/kernel O="$work/k" CROSS_COMPILE="$work/tc/bin/x86_64-previrt-linux-gnu-"
 "$previrt" link "$work/k/kernel-pvh.elf" -o "$work/linked.elf" >/dev/null
+make -s -C examples/kernel O="$work/plain"
+"$previrt" annotate "$work/plain/kernel-pvh.elf" -o "$work/ann.json" >/dev/null
+make -s -C examples/kernel O="$work/ka" CROSS_COMPILE="$work/tc/bin/x86_64-previrt-linux-gnu-" \
+  CC="$work/tc/bin/x86_64-previrt-linux-gnu-gcc --annotations $work/ann.json"
+"$previrt" link "$work/ka/kernel-pvh.elf" -o "$work/annotated.elf" >/dev/null
 gcc -c tests/xen_fixtures/tiny-pv.S -o "$work/tiny-pv.o"
 ld -m elf_x86_64 -static -nostdlib --no-warn-rwx-segments -T tests/xen_fixtures/tiny-pv.ld \
   -o "$work/tiny-pv.elf" "$work/tiny-pv.o"
@@ -64,9 +71,10 @@ run() {
 median() { sort -n | sed -n "$(((runs + 1) / 2))p"; }
 
 load_before=$(cut -d' ' -f1-3 /proc/loadavg)
-: >"$work/ref" && : >"$work/ours"
+: >"$work/ref" && : >"$work/ours" && : >"$work/annotated"
 for _ in $(seq "$runs"); do
   run "$work/tiny-pv.elf" "" >>"$work/ref"
+  run "$work/annotated.elf" "$cmdline" >>"$work/annotated"
   run "$work/linked.elf" "$cmdline" >>"$work/ours"
 done
 load_after=$(cut -d' ' -f1-3 /proc/loadavg)
@@ -75,18 +83,25 @@ cols=(qemu+bios xen rtc dom0 start kernel total)
 printf '%-36s' "Xen PV dom0, QEMU TCG (median of $runs, ms)"
 printf '%10s' "${cols[@]}"
 echo
-for which in ref ours; do
-  label=$([ $which = ref ] && echo "reference tiny PV kernel" || echo "previrt example kernel")
-  printf '%-36s' "$label"
+declare -A labels=([ref]="reference tiny PV kernel" [annotated]="previrt, annotated (direct tables)"
+  [ours]="previrt example kernel (shadowed)")
+for which in ref annotated ours; do
+  printf '%-36s' "${labels[$which]}"
   for c in $(seq ${#cols[@]}); do printf '%10d' "$(cut -d' ' -f"$c" "$work/$which" | median)"; done
   echo
 done
 ref=$(cut -d' ' -f7 "$work/ref" | median)
-ours=$(cut -d' ' -f7 "$work/ours" | median)
-awk -v r="$ref" -v o="$ours" 'BEGIN {
-  printf "%-36s %.2fx\n", "previrt / reference", o / r
-  printf "%-36s %.2fx (target 1500 ms)\n", "previrt / target", o / 1500 }'
-echo "every run's total (ms): reference $(cut -d' ' -f7 "$work/ref" | tr '\n' ' ')| previrt $(cut -d' ' -f7 "$work/ours" | tr '\n' ' ')"
+for which in ours annotated; do
+  awk -v r="$ref" -v o="$(cut -d' ' -f7 "$work/$which" | median)" -v l="${labels[$which]}" 'BEGIN {
+    printf "%-36s %.2fx the reference, %.2fx the 1500 ms target\n", l, o / r, o / 1500 }'
+done
+for which in ref annotated ours; do
+  echo "every run's total (ms), ${labels[$which]}: $(cut -d' ' -f7 "$work/$which" | tr '\n' ' ')"
+done
 echo "kernel command line: '$cmdline'; load average before: $load_before, after: $load_after (2 cores)"
 echo
 grep -E '^[0-9]+ (TIMING|previrt)' "$work/out" | cut -d' ' -f2-
+echo
+echo "annotated kernel's page tables (last run):"
+run "$work/annotated.elf" "$cmdline" >/dev/null
+grep -E '^[0-9]+ previrt-xen: (page tables|hypercalls)' "$work/out" | cut -d' ' -f2-

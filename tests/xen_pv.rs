@@ -193,15 +193,13 @@ fn the_same_linked_elf_runs_on_the_in_tree_hypervisor() {
     assert_eq!(verdicts(&out), verdicts(&plain.stdout), "previrt run output differs from the plain kernel on QEMU");
 }
 
-#[test]
-fn example_kernel_runs_as_xen_pv_domu_with_its_console_on_the_ring() {
-    // dom0 is Debian's Linux with Xen's toolstack (scripts/xen-domu.sh); the domU has no
-    // console_io, so everything it prints went through its console ring and xenconsoled.
+/// `elf` started as a domU (scripts/xen-domu.sh: dom0 is Debian's Linux with Xen's toolstack)
+/// with `cmdline`: its console log, after the checks every domU run must pass. A domU has no
+/// console_io, so everything it printed went through its console ring and xenconsoled.
+fn domu_console(elf: &Path, cmdline: &str) -> String {
     require_xen();
-    let k = linked_kernel();
-    let cmdline = "ticks=10 console_lines=8";
     let o = Command::new(repo_root().join("scripts/xen-domu.sh"))
-        .arg(&k.elf)
+        .arg(elf)
         .arg(cmdline)
         .env("TIMEOUT", "400")
         .output()
@@ -211,49 +209,68 @@ fn example_kernel_runs_as_xen_pv_domu_with_its_console_on_the_ring() {
     let console = all
         .split_once("xen-domu: console begin\n")
         .and_then(|(_, rest)| rest.split_once("xen-domu: console end"))
-        .map(|(log, _)| log)
+        .map(|(log, _)| log.to_string())
         .unwrap_or_else(|| panic!("no domU console log\n{all}"));
     let boot = console.lines().find(|l| l.starts_with("previrt: backend=")).unwrap_or_default();
     assert!(boot.starts_with("previrt: backend=xen ") && boot.contains("(platform=xen-pv)"), "{console}");
     let plain = run_qemu(&example_kernel().pvh_elf(), cmdline);
-    assert_eq!(verdicts(console), verdicts(&plain.stdout), "domU output differs from the plain kernel on QEMU");
-    let calls = counts(console, "previrt-xen: hypercalls");
+    assert_eq!(verdicts(&console), verdicts(&plain.stdout), "domU output differs from the plain kernel on QEMU");
+    let calls = counts(&console, "previrt-xen: hypercalls");
     assert!(!calls.contains_key("console_io"), "a domU has no console_io: {calls:?}");
     // Binding and unmasking the timer are two event_channel_ops; every line after them is
     // one kick of the ring's event channel (EVTCHNOP_send).
     let lines = console.lines().take_while(|l| !l.starts_with("previrt-xen: hypercalls")).count() as u64;
     assert!(calls["event_channel_op"] >= 2 + lines, "{calls:?} for {lines} lines");
+    console
+}
+
+#[test]
+fn example_kernel_runs_as_xen_pv_domu_with_its_console_on_the_ring() {
+    let console = domu_console(&linked_kernel().elf, "ticks=10 console_lines=8");
+    assert!(console.contains("previrt-xen: page tables: shadowed"), "{console}");
+}
+
+#[test]
+fn annotated_kernel_runs_as_xen_pv_domu_with_direct_page_tables() {
+    // A domU may not map RAM uncached: the LAPIC mapping's PWT/PCD are kept from Xen.
+    let console = domu_console(&annotated_kernel(), "ticks=10 console_lines=8");
+    assert!(console.contains("previrt-xen: page tables: direct"), "{console}");
+    let pt = counts(&console, "previrt-xen: page tables direct:");
+    assert!(pt["mmu_update"] > 100 && pt["adopted"] > 0, "{pt:?}");
 }
 
 /// The example kernel built with the previrt toolchain and the annotations `previrt annotate`
 /// finds in the plain build (its get_pte/set_pte and readl/writel lines become pt_read/pt_write
 /// and mmio sites), then linked.
-fn annotated_kernel() -> PathBuf {
-    let k = linked_kernel();
-    let ann = k.dir.join("ann.json");
-    let o = previrt().arg("annotate").arg(example_kernel().pvh_elf()).arg("-o").arg(&ann).output().unwrap();
-    assert!(o.status.success(), "previrt annotate: {}", String::from_utf8_lossy(&o.stderr));
-    let (out, cross) = (k.dir.join("annotated"), k.dir.join("toolchain/bin/x86_64-previrt-linux-gnu-"));
-    let st = Command::new("make")
-        .arg("-s")
-        .arg("-C")
-        .arg(repo_root().join("examples/kernel"))
-        .arg(format!("O={}", out.display()))
-        .arg(format!("CROSS_COMPILE={}", cross.display()))
-        .arg(format!("CC={}gcc --annotations {}", cross.display(), ann.display()))
-        .status()
-        .expect("make (scripts/install-deps.sh)");
-    assert!(st.success(), "building the annotated kernel");
-    let elf = k.dir.join("annotated-linked.elf");
-    let report = link(&out.join("kernel-pvh.elf"), &elf, &[]);
-    assert!(report["kinds"]["pt_write"]["sites"].as_u64().unwrap_or(0) > 0, "no pt_write sites: {report}");
-    elf
+fn annotated_kernel() -> &'static Path {
+    static K: OnceLock<PathBuf> = OnceLock::new();
+    K.get_or_init(|| {
+        let k = linked_kernel();
+        let ann = k.dir.join("ann.json");
+        let o = previrt().arg("annotate").arg(example_kernel().pvh_elf()).arg("-o").arg(&ann).output().unwrap();
+        assert!(o.status.success(), "previrt annotate: {}", String::from_utf8_lossy(&o.stderr));
+        let (out, cross) = (k.dir.join("annotated"), k.dir.join("toolchain/bin/x86_64-previrt-linux-gnu-"));
+        let st = Command::new("make")
+            .arg("-s")
+            .arg("-C")
+            .arg(repo_root().join("examples/kernel"))
+            .arg(format!("O={}", out.display()))
+            .arg(format!("CROSS_COMPILE={}", cross.display()))
+            .arg(format!("CC={}gcc --annotations {}", cross.display(), ann.display()))
+            .status()
+            .expect("make (scripts/install-deps.sh)");
+        assert!(st.success(), "building the annotated kernel");
+        let elf = k.dir.join("annotated-linked.elf");
+        let report = link(&out.join("kernel-pvh.elf"), &elf, &[]);
+        assert!(report["kinds"]["pt_write"]["sites"].as_u64().unwrap_or(0) > 0, "no pt_write sites: {report}");
+        elf
+    })
 }
 
 #[test]
 fn annotated_page_table_writes_go_to_mmu_update_with_bare_metal_results() {
     let elf = annotated_kernel();
-    let (status, out) = xen_run(&elf, "");
+    let (status, out) = xen_run(elf, "");
     assert_eq!(status, Some(0), "xen-run.sh status {status:?}\n{out}");
     assert!(out.contains("previrt-xen: page tables: direct ("), "boot log names the mode\n{out}");
     let plain = run_qemu(&example_kernel().pvh_elf(), "");

@@ -40,7 +40,7 @@ struct Hooks {
     release: fn(),
 }
 
-static HOOKS: [Hooks; 3] = [
+static HOOKS: [Hooks; 4] = [
     Hooks {
         backend: &backend::HV,
         suspend: crate::hv::suspend,
@@ -53,6 +53,13 @@ static HOOKS: [Hooks; 3] = [
         suspend: crate::xen_hvm::suspend,
         programmed: crate::xen_hvm::programmed,
         adopt: crate::xen_hvm::adopt,
+        release: || {},
+    },
+    Hooks {
+        backend: &backend::PVM,
+        suspend: crate::pvm::suspend,
+        programmed: crate::hv::programmed,
+        adopt: crate::pvm::adopt,
         release: || {},
     },
     Hooks {
@@ -104,7 +111,7 @@ fn resume(from: &Hooks) -> u32 {
     let state = unsafe { STATE.get() };
     state.platform = platform::detect(|leaf| hw::cpuid(leaf, 0));
     let per_ms = TSC_PER_MS.load(Ordering::Relaxed);
-    let want = platform::auto_backend(state.platform);
+    let want = super::auto_choice(state.platform);
     // The platform's paravirtual backend if it sets up and can migrate; else native-watch.
     let pv = PARAVIRTUAL.iter().find(|p| p.backend.id == want && hooks(p.backend).is_some());
     let why = match pv {

@@ -258,6 +258,16 @@ const PARAVIRTUAL: [Paravirtual; 3] = [
     },
 ];
 
+/// What `auto` chooses on platform `p` (at boot and after a migration): the platform's
+/// paravirtual backend; on the in-tree hypervisor `pvm` when the VMM offers KVM-PVM's native
+/// mode.
+fn auto_choice(p: Platform) -> u32 {
+    match platform::auto_backend(p) {
+        hv if hv == backend::HV.id && crate::pvm::offered() => backend::PVM.id,
+        b => b,
+    }
+}
+
 /// A paravirtual backend's console as a `Write`.
 struct PvConsole(fn(&str) -> core::fmt::Result);
 
@@ -282,17 +292,13 @@ extern "C" fn previrt_boot(start_info: u64, path: u32) {
     let mut chosen = match asked {
         None => default,
         // `auto`: the platform's paravirtual backend when its signature is there.
-        Some(b"auto") => backend::by_id(platform::auto_backend(state.platform)).unwrap_or(&backend::NATIVE),
+        Some(b"auto") => backend::by_id(auto_choice(state.platform)).unwrap_or(&backend::NATIVE),
         Some(name) => backend::by_name(name).unwrap_or_else(|| {
             let name = core::str::from_utf8(name).unwrap_or("?");
             let _ = writeln!(out, "previrt: unknown backend '{name}', using {}", default.name);
             default
         }),
     };
-    // `auto` on the in-tree hypervisor: its KVM-PVM native mode when the VMM offers it.
-    if asked == Some(b"auto") && chosen.id == backend::HV.id && crate::pvm::offered() {
-        chosen = &backend::PVM;
-    }
     let per_ms = tsc_per_ms();
     migrate::boot(per_ms);
     let mut pv = PARAVIRTUAL.iter().find(|p| p.backend.id == chosen.id);

@@ -3,7 +3,8 @@
 //! seeing pseudo-physical frames; what is in memory is what Xen validates:
 //!
 //! - `pt_write` into a page Xen holds as a table: the entry is translated (pfn → mfn; a leaf
-//!   that maps one of the kernel's table pages loses RW, remembered in [`KERNEL_RW`]) and
+//!   that maps one of the kernel's table pages loses RW, one that maps the LAPIC model page
+//!   loses PWT/PCD; both are remembered in available bits, [`MOVED`]) and
 //!   written with `mmu_update`. A non-leaf entry naming a page that is not a table yet first
 //!   *adopts* that page and everything below it (see below).
 //! - `pt_write` into any other page (a table being built, not yet reachable from a loaded root)
@@ -22,13 +23,24 @@
 //!
 //! Limits: identity-mapped page-table pages (the only alias searched is virtual = pseudo-
 //! physical; another writable alias makes Xen refuse, which stops the domain with the
-//! hypercall's error); 4 KiB pages; tables are never freed; bit 11 of a leaf is the runtime's.
+//! hypercall's error); 4 KiB pages; tables are never freed; bits 9–11 of a leaf are the runtime's.
 
 use super::abi::{self, Hypercall, MmuUpdate};
 use super::mmu::{self, Mmu, MmuError, ADDR, HUGE, MAX_ROOTS, MAX_TABLES, PRESENT, R, TABLE_FLAGS, WRITABLE};
 
-/// Available bit 11 of a leaf: the kernel asked for RW on a page Xen holds as a table.
-pub const KERNEL_RW: u64 = 1 << 11;
+const PWT: u64 = 1 << 3;
+const PCD: u64 = 1 << 4;
+/// Leaf bits the kernel asked for that Xen must not see, and the available bit (9–11) that
+/// keeps each for `pt_read`: RW on a page Xen holds as a table (Xen requires read-only), and
+/// the cache attributes of the LAPIC mapping (it is the runtime's RAM page; Xen refuses cache
+/// attributes from a domain without I/O memory).
+const MOVED: [(u64, u64); 3] = [(WRITABLE, 1 << 11), (PWT, 1 << 9), (PCD, 1 << 10)];
+
+/// `v` with the kernel's bits `hide` (a subset of MOVED's first column) moved to their
+/// available bits.
+fn hide(v: u64, hide: u64) -> u64 {
+    MOVED.iter().filter(|(bit, _)| hide & v & bit != 0).fold(v, |v, (bit, soft)| (v & !bit) | soft)
+}
 /// Xen's read-only machine-to-phys table for 64-bit PV guests (RO_MPT_VIRT_START).
 const M2P: u64 = 0xffff_8000_0000_0000;
 const LAPIC_PFN: u64 = super::devices::LAPIC_BASE >> 12;
@@ -82,14 +94,15 @@ impl Mmu {
         if level > 1 && e & HUGE != 0 {
             return Err(MmuError::Huge { va: at });
         }
-        let mfn = match pfn {
-            LAPIC_PFN if level == 1 => self.mfn(self.lapic_page >> 12),
-            _ => self.mfn(pfn),
-        }
-        .ok_or(MmuError::Frame { entry: at, pfn })?;
+        let lapic = level == 1 && pfn == LAPIC_PFN;
+        let mfn =
+            self.mfn(if lapic { self.lapic_page >> 12 } else { pfn }).ok_or(MmuError::Frame { entry: at, pfn })?;
         let v = (e & !ADDR) | mfn << 12;
-        let table = self.level_of(pfn).is_some();
-        Ok(if level == 1 && table && v & WRITABLE != 0 { (v & !WRITABLE) | KERNEL_RW } else { v })
+        Ok(match (level, lapic, self.level_of(pfn).is_some()) {
+            (1, true, _) => hide(v, PWT | PCD),
+            (1, _, true) => hide(v, WRITABLE),
+            _ => v,
+        })
     }
 
     /// `pt_read` of entry `e` at kernel address `at`: as the kernel wrote it.
@@ -104,11 +117,7 @@ impl Mmu {
         self.stats.pt_read_translated += 1;
         let Some(pfn) = self.pfn((e & ADDR) >> 12) else { return 0 };
         let v = (e & !ADDR) | pfn << 12;
-        if v & KERNEL_RW != 0 {
-            (v & !KERNEL_RW) | WRITABLE
-        } else {
-            v
-        }
+        MOVED.iter().filter(|(_, soft)| v & soft != 0).fold(v, |v, (bit, soft)| (v & !soft) | bit)
     }
 
     fn update(&mut self, at: u64, v: u64) -> R<()> {
@@ -198,7 +207,7 @@ impl Mmu {
             if let Some(at) = self.leaf_entry(r, va) {
                 let e = read(at & !0xfff, (at & 0xfff) / 8);
                 if e & PRESENT != 0 && e & WRITABLE != 0 {
-                    self.update(at, (e & !WRITABLE) | KERNEL_RW)?;
+                    self.update(at, hide(e, WRITABLE))?;
                 }
             }
         }
