@@ -2,11 +2,20 @@
 //! example kernel mid-workload: the console stream of the saved run followed by the restored
 //! one is the stream of an uninterrupted run (sequence numbers, checksums, console lines), and
 //! bad snapshots are refused with one line and status 2 before anything runs.
+//!
+//! Migration-time re-patching (docs/snapshot.md): the pre-virtualized example kernel on the
+//! runtime's `hv` backend suspends itself when asked (every trigger: --snapshot-after,
+//! SIGUSR1, the control socket), and after a restore under another ABI version or with no
+//! paravirtual interface it re-patches itself; the stream goes on byte for byte and the exits
+//! are those of the new backend.
 
 mod common;
 mod vmm_support;
-use std::path::Path;
-use std::process::{Command, Output};
+use serde_json::Value;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::OnceLock;
 use vmm_support::*;
 
 /// Workloads with console output, interrupt-flag and compute work; 4 passes, each WORKLOAD
@@ -76,24 +85,38 @@ fn snapshot_mid_workload_resumes_without_losing_or_repeating_a_line() {
 /// runtime's trace backend: every executed site goes through the runtime, whose state (patched
 /// text, site index, counters) is guest memory and must survive the trip; its exit summary
 /// (per-kind site counts) is the same as an uninterrupted run's.
+/// The example kernel built with the previrt toolchain and `previrt link`ed (default backend
+/// native; the command line picks another), once per test process.
+fn linked_kernel() -> &'static Path {
+    static ELF: OnceLock<PathBuf> = OnceLock::new();
+    ELF.get_or_init(|| {
+        // Per process: the test runner runs tests of this file in parallel processes.
+        let d = scratch(&format!("migrate-linked-{}", std::process::id()));
+        let tc = d.join("toolchain");
+        let o = previrt(&["toolchain", "install", "--prefix", tc.to_str().unwrap()]);
+        assert!(o.status.success(), "previrt toolchain install: {}", stderr(&o));
+        let build = common::build_example_kernel(
+            &d.join("kernel"),
+            Some(&format!("{}/bin/x86_64-previrt-linux-gnu-", tc.display())),
+        );
+        let linked = d.join("linked.elf");
+        let o = previrt(&[
+            "link",
+            build.pvh_elf().to_str().unwrap(),
+            "-o",
+            linked.to_str().unwrap(),
+            "--backend",
+            "native",
+        ]);
+        assert!(o.status.success(), "previrt link: {}", stderr(&o));
+        linked
+    })
+}
+
 #[test]
 fn previrtualized_kernel_with_trace_backend_resumes_with_the_same_stream_and_site_counts() {
     let d = scratch("migrate-previrt");
-    let tc = d.join("toolchain");
-    let o = Command::new(env!("CARGO_BIN_EXE_previrt"))
-        .args(["toolchain", "install", "--prefix"])
-        .arg(&tc)
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "previrt toolchain install: {}", stderr(&o));
-    let build = common::build_example_kernel(
-        &d.join("kernel"),
-        Some(&format!("{}/bin/x86_64-previrt-linux-gnu-", tc.display())),
-    );
-    let linked = d.join("linked.elf");
-    let o =
-        previrt(&["link", build.pvh_elf().to_str().unwrap(), "-o", linked.to_str().unwrap(), "--backend", "native"]);
-    assert!(o.status.success(), "previrt link: {}", stderr(&o));
+    let linked = linked_kernel();
     let cmdline = "previrt.backend=trace workloads=console,compute repeat=3 console_lines=2 compute=100";
     // The runtime's boot line carries its patch time; the trace summary's iret/in/out counts
     // depend on interrupt timing (UART and timer) and vary between two uninterrupted runs
@@ -117,7 +140,7 @@ fn previrtualized_kernel_with_trace_backend_resumes_with_the_same_stream_and_sit
     let full_out = stdout(&full);
     assert!(full_out.contains("previrt-trace:") && full_out.contains("RESULT PASS"), "{full_out}");
     for after in ["1000exits", "2000exits"] {
-        let (a, b) = save_and_restore(&d, &linked, cmdline, after, &[]);
+        let (a, b) = save_and_restore(&d, linked, cmdline, after, &[]);
         assert_eq!(b.status.code(), Some(1), "restore after {after}: {}", stderr(&b));
         assert!(!stdout(&a).contains("RESULT"), "{after}: snapshot taken after the end");
         let joined = format!("{}{}", stdout(&a), stdout(&b));
@@ -283,4 +306,283 @@ fn previrt_abi_state_hypercall_page_vcpu_page_and_timer_survive_a_restore() {
         assert_eq!(b.status.code(), Some(0x2a), "{after}: {}", stderr(&b));
         assert_eq!(format!("{}{}", stdout(&a), stdout(&b)), want, "{after}");
     }
+}
+
+/// The pre-virtualized kernel on the runtime's `hv` backend: console (UART), timer (halts,
+/// PIT) and compute work, 4 passes, WORKLOAD lines seq=1..=12; every pass halts after its
+/// console output (native-watch looks for a paravirtual interface at `hlt`). 100 Hz as in
+/// tests/runtime_hv.rs.
+const HV_CMDLINE: &str =
+    "previrt.backend=hv hz=100 workloads=console,timer,compute repeat=4 console_lines=2 ticks=10 compute=2000";
+
+/// The kernel's own output as lines: the runtime's "resumed on" line taken out of the byte
+/// stream first (a suspend may fall in the middle of a kernel line, and the runtime's line is
+/// printed right there), then no TIMING lines (TSC values) and none of the runtime's other
+/// lines (patch time, exit summaries, which count per run).
+fn kernel_stream(s: &str) -> Vec<String> {
+    let mut bytes = s.to_string();
+    while let Some(at) = bytes.find("previrt: resumed on ") {
+        let end = bytes[at..].find('\n').map_or(bytes.len(), |n| at + n + 1);
+        bytes.replace_range(at..end, "");
+    }
+    bytes.lines().filter(|l| !l.starts_with("TIMING ") && !l.starts_with("previrt")).map(String::from).collect()
+}
+
+/// Exits on the UART's data port (one per byte the kernel writes natively).
+fn uart_exits(stats: &Value) -> u64 {
+    stats["ports"]["0x3f8 out"]["count"].as_u64().unwrap_or(0)
+}
+
+fn stats(p: &Path) -> Value {
+    serde_json::from_slice(&std::fs::read(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))).unwrap()
+}
+
+/// Bytes of `out` before the runtime's "resumed on" line (all of it if there is none).
+fn bytes_before_resume(out: &str) -> u64 {
+    out.find("previrt: resumed on").unwrap_or(out.len()) as u64
+}
+
+/// The stdout of an uninterrupted hv run of HV_CMDLINE (once per test process).
+fn hv_reference() -> &'static str {
+    static OUT: OnceLock<String> = OnceLock::new();
+    OUT.get_or_init(|| {
+        let full = previrt(&["run", "--boot", "pvh", linked_kernel().to_str().unwrap(), "--append", HV_CMDLINE]);
+        assert_eq!(full.status.code(), Some(1), "uninterrupted run: {}{}", stdout(&full), stderr(&full));
+        let out = stdout(&full);
+        let lines = kernel_stream(&out);
+        assert_eq!(seqs(&lines.iter().map(String::as_str).collect::<Vec<_>>()), (1..=12).collect::<Vec<_>>(), "{out}");
+        out
+    })
+}
+
+/// Save the hv run of HV_CMDLINE after `after` (the guest suspends itself); the saving run's
+/// stdout.
+fn hv_save(snap: &Path, after: &str) -> String {
+    let a = previrt(&[
+        "run",
+        "--boot",
+        "pvh",
+        linked_kernel().to_str().unwrap(),
+        "--append",
+        HV_CMDLINE,
+        "--snapshot",
+        snap.to_str().unwrap(),
+        "--snapshot-after",
+        after,
+    ]);
+    let e = stderr(&a);
+    assert_eq!(a.status.code(), Some(0), "saving run: {e}");
+    assert!(e.contains("cooperative: guest suspended after"), "the guest did not suspend itself: {e}");
+    assert!(!stdout(&a).contains("RESULT"), "snapshot taken after the end: {}", stdout(&a));
+    stdout(&a)
+}
+
+/// `previrt restore SNAP ARGS… --stats-json J`: (stdout, stderr, status, stats).
+fn restore(snap: &Path, json: &Path, args: &[&str]) -> (String, String, Option<i32>, Value) {
+    let mut all = vec!["restore", snap.to_str().unwrap(), "--stats-json", json.to_str().unwrap()];
+    all.extend_from_slice(args);
+    let o = previrt(&all);
+    (stdout(&o), stderr(&o), o.status.code(), stats(json))
+}
+
+/// One guest, four hosts: hv ABI v1 -> v2 -> no paravirtual interface -> v1 again, saved
+/// mid-workload each time. The kernel's byte stream is the uninterrupted run's, and each leg's
+/// exits are those of the backend the runtime re-patched for.
+#[test]
+fn hv_guest_moves_v1_to_v2_to_no_paravirtual_interface_and_back_re_patching_each_time() {
+    let d = scratch("migrate-chain");
+    let full = hv_reference();
+    let snap = |n: &str| d.join(format!("{n}.snap"));
+    let json = |n: &str| d.join(format!("{n}.json"));
+    let a = hv_save(&snap("v1"), "2000ms");
+
+    // v1 -> v2: the guest suspended itself; after the restore it re-detects ABI v2 and speaks
+    // its layout (the VMM decodes op blocks into these calls); its console stays in the ring.
+    let (b, be, st, s) = restore(
+        &snap("v1"),
+        &json("v2"),
+        &["--abi", "hv-v2", "--snapshot", snap("v2").to_str().unwrap(), "--snapshot-after", "1500ms"],
+    );
+    assert_eq!(st, Some(0), "v2 leg: {b}{be}");
+    assert!(be.contains("the guest suspended itself and re-detects its platform"), "{be}");
+    assert!(be.contains("cooperative: guest suspended after"), "the v2 guest suspends too: {be}");
+    assert!(b.starts_with("previrt: resumed on previrt-hv: backend=hv abi=v2 sites="), "{b}");
+    for call in ["previrt:version", "previrt:set_event_vector", "previrt:timer_set", "previrt:suspend"] {
+        assert!(s["hypercalls"][call]["count"].as_u64().unwrap_or(0) > 0, "no {call} under v2: {}", s["hypercalls"]);
+    }
+    assert_eq!(uart_exits(&s), 0, "UART exits under hv-v2: {}", s["ports"]);
+
+    // v2 -> no paravirtual interface: native instructions again (trap-and-emulate); every
+    // console byte is a UART exit. The VMM cannot ask this guest anything: a forced snapshot,
+    // which may go anywhere (nothing in the guest depends on an ABI).
+    let (c, ce, st, s) = restore(
+        &snap("v2"),
+        &json("none"),
+        &["--abi", "none", "--snapshot", snap("none").to_str().unwrap(), "--snapshot-after", "300exits"],
+    );
+    assert_eq!(st, Some(0), "no-PV leg: {c}{ce}");
+    assert!(c.starts_with("previrt: resumed on ") && c.lines().next().unwrap().contains("backend=native-watch"), "{c}");
+    assert!(ce.contains("forced: the guest does not support suspend; no re-patching"), "{ce}");
+    assert_eq!(uart_exits(&s), c.len() as u64, "under --abi none every console byte is a UART exit");
+
+    // ... and back to v1: at its next hlt the runtime finds the previrt signature and re-patches
+    // for hv; from its line on the console goes through the ring (no UART exit).
+    let (e, ee, st, s) = restore(&snap("none"), &json("back"), &["--abi", "previrt"]);
+    assert_eq!(st, Some(1), "back on v1: {e}{ee}");
+    assert!(e.contains("previrt: resumed on previrt-hv: backend=hv abi=v1 sites="), "{e}");
+    assert!(e.contains("previrt-hv: hypercalls"), "the exit went through hv: {e}");
+    assert_eq!(uart_exits(&s), bytes_before_resume(&e), "UART exits after the move back to hv: {e}");
+
+    let joined = format!("{a}{b}{c}{e}");
+    assert_eq!(kernel_stream(&joined), kernel_stream(full), "four legs != uninterrupted run");
+}
+
+/// A guest of the previrt ABI that opts in to suspend requests (guest_features = SUSPEND)
+/// but never calls SUSPEND: HALT keeps returning the request, the guest halts again.
+fn pv_ticks_ignoring_suspend() -> String {
+    PV_TICKS
+        .replace("    xor %r12, %r12\n", "    movq $1, vpage + 24(%rip)\n    xor %r12, %r12\n")
+        .replace("    test $1, %al\n    jz fail\n", "    test $1, %al\n    jz 1b\n")
+}
+
+#[test]
+fn guests_that_do_not_cooperate_are_saved_forced_and_never_restored_under_another_abi() {
+    let d = scratch("migrate-forced");
+    let want: String = (1..=30).map(|i| format!("tick {i:02}\n")).collect();
+    // Never opted in: saved at once, said so; a previrt-ABI guest saved that way only resumes
+    // under the ABI it was saved under.
+    let k = guest(&d, "ticks", PV_TICKS, "_start");
+    let snap = d.join("plain.snap");
+    let a = previrt(&["run", k.to_str().unwrap(), "--snapshot", snap.to_str().unwrap(), "--snapshot-after", "20exits"]);
+    assert_eq!(a.status.code(), Some(0), "{}", stderr(&a));
+    assert!(stderr(&a).contains("forced: the guest does not support suspend; no re-patching"), "{}", stderr(&a));
+    for abi in ["none", "hv-v2"] {
+        let o = previrt(&["restore", snap.to_str().unwrap(), "--abi", abi]);
+        let e = stderr(&o);
+        assert_eq!((o.status.code(), e.lines().count()), (Some(2), 1), "--abi {abi}: {e}");
+        assert!(e.contains("nothing re-patched it") && stdout(&o).is_empty(), "--abi {abi}: {e}");
+    }
+    // Opted in but never suspends: saved when the deadline passes, said so; it resumes under
+    // its own ABI as if nothing happened.
+    let k = guest(&d, "stubborn", &pv_ticks_ignoring_suspend(), "_start");
+    let snap = d.join("stubborn.snap");
+    let a = previrt(&[
+        "run",
+        k.to_str().unwrap(),
+        "--snapshot",
+        snap.to_str().unwrap(),
+        "--snapshot-after",
+        "5exits",
+        "--suspend-timeout",
+        "10",
+    ]);
+    assert_eq!(a.status.code(), Some(0), "{}", stderr(&a));
+    assert!(stderr(&a).contains("forced: the guest did not suspend within 10 ms"), "{}", stderr(&a));
+    let b = previrt(&["restore", snap.to_str().unwrap()]);
+    assert_eq!(b.status.code(), Some(0x2a), "{}", stderr(&b));
+    assert!(stderr(&b).contains("forced snapshot (the guest did not suspend within 10 ms)"), "{}", stderr(&b));
+    assert_eq!(format!("{}{}", stdout(&a), stdout(&b)), want);
+}
+
+#[test]
+fn the_disk_is_saved_by_path_and_size_and_a_changed_disk_is_refused() {
+    let d = scratch("migrate-disk");
+    let k = guest(&d, "ticks", PV_TICKS, "_start");
+    let disk = d.join("disk.img");
+    std::fs::write(&disk, vec![7u8; 64 * 1024]).unwrap();
+    let snap = d.join("disk.snap");
+    let a = previrt(&[
+        "run",
+        k.to_str().unwrap(),
+        "--disk",
+        disk.to_str().unwrap(),
+        "--snapshot",
+        snap.to_str().unwrap(),
+        "--snapshot-after",
+        "20exits",
+    ]);
+    assert_eq!(a.status.code(), Some(0), "{}", stderr(&a));
+    let b = previrt(&["restore", snap.to_str().unwrap()]);
+    assert_eq!(b.status.code(), Some(0x2a), "restore reopens the saved disk: {}", stderr(&b));
+    std::fs::write(&disk, vec![7u8; 4096]).unwrap();
+    let c = previrt(&["restore", snap.to_str().unwrap()]);
+    assert_eq!(c.status.code(), Some(2), "{}", stderr(&c));
+    assert!(stderr(&c).contains("has 4096 bytes, the snapshot was taken with 65536"), "{}", stderr(&c));
+    assert!(stdout(&c).is_empty());
+}
+
+/// A `previrt run` of HV_CMDLINE with `extra` options whose stdout the test reads.
+struct Child {
+    child: std::process::Child,
+    out: BufReader<std::process::ChildStdout>,
+    /// stdout so far.
+    seen: String,
+}
+
+impl Child {
+    /// Start it and return once the kernel has printed its second WORKLOAD line
+    /// (mid-workload, whatever the host's speed).
+    fn start(extra: &[&str]) -> Child {
+        require_kvm();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_previrt"))
+            .args(["run", "--boot", "pvh", linked_kernel().to_str().unwrap(), "--append", HV_CMDLINE])
+            .args(extra)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn previrt run");
+        let out = BufReader::new(child.stdout.take().unwrap());
+        let mut c = Child { child, out, seen: String::new() };
+        while !c.seen.contains("seq=2\n") {
+            let mut line = String::new();
+            assert!(c.out.read_line(&mut line).unwrap() > 0, "previrt run ended early: {}", c.seen);
+            c.seen.push_str(&line);
+        }
+        c
+    }
+
+    /// Wait for the end: (all of stdout, stderr, status).
+    fn finish(mut self) -> (String, String, Option<i32>) {
+        use std::io::Read;
+        self.out.read_to_string(&mut self.seen).unwrap();
+        let mut err = String::new();
+        self.child.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+        (self.seen, err, self.child.wait().unwrap().code())
+    }
+}
+
+#[test]
+fn sigusr1_and_the_control_socket_save_a_running_guest_that_suspends_itself() {
+    let d = scratch("migrate-triggers");
+    let full = hv_reference();
+    let snap = d.join("usr1.snap");
+    let child = Child::start(&["--snapshot", snap.to_str().unwrap()]);
+    let kill = Command::new("kill").args(["-USR1", &child.child.id().to_string()]).status().unwrap();
+    assert!(kill.success());
+    let (a, ae, st) = child.finish();
+    assert_eq!(st, Some(0), "{ae}");
+    assert!(ae.contains("cooperative: guest suspended after"), "{ae}");
+    assert!(!a.contains("RESULT"), "saved after the end: {a}");
+    let b = previrt(&["restore", snap.to_str().unwrap()]);
+    assert_eq!(b.status.code(), Some(1), "{}", stderr(&b));
+    let joined = format!("{a}{}", stdout(&b));
+    assert_eq!(kernel_stream(&joined), kernel_stream(full), "SIGUSR1: saved + restored != uninterrupted");
+
+    let sock = d.join("control.sock");
+    let snap = d.join("control.snap");
+    let child = Child::start(&["--control", sock.to_str().unwrap()]);
+    let o = previrt(&["snapshot", sock.to_str().unwrap(), "-o", snap.to_str().unwrap(), "--json"]);
+    assert_eq!(o.status.code(), Some(0), "previrt snapshot: {}{}", stdout(&o), stderr(&o));
+    let answer: Value = serde_json::from_str(stdout(&o).trim()).expect("one JSON line");
+    assert_eq!((answer["ok"].as_bool(), answer["cooperative"].as_bool()), (Some(true), Some(true)), "{answer}");
+    assert_eq!(answer["bytes"].as_u64(), Some(std::fs::metadata(&snap).unwrap().len()), "{answer}");
+    let (a, ae, st) = child.finish();
+    assert_eq!(st, Some(0), "{ae}");
+    assert!(ae.contains("cooperative: guest suspended after"), "{ae}");
+    let b = previrt(&["restore", snap.to_str().unwrap()]);
+    assert_eq!(b.status.code(), Some(1), "{}", stderr(&b));
+    let joined = format!("{a}{}", stdout(&b));
+    assert_eq!(kernel_stream(&joined), kernel_stream(full), "control socket: saved + restored != uninterrupted");
+    let o = previrt(&["snapshot", sock.to_str().unwrap(), "-o", snap.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(2), "no VM behind the socket: {}", stderr(&o));
 }
