@@ -9,8 +9,8 @@
 # PV kernel (tests/xen_fixtures/tiny-pv.S: no runtime, prints one line and exits), and boots the
 # three as dom0 of Xen 4.17 under QEMU TCG with scripts/xen-run.sh, in turn, RUNS times each
 # (default 5). The kernel's command line is
-# CMDLINE (default: every workload with ticks=10 console_lines=8, the parameters
-# tests/xen_pv.rs uses; the same results are checked against bare metal there).
+# CMDLINE (default: every workload with `ticks=10 console_lines=8 irqflag_rounds=512`, the
+# parameters tests/xen_pv.rs uses; the same results are checked against bare metal there).
 #
 # Prints the median of each phase, taken from arrival times of serial lines (ms since
 # xen-run.sh started QEMU):
@@ -28,7 +28,7 @@
 set -eu
 cd "$(dirname "$0")/.."
 runs=${1:-5}
-cmdline=${2-ticks=10 console_lines=8}
+cmdline=${2-ticks=10 console_lines=8 irqflag_rounds=512}
 work=$(mktemp -d "${TMPDIR:-/tmp}/previrt-bench-xen.XXXXXX")
 trap 'rm -rf "$work"' EXIT
 

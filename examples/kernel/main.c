@@ -13,6 +13,7 @@ struct options opt = {
 	.ticks = 50,
 	.hz = 1000,
 	.console_lines = 64,
+	.irqflag_rounds = 4096,
 };
 
 /* key=value options; anything else on the command line (a loader's file name) is ignored. */
@@ -27,6 +28,7 @@ static const struct {
 	{ "ticks", NULL, &opt.ticks },
 	{ "hz", NULL, &opt.hz },
 	{ "console_lines", NULL, &opt.console_lines },
+	{ "irqflag_rounds", NULL, &opt.irqflag_rounds },
 };
 
 static const struct {

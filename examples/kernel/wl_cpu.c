@@ -3,7 +3,6 @@
 #include "kernel.h"
 #include "x86.h"
 
-#define IRQFLAG_ITERATIONS 4096
 #define MSR_KERNEL_GS_BASE 0xc0000102
 #define MSR_PATTERNS 16
 #define CPUID_1_EDX_MSR (1 << 5)
@@ -19,7 +18,7 @@ const char *wl_irqflag(u64 *checksum)
 	shared_counter = 0;
 	if (!(save_flags() & X86_EFLAGS_IF))
 		return "interrupts disabled on entry";
-	for (u64 i = 0; i < IRQFLAG_ITERATIONS; i++) {
+	for (u64 i = 0; i < opt.irqflag_rounds; i++) {
 		u64 outer = irq_save();
 		u64 ticks = timer_ticks;
 		if (save_flags() & X86_EFLAGS_IF)

@@ -48,6 +48,7 @@ struct options {
 	u64 ticks;
 	u64 hz;
 	u64 console_lines;
+	u64 irqflag_rounds;
 };
 extern struct options opt;
 
