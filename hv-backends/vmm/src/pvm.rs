@@ -12,7 +12,8 @@ use crate::Backend;
 pub const MSR_SIGNATURE: u32 = 0x4b56_4d11;
 /// "PVM".
 pub const SIGNATURE: u64 = 0x4d_5650;
-/// Bit 0 = 1: guest code meeting the rules in docs/pvm.md runs natively.
+/// Bit 0 = 1: guest code meeting the rules in docs/pvm.md runs natively. KVM lists it among
+/// the vCPU's MSRs, so a snapshot holds it; a restore skips it: `--backend` decides.
 pub const MSR_MODE: u32 = 0x4b56_4d10;
 /// The code segment native guest code runs on (the host's user code segment, which every IDT
 /// gate must name). The vCPU's saved CS sometimes shows it instead of the guest's own

@@ -805,6 +805,7 @@ pub(super) fn apply(vm: &mut Vm, img: &Image) -> Result<(), Stop> {
         .unwrap_or(&[])
         .chunks_exact(16)
         .map(|c| kvm_msr_entry { index: u64_at(c, 0) as u32, data: u64_at(c, 8), ..Default::default() })
+        .filter(|m| m.index != crate::pvm::MSR_MODE)
         .collect();
     let rejected = write_msrs(vm, &msrs)?;
     if !rejected.is_empty() {

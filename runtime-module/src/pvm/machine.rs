@@ -4,7 +4,7 @@
 
 use super::shadow;
 use crate::emulate::{self, gpr, rflags, DescTable, Machine, Regs};
-use crate::guest::paravirt::Paravirt;
+use crate::guest::paravirt::{Hypervisor, Paravirt};
 use crate::guest::{self, hw, sym_addr, Global};
 use crate::hv::{self, Hv};
 use crate::devices::{self, Dev};
@@ -51,13 +51,15 @@ struct State {
     idt: Option<DescTable>,
     /// The kernel's #PF handler (its trampoline goes to the fault check first).
     kernel_pf: u64,
+    /// Set by [`adopt`]: enter the mode at the next site.
+    enter_pending: bool,
     /// Shadow rebuilds and #PFs resolved by one (the exit summary).
     syncs: u64,
     resolved: u64,
 }
 
 static STATE: Global<State> =
-    Global(UnsafeCell::new(State { kernel_cr3: 0, cr3: 0, pool: 0, idt: None, kernel_pf: 0, syncs: 0, resolved: 0 }));
+    Global(UnsafeCell::new(State { kernel_cr3: 0, cr3: 0, pool: 0, idt: None, kernel_pf: 0, enter_pending: false, syncs: 0, resolved: 0 }));
 
 /// Whether the VMM switched KVM-PVM native mode on (the hv ABI's CPUID leaf says so).
 pub(crate) fn offered() -> bool {
@@ -74,6 +76,29 @@ pub(crate) fn init(tsc_per_ms: u64) -> Result<(), &'static str> {
     // SAFETY: boot, single-threaded.
     unsafe { previrt_pvm_vif = hv::vif_addr() };
     Ok(())
+}
+
+/// Migration (guest/migrate.rs): leave the mode first, so the snapshot holds the kernel's
+/// own CR3 and IDT (the ordinary path, which any backend can take over), then the `hv`
+/// suspend; back into the mode when the guest was not resumed elsewhere.
+pub(crate) fn suspend() -> i64 {
+    // SAFETY: at the dispatcher's safe point (single vCPU, `vif` clear).
+    let st = unsafe { STATE.get() };
+    st.leave();
+    let r = hv::suspend();
+    if r != abi::suspend::RESUMED {
+        st.enter(hv::machine());
+    }
+    r
+}
+
+/// Migration: bind what the kernel programmed under the previous backend (`hv`'s models).
+/// The mode is entered from the kernel's own CR3 and IDT at the first `pvm` site: the
+/// previous backend's stub, which does not know the mode's selectors, returns first.
+pub(crate) fn adopt(p: &crate::devices::Programmed) {
+    hv::adopt(p);
+    // SAFETY: as `suspend`.
+    unsafe { STATE.get() }.enter_pending = true;
 }
 
 /// Where `pvm` sites call.
@@ -105,6 +130,33 @@ impl State {
     fn summary(&self, out: &mut dyn Write) {
         let native = if native() { "yes" } else { "no" };
         let _ = writeln!(out, "previrt-pvm: native={native} shadow-syncs={} faults-resolved={}", self.syncs, self.resolved);
+    }
+
+    /// Into the mode from the ordinary path: the kernel's CR3 and IDT are the loaded ones.
+    fn enter(&mut self, pv: &mut Paravirt<Hv>) {
+        self.kernel_cr3 = hw::Hardware.read_cr(3);
+        let mut idtr = [0u8; 10];
+        // SAFETY: stores the IDT register into the buffer.
+        unsafe { core::arch::asm!("sidt [{}]", in(reg) idtr.as_mut_ptr(), options(nostack, preserves_flags)) };
+        let base = u64::from_le_bytes(idtr[2..].try_into().unwrap_or_default());
+        self.build_idt(DescTable { limit: u16::from_le_bytes([idtr[0], idtr[1]]), base });
+        self.sync(pv);
+    }
+
+    /// Out of the mode: the kernel's own CR3 (no bit 12: the ordinary path) and IDT.
+    fn leave(&mut self) {
+        hw::Hardware.write_cr(3, self.kernel_cr3);
+        if let Some(t) = self.idt {
+            hw::Hardware.load_idt(t);
+        }
+        // Back on the kernel's selectors (the saved state must not keep the mode's).
+        // SAFETY: an iretq to the next instruction with the kernel's code and stack segments.
+        unsafe {
+            core::arch::asm!("mov {t}, rsp", "push {ss}", "push {t}", "pushfq", "push {cs}", "lea {t}, [rip + 2f]", "push {t}", "iretq", "2:",
+                t = out(reg) _, ss = in(reg) KERNEL_SS, cs = in(reg) KERNEL_CS)
+        };
+        // SAFETY: single vCPU; the mode's own flag is unknown until the next delivery.
+        unsafe { previrt_pvm_masked = 1 };
     }
 
     /// Build a copy of the kernel's current address space in the idle pool and load it.
@@ -271,6 +323,9 @@ extern "C" fn previrt_pvm_dispatch(regs: &mut Regs) {
     let Some((op, ool)) = guest::enter_site(regs) else {
         pv.fatal(format_args!("call into the runtime from {:#x}, which is no site", regs.rip.wrapping_sub(5)))
     };
+    if core::mem::take(&mut st.enter_pending) {
+        st.enter(pv);
+    }
     if regs.cs & 3 == 3 {
         (regs.cs, regs.ss) = (KERNEL_CS, KERNEL_SS);
     }
@@ -280,9 +335,12 @@ extern "C" fn previrt_pvm_dispatch(regs: &mut Regs) {
     if !op.is_some_and(|op| emulate::emulate(&op, regs, &mut Pvm { pv: &mut *pv, st: &mut *st })) {
         regs.rip = ool;
     }
-    pv.tick();
-    pv.deliver_pending(regs);
-    reopen(regs.rflags & rflags::IF != 0);
+    // The migration safe point, as in `hv` (the pvm hooks leave and re-enter the mode).
+    if !(pv.hv.suspend_requested() && guest::migrate::safe_point()) {
+        pv.tick();
+        pv.deliver_pending(regs);
+        reopen(regs.rflags & rflags::IF != 0);
+    }
     if native() {
         (regs.cs, regs.ss) = hardware_selectors();
     }

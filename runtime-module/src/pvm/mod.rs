@@ -31,7 +31,7 @@ mod machine;
 #[cfg(feature = "guest")]
 mod shadow;
 #[cfg(feature = "guest")]
-pub(crate) use machine::{init, offered, stub};
+pub(crate) use machine::{adopt, init, offered, stub, suspend};
 
 use previrt_site_abi::Kind;
 
