@@ -233,6 +233,15 @@ fn run_stats(kernel: &Path, abi: &str, append: &str, stats: &Path) -> (Option<i3
     (o.status.code(), out, serde_json::from_slice(&json).unwrap())
 }
 
+/// QEMU TCG's workload lines for the plain kernel with `cmdline`, and the linked kernel's run
+/// under `abi` with `previrt.backend=auto` and the same command line.
+fn qemu_and_linked(d: &Path, abi: &str, cmdline: &str) -> (String, (Option<i32>, String, serde_json::Value)) {
+    let qemu = common::run_qemu(&common::example_kernel().pvh_elf(), cmdline);
+    assert_eq!(qemu.status, 0, "QEMU TCG run of the plain kernel:\n{}{}", qemu.stdout, qemu.stderr);
+    let append = format!("previrt.backend=auto {cmdline}");
+    (qemu.stdout, run_stats(common::linked_example_kernel(), abi, &append, &d.join("linked.json")))
+}
+
 fn hypercalls(stats: &serde_json::Value, name: &str) -> u64 {
     stats["hypercalls"][format!("xen:{name}")]["count"].as_u64().unwrap_or(0)
 }
@@ -247,13 +256,10 @@ fn hypercalls(stats: &serde_json::Value, name: &str) -> u64 {
 fn xen_personality_example_kernel_runs_xen_hvm_with_qemu_results_and_far_fewer_exits() {
     let d = scratch("xen_hvm_example");
     let cmdline = "hz=100";
-    let qemu = common::run_qemu(&common::example_kernel().pvh_elf(), cmdline);
-    assert_eq!(qemu.status, 0, "QEMU TCG run of the plain kernel:\n{}{}", qemu.stdout, qemu.stderr);
-    let expected = common::workload_lines(&qemu.stdout);
+    let (qemu, xen) = qemu_and_linked(&d, "xen", cmdline);
+    let expected = common::workload_lines(&qemu);
     assert!(expected.len() >= 7 && expected.iter().all(|w| w.pass), "QEMU: {expected:?}");
-
     let plain = run_stats(&common::example_kernel().pvh_elf(), "xen", cmdline, &d.join("plain.json"));
-    let xen = run_stats(common::linked_example_kernel(), "xen", &format!("previrt.backend=auto {cmdline}"), &d.join("x.json"));
     let (out, stats) = (&xen.1, &xen.2);
     assert!(out.contains("previrt: backend=auto chose xen-hvm (platform=xen-hvm)"), "{out}");
     assert!(out.contains("previrt-xen-hvm: Xen 4.17, sched_op/event_channel_op, VIRQ_TIMER on port 1"), "{out}");
@@ -288,14 +294,10 @@ fn xen_personality_example_kernel_runs_xen_hvm_with_qemu_results_and_far_fewer_e
 #[test]
 fn xen_3_0_2_personality_example_kernel_binds_through_the_compat_calls() {
     let d = scratch("xen_hvm_302");
-    let cmdline = "hz=100 workloads=timer,console console_lines=8";
-    let qemu = common::run_qemu(&common::example_kernel().pvh_elf(), cmdline);
-    assert_eq!(qemu.status, 0, "QEMU TCG:\n{}{}", qemu.stdout, qemu.stderr);
-    let (status, out, stats) =
-        run_stats(common::linked_example_kernel(), "xen-3.0.2", &format!("previrt.backend=auto {cmdline}"), &d.join("s.json"));
+    let (qemu, (status, out, stats)) = qemu_and_linked(&d, "xen-3.0.2", "hz=100 workloads=timer,console console_lines=8");
     assert!(out.contains("previrt-xen-hvm: Xen 3.0, sched_op_compat/event_channel_op_compat, VIRQ_TIMER on port 1"), "{out}");
     assert_eq!(status, Some(1), "{out}");
-    assert_eq!(common::workload_lines(&out), common::workload_lines(&qemu.stdout), "xen-hvm on 3.0.2 vs QEMU TCG");
+    assert_eq!(common::workload_lines(&out), common::workload_lines(&qemu), "xen-hvm on 3.0.2 vs QEMU TCG");
     // One probe of the current call, then only the compat forms (VIRQ_TIMER, VIRQ_SUSPEND).
     assert_eq!(hypercalls(&stats, "event_channel_op"), 1, "{}", stats["hypercalls"]);
     assert_eq!(hypercalls(&stats, "event_channel_op_compat"), 2, "{}", stats["hypercalls"]);
@@ -310,16 +312,12 @@ fn xen_3_0_2_personality_example_kernel_binds_through_the_compat_calls() {
 #[test]
 fn xen_domu_console_goes_through_the_ring() {
     let d = scratch("xen_hvm_domu");
-    let cmdline = "hz=100 workloads=console,timer console_lines=8";
-    let qemu = common::run_qemu(&common::example_kernel().pvh_elf(), cmdline);
-    assert_eq!(qemu.status, 0, "QEMU TCG:\n{}{}", qemu.stdout, qemu.stderr);
-    let (status, out, stats) =
-        run_stats(common::linked_example_kernel(), "xen --domu", &format!("previrt.backend=auto {cmdline}"), &d.join("s.json"));
+    let (qemu, (status, out, stats)) = qemu_and_linked(&d, "xen --domu", "hz=100 workloads=console,timer console_lines=8");
     assert_eq!(status, Some(1), "{out}");
     let kernel = |s: &str| -> Vec<String> {
         s.lines().filter(|l| l.starts_with("CONSOLE ") || l.starts_with("WORKLOAD ")).map(String::from).collect()
     };
-    assert_eq!(kernel(&out), kernel(&qemu.stdout), "console ring vs QEMU TCG");
+    assert_eq!(kernel(&out), kernel(&qemu), "console ring vs QEMU TCG");
     // No console_io at all; a send per flushed line (plus the two binds).
     let lines = out.lines().count() as u64;
     assert_eq!(hypercalls(&stats, "console_io"), 0, "{}", stats["hypercalls"]);
