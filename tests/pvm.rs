@@ -269,3 +269,52 @@ fn pvm_backend_needs_the_mode_advertised_by_the_vmm() {
     );
     assert!(out.contains("WORKLOAD cpuid_msr PASS") && out.contains("RESULT PASS"), "{out}");
 }
+
+/// The kernel's own lines of a run's output (a migration's "resumed on" line may land in the
+/// middle of one: it is cut out).
+fn kernel_lines(out: &str) -> Vec<String> {
+    let mut s = out.to_string();
+    while let Some(at) = s.find("previrt: resumed on ") {
+        let end = s[at..].find('\n').map_or(s.len(), |n| at + n + 1);
+        s.replace_range(at..end, "");
+    }
+    s.lines().filter(|l| ["WORKLOAD ", "CONSOLE ", "RESULT "].iter().any(|p| l.starts_with(p))).map(String::from).collect()
+}
+
+/// Issue 10's migration scenario: a kernel running natively under `pvm` is saved mid-run
+/// (it suspends itself, leaving the mode), restored without the mode (the runtime re-patches
+/// for `hv` on the ordinary path), saved again and restored with the mode (re-patched for
+/// `pvm`, native again). The kernel's lines are those of an uninterrupted run.
+#[test]
+fn pvm_guest_moves_to_hv_and_back_re_patching_each_time() {
+    const CMDLINE: &str = "previrt.backend=auto workloads=timer,cpuid_msr,console repeat=12 hz=100 ticks=20 console_lines=4";
+    let d = scratch(&format!("pvm-migrate-{}", std::process::id()));
+    let full = run_linked(&["--backend", "native"], CMDLINE);
+    assert_eq!(full.status.code(), Some(1), "uninterrupted run: {}{}", stdout(&full), stderr(&full));
+    let expected = kernel_lines(&stdout(&full));
+    assert_eq!(expected.iter().filter(|l| l.starts_with("WORKLOAD ")).count(), 36, "{}", stdout(&full));
+
+    let snap = |n: &str| d.join(n).to_str().unwrap().to_string();
+    let (s1, s2) = (snap("pvm.snap"), snap("hv.snap"));
+    let a = run_linked(&["--backend", "native", "--snapshot", &s1, "--snapshot-after", "2000ms"], CMDLINE);
+    assert_eq!(a.status.code(), Some(0), "saving run: {}", stderr(&a));
+    assert!(stderr(&a).contains("cooperative: guest suspended after"), "pvm did not suspend itself: {}", stderr(&a));
+    assert!(!stdout(&a).contains("RESULT"), "snapshot taken after the end: {}", stdout(&a));
+
+    let restore = |from: &str, args: &[&str]| {
+        let mut all = vec!["restore", from];
+        all.extend_from_slice(args);
+        let o = std::process::Command::new(env!("CARGO_BIN_EXE_previrt")).args(&all).output().unwrap();
+        (stdout(&o), stderr(&o), o.status.code())
+    };
+    let (b, be, st) = restore(&s1, &["--backend", "pv", "--snapshot", &s2, "--snapshot-after", "3000ms"]);
+    assert_eq!(st, Some(0), "hv leg: {b}{be}");
+    assert!(b.starts_with("previrt: resumed on previrt-hv: backend=hv abi=v1 sites="), "{b}{be}");
+    assert!(be.contains("cooperative: guest suspended after"), "the hv leg suspends too: {be}");
+    let (c, ce, st) = restore(&s2, &["--backend", "native"]);
+    assert_eq!(st, Some(1), "back on pvm: {c}{ce}");
+    assert!(c.contains("previrt: resumed on previrt-hv: backend=pvm sites="), "{c}");
+    assert!(c.contains("previrt-pvm: native=yes"), "native again after the move back: {c}");
+    let a = stdout(&a);
+    assert_eq!(kernel_lines(&format!("{a}{b}{c}")), expected, "three legs != uninterrupted run");
+}
