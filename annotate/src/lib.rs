@@ -219,7 +219,8 @@ pub fn analyse(data: &[u8], image_name: &str, opts: &Options, profile: Option<&P
         }
     }
     // DWARF: accesses based on a register that holds a typed pointer there.
-    for p in dbg.pointers.iter().filter(|p| p.target == Target::PageTable || !rules::plain_volatile(&p.scope)) {
+    for p in dbg.pointers.iter().filter(|p| p.target == Target::PageTable || !rules::plain_volatile(&p.scope, &p.name))
+    {
         let Some(bytes) = img.bytes(p.begin, p.end) else { continue };
         insn::accesses_in(bytes, p.begin, |a| {
             let plausible = p.target == Target::PageTable || a.plain_move();

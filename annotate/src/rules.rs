@@ -87,31 +87,43 @@ pub const RULES: &[(Pattern, Target)] = &[
     (Exact("ptep_get_and_clear"), PageTable),
 ];
 
-/// Functions whose `volatile` pointers point at ordinary memory, not at devices. DWARF has no
-/// address spaces (Linux's `__iomem` is seen only by sparse), so the DWARF source takes a
-/// volatile pointer for device memory; in these scopes (inlined or not) it is a bitmap, an
-/// atomic counter or a `READ_ONCE` of plain data, and the pointer is not an MMIO source.
-pub const PLAIN_VOLATILE: &[Pattern] = &[
-    Suffix("test_bit"),
-    Suffix("test_bit_acquire"),
-    Suffix("set_bit"),
-    Suffix("clear_bit"),
-    Suffix("change_bit"),
-    Suffix("_bit_unlock"),
-    Suffix("_bit_lock"),
-    Prefix("find_"),
-    Prefix("__read_once"),
-    Prefix("__write_once"),
-    Prefix("arch_atomic"),
-    Prefix("raw_atomic"),
-    Prefix("atomic"),
-    Prefix("__arch_xchg"),
-    Prefix("arch_cmpxchg"),
+/// What a [`PLAIN_VOLATILE`] pattern is matched against.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Named {
+    /// The function or inlined body declaring the pointer.
+    Scope,
+    /// The pointer variable itself.
+    Variable,
+}
+
+/// `volatile` pointers that point at ordinary memory, not at devices. DWARF has no address
+/// spaces (Linux's `__iomem` is seen only by sparse), so the DWARF source takes a volatile
+/// pointer for device memory; declared in these scopes (inlined or not) it is a bitmap, an
+/// atomic counter or a `READ_ONCE` of plain data, and `__ptr` is the temporary of Linux's
+/// `READ_ONCE`-style macros (declared in whatever function expands them).
+pub const PLAIN_VOLATILE: &[(Named, Pattern)] = &[
+    (Named::Scope, Suffix("test_bit")),
+    (Named::Scope, Suffix("test_bit_acquire")),
+    (Named::Scope, Suffix("set_bit")),
+    (Named::Scope, Suffix("clear_bit")),
+    (Named::Scope, Suffix("change_bit")),
+    (Named::Scope, Suffix("_bit_unlock")),
+    (Named::Scope, Suffix("_bit_lock")),
+    (Named::Scope, Prefix("find_")),
+    (Named::Scope, Prefix("__read_once")),
+    (Named::Scope, Prefix("__write_once")),
+    (Named::Scope, Prefix("arch_atomic")),
+    (Named::Scope, Prefix("raw_atomic")),
+    (Named::Scope, Prefix("atomic")),
+    (Named::Scope, Prefix("__arch_xchg")),
+    (Named::Scope, Prefix("arch_cmpxchg")),
+    (Named::Variable, Exact("__ptr")),
 ];
 
-/// Whether volatile pointers in scope `name` point at plain memory ([`PLAIN_VOLATILE`]).
-pub fn plain_volatile(name: &str) -> bool {
-    PLAIN_VOLATILE.iter().any(|p| p.matches(name))
+/// Whether a volatile pointer named `variable`, declared in scope `scope`, points at plain
+/// memory ([`PLAIN_VOLATILE`]).
+pub fn plain_volatile(scope: &str, variable: &str) -> bool {
+    PLAIN_VOLATILE.iter().any(|&(n, p)| p.matches(if n == Named::Scope { scope } else { variable }))
 }
 
 /// The target of the first rule matching `name`.
@@ -132,7 +144,8 @@ mod tests {
         assert_eq!(lookup("readlink"), None);
         assert_eq!(lookup("pte_val"), None);
         assert_eq!(lookup("memcpy"), None);
-        assert!(plain_volatile("constant_test_bit") && plain_volatile("arch_atomic_read"));
-        assert!(!plain_volatile("readl") && !plain_volatile("native_apic_mem_read"));
+        assert!(plain_volatile("constant_test_bit", "addr") && plain_volatile("arch_atomic_read", "v"));
+        assert!(plain_volatile("perf_output_begin", "__ptr"));
+        assert!(!plain_volatile("readl", "addr") && !plain_volatile("native_apic_mem_read", "reg"));
     }
 }
