@@ -46,6 +46,8 @@ struct Key {
 pub struct Profile {
     ram_end: u64,
     steps: u64,
+    /// [`WINDOW_ENV`]: trace only this many instructions, then stop the run.
+    window: Option<u64>,
     /// Times each RIP was about to execute: tells an annotation that never touched MMIO or a
     /// page table on an executed path (a false site) from one on a path the run never took.
     executed: HashMap<u64, u64>,
@@ -61,11 +63,17 @@ pub struct Profile {
     info: InstructionInfoFactory,
 }
 
+/// Environment variable bounding the trace to the first N instructions (a window of a run
+/// too long to single-step whole, e.g. Linux's boot); the run stops there and the profile
+/// is written.
+pub const WINDOW_ENV: &str = "PREVIRT_PROFILE_STEPS";
+
 impl Profile {
     pub fn new(ram_end: u64) -> Profile {
         Profile {
             ram_end,
             steps: 0,
+            window: std::env::var(WINDOW_ENV).ok().and_then(|v| v.parse().ok()),
             executed: HashMap::new(),
             seen: HashMap::new(),
             pt_pages: HashMap::new(),
@@ -73,6 +81,11 @@ impl Profile {
             pending: Vec::new(),
             info: InstructionInfoFactory::new(),
         }
+    }
+
+    /// The bounded window ([`WINDOW_ENV`]) is traced: the run should stop.
+    pub fn window_done(&self) -> Option<u64> {
+        self.window.filter(|&w| self.steps >= w)
     }
 
     /// One single-step exit: record the memory accesses of the instruction about to execute.

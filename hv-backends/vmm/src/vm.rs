@@ -554,6 +554,9 @@ impl Vm {
         let (regs, sregs) = (self.regs()?, self.sregs()?);
         if let Some(p) = &mut self.profile {
             p.step(&self.mem, &regs, &sregs);
+            if let Some(n) = p.window_done() {
+                return Err(Stop::Guest(format!("profile window of {n} instructions traced ({})", crate::profile::WINDOW_ENV)));
+            }
         }
         if self.ud_stepping || Some(regs.rip) == self.ud_bp {
             return self.ud_breakpoint();
