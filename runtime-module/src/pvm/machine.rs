@@ -44,8 +44,8 @@ static mut previrt_pvm_next: u64 = 0;
 struct State {
     /// CR3 as the kernel loaded it (what `mov from cr3` returns).
     kernel_cr3: u64,
-    /// The CR3 value loaded (the live copy's root), and which pool it is in.
-    cr3: u64,
+    /// The live copy (its CR3 value is the one loaded), and which pool it is in.
+    copy: shadow::Live,
     pool: usize,
     /// The kernel's IDT as it loaded it; None before its `lidt`.
     idt: Option<DescTable>,
@@ -53,13 +53,15 @@ struct State {
     kernel_pf: u64,
     /// Set by [`adopt`]: enter the mode at the next site.
     enter_pending: bool,
+    /// Entries brought up to date in place (`invlpg`).
+    updates: u64,
     /// Shadow rebuilds and #PFs resolved by one (the exit summary).
     syncs: u64,
     resolved: u64,
 }
 
 static STATE: Global<State> =
-    Global(UnsafeCell::new(State { kernel_cr3: 0, cr3: 0, pool: 0, idt: None, kernel_pf: 0, enter_pending: false, syncs: 0, resolved: 0 }));
+    Global(UnsafeCell::new(State { kernel_cr3: 0, copy: shadow::Live::NONE, pool: 0, idt: None, kernel_pf: 0, enter_pending: false, updates: 0, syncs: 0, resolved: 0 }));
 
 /// Whether the VMM switched KVM-PVM native mode on (the hv ABI's CPUID leaf says so).
 pub(crate) fn offered() -> bool {
@@ -129,7 +131,8 @@ impl State {
     /// code segment had RPL 3), shadow syncs and #PFs they resolved.
     fn summary(&self, out: &mut dyn Write) {
         let native = if native() { "yes" } else { "no" };
-        let _ = writeln!(out, "previrt-pvm: native={native} shadow-syncs={} faults-resolved={}", self.syncs, self.resolved);
+        let (syncs, updates, resolved) = (self.syncs, self.updates, self.resolved);
+        let _ = writeln!(out, "previrt-pvm: native={native} shadow-syncs={syncs} shadow-updates={updates} faults-resolved={resolved}");
     }
 
     /// Into the mode from the ordinary path: the kernel's CR3 and IDT are the loaded ones.
@@ -162,11 +165,11 @@ impl State {
     /// Build a copy of the kernel's current address space in the idle pool and load it.
     fn sync(&mut self, pv: &mut Paravirt<Hv>) {
         let pool = self.pool ^ 1;
-        let Some(cr3) = shadow::build(pool, self.kernel_cr3) else {
+        let Some(copy) = shadow::build(pool, self.kernel_cr3) else {
             pv.fatal(format_args!("pvm: the kernel's page tables do not fit the shadow pool"))
         };
-        hw::Hardware.write_cr(3, cr3);
-        (self.cr3, self.pool) = (cr3, pool);
+        hw::Hardware.write_cr(3, copy.cr3);
+        (self.copy, self.pool) = (copy, pool);
         self.syncs += 1;
         self.install_idt();
     }
@@ -272,9 +275,14 @@ impl Machine for Pvm<'_> {
         self.st.kernel_cr3 = value;
         self.st.sync(self.pv);
     }
-    fn invlpg(&mut self, _addr: u64) {
-        // The copy is rebuilt and reloaded, which also flushes the TLB entry.
-        self.st.sync(self.pv);
+    fn invlpg(&mut self, addr: u64) {
+        let st = &mut *self.st;
+        if shadow::update(st.pool, &mut st.copy, st.kernel_cr3, addr) {
+            st.updates += 1;
+            hw::Hardware.invlpg(addr);
+        } else {
+            st.sync(self.pv);
+        }
     }
     fn halt(&mut self, interrupts: bool) {
         self.pv.halt(interrupts)
@@ -358,7 +366,7 @@ extern "C" fn previrt_pvm_fault(frame: &mut [u64; 21]) -> u64 {
     let addr = hw::Hardware.read_cr(2);
     let write = frame[15] & 2 != 0;
     let ours = shadow::kernel_allows(st.kernel_cr3, addr, write)
-        .is_some_and(|k| shadow::shadow_allows(st.cr3, addr, write) != Some(k));
+        .is_some_and(|k| shadow::shadow_allows(st.copy.cr3, addr, write) != Some(k));
     if !ours {
         return st.kernel_pf;
     }

@@ -65,17 +65,68 @@ impl Fill {
     }
 }
 
+/// A built copy: the CR3 value to load (root GPA with [`ROOT_BIT`], the kernel's low flag
+/// bits), its root's index and the pool pages in use.
+#[derive(Clone, Copy)]
+pub struct Live {
+    pub cr3: u64,
+    root: usize,
+    used: usize,
+}
+
+impl Live {
+    /// No copy yet.
+    pub const NONE: Live = Live { cr3: 0, root: 0, used: 0 };
+}
+
 /// Build the copy of the address space rooted at `kernel_cr3` in pool `pool` (0 or 1, the
-/// one not live); the CR3 value to load (root GPA with [`ROOT_BIT`], the kernel's low flag
-/// bits), or None when the pool is too small.
-pub fn build(pool: usize, kernel_cr3: u64) -> Option<u64> {
+/// one not live); None when the pool is too small.
+pub fn build(pool: usize, kernel_cr3: u64) -> Option<Live> {
     // SAFETY: the pool not live is only touched here (single vCPU, no events in the runtime).
     let tables = unsafe { &mut POOLS.get().0[pool & 1] };
     // The root is whichever of the first two pages has bit 12 set.
     let root = usize::from(gpa(tables[0].as_ptr() as u64) & ROOT_BIT == 0);
     let mut fill = Fill { tables, root, used: 0 };
     fill.copy(kernel_cr3, root, 4)?;
-    Some(gpa(fill.tables[root].as_ptr() as u64) | (kernel_cr3 & 0x18))
+    Some(Live { cr3: gpa(fill.tables[root].as_ptr() as u64) | (kernel_cr3 & 0x18), root, used: fill.used })
+}
+
+/// After the kernel's `invlpg va`: bring the live copy `c` (in pool `pool`) in line with the
+/// kernel's tables for `va`, in place, as a kernel edits its own live tables: the leaf entry
+/// (or a large page) is rewritten, a level the copy lacks is copied whole. Intermediate
+/// entries present in both are taken to point at the same kernel table (they change only
+/// with a CR3 load, which rebuilds). False when the pool is full (the caller rebuilds).
+pub fn update(pool: usize, c: &mut Live, kernel_cr3: u64, va: u64) -> bool {
+    // SAFETY: the live pool, edited entry by entry (single vCPU, no events in the runtime).
+    let tables = unsafe { &mut POOLS.get().0[pool & 1] };
+    let mut fill = Fill { tables, root: c.root, used: c.used };
+    let (mut src, mut dst) = (kernel_cr3 & ADDR, c.root);
+    for (level, shift) in [(4u32, 39u32), (3, 30), (2, 21), (1, 12)] {
+        let i = ((va >> shift) & 511) as usize;
+        // SAFETY: a page-table page the kernel built (identity-mapped).
+        let e = unsafe { (src as *const u64).add(i).read_volatile() };
+        let live = fill.tables[dst][i];
+        if e & PRESENT == 0 || level == 1 || e & HUGE != 0 {
+            fill.tables[dst][i] = if e & PRESENT == 0 { 0 } else { e | USER };
+            break;
+        }
+        if live & PRESENT == 0 {
+            let Some(child) = fill.alloc() else { return false };
+            if fill.copy(e & ADDR, child, level - 1).is_none() {
+                return false;
+            }
+            fill.tables[dst][i] = (e & !ADDR) | gpa(fill.tables[child].as_ptr() as u64) | USER;
+            break;
+        }
+        let child_gpa = live & ADDR;
+        dst = fill.tables.iter().position(|t| gpa(t.as_ptr() as u64) == child_gpa).unwrap_or(usize::MAX);
+        if dst == usize::MAX {
+            return false;
+        }
+        src = e & ADDR;
+    }
+    c.used = fill.used;
+    true
 }
 
 /// What the kernel's tables say about `va`: the leaf entry, if every level is present and
