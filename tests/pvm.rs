@@ -208,12 +208,14 @@ fn linked_kernel() -> &'static PathBuf {
         let d = scratch(&format!("pvm-linked-{}", std::process::id()));
         let tc = d.join("toolchain");
         let previrt = env!("CARGO_BIN_EXE_previrt");
-        let o = std::process::Command::new(previrt).args(["toolchain", "install", "--prefix"]).arg(&tc).output().unwrap();
+        let o =
+            std::process::Command::new(previrt).args(["toolchain", "install", "--prefix"]).arg(&tc).output().unwrap();
         assert!(o.status.success(), "previrt toolchain install: {}", String::from_utf8_lossy(&o.stderr));
         let prefix = format!("{}/bin/x86_64-previrt-linux-gnu-", tc.display());
         let build = build_example_kernel(&d.join("kernel"), Some(&prefix));
         let elf = d.join("linked.elf");
-        let o = std::process::Command::new(previrt).arg("link").arg(build.pvh_elf()).arg("-o").arg(&elf).output().unwrap();
+        let o =
+            std::process::Command::new(previrt).arg("link").arg(build.pvh_elf()).arg("-o").arg(&elf).output().unwrap();
         assert!(o.status.success(), "previrt link: {}", String::from_utf8_lossy(&o.stderr));
         elf
     })
@@ -278,7 +280,10 @@ fn kernel_lines(out: &str) -> Vec<String> {
         let end = s[at..].find('\n').map_or(s.len(), |n| at + n + 1);
         s.replace_range(at..end, "");
     }
-    s.lines().filter(|l| ["WORKLOAD ", "CONSOLE ", "RESULT "].iter().any(|p| l.starts_with(p))).map(String::from).collect()
+    s.lines()
+        .filter(|l| ["WORKLOAD ", "CONSOLE ", "RESULT "].iter().any(|p| l.starts_with(p)))
+        .map(String::from)
+        .collect()
 }
 
 /// Issue 10's migration scenario: a kernel running natively under `pvm` is saved mid-run
@@ -287,7 +292,8 @@ fn kernel_lines(out: &str) -> Vec<String> {
 /// `pvm`, native again). The kernel's lines are those of an uninterrupted run.
 #[test]
 fn pvm_guest_moves_to_hv_and_back_re_patching_each_time() {
-    const CMDLINE: &str = "previrt.backend=auto workloads=timer,cpuid_msr,console repeat=12 hz=100 ticks=20 console_lines=4";
+    const CMDLINE: &str =
+        "previrt.backend=auto workloads=timer,cpuid_msr,console repeat=12 hz=100 ticks=20 console_lines=4";
     let d = scratch(&format!("pvm-migrate-{}", std::process::id()));
     let full = run_linked(&["--backend", "native"], CMDLINE);
     assert_eq!(full.status.code(), Some(1), "uninterrupted run: {}{}", stdout(&full), stderr(&full));

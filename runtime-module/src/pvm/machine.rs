@@ -3,15 +3,15 @@
 //! the #PF check (module docs in `super`).
 
 use super::shadow;
+use crate::devices::{self, Dev};
 use crate::emulate::{self, gpr, rflags, DescTable, Machine, Regs};
 use crate::guest::paravirt::{Hypervisor, Paravirt};
 use crate::guest::{self, hw, sym_addr, Global};
 use crate::hv::{self, Hv};
-use crate::devices::{self, Dev};
 use core::cell::UnsafeCell;
 use core::fmt::Write;
-use previrt_site_abi::Kind;
 use previrt_hv_abi as abi;
+use previrt_site_abi::Kind;
 
 /// The selectors the kernel's frames carry (host-pushed frames show them too); native code
 /// runs on the host's user selectors instead.
@@ -60,8 +60,17 @@ struct State {
     resolved: u64,
 }
 
-static STATE: Global<State> =
-    Global(UnsafeCell::new(State { kernel_cr3: 0, copy: shadow::Live::NONE, pool: 0, idt: None, kernel_pf: 0, enter_pending: false, updates: 0, syncs: 0, resolved: 0 }));
+static STATE: Global<State> = Global(UnsafeCell::new(State {
+    kernel_cr3: 0,
+    copy: shadow::Live::NONE,
+    pool: 0,
+    idt: None,
+    kernel_pf: 0,
+    enter_pending: false,
+    updates: 0,
+    syncs: 0,
+    resolved: 0,
+}));
 
 /// Whether the VMM switched KVM-PVM native mode on (the hv ABI's CPUID leaf says so).
 pub(crate) fn offered() -> bool {
@@ -132,7 +141,10 @@ impl State {
     fn summary(&self, out: &mut dyn Write) {
         let native = if native() { "yes" } else { "no" };
         let (syncs, updates, resolved) = (self.syncs, self.updates, self.resolved);
-        let _ = writeln!(out, "previrt-pvm: native={native} shadow-syncs={syncs} shadow-updates={updates} faults-resolved={resolved}");
+        let _ = writeln!(
+            out,
+            "previrt-pvm: native={native} shadow-syncs={syncs} shadow-updates={updates} faults-resolved={resolved}"
+        );
     }
 
     /// Into the mode from the ordinary path: the kernel's CR3 and IDT are the loaded ones.
@@ -337,7 +349,8 @@ extern "C" fn previrt_pvm_dispatch(regs: &mut Regs) {
     if regs.cs & 3 == 3 {
         (regs.cs, regs.ss) = (KERNEL_CS, KERNEL_SS);
     }
-    if op.is_some_and(|op| op.kind == Kind::Out && matches!(devices::device(op.port(regs)), Some((Dev::DebugExit, _)))) {
+    if op.is_some_and(|op| op.kind == Kind::Out && matches!(devices::device(op.port(regs)), Some((Dev::DebugExit, _))))
+    {
         st.summary(pv);
     }
     if !op.is_some_and(|op| emulate::emulate(&op, regs, &mut Pvm { pv: &mut *pv, st: &mut *st })) {

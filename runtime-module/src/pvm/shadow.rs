@@ -144,7 +144,8 @@ fn walk(cr3: u64, va: u64, write: bool, delta: u64) -> Option<u64> {
     let mut table = cr3 & ADDR;
     for shift in [39u32, 30, 21, 12] {
         // SAFETY: a page-table page of a live address space (identity-mapped, plus `delta`).
-        let e = unsafe { ((table.wrapping_add(delta)) as *const u64).add(((va >> shift) & 511) as usize).read_volatile() };
+        let e =
+            unsafe { ((table.wrapping_add(delta)) as *const u64).add(((va >> shift) & 511) as usize).read_volatile() };
         if e & PRESENT == 0 || (write && e & WRITABLE == 0) {
             return None;
         }
