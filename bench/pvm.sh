@@ -116,7 +116,8 @@ if [ "$json" = 1 ]; then
     for s in $setups; do printf '%s"%s":{"ms":%s,"exits":%s}' "$sep2" "$s" "${ms[$s.$w]}" "${exits[$s.$w]:-0}"; sep2=,; done
     printf '}'; sep=,
   done
-  printf '},"compute_ns_per_iteration":{"host":%s,"pvm":%s,"hv":%s,"emulated":%s,"qemu":%s},"pvm_vs_host":%s,"emulated_vs_pvm":%s,"qemu_vs_pvm":%s},' \
+  printf '},"compute_iterations":{"host":%s,"pvm":%s,"qemu":%s,"hv":%s,"emulated":%s}' "$k_native" "$k_native" "$k_native" "$k_emu" "$k_emu"
+  printf ',"compute_ns_per_iteration":{"host":%s,"pvm":%s,"hv":%s,"emulated":%s,"qemu":%s},"pvm_vs_host":%s,"emulated_vs_pvm":%s,"qemu_vs_pvm":%s},' \
     "${cns[host]}" "${cns[pvm]}" "${cns[hv]}" "${cns[emulated]}" "${cns[qemu]}" "$k_pvm_vs_host" "$k_emu_vs_pvm" "$k_qemu_vs_pvm"
   printf '"loop":{"iterations":{"host":%s,"native":%s,"emulated":%s},"ns_per_iteration":{"host":%s,"native":%s,"emulated":%s},"native_vs_host":%s,"emulated_vs_native":%s}}\n' \
     "$n_native" "$n_native" "$n_emu" "$host" "$native" "$emu" "$native_vs_host" "$emu_vs_native"
