@@ -228,10 +228,8 @@ impl Pv {
         let ok = value == 0 || (enable && valid_page(mem, gpa));
         match index {
             abi::MSR_HYPERCALL_PAGE => {
-                if ok && enable {
-                    if mem.write_slice(&abi::stub_page(self.major), GuestAddress(gpa)).is_err() {
-                        return Some(false);
-                    }
+                if ok && enable && mem.write_slice(&abi::stub_page(self.major), GuestAddress(gpa)).is_err() {
+                    return Some(false);
                 }
                 if ok {
                     self.hypercall_msr = value;
@@ -412,7 +410,7 @@ impl Pv {
 /// A version-2 call block (16-byte aligned, in RAM).
 fn read_call(mem: &GuestMemoryMmap, gpa: u64) -> Option<abi::v2::Call> {
     let mut b = [0u8; abi::v2::CALL_SIZE];
-    if gpa % 16 != 0 {
+    if !gpa.is_multiple_of(16) {
         return None;
     }
     mem.read_slice(&mut b, GuestAddress(gpa)).ok()?;

@@ -16,7 +16,7 @@
 
 use crate::devices::{self, Dev, Pic, Pit, Programmed, Uart};
 use crate::emulate::{self, gpr, rflags, DescTable, Machine, Regs};
-use crate::guest::{self, hw, sym_addr};
+use crate::guest::{self, hw, sym_addr, Global};
 use core::fmt::{self, Write};
 use previrt_site_abi::Kind;
 
@@ -199,6 +199,22 @@ impl<H: Hypervisor> Paravirt<H> {
         self.delivered += 1;
     }
 
+    /// A site stub's entry: [`Paravirt::dispatch`], then, once nothing borrows the machine
+    /// any more, the safe point for a requested suspend (guest/migrate.rs): a migration sets
+    /// the machines up again through their own accessors, which must not alias a live
+    /// `&mut` (the compiler may keep its fields in registers across the call).
+    pub fn enter(machine: &Global<Self>, regs: &mut Regs) {
+        // SAFETY: the stub runs with interrupts off (single vCPU); the borrow ends in here.
+        let suspend = unsafe {
+            let m = machine.get();
+            m.dispatch(regs);
+            m.hv.suspend_requested()
+        };
+        if suspend {
+            guest::migrate::safe_point();
+        }
+    }
+
     /// A site stub's Rust half: the shared handlers over this machine, then pending events.
     pub fn dispatch(&mut self, regs: &mut Regs) {
         let Some((op, ool)) = guest::enter_site(regs) else {
@@ -206,12 +222,6 @@ impl<H: Hypervisor> Paravirt<H> {
         };
         if !op.is_some_and(|op| emulate::emulate(&op, regs, self)) {
             regs.rip = ool;
-        }
-        // The site's work is done and nothing else runs: the safe point for a suspend. If
-        // the guest resumed under another backend, this machine is no longer in charge.
-        if self.hv.suspend_requested() && guest::migrate::safe_point() {
-            regs.iret_rsp = regs.gpr[gpr::RSP];
-            return;
         }
         self.tick();
         self.deliver_pending(regs);

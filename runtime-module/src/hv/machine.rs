@@ -270,8 +270,7 @@ impl Hypervisor for Hv {
 
 #[no_mangle]
 extern "C" fn previrt_hv_dispatch(regs: &mut Regs) {
-    // SAFETY: the stub runs with interrupts off (single vCPU).
-    unsafe { HV.get() }.dispatch(regs)
+    Paravirt::enter(&HV, regs)
 }
 
 /// Where `hv` sites call.

@@ -395,8 +395,7 @@ impl Hypervisor for XenHvm {
 
 #[no_mangle]
 extern "C" fn previrt_xen_hvm_dispatch(regs: &mut crate::emulate::Regs) {
-    // SAFETY: the stub runs with interrupts off (single vCPU).
-    unsafe { XEN.get() }.dispatch(regs)
+    crate::guest::paravirt::Paravirt::enter(&XEN, regs)
 }
 
 /// Where `xen-hvm` sites call.
