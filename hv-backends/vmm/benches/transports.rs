@@ -86,6 +86,7 @@ fn main() {
                 stats: false,
                 stats_json: None,
                 profile: None,
+                profile_steps: None,
                 snapshot: None,
                 snapshot_after: None,
                 control: None,

@@ -111,6 +111,10 @@ pub struct RunArgs {
     /// per instruction).
     #[arg(long, value_name = "FILE")]
     pub profile: Option<PathBuf>,
+    /// With --profile: trace only the first N instructions, then stop the run and write the
+    /// profile (a window of a boot too long to single-step whole).
+    #[arg(long, value_name = "N", requires = "profile")]
+    pub profile_steps: Option<u64>,
     /// Save the whole VM to FILE (atomically) and stop when --snapshot-after fires or on
     /// SIGUSR1; resume with `previrt restore FILE` (docs/snapshot.md).
     #[arg(long, value_name = "FILE")]

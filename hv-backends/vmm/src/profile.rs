@@ -7,16 +7,20 @@
 //! only, and a page-table page removed from the memslots breaks the host's own page walk. So
 //! the vCPU runs with `KVM_GUESTDBG_SINGLESTEP`; at each step the VMM decodes the instruction
 //! about to execute, computes its memory operands from the live registers, translates them
-//! through the guest's page tables and counts `(rip, page, direction, width)`. Page-table pages
-//! are those reachable from any CR3 the guest loads (re-walked after CR3 changes and after
-//! writes to upper-level tables); MMIO is any guest-physical address outside RAM. Pages are
-//! classified at the end, so a table zeroed before it is linked counts too.
+//! through the guest's page tables and counts `(rip, page, direction, width, kind)`.
+//!
+//! Each access is classified when it happens: a page is a page-table page only while it is
+//! reachable from a root the guest has loaded in CR3 (the set is kept up to date: recomputed on
+//! CR3 loads and when a write to an upper-level table unlinks a table; a newly linked table's
+//! subtree is added). So zeroing a page that only later becomes a table, or reusing a freed
+//! table page for other data, is not page-table traffic. MMIO is any guest-physical address
+//! outside RAM.
 //!
 //! Output (`previrt-profile/1`, JSON): `{"format", "steps", "pt_pages", "accesses": [{"rip",
 //! "gpa", "width", "write", "code64", "kind", "count"}], "executed": [[rip, count], …]}` with `kind` one
 //! of `mmio_read`, `mmio_write`, `pt_read`, `pt_write`; documented in docs/annotations.md.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use iced_x86::{InstructionInfoFactory, OpAccess, Register};
 use kvm_bindings::{kvm_regs, kvm_sregs};
@@ -40,21 +44,27 @@ struct Key {
     width: u8,
     /// Executed as 64-bit code (16/32-bit code, e.g. a boot trampoline, cannot hold sites).
     code64: bool,
+    /// What the page was when the access happened.
+    kind: &'static str,
 }
 
 /// The trace being collected during one run.
 pub struct Profile {
     ram_end: u64,
     steps: u64,
-    /// [`WINDOW_ENV`]: trace only this many instructions, then stop the run.
+    /// `--profile-steps`: trace only this many instructions, then stop the run.
     window: Option<u64>,
     /// Times each RIP was about to execute: tells an annotation that never touched MMIO or a
     /// page table on an executed path (a false site) from one on a path the run never took.
     executed: HashMap<u64, u64>,
     /// Count and first guest-physical address per access key.
     seen: HashMap<Key, (u64, u64)>,
-    /// Page-table pages ever seen, with their level (4 = PML4 … 1 = PT).
-    pt_pages: HashMap<u64, u8>,
+    /// Every root the guest has loaded in CR3.
+    roots: Vec<u64>,
+    /// Page-table pages linked now, with their level (4 = PML4 … 1 = PT).
+    tables: HashMap<u64, u8>,
+    /// Pages that were page-table pages at some time (the profile's `pt_pages`).
+    ever: HashSet<u64>,
     cr3: u64,
     /// Upper-level entries about to be written: `(entry gpa, table level, value before,
     /// step)`. The new table is walked once the value changes — not at the next step, since
@@ -63,27 +73,26 @@ pub struct Profile {
     info: InstructionInfoFactory,
 }
 
-/// Environment variable bounding the trace to the first N instructions (a window of a run
-/// too long to single-step whole, e.g. Linux's boot); the run stops there and the profile
-/// is written.
-pub const WINDOW_ENV: &str = "PREVIRT_PROFILE_STEPS";
-
 impl Profile {
-    pub fn new(ram_end: u64) -> Profile {
+    /// `window`: trace only the first N instructions (a window of a run too long to
+    /// single-step whole, e.g. Linux's boot); the run stops there and the profile is written.
+    pub fn new(ram_end: u64, window: Option<u64>) -> Profile {
         Profile {
             ram_end,
             steps: 0,
-            window: std::env::var(WINDOW_ENV).ok().and_then(|v| v.parse().ok()),
+            window,
             executed: HashMap::new(),
             seen: HashMap::new(),
-            pt_pages: HashMap::new(),
+            roots: Vec::new(),
+            tables: HashMap::new(),
+            ever: HashSet::new(),
             cr3: u64::MAX,
             pending: Vec::new(),
             info: InstructionInfoFactory::new(),
         }
     }
 
-    /// The bounded window ([`WINDOW_ENV`]) is traced: the run should stop.
+    /// The bounded window is traced: the run should stop.
     pub fn window_done(&self) -> Option<u64> {
         self.window.filter(|&w| self.steps >= w)
     }
@@ -94,15 +103,19 @@ impl Profile {
         let long_paging = sregs.cr0 & CR0_PG != 0 && sregs.efer & EFER_LMA != 0;
         if long_paging && sregs.cr3 != self.cr3 {
             self.cr3 = sregs.cr3;
-            self.walk(mem, sregs.cr3 & ADDR_MASK, 4);
+            let root = sregs.cr3 & ADDR_MASK;
+            if !self.roots.contains(&root) {
+                self.roots.push(root);
+            }
+            self.recompute(mem);
         }
         self.follow_pending(mem);
         let Ok(f) = emulate::fetch(mem, regs, sregs) else { return };
         *self.executed.entry(f.rip).or_default() += 1;
         let bits64 = sregs.cs.l == 1 && sregs.efer & EFER_LMA != 0;
-        let info = self.info.info(&f.insn);
+        let used = self.info.info(&f.insn).used_memory().to_vec();
         let mut found = Vec::new();
-        for m in info.used_memory() {
+        for m in &used {
             let (read, write) = match m.access() {
                 OpAccess::Read | OpAccess::CondRead => (true, false),
                 OpAccess::Write | OpAccess::CondWrite => (false, true),
@@ -112,15 +125,16 @@ impl Profile {
             let Some(la) = m.virtual_address(0, |r, _, _| reg_value(regs, sregs, bits64, r)) else { continue };
             let Some(gpa) = emulate::translate(mem, sregs, la) else { continue };
             let width = m.memory_size().size().min(255) as u8;
+            let page = gpa & !(PAGE - 1);
             for (dir, on) in [(false, read), (true, write)] {
-                if on {
-                    found.push((Key { rip: f.rip, page: gpa & !(PAGE - 1), write: dir, width, code64: bits64 }, gpa));
+                if let Some(kind) = self.kind(page, dir).filter(|_| on) {
+                    found.push((Key { rip: f.rip, page, write: dir, width, code64: bits64, kind }, gpa));
                 }
             }
         }
         for (k, gpa) in found {
             // A write to an upper-level table may link a new table.
-            if let Some(&level) = self.pt_pages.get(&k.page).filter(|&&l| k.write && l > 1) {
+            if let Some(&level) = self.tables.get(&k.page).filter(|&&l| k.write && l > 1) {
                 let entry = gpa & !7;
                 let old = mem.read_obj::<u64>(GuestAddress(entry)).unwrap_or(0);
                 self.pending.push((entry, level, old, self.steps));
@@ -129,66 +143,88 @@ impl Profile {
         }
     }
 
-    /// Walk the tables newly linked by pending upper-level writes; forget writes that changed
-    /// nothing for a while.
+    /// Apply pending upper-level writes once their entry changed: a table unlinked (or
+    /// re-pointed) means recomputing the set, a table linked where none was means walking it;
+    /// forget writes that changed nothing for a while.
     fn follow_pending(&mut self, mem: &GuestMemoryMmap) {
         const PATIENCE: u64 = 10_000;
         let pending = std::mem::take(&mut self.pending);
+        let mut unlinked = false;
         for (entry, level, old, at) in pending {
             let now = mem.read_obj::<u64>(GuestAddress(entry)).unwrap_or(old);
-            if now != old {
-                if now & PTE_P != 0 && (level == 4 || now & PTE_PS == 0) && now & ADDR_MASK < self.ram_end {
-                    self.walk(mem, now & ADDR_MASK, level - 1);
+            if now == old {
+                if self.steps - at < PATIENCE {
+                    self.pending.push((entry, level, old, at));
                 }
-            } else if self.steps - at < PATIENCE {
-                self.pending.push((entry, level, old, at));
+                continue;
             }
+            match (self.link(old, level), self.link(now, level)) {
+                (Some(a), Some(b)) if a == b => {}
+                (Some(_), _) => unlinked = true,
+                (None, Some(next)) => self.walk(mem, next, level - 1),
+                (None, None) => {}
+            }
+        }
+        if unlinked {
+            self.recompute(mem);
         }
     }
 
+    /// The table an entry of a `level` table links, if any (not a large page, inside RAM).
+    fn link(&self, entry: u64, level: u8) -> Option<u64> {
+        let next = entry & ADDR_MASK;
+        (level > 1 && entry & PTE_P != 0 && (level == 4 || entry & PTE_PS == 0) && next < self.ram_end).then_some(next)
+    }
+
+    /// The page-table set from scratch: every table reachable from a loaded root.
+    fn recompute(&mut self, mem: &GuestMemoryMmap) {
+        self.tables.clear();
+        for root in self.roots.clone() {
+            self.walk(mem, root, 4);
+        }
+    }
+
+    /// Add `table` (at `level`) and the tables below it; a table already in the set has been
+    /// walked.
     fn walk(&mut self, mem: &GuestMemoryMmap, table: u64, level: u8) {
-        self.pt_pages.insert(table, level);
+        if self.tables.insert(table, level).is_some() {
+            return;
+        }
+        self.ever.insert(table);
         if level == 1 {
             return;
         }
         for i in 0..512 {
             let Ok(e) = mem.read_obj::<u64>(GuestAddress(table + i * 8)) else { return };
-            if e & PTE_P != 0 && (level == 4 || e & PTE_PS == 0) {
-                let next = e & ADDR_MASK;
-                if next < self.ram_end && next != table {
-                    self.walk(mem, next, level - 1);
-                }
+            if let Some(next) = self.link(e, level) {
+                self.walk(mem, next, level - 1);
             }
         }
     }
 
-    fn kind(&self, k: &Key) -> Option<&'static str> {
-        let mmio = k.page >= self.ram_end;
-        match (mmio, self.pt_pages.contains_key(&k.page), k.write) {
-            (true, _, false) => Some("mmio_read"),
-            (true, _, true) => Some("mmio_write"),
-            (false, true, false) => Some("pt_read"),
-            (false, true, true) => Some("pt_write"),
-            _ => None,
-        }
+    /// An access's kind from what its page is now; `None`: neither MMIO nor a linked table.
+    fn kind(&self, page: u64, write: bool) -> Option<&'static str> {
+        const KINDS: [[&str; 2]; 2] = [["pt_read", "pt_write"], ["mmio_read", "mmio_write"]];
+        let mmio = page >= self.ram_end;
+        (mmio || self.tables.contains_key(&page)).then(|| KINDS[mmio as usize][write as usize])
     }
 
     /// The trace as `previrt-profile/1` JSON, accesses sorted by RIP.
     /// The profile file's JSON; `image` is the traced kernel (its absolute path), so a build
     /// can derive annotations from the profile alone (docs/annotations.md).
     pub fn to_json(&self, image: &std::path::Path) -> serde_json::Value {
-        let mut rows: Vec<_> = self.seen.iter().filter_map(|(k, &(n, gpa))| Some((k, n, gpa, self.kind(k)?))).collect();
-        rows.sort_by_key(|(k, _, gpa, _)| (k.rip, k.write, *gpa));
+        let mut rows: Vec<_> = self.seen.iter().collect();
+        rows.sort_by_key(|(k, &(_, gpa))| (k.rip, k.write, gpa, k.kind));
         let accesses: Vec<_> = rows
             .iter()
-            .map(|(k, n, gpa, kind)| {
-                serde_json::json!({"rip": k.rip, "gpa": gpa, "width": k.width, "write": k.write, "code64": k.code64, "kind": kind, "count": n})
+            .map(|(k, (n, gpa))| {
+                serde_json::json!({"rip": k.rip, "gpa": gpa, "width": k.width, "write": k.write, "code64": k.code64, "kind": k.kind, "count": n})
             })
             .collect();
         let mut executed: Vec<_> = self.executed.iter().map(|(&rip, &n)| [rip, n]).collect();
         executed.sort_unstable();
         let image = std::fs::canonicalize(image).unwrap_or_else(|_| image.to_path_buf());
-        serde_json::json!({"format": FORMAT, "image": image, "steps": self.steps, "pt_pages": self.pt_pages.len(),
+        serde_json::json!({"format": FORMAT, "image": image, "steps": self.steps, "pt_pages": self.ever.len(),
             "accesses": accesses, "executed": executed})
     }
 }

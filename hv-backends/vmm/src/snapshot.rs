@@ -937,6 +937,7 @@ pub fn open(args: &RestoreArgs) -> Result<(Image, RunArgs), Error> {
         stats: args.stats,
         stats_json: args.stats_json.clone(),
         profile: None,
+        profile_steps: None,
         snapshot: args.snapshot.clone(),
         snapshot_after: args.snapshot_after,
         control: args.control.clone(),

@@ -261,7 +261,7 @@ pub(crate) fn run_with(
         ud_bp: None,
         ud_stepping: false,
         sync_regs,
-        profile: args.profile.as_ref().map(|_| crate::profile::Profile::new(mem_size)),
+        profile: args.profile.as_ref().map(|_| crate::profile::Profile::new(mem_size, args.profile_steps)),
         snapshot: snapshot::Trigger::new(args, mem_size).map_err(Error::BadInput)?,
     };
     if vm.profile.is_some() {
@@ -555,7 +555,7 @@ impl Vm {
         if let Some(p) = &mut self.profile {
             p.step(&self.mem, &regs, &sregs);
             if let Some(n) = p.window_done() {
-                return Err(Stop::Guest(format!("profile window of {n} instructions traced ({})", crate::profile::WINDOW_ENV)));
+                return Err(Stop::Guest(format!("profile window of {n} instructions traced (--profile-steps)")));
             }
         }
         if self.ud_stepping || Some(regs.rip) == self.ud_bp {
