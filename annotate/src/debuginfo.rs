@@ -156,10 +156,12 @@ impl DebugInfo {
                 }
                 gimli::DW_TAG_formal_parameter | gimli::DW_TAG_variable => {
                     let Some(ty) = type_of(unit, e) else { continue };
-                    let Some(target) = pointee_target(dwarf, unit, ty, pt_types) else { continue };
+                    let scope = stack.last().map(|s| s.2.clone()).unwrap_or_default();
+                    let is_pt =
+                        |n: &str| pt_types.iter().any(|t| t == n) || crate::rules::raw_pt_types(&scope).contains(&n);
+                    let Some(target) = pointee_target(dwarf, unit, ty, &is_pt) else { continue };
                     let name = name_of(dwarf, unit, e).unwrap_or_default();
                     let Some(loc) = e.attr_value(gimli::DW_AT_location) else { continue };
-                    let scope = stack.last().map(|s| s.2.clone()).unwrap_or_default();
                     let mut push = |reg, begin, end| {
                         let scope = scope.clone();
                         self.pointers.push(TypedPointer { target, scope, reg, begin, end, name: name.clone() })
@@ -230,12 +232,13 @@ fn type_of<'a>(unit: &gimli::Unit<R<'a>>, e: &gimli::DebuggingInformationEntry<R
     }
 }
 
-/// For a pointer type (through typedefs and qualifiers): what its pointee is.
+/// For a pointer type (through typedefs and qualifiers): what its pointee is; `is_pt` tells
+/// the page-table entry type names.
 fn pointee_target<'a>(
     dwarf: &gimli::Dwarf<R<'a>>,
     unit: &gimli::Unit<R<'a>>,
     ty: UnitOffset,
-    pt_types: &[String],
+    is_pt: &dyn Fn(&str) -> bool,
 ) -> Option<Target> {
     let mut cur = unit.entry(ty).ok()?;
     // Up to the pointer itself.
@@ -255,9 +258,7 @@ fn pointee_target<'a>(
     for _ in 0..8 {
         // `volatile void *` has a volatile type without DW_AT_type.
         let e = unit.entry(next?).ok()?;
-        let named = |e: &gimli::DebuggingInformationEntry<R<'a>>| {
-            name_of(dwarf, unit, e).is_some_and(|n| pt_types.contains(&n))
-        };
+        let named = |e: &gimli::DebuggingInformationEntry<R<'a>>| name_of(dwarf, unit, e).is_some_and(|n| is_pt(&n));
         match e.tag() {
             gimli::DW_TAG_volatile_type => return Some(Target::Mmio),
             gimli::DW_TAG_typedef | gimli::DW_TAG_structure_type | gimli::DW_TAG_union_type if named(&e) => {

@@ -126,6 +126,20 @@ pub fn plain_volatile(scope: &str, variable: &str) -> bool {
     PLAIN_VOLATILE.iter().any(|&(n, p)| p.matches(if n == Named::Scope { scope } else { variable }))
 }
 
+/// Raw entry-value pointers (`pmdval_t *`, …: no `pmd_t` for the DWARF source to see) that
+/// point into linked page tables, by the function declaring them. Only functions whose every
+/// such store and load the hypervisor's trace saw hit a linked table: `__early_make_pgtable`
+/// walks and extends the live early tables on a page fault. `__startup_64` is left out: it runs
+/// at physical addresses (no site can serve it there) and its `pteval_t *mask_ptr` points at
+/// `__supported_pte_mask`, not a table.
+pub const RAW_PT_POINTERS: &[(Pattern, &[&str])] =
+    &[(Exact("__early_make_pgtable"), &["pgdval_t", "p4dval_t", "pudval_t", "pmdval_t", "pteval_t"])];
+
+/// The raw entry types that are page-table pointers in `scope` ([`RAW_PT_POINTERS`]).
+pub fn raw_pt_types(scope: &str) -> &'static [&'static str] {
+    RAW_PT_POINTERS.iter().find(|(p, _)| p.matches(scope)).map_or(&[], |&(_, t)| t)
+}
+
 /// The target of the first rule matching `name`.
 pub fn lookup(name: &str) -> Option<Target> {
     RULES.iter().find(|(p, _)| p.matches(name)).map(|&(_, t)| t)
@@ -147,5 +161,7 @@ mod tests {
         assert!(plain_volatile("constant_test_bit", "addr") && plain_volatile("arch_atomic_read", "v"));
         assert!(plain_volatile("perf_output_begin", "__ptr"));
         assert!(!plain_volatile("readl", "addr") && !plain_volatile("native_apic_mem_read", "reg"));
+        assert!(raw_pt_types("__early_make_pgtable").contains(&"pmdval_t"));
+        assert!(raw_pt_types("__startup_64").is_empty() && raw_pt_types("early_make_pgtable").is_empty());
     }
 }
