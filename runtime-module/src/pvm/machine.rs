@@ -333,10 +333,27 @@ fn reopen(on: bool) {
     }
 }
 
-/// The stub's Rust half: the shared handlers over [`Pvm`] with the kernel's selectors in
-/// the frame, then ticks and pending events as in `hv`, then the hardware's selectors.
+/// The stub's Rust half: [`dispatch`], then, once nothing borrows the machines any more (as
+/// `Paravirt::enter`), the safe point for a requested suspend (the pvm hooks leave and
+/// re-enter the mode), then the selectors of the mode the CPU is in now.
 #[no_mangle]
 extern "C" fn previrt_pvm_dispatch(regs: &mut Regs) {
+    if dispatch(regs) {
+        guest::migrate::safe_point();
+    }
+    if native() {
+        (regs.cs, regs.ss) = hardware_selectors();
+    } else if regs.cs & 3 == 3 {
+        // The mode was left (a migration) after an event frame took the substitute gate's
+        // selector: the ordinary path returns to the kernel's.
+        (regs.cs, regs.ss) = (KERNEL_CS, KERNEL_SS);
+    }
+    regs.iret_rsp = regs.gpr[gpr::RSP];
+}
+
+/// The shared handlers over [`Pvm`] with the kernel's selectors in the frame, then ticks and
+/// pending events as in `hv`. Whether the platform asks for a suspend.
+fn dispatch(regs: &mut Regs) -> bool {
     let pv = hv::machine();
     // SAFETY: the stub runs with `vif` clear (no event inside the runtime), single vCPU.
     let st = unsafe { STATE.get() };
@@ -356,16 +373,10 @@ extern "C" fn previrt_pvm_dispatch(regs: &mut Regs) {
     if !op.is_some_and(|op| emulate::emulate(&op, regs, &mut Pvm { pv: &mut *pv, st: &mut *st })) {
         regs.rip = ool;
     }
-    // The migration safe point, as in `hv` (the pvm hooks leave and re-enter the mode).
-    if !(pv.hv.suspend_requested() && guest::migrate::safe_point()) {
-        pv.tick();
-        pv.deliver_pending(regs);
-        reopen(regs.rflags & rflags::IF != 0);
-    }
-    if native() {
-        (regs.cs, regs.ss) = hardware_selectors();
-    }
-    regs.iret_rsp = regs.gpr[gpr::RSP];
+    pv.tick();
+    pv.deliver_pending(regs);
+    reopen(regs.rflags & rflags::IF != 0);
+    pv.hv.suspend_requested()
 }
 
 /// The #PF check, from `previrt_pvm_pf` with the GPRs (15) and the host's frame (error code,
