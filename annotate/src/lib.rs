@@ -117,6 +117,8 @@ struct Image<'a> {
     alloc: Vec<(u64, u64)>,
     /// `(start, end, name)` sorted by start.
     functions: Vec<(u64, u64, String)>,
+    /// `(start, end, name)` of the [`rules::PT_OBJECTS`] the image defines.
+    pt_objects: Vec<(u64, u64, String)>,
 }
 
 impl<'a> Image<'a> {
@@ -132,18 +134,30 @@ impl<'a> Image<'a> {
             .filter_map(|s| Some((s.address(), s.address() + s.size(), s.name().ok()?.to_string())))
             .collect();
         functions.sort();
+        let pt_objects = file
+            .symbols()
+            .filter(|s| s.kind() == SymbolKind::Data && s.size() > 0)
+            .filter_map(|s| Some((s.address(), s.address() + s.size(), s.name().ok()?.to_string())))
+            .filter(|(_, _, n)| rules::PT_OBJECTS.contains(&n.as_str()))
+            .collect();
         let alloc = file
             .sections()
             .filter(|s| s.address() != 0 && s.size() != 0)
             .map(|s| (s.address(), s.address() + s.size()))
             .collect();
-        Image { code, alloc, functions }
+        Image { code, alloc, functions, pt_objects }
     }
 
     /// Whether an access names the image's own memory (a global): not MMIO, however much
     /// an accessor's body needs it (`io_apic_base()` reads a table of bases).
     fn names_own_memory(&self, a: &MemAccess) -> bool {
         a.static_address().is_some_and(|x| self.alloc.iter().any(|&(b, e)| (b..e).contains(&x)))
+    }
+
+    /// The [`rules::PT_OBJECTS`] table an access names by address, if any.
+    fn pt_object(&self, a: &MemAccess) -> Option<&str> {
+        let x = a.static_address()?;
+        self.pt_objects.iter().find(|(b, e, _)| (*b..*e).contains(&x)).map(|(_, _, n)| n.as_str())
     }
 
     fn bytes(&self, begin: u64, end: u64) -> Option<&'a [u8]> {
@@ -214,6 +228,17 @@ pub fn analyse(data: &[u8], image_name: &str, opts: &Options, profile: Option<&P
             insn::accesses_in(bytes, b, |a| {
                 if target == Target::PageTable || !img.names_own_memory(&a) {
                     add(a, target, Source::Rules, name.to_string())
+                }
+            });
+        }
+    }
+    // Rules: accesses naming a page table by its symbol.
+    if !img.pt_objects.is_empty() {
+        for &(b, e, _) in &img.functions {
+            let Some(bytes) = img.bytes(b, e) else { continue };
+            insn::accesses_in(bytes, b, |a| {
+                if let Some(name) = img.pt_object(&a).map(str::to_string) {
+                    add(a, Target::PageTable, Source::Rules, name)
                 }
             });
         }

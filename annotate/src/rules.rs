@@ -140,6 +140,12 @@ pub fn raw_pt_types(scope: &str) -> &'static [&'static str] {
     RAW_PT_POINTERS.iter().find(|(p, _)| p.matches(scope)).map_or(&[], |&(_, t)| t)
 }
 
+/// Page tables the kernel indexes by name (global arrays: no pointer for the DWARF source):
+/// a load or store whose operand names one of these symbols is a page-table access. Only the
+/// ones the trace saw hit while linked: Linux's `init_top_pgt` (swapper_pg_dir; the PVH entry
+/// loads it in CR3, `x86_64_start_kernel` and `init_trampoline` index it) and `early_top_pgt`.
+pub const PT_OBJECTS: &[&str] = &["init_top_pgt", "early_top_pgt"];
+
 /// The target of the first rule matching `name`.
 pub fn lookup(name: &str) -> Option<Target> {
     RULES.iter().find(|(p, _)| p.matches(name)).map(|&(_, t)| t)
