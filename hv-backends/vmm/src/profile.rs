@@ -267,3 +267,36 @@ fn reg_value(regs: &kvm_regs, sregs: &kvm_sregs, bits64: bool, r: Register) -> O
     let bits = r.size() as u32 * 8;
     Some(if bits >= 64 { full } else { full & ((1u64 << bits) - 1) })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A page is a page-table page only while linked: a table filled before its link is
+    /// plain memory, linking adds its subtree, unlinking removes it.
+    #[test]
+    fn tables_are_the_pages_linked_now() {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
+        let (root, pdpt, pd) = (0x1000u64, 0x2000u64, 0x3000u64);
+        let mut p = Profile::new(0x10_0000, None);
+        p.roots.push(root);
+        p.recompute(&mem);
+        mem.write_obj(pd | 3, GuestAddress(pdpt + 8)).unwrap(); // pdpt is not linked yet
+        assert_eq!(p.kind(pdpt, true), None);
+        assert_eq!(p.kind(root, true), Some("pt_write"));
+        assert_eq!(p.kind(0x20_0000, false), Some("mmio_read"));
+
+        // The root's entry 0 about to be written (as `step` records it), then written.
+        p.pending.push((root, 4, 0, p.steps));
+        mem.write_obj(pdpt | 3, GuestAddress(root)).unwrap();
+        p.follow_pending(&mem);
+        assert_eq!((p.tables.get(&pdpt), p.tables.get(&pd)), (Some(&3), Some(&2)));
+
+        p.pending.push((root, 4, pdpt | 3, p.steps));
+        mem.write_obj(0u64, GuestAddress(root)).unwrap();
+        p.follow_pending(&mem);
+        assert_eq!(p.kind(pdpt, false), None);
+        assert_eq!(p.kind(pd, false), None);
+        assert_eq!(p.ever.len(), 3);
+    }
+}
