@@ -310,10 +310,11 @@ fn previrt_abi_state_hypercall_page_vcpu_page_and_timer_survive_a_restore() {
 
 /// The pre-virtualized kernel on the runtime's `hv` backend: console (UART), timer (halts,
 /// PIT) and compute work, 4 passes, WORKLOAD lines seq=1..=12; every pass halts after its
-/// console output (native-watch looks for a paravirtual interface at `hlt`). 100 Hz as in
-/// tests/runtime_hv.rs.
+/// console output (native-watch looks for a paravirtual interface at `hlt`). 50 Hz: ring 0 is
+/// instruction-emulated on this host and a tick's handler costs about a millisecond, more on
+/// a loaded machine; at 100 Hz the ticks then took most of the vCPU (minutes per run).
 const HV_CMDLINE: &str =
-    "previrt.backend=hv hz=100 workloads=console,timer,compute repeat=4 console_lines=2 ticks=10 compute=2000";
+    "previrt.backend=hv hz=50 workloads=console,timer,compute repeat=4 console_lines=2 ticks=10 compute=2000";
 
 /// The kernel's own output as lines: the runtime's "resumed on" line taken out of the byte
 /// stream first (a suspend may fall in the middle of a kernel line, and the runtime's line is
