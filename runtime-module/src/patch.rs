@@ -223,13 +223,22 @@ impl<'a> Patcher<'a> {
     /// # Safety
     /// As for [`Patcher::prepare`]; no CPU may be executing inside a site.
     pub unsafe fn apply(&self, backend: &Backend, stub: u64) -> Stats {
+        self.apply_with(backend, &|_| stub)
+    }
+
+    /// As [`Patcher::apply`], each routed site calling `stub(site)` (a backend may have lean
+    /// entries for some kinds).
+    ///
+    /// # Safety
+    /// As for [`Patcher::apply`].
+    pub unsafe fn apply_with(&self, backend: &Backend, stub: &dyn Fn(&Site) -> u64) -> Stats {
         let mut stats = Stats { sites: self.sites, ..Default::default() };
         let mut buf = [0u8; MAX_SITE_LEN];
         for e in &self.index[..self.sites] {
             let site = self.site(e);
             let saved = core::slice::from_raw_parts(site.at.save as *const u8, site.record.insn_len as usize);
             let want = (backend.route)(&site.record);
-            let got = encode(&site, saved, want, stub, &mut buf);
+            let got = encode(&site, saved, want, stub(&site), &mut buf);
             match (want, got) {
                 (_, Route::Stub) => stats.routed += 1,
                 (Route::Stub, Route::Original) => stats.kept_original += 1,

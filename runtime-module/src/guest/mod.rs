@@ -186,7 +186,9 @@ unsafe fn apply(state: &mut State, to: &'static Backend) -> Option<crate::patch:
     if cpl0 {
         emulate::Machine::write_cr(&mut hw::Hardware, 0, cr0 & !(1 << 16));
     }
-    let stats = p.apply(to, state.stub);
+    // `pvm`'s interrupt-flag sites call its lean entries (no record lookup, no register file).
+    let lean = |s: &crate::patch::Site| (to.id == backend::PVM.id).then(|| crate::pvm::lean(s)).flatten();
+    let stats = p.apply_with(to, &|s| lean(s).unwrap_or(state.stub));
     if cpl0 {
         emulate::Machine::write_cr(&mut hw::Hardware, 0, cr0);
     }

@@ -137,6 +137,11 @@ impl<H: Hypervisor> Paravirt<H> {
         }
     }
 
+    /// When the kernel's next tick is due (platform ns; 0: no tick programmed).
+    pub(crate) fn next_tick(&self) -> u64 {
+        self.next_tick
+    }
+
     /// A tick due now becomes pending (missed periods are skipped, as the VMMs do).
     pub(crate) fn tick(&mut self) {
         let period = self.pit.period_ns();

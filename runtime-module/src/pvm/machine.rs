@@ -10,8 +10,9 @@ use crate::guest::{self, hw, sym_addr, Global};
 use crate::hv::{self, Hv};
 use core::cell::UnsafeCell;
 use core::fmt::Write;
+use crate::patch::Site;
 use previrt_hv_abi as abi;
-use previrt_site_abi::Kind;
+use previrt_site_abi::{flags, Kind};
 
 /// The selectors the kernel's frames carry (host-pushed frames show them too); native code
 /// runs on the host's user selectors instead.
@@ -39,6 +40,24 @@ static mut previrt_pvm_vif: u64 = 0;
 /// The #PF stub's verdict: 0 retry, else the kernel's handler to continue in.
 #[no_mangle]
 static mut previrt_pvm_next: u64 = 0;
+
+/// The kinds with a lean entry, in the order of `previrt_pvm_lean_entries` (8 bytes each) and
+/// of their bodies.
+const LEAN: [Kind; 4] = [Kind::Cli, Kind::Sti, Kind::Pushf, Kind::Popf];
+/// Where each lean entry jumps: its body while the CPU runs natively, else the stub (on the
+/// ordinary path the stub also keeps the hardware IF, which the bodies do not touch).
+#[no_mangle]
+static mut previrt_pvm_lean: [u64; 4] = [0; 4];
+/// TSC value at which the kernel's next tick is due (0: take the stub): a lean entry that
+/// turns IF on from then on takes the stub, which raises and delivers the tick.
+#[no_mangle]
+static mut previrt_pvm_deadline: u64 = 0;
+/// TSC ticks per ms (the platform clock's rate, for the deadline).
+static TSC_PER_MS: Global<u64> = Global(UnsafeCell::new(0));
+// The bodies read `pending` at `vif` + 8.
+const _: () = assert!(
+    core::mem::offset_of!(abi::VcpuPage, pending) == core::mem::offset_of!(abi::VcpuPage, vif) + 8
+);
 
 /// What the backend keeps besides the `hv` machine.
 struct State {
@@ -85,7 +104,11 @@ pub(crate) fn init(tsc_per_ms: u64) -> Result<(), &'static str> {
     }
     hv::init(tsc_per_ms)?;
     // SAFETY: boot, single-threaded.
-    unsafe { previrt_pvm_vif = hv::vif_addr() };
+    unsafe {
+        previrt_pvm_vif = hv::vif_addr();
+        *TSC_PER_MS.get() = tsc_per_ms;
+    }
+    set_lean(false);
     Ok(())
 }
 
@@ -115,6 +138,49 @@ pub(crate) fn adopt(p: &crate::devices::Programmed) {
 /// Where `pvm` sites call.
 pub(crate) fn stub() -> u64 {
     sym_addr!("previrt_pvm_entry")
+}
+
+/// The lean entry for a site of `pvm` (routed through [`Patcher::apply_with`]): interrupt-flag
+/// kinds at their 64-bit operand size whose site ends where execution resumes (the body
+/// returns to the call's end and the NOP fill runs on).
+///
+/// [`Patcher::apply_with`]: crate::patch::Patcher::apply_with
+pub(crate) fn lean(site: &Site) -> Option<u64> {
+    let r = &site.record;
+    let slot = LEAN.iter().position(|&k| k as u16 == r.kind)?;
+    let falls_through = site.next() == site.at.site + r.site_len as u64;
+    (falls_through && !r.has(flags::WIDE)).then(|| sym_addr!("previrt_pvm_lean_entries") + 8 * slot as u64)
+}
+
+/// Point the lean entries at their bodies (`on`: the CPU runs natively) or at the stub.
+fn set_lean(on: bool) {
+    let stub = stub();
+    let bodies = [
+        sym_addr!("previrt_pvm_cli"),
+        sym_addr!("previrt_pvm_sti_on"),
+        sym_addr!("previrt_pvm_pushf"),
+        sym_addr!("previrt_pvm_popf"),
+    ];
+    // SAFETY: single vCPU; a lean entry reads its slot with one aligned load.
+    let slots = unsafe { &mut *core::ptr::addr_of_mut!(previrt_pvm_lean) };
+    for (slot, body) in slots.iter_mut().zip(bodies) {
+        *slot = if on { body } else { stub };
+    }
+}
+
+/// The TSC deadline of the next tick `pv` will raise (none programmed: never; pending events
+/// are checked apart).
+fn set_deadline(pv: &Paravirt<Hv>) {
+    // SAFETY: single vCPU; written by the dispatcher only.
+    let per_ms = unsafe { *TSC_PER_MS.get() };
+    // The inverse of the platform clock's ns = tsc * 10^6 / per_ms, rounded down (a lean
+    // entry then takes the stub at most a TSC tick early); no 128-bit division in the kernel.
+    let due = match pv.next_tick() {
+        0 => u64::MAX,
+        ns => (ns / 1_000_000 * per_ms).saturating_add(ns % 1_000_000 * per_ms / 1_000_000),
+    };
+    // SAFETY: as above; the bodies read it with one aligned load.
+    unsafe { previrt_pvm_deadline = due };
 }
 
 /// The code segment now: RPL 3 once the CPU runs natively (the mode's rules are met).
@@ -161,6 +227,7 @@ impl State {
     /// Out of the mode: the kernel's own CR3 (no bit 12: the ordinary path) and IDT.
     fn leave(&mut self) {
         hw::Hardware.write_cr(3, self.kernel_cr3);
+        set_lean(false);
         if let Some(t) = self.idt {
             hw::Hardware.load_idt(t);
         }
@@ -181,6 +248,7 @@ impl State {
             pv.fatal(format_args!("pvm: the kernel's page tables do not fit the shadow pool"))
         };
         hw::Hardware.write_cr(3, copy.cr3);
+        set_lean(native());
         (self.copy, self.pool) = (copy, pool);
         self.syncs += 1;
         self.install_idt();
@@ -349,6 +417,7 @@ extern "C" fn previrt_pvm_dispatch(regs: &mut Regs) {
         (regs.cs, regs.ss) = (KERNEL_CS, KERNEL_SS);
     }
     regs.iret_rsp = regs.gpr[gpr::RSP];
+    set_deadline(hv::machine());
 }
 
 /// The shared handlers over [`Pvm`] with the kernel's selectors in the frame, then ticks and
@@ -502,6 +571,113 @@ previrt_pvm_vectors:
     jmpq *(previrt_pvm_handlers + 8 * pvm_vector)(%rip)
     .set pvm_vector, pvm_vector + 1
     .endr
+
+// Lean interrupt-flag entries (`lean`): each jumps through its `previrt_pvm_lean` slot. The
+// bodies keep every register and the arithmetic flags (saved with pushfq, restored with
+// popfq, which cannot change the hardware IF at RPL 3) and leave the stack as the instruction
+// would. One that turns the kernel's IF on (or pushes it on) first stores `vif` = 1 and then
+// takes the stub, with everything as at the call, when an event is pending, the mode's own
+// flag is closed (a trapping `sti` must reopen it) or a tick is due — the stub's dispatch
+// raises and delivers it as for any site. Stack: 0 rdx, 8 rax, 16 flags, 24 return address.
+    .balign 8
+    .globl previrt_pvm_lean_entries
+previrt_pvm_lean_entries:
+    .set pvm_kind, 0
+    .rept 4
+    .balign 8
+    jmpq *(previrt_pvm_lean + 8 * pvm_kind)(%rip)
+    .set pvm_kind, pvm_kind + 1
+    .endr
+
+    .macro pvm_stub_if_due
+    movq previrt_pvm_vif(%rip), %rax
+    cmpq $0, 8(%rax)
+    jne pvm_lean_stub
+    cmpb $0, previrt_pvm_masked(%rip)
+    jne pvm_lean_stub
+    rdtsc
+    shlq $32, %rdx
+    orq %rdx, %rax
+    cmpq previrt_pvm_deadline(%rip), %rax
+    jae pvm_lean_stub
+    .endm
+
+previrt_pvm_cli:
+    pushq %rax
+    movq previrt_pvm_vif(%rip), %rax
+    movl $0, (%rax)
+    popq %rax
+    ret
+
+previrt_pvm_sti_on:
+    pushfq
+    pushq %rax
+    pushq %rdx
+    movq previrt_pvm_vif(%rip), %rax
+    movl $1, (%rax)
+    pvm_stub_if_due
+    popq %rdx
+    popq %rax
+    popfq
+    ret
+pvm_lean_stub:
+    popq %rdx
+    popq %rax
+    popfq
+    jmp previrt_pvm_entry
+
+// pushf: the hardware flags with IF replaced by `vif`, stored where the return address was;
+// the return address moves into the saved flags' slot, the flags one below (nothing is
+// written below %rsp: an event may be delivered on this stack at any instruction).
+previrt_pvm_pushf:
+    pushfq
+    pushq %rax
+    pushq %rdx
+    movq previrt_pvm_vif(%rip), %rax
+    cmpl $0, (%rax)
+    je 1f
+    pvm_stub_if_due
+    movq previrt_pvm_vif(%rip), %rax
+1:  movl (%rax), %eax
+    andl $1, %eax
+    shlq $9, %rax
+    movq 16(%rsp), %rdx
+    andq $-513, %rdx
+    orq %rax, %rdx
+    movq 24(%rsp), %rax
+    movq %rdx, 24(%rsp)
+    movq 16(%rsp), %rdx
+    movq %rax, 16(%rsp)
+    movq 8(%rsp), %rax
+    movq %rdx, 8(%rsp)
+    movq (%rsp), %rdx
+    leaq 8(%rsp), %rsp
+    popfq
+    ret
+
+// popf: the popped image's IF into `vif`, the rest into the hardware flags; the return
+// address moves onto the popped slot.
+previrt_pvm_popf:
+    pushfq
+    pushq %rax
+    pushq %rdx
+    movq 32(%rsp), %rdx
+    shrq $9, %rdx
+    andl $1, %edx
+    movq previrt_pvm_vif(%rip), %rax
+    movl %edx, (%rax)
+    testl %edx, %edx
+    jz 1f
+    pvm_stub_if_due
+1:  movq 32(%rsp), %rax
+    movq %rax, 16(%rsp)
+    movq 24(%rsp), %rax
+    movq %rax, 32(%rsp)
+    popq %rdx
+    popq %rax
+    popfq
+    leaq 8(%rsp), %rsp
+    ret
 "#,
         ".text\n"
     ),

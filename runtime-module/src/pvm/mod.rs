@@ -23,7 +23,9 @@
 //! - Interrupt flag: the kernel's IF is the shared `vif` (hardware IF reads 1 in the mode);
 //!   the stub clears `vif` for its dispatch, so no event arrives inside the runtime, and
 //!   stores the kernel's IF back just before its `iretq`. A trapping `sti` re-opens the
-//!   mode's own flag after a delivery closed it.
+//!   mode's own flag after a delivery closed it. While the CPU runs natively, `cli`, `sti`,
+//!   `pushf` and `popf` sites call lean entries instead, which only touch `vif` (and the
+//!   stack, as the instruction would) and take the stub when IF comes on with work due.
 //! - Everything else is the `hv` backend's: port I/O to the models, `hlt` as `HALT`, ticks.
 
 #[cfg(feature = "guest")]
@@ -31,7 +33,7 @@ mod machine;
 #[cfg(feature = "guest")]
 mod shadow;
 #[cfg(feature = "guest")]
-pub(crate) use machine::{adopt, init, offered, stub, suspend};
+pub(crate) use machine::{adopt, init, lean, offered, stub, suspend};
 
 use previrt_site_abi::Kind;
 
