@@ -72,8 +72,10 @@ struct State {
     kernel_pf: u64,
     /// Set by [`adopt`]: enter the mode at the next site.
     enter_pending: bool,
-    /// Entries brought up to date in place (`invlpg`).
+    /// Entries brought up to date in place (`invlpg`), and `invlpg`s that found the copy
+    /// already up to date (no hardware `invlpg`).
     updates: u64,
+    unchanged: u64,
     /// Shadow rebuilds and #PFs resolved by one (the exit summary).
     syncs: u64,
     resolved: u64,
@@ -87,6 +89,7 @@ static STATE: Global<State> = Global(UnsafeCell::new(State {
     kernel_pf: 0,
     enter_pending: false,
     updates: 0,
+    unchanged: 0,
     syncs: 0,
     resolved: 0,
 }));
@@ -206,10 +209,10 @@ impl State {
     /// code segment had RPL 3), shadow syncs and #PFs they resolved.
     fn summary(&self, out: &mut dyn Write) {
         let native = if native() { "yes" } else { "no" };
-        let (syncs, updates, resolved) = (self.syncs, self.updates, self.resolved);
+        let (syncs, updates, unchanged, resolved) = (self.syncs, self.updates, self.unchanged, self.resolved);
         let _ = writeln!(
             out,
-            "previrt-pvm: native={native} shadow-syncs={syncs} shadow-updates={updates} faults-resolved={resolved}"
+            "previrt-pvm: native={native} shadow-syncs={syncs} shadow-updates={updates} invlpg-unchanged={unchanged} faults-resolved={resolved}"
         );
     }
 
@@ -357,11 +360,13 @@ impl Machine for Pvm<'_> {
     }
     fn invlpg(&mut self, addr: u64) {
         let st = &mut *self.st;
-        if shadow::update(st.pool, &mut st.copy, st.kernel_cr3, addr) {
-            st.updates += 1;
-            hw::Hardware.invlpg(addr);
-        } else {
-            st.sync(self.pv);
+        match shadow::update(st.pool, &mut st.copy, st.kernel_cr3, addr) {
+            Some(true) => {
+                st.updates += 1;
+                hw::Hardware.invlpg(addr);
+            }
+            Some(false) => st.unchanged += 1,
+            None => st.sync(self.pv),
         }
     }
     fn halt(&mut self, interrupts: bool) {

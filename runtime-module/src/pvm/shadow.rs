@@ -13,6 +13,8 @@ use core::cell::UnsafeCell;
 const PRESENT: u64 = 1;
 const WRITABLE: u64 = 1 << 1;
 const USER: u64 = 1 << 2;
+const ACCESSED: u64 = 1 << 5;
+const DIRTY: u64 = 1 << 6;
 const HUGE: u64 = 1 << 7;
 const ADDR: u64 = 0x000f_ffff_ffff_f000;
 /// CR3 bit the mode requires (root table at an odd 4 KiB page).
@@ -95,8 +97,11 @@ pub fn build(pool: usize, kernel_cr3: u64) -> Option<Live> {
 /// kernel's tables for `va`, in place, as a kernel edits its own live tables: the leaf entry
 /// (or a large page) is rewritten, a level the copy lacks is copied whole. Intermediate
 /// entries present in both are taken to point at the same kernel table (they change only
-/// with a CR3 load, which rebuilds). False when the pool is full (the caller rebuilds).
-pub fn update(pool: usize, c: &mut Live, kernel_cr3: u64, va: u64) -> bool {
+/// with a CR3 load, which rebuilds). Whether an entry changed (every change is flushed by the
+/// caller, so an unchanged copy has nothing stale in the TLB: a kernel's repeated `invlpg`
+/// of one page need not reach the hardware); None when the pool is full (the caller
+/// rebuilds).
+pub fn update(pool: usize, c: &mut Live, kernel_cr3: u64, va: u64) -> Option<bool> {
     // SAFETY: the live pool, edited entry by entry (single vCPU, no events in the runtime).
     let tables = unsafe { &mut POOLS.get().0[pool & 1] };
     let mut fill = Fill { tables, root: c.root, used: c.used };
@@ -107,26 +112,23 @@ pub fn update(pool: usize, c: &mut Live, kernel_cr3: u64, va: u64) -> bool {
         let e = unsafe { (src as *const u64).add(i).read_volatile() };
         let live = fill.tables[dst][i];
         if e & PRESENT == 0 || level == 1 || e & HUGE != 0 {
-            fill.tables[dst][i] = if e & PRESENT == 0 { 0 } else { e | USER };
-            break;
+            let v = if e & PRESENT == 0 { 0 } else { e | USER };
+            fill.tables[dst][i] = v;
+            // A/D bits the CPU set in the copy are no change of the kernel's.
+            return Some((live ^ v) & !(ACCESSED | DIRTY) != 0);
         }
         if live & PRESENT == 0 {
-            let Some(child) = fill.alloc() else { return false };
-            if fill.copy(e & ADDR, child, level - 1).is_none() {
-                return false;
-            }
+            let child = fill.alloc()?;
+            fill.copy(e & ADDR, child, level - 1)?;
             fill.tables[dst][i] = (e & !ADDR) | gpa(fill.tables[child].as_ptr() as u64) | USER;
-            break;
+            c.used = fill.used;
+            return Some(true);
         }
         let child_gpa = live & ADDR;
-        dst = fill.tables.iter().position(|t| gpa(t.as_ptr() as u64) == child_gpa).unwrap_or(usize::MAX);
-        if dst == usize::MAX {
-            return false;
-        }
+        dst = fill.tables.iter().position(|t| gpa(t.as_ptr() as u64) == child_gpa)?;
         src = e & ADDR;
     }
-    c.used = fill.used;
-    true
+    Some(false)
 }
 
 /// What the kernel's tables say about `va`: the leaf entry, if every level is present and
