@@ -8,9 +8,9 @@ use crate::emulate::{self, gpr, rflags, DescTable, Machine, Regs};
 use crate::guest::paravirt::{Hypervisor, Paravirt};
 use crate::guest::{self, hw, sym_addr, Global};
 use crate::hv::{self, Hv};
+use crate::patch::Site;
 use core::cell::UnsafeCell;
 use core::fmt::Write;
-use crate::patch::Site;
 use previrt_hv_abi as abi;
 use previrt_site_abi::{flags, Kind};
 
@@ -55,17 +55,14 @@ static mut previrt_pvm_deadline: u64 = 0;
 /// TSC ticks per ms (the platform clock's rate, for the deadline).
 static TSC_PER_MS: Global<u64> = Global(UnsafeCell::new(0));
 // The bodies read `pending` at `vif` + 8.
-const _: () = assert!(
-    core::mem::offset_of!(abi::VcpuPage, pending) == core::mem::offset_of!(abi::VcpuPage, vif) + 8
-);
+const _: () = assert!(core::mem::offset_of!(abi::VcpuPage, pending) == core::mem::offset_of!(abi::VcpuPage, vif) + 8);
 
 /// What the backend keeps besides the `hv` machine.
 struct State {
     /// CR3 as the kernel loaded it (what `mov from cr3` returns).
     kernel_cr3: u64,
-    /// The live copy (its CR3 value is the one loaded), and which pool it is in.
-    copy: shadow::Live,
-    pool: usize,
+    /// The copies of the kernel's address spaces (the live one is loaded).
+    shadow: shadow::Cache,
     /// The kernel's IDT as it loaded it; None before its `lidt`.
     idt: Option<DescTable>,
     /// The kernel's #PF handler (its trampoline goes to the fault check first).
@@ -76,21 +73,23 @@ struct State {
     /// already up to date (no hardware `invlpg`).
     updates: u64,
     unchanged: u64,
-    /// Shadow rebuilds and #PFs resolved by one (the exit summary).
+    /// Shadow syncs (CR3 loads, #PFs resolved by one), of them copies built whole (the
+    /// others brought a cached copy up to date).
     syncs: u64,
+    builds: u64,
     resolved: u64,
 }
 
 static STATE: Global<State> = Global(UnsafeCell::new(State {
     kernel_cr3: 0,
-    copy: shadow::Live::NONE,
-    pool: 0,
+    shadow: shadow::Cache::NEW,
     idt: None,
     kernel_pf: 0,
     enter_pending: false,
     updates: 0,
     unchanged: 0,
     syncs: 0,
+    builds: 0,
     resolved: 0,
 }));
 
@@ -209,10 +208,11 @@ impl State {
     /// code segment had RPL 3), shadow syncs and #PFs they resolved.
     fn summary(&self, out: &mut dyn Write) {
         let native = if native() { "yes" } else { "no" };
-        let (syncs, updates, unchanged, resolved) = (self.syncs, self.updates, self.unchanged, self.resolved);
+        let (syncs, builds, updates, unchanged) = (self.syncs, self.builds, self.updates, self.unchanged);
+        let resolved = self.resolved;
         let _ = writeln!(
             out,
-            "previrt-pvm: native={native} shadow-syncs={syncs} shadow-updates={updates} invlpg-unchanged={unchanged} faults-resolved={resolved}"
+            "previrt-pvm: native={native} shadow-syncs={syncs} shadow-builds={builds} shadow-updates={updates} invlpg-unchanged={unchanged} faults-resolved={resolved}"
         );
     }
 
@@ -246,14 +246,13 @@ impl State {
 
     /// Build a copy of the kernel's current address space in the idle pool and load it.
     fn sync(&mut self, pv: &mut Paravirt<Hv>) {
-        let pool = self.pool ^ 1;
-        let Some(copy) = shadow::build(pool, self.kernel_cr3) else {
+        let Some((cr3, built)) = self.shadow.load(self.kernel_cr3) else {
             pv.fatal(format_args!("pvm: the kernel's page tables do not fit the shadow pool"))
         };
-        hw::Hardware.write_cr(3, copy.cr3);
+        hw::Hardware.write_cr(3, cr3);
         set_lean(native());
-        (self.copy, self.pool) = (copy, pool);
         self.syncs += 1;
+        self.builds += u64::from(built);
         self.install_idt();
     }
 
@@ -360,7 +359,7 @@ impl Machine for Pvm<'_> {
     }
     fn invlpg(&mut self, addr: u64) {
         let st = &mut *self.st;
-        match shadow::update(st.pool, &mut st.copy, st.kernel_cr3, addr) {
+        match shadow::update(&mut st.shadow, st.kernel_cr3, addr) {
             Some(true) => {
                 st.updates += 1;
                 hw::Hardware.invlpg(addr);
@@ -464,7 +463,7 @@ extern "C" fn previrt_pvm_fault(frame: &mut [u64; 21]) -> u64 {
     let addr = hw::Hardware.read_cr(2);
     let write = frame[15] & 2 != 0;
     let ours = shadow::kernel_allows(st.kernel_cr3, addr, write)
-        .is_some_and(|k| shadow::shadow_allows(st.copy.cr3, addr, write) != Some(k));
+        .is_some_and(|k| shadow::shadow_allows(st.shadow.cr3(), addr, write) != Some(k));
     if !ours {
         return st.kernel_pf;
     }

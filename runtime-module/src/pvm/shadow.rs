@@ -1,7 +1,10 @@
 //! Shadow page tables for KVM-PVM's native mode: copies of the kernel's tables with U=1 at
-//! every level, rooted at a page whose GPA has bit 12 set (docs/pvm.md). Two pools: a sync
-//! builds a complete copy in the pool that is not live, then the caller loads its root, so
-//! the tables the CPU walks are never edited under it.
+//! every level, rooted at a page whose GPA has bit 12 set (docs/pvm.md). A [`Cache`] keeps
+//! one copy per kernel root in its own pool ([`SLOTS`]): loading a root the cache holds
+//! brings that copy in line entry by entry (only entries that differ are written, so the
+//! host's own shadow of an unchanged table stays valid), a new root is built whole in a pool
+//! that is not live. The tables the CPU walks are edited only as a kernel edits its own live
+//! tables: one entry at a time, a new subtree complete before it is linked.
 //!
 //! The kernel's tables are read at their physical addresses (identity-mapped kernels, as
 //! `hw::map_runtime` assumes); large pages are copied as leaves. Accessed/dirty bits are set
@@ -21,12 +24,17 @@ const ADDR: u64 = 0x000f_ffff_ffff_f000;
 pub const ROOT_BIT: u64 = 1 << 12;
 
 /// Tables per pool: the example kernel's busiest address space uses about a dozen; one
-/// extra page so that a root with [`ROOT_BIT`] always fits.
+/// extra page so that a root with [`ROOT_BIT`] always fits; the rest absorbs subtrees
+/// replaced in place until the copy is rebuilt.
 const POOL_PAGES: usize = 40;
+/// Address spaces cached (the example kernel switches between three).
+pub const SLOTS: usize = 4;
 
 #[repr(C, align(4096))]
-struct Pools([[[u64; 512]; POOL_PAGES]; 2]);
-static POOLS: Global<Pools> = Global(UnsafeCell::new(Pools([[[0; 512]; POOL_PAGES]; 2])));
+struct Pools([[[u64; 512]; POOL_PAGES]; SLOTS]);
+static POOLS: Global<Pools> = Global(UnsafeCell::new(Pools([[[0; 512]; POOL_PAGES]; SLOTS])));
+/// The kernel table each pool page copies.
+static SOURCES: Global<[[u64; POOL_PAGES]; SLOTS]> = Global(UnsafeCell::new([[0; POOL_PAGES]; SLOTS]));
 
 fn gpa(va: u64) -> u64 {
     va.wrapping_sub(link_value!("__previrt_virt_delta"))
@@ -35,6 +43,7 @@ fn gpa(va: u64) -> u64 {
 /// A pool being filled: its tables, the root's index and the next free one.
 struct Fill {
     tables: &'static mut [[u64; 512]; POOL_PAGES],
+    sources: &'static mut [u64; POOL_PAGES],
     root: usize,
     used: usize,
 }
@@ -49,6 +58,7 @@ impl Fill {
 
     /// Copy the kernel's table at physical `src` (level 4 = root) into table `dst`.
     fn copy(&mut self, src: u64, dst: usize, level: u32) -> Option<()> {
+        self.sources[dst] = src & ADDR;
         for i in 0..512 {
             // SAFETY: `src` is a page-table page the kernel built (identity-mapped).
             let e = unsafe { ((src & ADDR) as *const u64).add(i).read_volatile() };
@@ -67,6 +77,51 @@ impl Fill {
     }
 }
 
+impl Fill {
+    /// Bring table `dst`, a copy of the kernel's table `src`, in line with it: an entry is
+    /// written only where it differs (A/D bits the CPU set aside), a child whose kernel table
+    /// is another one is copied afresh before it is linked (the old one stays unused until
+    /// the copy is rebuilt). None when the pool is full.
+    fn refresh(&mut self, src: u64, dst: usize, level: u32) -> Option<()> {
+        for i in 0..512 {
+            // SAFETY: as in `copy`.
+            let e = unsafe { ((src & ADDR) as *const u64).add(i).read_volatile() };
+            let live = self.tables[dst][i];
+            let v = if e & PRESENT == 0 {
+                0
+            } else if level == 1 || e & HUGE != 0 {
+                e | USER
+            } else {
+                let same = (live & (PRESENT | HUGE) == PRESENT)
+                    .then(|| self.index(live & ADDR))
+                    .flatten()
+                    .filter(|&c| self.sources[c] == e & ADDR);
+                let child = match same {
+                    Some(c) => {
+                        self.refresh(e & ADDR, c, level - 1)?;
+                        c
+                    }
+                    None => {
+                        let c = self.alloc()?;
+                        self.copy(e & ADDR, c, level - 1)?;
+                        c
+                    }
+                };
+                (e & !ADDR) | gpa(self.tables[child].as_ptr() as u64) | USER
+            };
+            if (live ^ v) & !(ACCESSED | DIRTY) != 0 {
+                self.tables[dst][i] = v;
+            }
+        }
+        Some(())
+    }
+
+    /// The pool page at guest-physical `table`.
+    fn index(&self, table: u64) -> Option<usize> {
+        self.tables.iter().position(|t| gpa(t.as_ptr() as u64) == table)
+    }
+}
+
 /// A built copy: the CR3 value to load (root GPA with [`ROOT_BIT`], the kernel's low flag
 /// bits), its root's index and the pool pages in use.
 #[derive(Clone, Copy)]
@@ -81,19 +136,78 @@ impl Live {
     pub const NONE: Live = Live { cr3: 0, root: 0, used: 0 };
 }
 
-/// Build the copy of the address space rooted at `kernel_cr3` in pool `pool` (0 or 1, the
-/// one not live); None when the pool is too small.
-pub fn build(pool: usize, kernel_cr3: u64) -> Option<Live> {
-    // SAFETY: the pool not live is only touched here (single vCPU, no events in the runtime).
-    let tables = unsafe { &mut POOLS.get().0[pool & 1] };
-    // The root is whichever of the first two pages has bit 12 set.
-    let root = usize::from(gpa(tables[0].as_ptr() as u64) & ROOT_BIT == 0);
-    let mut fill = Fill { tables, root, used: 0 };
-    fill.copy(kernel_cr3, root, 4)?;
-    Some(Live { cr3: gpa(fill.tables[root].as_ptr() as u64) | (kernel_cr3 & 0x18), root, used: fill.used })
+/// The pool of slot `slot`, positioned at copy `c`.
+fn fill(slot: usize, c: &Live) -> Fill {
+    // SAFETY: single vCPU, no events in the runtime; callers edit a pool not live, or the
+    // live one entry by entry.
+    let (tables, sources) = unsafe { (&mut POOLS.get().0[slot], &mut SOURCES.get()[slot]) };
+    Fill { tables, sources, root: c.root, used: c.used }
 }
 
-/// After the kernel's `invlpg va`: bring the live copy `c` (in pool `pool`) in line with the
+/// Build the copy of the address space rooted at `kernel_cr3` in slot `slot` (not live);
+/// None when the pool is too small.
+fn build(slot: usize, kernel_cr3: u64) -> Option<Live> {
+    let mut f = fill(slot, &Live::NONE);
+    // The root is whichever of the first two pages has bit 12 set.
+    f.root = usize::from(gpa(f.tables[0].as_ptr() as u64) & ROOT_BIT == 0);
+    f.copy(kernel_cr3, f.root, 4)?;
+    Some(Live { cr3: gpa(f.tables[f.root].as_ptr() as u64) | (kernel_cr3 & 0x18), root: f.root, used: f.used })
+}
+
+/// One copy per kernel root, least recently loaded replaced first.
+pub struct Cache {
+    /// Kernel root (0: empty), its copy and when it was last loaded.
+    slots: [(u64, Live, u64); SLOTS],
+    live: usize,
+    clock: u64,
+}
+
+impl Cache {
+    pub const NEW: Cache = Cache { slots: [(0, Live::NONE, 0); SLOTS], live: 0, clock: 0 };
+
+    /// The live copy's CR3 value.
+    pub fn cr3(&self) -> u64 {
+        self.slots[self.live].1.cr3
+    }
+
+    /// The copy of `kernel_cr3`'s address space, up to date, made the live one: the CR3
+    /// value to load, and whether it was built whole (a miss). None when the kernel's tables
+    /// do not fit a pool.
+    pub fn load(&mut self, kernel_cr3: u64) -> Option<(u64, bool)> {
+        let root = kernel_cr3 & ADDR;
+        self.clock += 1;
+        let hit = self.slots.iter().position(|s| s.0 == root && s.1.cr3 != 0);
+        let refreshed = hit.filter(|&i| {
+            let c = &mut self.slots[i].1;
+            let mut f = fill(i, c);
+            let ok = f.refresh(root, c.root, 4).is_some();
+            c.used = f.used;
+            if !ok {
+                // Full of replaced subtrees: rebuilt elsewhere, this one goes first next.
+                self.slots[i].0 = 0;
+                self.slots[i].2 = 0;
+            }
+            ok
+        });
+        let i = match refreshed {
+            Some(i) => i,
+            None => {
+                // A slot not live: the CPU never walks a copy being built.
+                let i = (0..SLOTS).filter(|&i| i != self.live).min_by_key(|&i| self.slots[i].2)?;
+                self.slots[i] = (0, Live::NONE, 0);
+                self.slots[i] = (root, build(i, kernel_cr3)?, 0);
+                i
+            }
+        };
+        let c = &mut self.slots[i].1;
+        c.cr3 = (c.cr3 & ADDR) | (kernel_cr3 & 0x18);
+        self.slots[i].2 = self.clock;
+        self.live = i;
+        Some((c.cr3, refreshed.is_none()))
+    }
+}
+
+/// After the kernel's `invlpg va`: bring the live copy in line with the
 /// kernel's tables for `va`, in place, as a kernel edits its own live tables: the leaf entry
 /// (or a large page) is rewritten, a level the copy lacks is copied whole. Intermediate
 /// entries present in both are taken to point at the same kernel table (they change only
@@ -101,10 +215,10 @@ pub fn build(pool: usize, kernel_cr3: u64) -> Option<Live> {
 /// caller, so an unchanged copy has nothing stale in the TLB: a kernel's repeated `invlpg`
 /// of one page need not reach the hardware); None when the pool is full (the caller
 /// rebuilds).
-pub fn update(pool: usize, c: &mut Live, kernel_cr3: u64, va: u64) -> Option<bool> {
-    // SAFETY: the live pool, edited entry by entry (single vCPU, no events in the runtime).
-    let tables = unsafe { &mut POOLS.get().0[pool & 1] };
-    let mut fill = Fill { tables, root: c.root, used: c.used };
+pub fn update(cache: &mut Cache, kernel_cr3: u64, va: u64) -> Option<bool> {
+    let slot = cache.live;
+    let c = &mut cache.slots[slot].1;
+    let mut fill = fill(slot, c);
     let (mut src, mut dst) = (kernel_cr3 & ADDR, c.root);
     for (level, shift) in [(4u32, 39u32), (3, 30), (2, 21), (1, 12)] {
         let i = ((va >> shift) & 511) as usize;
