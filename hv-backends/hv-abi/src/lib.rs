@@ -38,8 +38,12 @@ pub const CPUID_BASE: u32 = 0x4000_0000;
 /// CPUID leaf: eax = [`ABI_VERSION`], ebx = [`features`], ecx = [`MSR_HYPERCALL_PAGE`],
 /// edx = number of hypercalls ([`hc::COUNT`]).
 pub const CPUID_VERSION: u32 = 0x4000_0001;
+/// CPUID leaf: eax = the vCPU's TSC frequency in kHz (0: unknown), as the VMM knows it. The
+/// guest's own calibration against the PIT measures wrong whenever the vCPU thread is
+/// descheduled during the measurement (a loaded host: 8x off was seen).
+pub const CPUID_TSC: u32 = 0x4000_0002;
 /// Highest leaf the VMM answers in the previrt range.
-pub const CPUID_MAX_LEAF: u32 = CPUID_VERSION;
+pub const CPUID_MAX_LEAF: u32 = CPUID_TSC;
 /// 12-byte signature in ebx, ecx, edx (like "KVMKVMKVM\0\0\0" or "XenVMMXenVMM").
 pub const SIGNATURE: [u8; 12] = *b"PrevirtHVabi";
 

@@ -135,6 +135,8 @@ pub struct Pv {
     pub native: bool,
     /// ABI major version offered: [`abi::ABI_MAJOR`] or [`abi::ABI_MAJOR_V2`].
     major: u16,
+    /// The vCPU's TSC frequency, reported in [`abi::CPUID_TSC`].
+    pub tsc_khz: u32,
     /// The version-1 number of the last hypercall (a version-2 op decoded), for statistics.
     last: u64,
 }
@@ -161,6 +163,7 @@ impl Pv {
             doorbell: false,
             native: false,
             major: abi::ABI_MAJOR,
+            tsc_khz: 0,
             last: hc::COUNT,
         })
     }
@@ -185,7 +188,7 @@ impl Pv {
     }
 
     /// CPUID leaves of this ABI: (leaf, eax, ebx, ecx, edx).
-    pub fn cpuid(&self) -> [(u32, u32, u32, u32, u32); 2] {
+    pub fn cpuid(&self) -> [(u32, u32, u32, u32, u32); 3] {
         let (b, c, d) = abi::signature_regs();
         let mut f = abi::features::CONSOLE | abi::features::TIMER;
         if self.disk.is_some() {
@@ -200,6 +203,7 @@ impl Pv {
         [
             (abi::CPUID_BASE, abi::CPUID_MAX_LEAF, b, c, d),
             (abi::CPUID_VERSION, self.version(), f, abi::MSR_HYPERCALL_PAGE, self.stubs()),
+            (abi::CPUID_TSC, self.tsc_khz, 0, 0, 0),
         ]
     }
 

@@ -214,6 +214,7 @@ pub(crate) fn run_with(
     let native = crate::pvm::setup(&vcpu, args.backend).map_err(Error::Host)?;
     if let Personality::Previrt(pv) = &mut persona {
         pv.native = native;
+        pv.tsc_khz = vcpu.get_tsc_khz().map_err(host("KVM_GET_TSC_KHZ"))?;
     }
     let mut cpuid = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(host("KVM_GET_SUPPORTED_CPUID"))?;
     cpuid = guest_cpuid(&cpuid, &persona.cpuid()).map_err(host("CPUID table"))?;

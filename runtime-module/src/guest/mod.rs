@@ -94,6 +94,19 @@ fn table() -> (u64, usize) {
     (start, end.saturating_sub(start) as usize)
 }
 
+/// TSC ticks per millisecond: the in-tree hypervisor's figure (kHz) when it reports one, which
+/// a loaded host cannot skew, else [`tsc_per_ms`].
+fn tsc_rate(platform: Platform) -> u64 {
+    use previrt_hv_abi::{CPUID_BASE, CPUID_TSC};
+    if platform == Platform::PrevirtHv && hw::cpuid(CPUID_BASE, 0)[0] >= CPUID_TSC {
+        let khz = hw::cpuid(CPUID_TSC, 0)[0];
+        if khz != 0 {
+            return u64::from(khz);
+        }
+    }
+    tsc_per_ms()
+}
+
 /// TSC ticks per millisecond, from PIT channel 2 (10 ms, mode 0). 0 if the PIT never fires.
 fn tsc_per_ms() -> u64 {
     const MS: u64 = 10;
@@ -301,7 +314,7 @@ extern "C" fn previrt_boot(start_info: u64, path: u32) {
             default
         }),
     };
-    let per_ms = tsc_per_ms();
+    let per_ms = tsc_rate(state.platform);
     migrate::boot(per_ms);
     let mut pv = PARAVIRTUAL.iter().find(|p| p.backend.id == chosen.id);
     if let Some(p) = pv {

@@ -305,6 +305,14 @@ impl<H: Hypervisor> Machine for Paravirt<H> {
                 if Pic::is_eoi(r, v, 0) {
                     // The kernel acknowledged the tick: the event is handled.
                     self.hv.ack_timer();
+                    // Forward progress: the next tick comes at least a period after this
+                    // acknowledgement. Ring 0 is instruction-emulated on KVM-PVM, where a
+                    // handler running through sites can outlast a 1 ms period: otherwise only
+                    // ticks would run.
+                    let floor = self.hv.now_ns() + self.pit.period_ns();
+                    if self.next_tick != 0 && self.next_tick < floor {
+                        self.next_tick = floor;
+                    }
                 }
                 self.sync_vector();
             }
