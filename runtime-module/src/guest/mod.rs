@@ -4,6 +4,7 @@
 //! (docs/runtime-entry.md): the kernel's site table bounds, its original PVH entry, the default
 //! backend and virt − phys.
 
+pub(crate) mod arena;
 mod boot;
 pub(crate) mod hw;
 pub(crate) mod migrate;

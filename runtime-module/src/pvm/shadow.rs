@@ -10,6 +10,7 @@
 //! `hw::map_runtime` assumes); large pages are copied as leaves. Accessed/dirty bits are set
 //! in the copy only (the example kernel never reads them).
 
+use crate::guest::arena::{self, Table};
 use crate::guest::{link_value, Global};
 use core::cell::UnsafeCell;
 
@@ -30,9 +31,10 @@ const POOL_PAGES: usize = 40;
 /// Address spaces cached (the example kernel switches between three).
 pub const SLOTS: usize = 4;
 
-#[repr(C, align(4096))]
-struct Pools([[[u64; 512]; POOL_PAGES]; SLOTS]);
-static POOLS: Global<Pools> = Global(UnsafeCell::new(Pools([[[0; 512]; POOL_PAGES]; SLOTS])));
+/// The pools: the backends' shared arena as `SLOTS` pools of `POOL_PAGES`.
+fn pools() -> *mut [[Table; POOL_PAGES]; SLOTS] {
+    arena::pages::<{ POOL_PAGES * SLOTS }>().cast()
+}
 /// The kernel table each pool page copies.
 static SOURCES: Global<[[u64; POOL_PAGES]; SLOTS]> = Global(UnsafeCell::new([[0; POOL_PAGES]; SLOTS]));
 
@@ -140,7 +142,7 @@ impl Live {
 fn fill(slot: usize, c: &Live) -> Fill {
     // SAFETY: single vCPU, no events in the runtime; callers edit a pool not live, or the
     // live one entry by entry.
-    let (tables, sources) = unsafe { (&mut POOLS.get().0[slot], &mut SOURCES.get()[slot]) };
+    let (tables, sources) = unsafe { (&mut (*pools())[slot], &mut SOURCES.get()[slot]) };
     Fill { tables, sources, root: c.root, used: c.used }
 }
 

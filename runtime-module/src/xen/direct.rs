@@ -274,7 +274,7 @@ impl Mmu {
             return Err(MmuError::PoolFull);
         }
         // SAFETY: taking the address of a pool page.
-        let pfn = unsafe { core::ptr::addr_of!(mmu::POOL[self.used]) } as u64 >> 12;
+        let pfn = unsafe { core::ptr::addr_of!((*mmu::pool())[self.used]) } as u64 >> 12;
         self.used += 1;
         self.tables[self.ntables] = (pfn, level);
         self.ntables += 1;

@@ -35,11 +35,12 @@ const LOWER_HALF: u64 = 1 << 47;
 const NO_GUEST: u64 = u64::MAX;
 
 pub const POOL_PAGES: usize = 64;
-#[repr(C, align(4096))]
-pub struct Page(pub [u64; 512]);
 
-/// The shadow table pool; read-only in every mapping once boot has remapped it.
-pub static mut POOL: [Page; POOL_PAGES] = [const { Page([0; 512]) }; POOL_PAGES];
+/// The shadow table pool (the first pages of the backends' shared arena); read-only in every
+/// mapping once boot has remapped it.
+pub fn pool() -> *mut [crate::guest::arena::Table; POOL_PAGES] {
+    crate::guest::arena::pages::<POOL_PAGES>()
+}
 
 /// Most page-table pages direct mode tracks (the kernel's and the runtime's together).
 pub(super) const MAX_TABLES: usize = 128;
@@ -183,7 +184,7 @@ impl Mmu {
     }
 
     pub(super) fn pool_range() -> (u64, u64) {
-        let start = core::ptr::addr_of!(POOL) as u64;
+        let start = pool() as u64;
         (start, start + (POOL_PAGES * 4096) as u64)
     }
 
@@ -242,7 +243,7 @@ impl Mmu {
         }
         let i = self.used;
         // SAFETY: taking the address of a pool page.
-        let va = unsafe { core::ptr::addr_of!(POOL[i]) } as u64;
+        let va = unsafe { core::ptr::addr_of!((*pool())[i]) } as u64;
         self.shadows[i] = Shadow { level, guest, base, mfn: self.mfn(va >> 12).unwrap_or(0) };
         self.used += 1;
         Ok(i)
@@ -250,7 +251,7 @@ impl Mmu {
 
     fn set(&mut self, s: usize, i: usize, v: u64) -> R<()> {
         // SAFETY: reading a pool page (mapped read-only); Xen writes it behind our back.
-        let cur = unsafe { core::ptr::addr_of!(POOL[s].0[i]).read_volatile() };
+        let cur = unsafe { core::ptr::addr_of!((*pool())[s][i]).read_volatile() };
         if cur == v {
             return Ok(());
         }
