@@ -131,7 +131,10 @@ long_start:
 	movb $0x0f, %al
 	outb %al, $0x70
 	inb $0x71, %al
-	movw $0x3fd, %dx
+	/* COM1's line and modem control registers: configuration only. (Line status moved with
+	 * the host's timing: its data-ready bit read differently in two runs under a loaded
+	 * full suite, QEMU's stdin being /dev/null.) */
+	movw $0x3fb, %dx
 	inb %dx, %al
 	inw %dx, %ax
 	DUMP 10
