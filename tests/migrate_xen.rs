@@ -75,8 +75,7 @@ fn migrate(name: &str, from: &str, to: &str, after: &str, run_extra: &[&str]) ->
     let saved = previrt(&run);
     assert_eq!(saved.status.code(), Some(0), "saving run under {from}: {}", text(&saved.stderr));
     assert!(text(&saved.stderr).contains("snapshot written to"), "{}", text(&saved.stderr));
-    let restored =
-        previrt(&["restore", snap.to_str().unwrap(), "--abi", to, "--stats-json", stats.to_str().unwrap()]);
+    let restored = previrt(&["restore", snap.to_str().unwrap(), "--abi", to, "--stats-json", stats.to_str().unwrap()]);
     let json = std::fs::read(&stats).unwrap_or_else(|e| panic!("no stats ({e}): {}", text(&restored.stderr)));
     Move { saved, restored, stats: serde_json::from_slice(&json).unwrap() }
 }
@@ -184,6 +183,10 @@ fn forced_xen_snapshot_resumes_under_xen_only() {
     let snap = Path::new(env!("CARGO_TARGET_TMPDIR")).join("migrate-xen/xen-forced/vm.snap");
     let o = previrt(&["restore", snap.to_str().unwrap(), "--abi", "previrt"]);
     assert_eq!(o.status.code(), Some(2), "{}", text(&o.stderr));
-    assert!(text(&o.stderr).contains("cannot resume under --abi Previrt: nothing re-patched it"), "{}", text(&o.stderr));
+    assert!(
+        text(&o.stderr).contains("cannot resume under --abi Previrt: nothing re-patched it"),
+        "{}",
+        text(&o.stderr)
+    );
     assert!(o.stdout.is_empty(), "nothing ran: {}", text(&o.stdout));
 }

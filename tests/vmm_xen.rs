@@ -294,8 +294,12 @@ fn xen_personality_example_kernel_runs_xen_hvm_with_qemu_results_and_far_fewer_e
 #[test]
 fn xen_3_0_2_personality_example_kernel_binds_through_the_compat_calls() {
     let d = scratch("xen_hvm_302");
-    let (qemu, (status, out, stats)) = qemu_and_linked(&d, "xen-3.0.2", "hz=100 workloads=timer,console console_lines=8");
-    assert!(out.contains("previrt-xen-hvm: Xen 3.0, sched_op_compat/event_channel_op_compat, VIRQ_TIMER on port 1"), "{out}");
+    let (qemu, (status, out, stats)) =
+        qemu_and_linked(&d, "xen-3.0.2", "hz=100 workloads=timer,console console_lines=8");
+    assert!(
+        out.contains("previrt-xen-hvm: Xen 3.0, sched_op_compat/event_channel_op_compat, VIRQ_TIMER on port 1"),
+        "{out}"
+    );
     assert_eq!(status, Some(1), "{out}");
     assert_eq!(common::workload_lines(&out), common::workload_lines(&qemu), "xen-hvm on 3.0.2 vs QEMU TCG");
     // One probe of the current call, then only the compat forms (VIRQ_TIMER, VIRQ_SUSPEND).
@@ -312,7 +316,8 @@ fn xen_3_0_2_personality_example_kernel_binds_through_the_compat_calls() {
 #[test]
 fn xen_domu_console_goes_through_the_ring() {
     let d = scratch("xen_hvm_domu");
-    let (qemu, (status, out, stats)) = qemu_and_linked(&d, "xen --domu", "hz=100 workloads=console,timer console_lines=8");
+    let (qemu, (status, out, stats)) =
+        qemu_and_linked(&d, "xen --domu", "hz=100 workloads=console,timer console_lines=8");
     assert_eq!(status, Some(1), "{out}");
     let kernel = |s: &str| -> Vec<String> {
         s.lines().filter(|l| l.starts_with("CONSOLE ") || l.starts_with("WORKLOAD ")).map(String::from).collect()

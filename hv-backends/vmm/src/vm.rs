@@ -662,8 +662,8 @@ impl Vm {
         // Only the guest kernel may call the hypervisor (as Xen: -EPERM from user mode), even
         // if it lets user code reach the port through IOPL or the I/O bitmap.
         // In KVM-PVM's native mode the kernel itself runs on the mode's ring-3 code segment.
-        let native_kernel = matches!(&self.persona, Personality::Previrt(p) if p.native)
-            && sregs.cs.selector == crate::pvm::NATIVE_CS;
+        let native_kernel =
+            matches!(&self.persona, Personality::Previrt(p) if p.native) && sregs.cs.selector == crate::pvm::NATIVE_CS;
         if sregs.cs.selector & 3 != 0 && !native_kernel {
             regs.rax = abi::err::PERM as u64;
             self.stats.add(Table::Hypercall, "refused:user-mode", t.elapsed());
@@ -796,8 +796,9 @@ impl Vm {
 fn guest_tsc(vcpu: &VcpuFd) -> Result<(u32, u64), kvm_ioctls::Error> {
     const IA32_TSC: u32 = 0x10;
     let khz = vcpu.get_tsc_khz()?;
-    let mut msrs = kvm_bindings::Msrs::from_entries(&[kvm_bindings::kvm_msr_entry { index: IA32_TSC, ..Default::default() }])
-        .map_err(|_| kvm_ioctls::Error::new(libc::EINVAL))?;
+    let mut msrs =
+        kvm_bindings::Msrs::from_entries(&[kvm_bindings::kvm_msr_entry { index: IA32_TSC, ..Default::default() }])
+            .map_err(|_| kvm_ioctls::Error::new(libc::EINVAL))?;
     vcpu.get_msrs(&mut msrs)?;
     Ok((khz, msrs.as_slice()[0].data))
 }

@@ -625,7 +625,9 @@ impl Xen {
     }
 
     fn upcall_pending(&self, mem: &GuestMemoryMmap) -> bool {
-        self.shared_info.is_some_and(|b| mem.load::<u8>(GuestAddress(b + si::UPCALL_PENDING), Ordering::Acquire).is_ok_and(|v| v != 0))
+        self.shared_info.is_some_and(|b| {
+            mem.load::<u8>(GuestAddress(b + si::UPCALL_PENDING), Ordering::Acquire).is_ok_and(|v| v != 0)
+        })
     }
 
     fn virq_port(&self, virq: u32) -> Option<u32> {

@@ -7,8 +7,8 @@
 pub(crate) mod arena;
 mod boot;
 pub(crate) mod hw;
-pub(crate) mod migrate;
 mod linux;
+pub(crate) mod migrate;
 pub(crate) mod paravirt;
 mod rt;
 mod serial;
@@ -429,7 +429,10 @@ pub(crate) fn has_site(kind: Kind) -> bool {
     // SAFETY: read-only use of the state written at boot.
     let state = unsafe { STATE.get() };
     // SAFETY: index entries name records of the loaded table.
-    state.patcher.as_ref().is_some_and(|p| p.index[..p.sites].iter().any(|e| unsafe { p.site(e) }.record.kind == kind as u16))
+    state
+        .patcher
+        .as_ref()
+        .is_some_and(|p| p.index[..p.sites].iter().any(|e| unsafe { p.site(e) }.record.kind == kind as u16))
 }
 
 /// The site a stub was called from (`regs.rip` is the return address): counts it, sets

@@ -31,12 +31,8 @@ static MAJOR: AtomicU16 = AtomicU16::new(abi::ABI_MAJOR);
 /// The block version-2 hypercalls point at (single vCPU; only used inside [`hypercall`]).
 #[repr(C, align(16))]
 struct CallBlock(abi::v2::Call);
-static CALL: Global<CallBlock> = Global(UnsafeCell::new(CallBlock(abi::v2::Call {
-    op: 0,
-    flags: 0,
-    args: [0; 4],
-    _reserved: [0; 3],
-})));
+static CALL: Global<CallBlock> =
+    Global(UnsafeCell::new(CallBlock(abi::v2::Call { op: 0, flags: 0, args: [0; 4], _reserved: [0; 3] })));
 
 /// Hypercalls made, by number (the exit summary prints them).
 static CALLS: [AtomicU64; hc::COUNT as usize] = [const { AtomicU64::new(0) }; hc::COUNT as usize];

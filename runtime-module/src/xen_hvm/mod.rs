@@ -234,7 +234,8 @@ pub(crate) fn init() -> Result<(), &'static str> {
     }
     // An ordinary domain has a console ring instead of console_io.
     x.hv.console_port = 0;
-    if let (Some(pfn @ 1..), Some(port @ 1..)) = (get_param(HVM_PARAM_CONSOLE_PFN), get_param(HVM_PARAM_CONSOLE_EVTCHN)) {
+    if let (Some(pfn @ 1..), Some(port @ 1..)) = (get_param(HVM_PARAM_CONSOLE_PFN), get_param(HVM_PARAM_CONSOLE_EVTCHN))
+    {
         let page = CONSOLE_PAGE.0.get() as u64;
         if add_to_physmap(XENMAPSPACE_GMFN, pfn, gpa(page) >> 12) != 0 {
             return Err("the console page cannot be moved into the runtime");
