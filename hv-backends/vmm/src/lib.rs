@@ -57,6 +57,15 @@ impl AbiKind {
             _ => None,
         }
     }
+
+    /// The previrt ABI major version, for the previrt kinds.
+    pub fn hv_major(self) -> Option<u16> {
+        match self {
+            AbiKind::Previrt => Some(previrt_hv_abi::ABI_MAJOR),
+            AbiKind::PrevirtV2 => Some(previrt_hv_abi::ABI_MAJOR_V2),
+            _ => None,
+        }
+    }
 }
 
 /// How guest code executes on this host.
@@ -130,17 +139,6 @@ pub struct RunArgs {
     /// re-patching) before the VM is saved without it ("forced").
     #[arg(long, value_name = "MS", default_value_t = 2000)]
     pub suspend_timeout: u64,
-}
-
-impl AbiKind {
-    /// The previrt ABI major version, for the previrt kinds.
-    pub fn hv_major(self) -> Option<u16> {
-        match self {
-            AbiKind::Previrt => Some(previrt_hv_abi::ABI_MAJOR),
-            AbiKind::PrevirtV2 => Some(previrt_hv_abi::ABI_MAJOR_V2),
-            _ => None,
-        }
-    }
 }
 
 /// Parse "128M", "1G", "65536K" or bytes.

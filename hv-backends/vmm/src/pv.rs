@@ -81,17 +81,19 @@ impl Shared {
 
     /// Set `bits` in the vCPU page's pending word (atomic OR). False if there is no page.
     pub fn raise(&self, mem: &GuestMemoryMmap, bits: u64) -> bool {
+        self.pending(mem, |a| a.fetch_or(bits, Ordering::SeqCst))
+    }
+
+    /// Clear `bits` in the vCPU page's pending word (atomic AND). False if there is no page.
+    pub fn clear(&self, mem: &GuestMemoryMmap, bits: u64) -> bool {
+        self.pending(mem, |a| a.fetch_and(!bits, Ordering::SeqCst))
+    }
+
+    /// Apply `op` to the vCPU page's pending word as an atomic. False if there is no page.
+    fn pending(&self, mem: &GuestMemoryMmap, op: impl FnOnce(&AtomicU64) -> u64) -> bool {
         let Some(page) = self.vcpu_page() else { return false };
-        match mem.get_slice(GuestAddress(page + offsets::PENDING as u64), 8) {
-            Ok(s) => match s.get_atomic_ref::<AtomicU64>(0) {
-                Ok(a) => {
-                    a.fetch_or(bits, Ordering::SeqCst);
-                    true
-                }
-                Err(_) => false,
-            },
-            Err(_) => false,
-        }
+        let Ok(s) = mem.get_slice(GuestAddress(page + offsets::PENDING as u64), 8) else { return false };
+        s.get_atomic_ref::<AtomicU64>(0).map(op).is_ok()
     }
 
     pub fn read_u32(&self, mem: &GuestMemoryMmap, off: usize) -> Option<u32> {
@@ -172,11 +174,6 @@ impl Pv {
     pub fn with_major(mut self, major: u16) -> Pv {
         self.major = major;
         self
-    }
-
-    /// The ABI major version offered.
-    pub fn major(&self) -> u16 {
-        self.major
     }
 
     fn version(&self) -> u32 {

@@ -78,7 +78,7 @@ static VCPU_THREAD: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64:
 
 extern "C" fn on_sigusr1(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
     SIGUSR1.store(true, Ordering::SeqCst);
-    super::super::kick::kick(VCPU_THREAD.load(Ordering::SeqCst) as libc::pthread_t);
+    crate::kick::kick(VCPU_THREAD.load(Ordering::SeqCst) as libc::pthread_t);
 }
 
 /// The snapshot triggers of one run (`--snapshot-after`, SIGUSR1, `--control`).
@@ -103,7 +103,7 @@ impl Trigger {
         if args.snapshot.is_none() && args.control.is_none() {
             return Ok(None);
         }
-        super::super::kick::install().map_err(|e| format!("signal handler: {e}"))?;
+        crate::kick::install().map_err(|e| format!("signal handler: {e}"))?;
         // SAFETY: pthread_self has no preconditions; the run happens on this thread.
         VCPU_THREAD.store(unsafe { libc::pthread_self() } as u64, Ordering::SeqCst);
         if args.snapshot.is_some() {
@@ -179,7 +179,7 @@ fn listen(path: &Path) -> Result<mpsc::Receiver<Request>, String> {
                         Some(p) if Path::new(p).is_absolute() => {
                             let (rtx, rrx) = mpsc::channel();
                             let _ = tx.send(Request { path: PathBuf::from(p), reply: Some(rtx) });
-                            super::super::kick::kick(VCPU_THREAD.load(Ordering::SeqCst) as libc::pthread_t);
+                            crate::kick::kick(VCPU_THREAD.load(Ordering::SeqCst) as libc::pthread_t);
                             rrx.recv().unwrap_or_else(|_| reply_err("the VM stopped before saving"))
                         }
                         _ => reply_err("request needs an absolute \"path\""),
@@ -248,14 +248,20 @@ pub(super) fn poll(vm: &mut Vm) -> Result<Option<i32>, Stop> {
     Ok(None)
 }
 
+/// One KVM_RUN with immediate exit: KVM completes an in-flight port/MMIO access and its
+/// register write-back without running guest code.
+fn settle(vm: &mut Vm) {
+    vm.vcpu.set_kvm_immediate_exit(1);
+    let _ = vm.vcpu.run();
+    vm.vcpu.set_kvm_immediate_exit(0);
+}
+
 /// The guest called SUSPEND. With a request pending: complete the call as the stub's `ret`
 /// would, with RAX = RESUMED, and save, so the saved vCPU is outside the hypercall page (whose
 /// contents belong to the restoring VMM). Without one: return CANCELLED.
 pub(super) fn suspended(vm: &mut Vm) -> Result<Option<i32>, Stop> {
     // Let KVM finish the stub's `out` first: it may still write RIP back.
-    vm.vcpu.set_kvm_immediate_exit(1);
-    let _ = vm.vcpu.run();
-    vm.vcpu.set_kvm_immediate_exit(0);
+    settle(vm);
     let mut regs = vm.vcpu.get_regs().map_err(kvm_err("KVM_GET_REGS"))?;
     let sregs = vm.vcpu.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?;
     let at = |la| super::emulate::translate(&vm.mem, &sregs, la);
@@ -340,8 +346,7 @@ impl Personality {
     fn cancel_suspend(&self, mem: &GuestMemoryMmap) {
         match self {
             Personality::Previrt(pv) => {
-                let p = pv.shared.read_u64(mem, abi::offsets::PENDING).unwrap_or(0);
-                pv.shared.write_u64(mem, abi::offsets::PENDING, p & !abi::event::SUSPEND);
+                pv.shared.clear(mem, abi::event::SUSPEND);
             }
             Personality::Xen(x) => x.cancel_suspend(mem),
             Personality::None => {}
@@ -675,9 +680,7 @@ fn write(
     disk: Option<&(PathBuf, u64)>,
 ) -> Result<usize, Stop> {
     // Complete an in-flight port/MMIO access (and any register write-back) without running.
-    vm.vcpu.set_kvm_immediate_exit(1);
-    let _ = vm.vcpu.run();
-    vm.vcpu.set_kvm_immediate_exit(0);
+    settle(vm);
     vm.bus.flush();
     if let Personality::Previrt(pv) = &vm.persona {
         // Bytes already in the console ring go out here, not again after restore.

@@ -510,10 +510,8 @@ impl Vm {
             if let Some(s) = status {
                 return Ok(s);
             }
-            if self.snapshot.is_some() {
-                if let Some(s) = snapshot::poll(self)? {
-                    return Ok(s);
-                }
+            if let Some(s) = snapshot::poll(self)? {
+                return Ok(s);
             }
         }
     }
@@ -598,32 +596,26 @@ impl Vm {
         self.arm_ud_breakpoint()?;
         if let Personality::Xen(x) = &mut self.persona {
             x.tick(&self.mem, Instant::now());
-            if let Some(k) = &self.kicker {
-                let suspend = self.snapshot.as_ref().and_then(|t| t.deadline());
-                k.set(x.deadline().into_iter().chain(suspend).min());
-            }
-            return match x.pending_vector(&self.mem) {
+            let (deadline, vector) = (x.deadline(), x.pending_vector(&self.mem));
+            self.arm_kicker(deadline);
+            return match vector {
                 Some(v) => self.inject(v).map(|_| ()),
                 None => Ok(()),
             };
         }
         let Personality::Previrt(pv) = &mut self.persona else { return Ok(()) };
         pv.tick(&self.mem, Instant::now());
-        if let Some(k) = &self.kicker {
-            let suspend = self.snapshot.as_ref().and_then(|t| t.deadline());
-            k.set(pv.timer.deadline.into_iter().chain(suspend).min());
-        }
-        let sh = pv.shared.clone();
+        let (deadline, sh, vector) = (pv.timer.deadline, pv.shared.clone(), pv.event_vector);
+        self.arm_kicker(deadline);
         let (Some(pending), Some(vif)) =
             (sh.read_u64(&self.mem, abi::offsets::PENDING), sh.read_u32(&self.mem, abi::offsets::VIF))
         else {
             return Ok(());
         };
         // A suspend request is polled by the guest, never injected.
-        if pending & abi::event::UPCALL == 0 || vif == 0 || pv.event_vector == 0 {
+        if pending & abi::event::UPCALL == 0 || vif == 0 || vector == 0 {
             return Ok(());
         }
-        let vector = pv.event_vector;
         if !self.inject(vector)? {
             return Ok(());
         }
@@ -631,6 +623,15 @@ impl Vm {
         let n = sh.read_u64(&self.mem, abi::offsets::UPCALLS).unwrap_or(0);
         sh.write_u64(&self.mem, abi::offsets::UPCALLS, n.wrapping_add(1));
         Ok(())
+    }
+
+    /// Wake the vCPU thread at the personality's next timer `deadline` or the snapshot
+    /// trigger's, whichever is first.
+    fn arm_kicker(&self, deadline: Option<Instant>) {
+        if let Some(k) = &self.kicker {
+            let suspend = self.snapshot.as_ref().and_then(|t| t.deadline());
+            k.set(deadline.into_iter().chain(suspend).min());
+        }
     }
 
     /// Inject external interrupt `vector` if the vCPU can take one now (RFLAGS.IF, no

@@ -504,7 +504,7 @@ impl Xen {
             (HVMOP_GET_PARAM, HVM_PARAM_CONSOLE_PFN | HVM_PARAM_CONSOLE_EVTCHN) if self.console_ring.is_some() => {
                 let v = match index {
                     HVM_PARAM_CONSOLE_PFN => self.console_ring.unwrap_or(0) >> 12,
-                    _ => self.ports.iter().position(|c| *c == Some(Channel::Console)).unwrap_or(0) as u64,
+                    _ => self.port_of(Channel::Console).unwrap_or(0) as u64,
                 };
                 g.write(arg.wrapping_add(8), &v.to_le_bytes())
             }
@@ -595,7 +595,7 @@ impl Xen {
 
     /// Mark `port` pending and, unless it is masked, raise the upcall (evtchn_set_pending).
     fn set_pending(&self, mem: &GuestMemoryMmap, port: u32) {
-        let (word, bit) = (port as u64 / 64 * 8, 1u64 << (port % 64));
+        let (word, bit) = port_bit(port);
         self.atomic(mem, si::EVTCHN_PENDING + word, |a| {
             a.fetch_or(bit, Ordering::SeqCst);
         });
@@ -604,7 +604,7 @@ impl Xen {
 
     /// A pending, unmasked `port` sets its selector bit and the upcall flag.
     fn notify(&self, mem: &GuestMemoryMmap, port: u32) {
-        let (word, bit) = (port as u64 / 64 * 8, 1u64 << (port % 64));
+        let (word, bit) = port_bit(port);
         if self.word(mem, si::EVTCHN_PENDING + word) & bit == 0 || self.word(mem, si::EVTCHN_MASK + word) & bit != 0 {
             return;
         }
@@ -617,7 +617,7 @@ impl Xen {
     }
 
     fn unmask(&self, mem: &GuestMemoryMmap, port: u32) {
-        let (word, bit) = (port as u64 / 64 * 8, 1u64 << (port % 64));
+        let (word, bit) = port_bit(port);
         self.atomic(mem, si::EVTCHN_MASK + word, |a| {
             a.fetch_and(!bit, Ordering::SeqCst);
         });
@@ -631,7 +631,12 @@ impl Xen {
     }
 
     fn virq_port(&self, virq: u32) -> Option<u32> {
-        self.ports.iter().position(|c| *c == Some(Channel::Virq(virq))).map(|p| p as u32)
+        self.port_of(Channel::Virq(virq))
+    }
+
+    /// The event-channel port bound to `channel`.
+    fn port_of(&self, channel: Channel) -> Option<u32> {
+        self.ports.iter().position(|c| *c == Some(channel)).map(|p| p as u32)
     }
 
     /// The guest bound VIRQ_SUSPEND: it answers suspend requests.
@@ -648,7 +653,7 @@ impl Xen {
 
     pub fn cancel_suspend(&self, mem: &GuestMemoryMmap) {
         if let Some(port) = self.virq_port(VIRQ_SUSPEND) {
-            let (word, bit) = (port as u64 / 64 * 8, 1u64 << (port % 64));
+            let (word, bit) = port_bit(port);
             self.atomic(mem, si::EVTCHN_PENDING + word, |a| {
                 a.fetch_and(!bit, Ordering::SeqCst);
             });
@@ -795,4 +800,9 @@ impl Guest<'_> {
             xerr::EFAULT
         }
     }
+}
+
+/// Byte offset of `port`'s 64-bit word in a shared_info event bitmap, and its bit.
+fn port_bit(port: u32) -> (u64, u64) {
+    (port as u64 / 64 * 8, 1u64 << (port % 64))
 }
