@@ -91,10 +91,7 @@ pub const XEN_HVM: Backend = Backend { id: 4, name: "xen-hvm", route: hv_sites }
 pub const NATIVE_WATCH: Backend = Backend { id: 5, name: "native-watch", route: hlt_sites };
 
 fn hlt_sites(r: &SiteRecord) -> Route {
-    match long_mode_sites(r) {
-        Route::Stub if r.kind == previrt_site_abi::Kind::Hlt as u16 => Route::Stub,
-        _ => Route::Original,
-    }
+    listed_sites(r, &[previrt_site_abi::Kind::Hlt])
 }
 
 /// The in-tree hypervisor's ABI with the kernel running natively in this host's KVM-PVM mode

@@ -43,6 +43,11 @@ macro_rules! link_value {
 }
 pub(crate) use link_value;
 
+/// Guest-physical address of a runtime (or kernel image) address.
+pub(crate) fn gpa(va: u64) -> u64 {
+    va.wrapping_sub(link_value!("__previrt_virt_delta"))
+}
+
 /// Single-CPU global state: written at boot and by `previrt_repatch`, which run with
 /// interrupts off and no CPU inside a site.
 pub(crate) struct Global<T>(pub(crate) UnsafeCell<T>);

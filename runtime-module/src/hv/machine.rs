@@ -8,7 +8,7 @@
 
 use crate::emulate::{Machine, Regs};
 use crate::guest::paravirt::{Hypervisor, Paravirt, BACKSTOP_NS};
-use crate::guest::{self, hw, link_value, sym_addr, Global};
+use crate::guest::{self, gpa, hw, sym_addr, Global};
 use core::cell::UnsafeCell;
 use core::fmt::{self, Write};
 use core::sync::atomic::{AtomicU16, AtomicU32, AtomicU64, Ordering};
@@ -42,7 +42,8 @@ static DOORBELLS: AtomicU64 = AtomicU64::new(0);
 /// The in-tree hypervisor's side of the paravirtual machine ([`Paravirt`]).
 pub struct Hv {
     features: u32,
-    tsc_per_ms: u64,
+    /// TSC ticks per ms: the rate of [`Hypervisor::now_ns`]'s clock.
+    pub(crate) tsc_per_ms: u64,
 }
 
 static HV: Global<Paravirt<Hv>> = Global(UnsafeCell::new(Paravirt::new(Hv { features: 0, tsc_per_ms: 0 })));
@@ -60,11 +61,6 @@ fn vif() -> &'static AtomicU32 {
 fn pending() -> &'static AtomicU64 {
     // SAFETY: as `vif`; the VMM sets bits with atomic ORs.
     unsafe { AtomicU64::from_ptr(core::ptr::addr_of_mut!((*page()).pending)) }
-}
-
-/// Guest-physical address of a runtime address.
-fn gpa(va: u64) -> u64 {
-    va.wrapping_sub(link_value!("__previrt_virt_delta"))
 }
 
 /// Hypercall `nr` (a version-1 number) with arguments `a`: version 1 calls stub `nr` with the

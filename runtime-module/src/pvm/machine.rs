@@ -52,8 +52,6 @@ static mut previrt_pvm_lean: [u64; 4] = [0; 4];
 /// turns IF on from then on takes the stub, which raises and delivers the tick.
 #[no_mangle]
 static mut previrt_pvm_deadline: u64 = 0;
-/// TSC ticks per ms (the platform clock's rate, for the deadline).
-static TSC_PER_MS: Global<u64> = Global(UnsafeCell::new(0));
 // The bodies read `pending` at `vif` + 8.
 const _: () = assert!(core::mem::offset_of!(abi::VcpuPage, pending) == core::mem::offset_of!(abi::VcpuPage, vif) + 8);
 
@@ -108,7 +106,6 @@ pub(crate) fn init(tsc_per_ms: u64) -> Result<(), &'static str> {
     // SAFETY: boot, single-threaded.
     unsafe {
         previrt_pvm_vif = hv::vif_addr();
-        *TSC_PER_MS.get() = tsc_per_ms;
     }
     set_lean(false);
     Ok(())
@@ -173,8 +170,7 @@ fn set_lean(on: bool) {
 /// The TSC deadline of the next tick `pv` will raise (none programmed: never; pending events
 /// are checked apart).
 fn set_deadline(pv: &Paravirt<Hv>) {
-    // SAFETY: single vCPU; written by the dispatcher only.
-    let per_ms = unsafe { *TSC_PER_MS.get() };
+    let per_ms = pv.hv.tsc_per_ms;
     // The inverse of the platform clock's ns = tsc * 10^6 / per_ms, rounded down (a lean
     // entry then takes the stub at most a TSC tick early); no 128-bit division in the kernel.
     let due = match pv.next_tick() {

@@ -11,7 +11,7 @@
 //! in the copy only (the example kernel never reads them).
 
 use crate::guest::arena::{self, Table};
-use crate::guest::{link_value, Global};
+use crate::guest::{gpa, link_value, Global};
 use core::cell::UnsafeCell;
 
 const PRESENT: u64 = 1;
@@ -37,10 +37,6 @@ fn pools() -> *mut [[Table; POOL_PAGES]; SLOTS] {
 }
 /// The kernel table each pool page copies.
 static SOURCES: Global<[[u64; POOL_PAGES]; SLOTS]> = Global(UnsafeCell::new([[0; POOL_PAGES]; SLOTS]));
-
-fn gpa(va: u64) -> u64 {
-    va.wrapping_sub(link_value!("__previrt_virt_delta"))
-}
 
 /// A pool being filled: its tables, the root's index and the next free one.
 struct Fill {

@@ -64,6 +64,7 @@ pub const EVTCHNOP_BIND_VIRQ: u64 = 1;
 pub const EVTCHNOP_UNMASK: u64 = 9;
 pub const EVTCHNOP_SEND: u64 = 4;
 pub const SCHEDOP_YIELD: u64 = 0;
+pub const SCHEDOP_BLOCK: u64 = 1;
 pub const VIRQ_TIMER: u32 = 0;
 pub const CALLBACKOP_REGISTER: u64 = 0;
 pub const CALLBACKTYPE_EVENT: u16 = 0;

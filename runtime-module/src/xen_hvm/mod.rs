@@ -23,7 +23,7 @@
 //!   the reason as the domain's 8-bit shutdown code).
 
 use crate::guest::paravirt::{Hypervisor, Paravirt};
-use crate::guest::{self, hw, link_value, sym_addr, Global};
+use crate::guest::{self, gpa, hw, sym_addr, Global};
 use crate::xen::abi::{self, Hypercall, VcpuInfo};
 use core::cell::UnsafeCell;
 use core::fmt::{self, Write};
@@ -38,11 +38,8 @@ const HVM_PARAM_CALLBACK_IRQ: u32 = 0;
 const HVM_PARAM_CONSOLE_PFN: u32 = 17;
 const HVM_PARAM_CONSOLE_EVTCHN: u32 = 18;
 const XENMAPSPACE_GMFN: u32 = 2;
-const EVTCHNOP_SEND: u64 = 4;
-const SCHEDOP_YIELD: u64 = 0;
 /// HVM_PARAM_CALLBACK_IRQ value type "vector" (bits 63:56 = 2; the vector in bits 7:0).
 const CALLBACK_TYPE_VECTOR: u64 = 2 << 56;
-const SCHEDOP_BLOCK: u64 = 1;
 
 /// Which generation of the event-channel and scheduler hypercalls the hypervisor offers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -97,11 +94,6 @@ fn vcpu() -> &'static mut VcpuInfo {
 fn bitmap(offset: usize, i: usize) -> &'static core::sync::atomic::AtomicU64 {
     // SAFETY: an aligned u64 inside the shared_info page, shared with the hypervisor.
     unsafe { core::sync::atomic::AtomicU64::from_ptr((shared_info() as usize + offset + i * 8) as *mut u64) }
-}
-
-/// Guest-physical address of a runtime address.
-fn gpa(va: u64) -> u64 {
-    va.wrapping_sub(link_value!("__previrt_virt_delta"))
 }
 
 /// HVMOP_get_param of this domain; None if refused.
@@ -314,10 +306,10 @@ impl Hypervisor for XenHvm {
         while !bytes.is_empty() {
             let n = ring.write(bytes);
             let mut send = [self.console_port];
-            self.evtchn_op(EVTCHNOP_SEND, &mut send);
+            self.evtchn_op(abi::EVTCHNOP_SEND, &mut send);
             if n == 0 {
                 // Full: let the back end run.
-                self.sched_op(SCHEDOP_YIELD, 0, 0);
+                self.sched_op(abi::SCHEDOP_YIELD, 0, 0);
             }
             bytes = &bytes[n..];
         }
@@ -335,7 +327,7 @@ impl Hypervisor for XenHvm {
         self.set_timer(ns);
     }
     fn block(&mut self) {
-        self.sched_op(SCHEDOP_BLOCK, 0, 0);
+        self.sched_op(abi::SCHEDOP_BLOCK, 0, 0);
     }
     fn pending(&self) -> bool {
         // SAFETY: a byte Xen sets; read volatile.
