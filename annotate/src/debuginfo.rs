@@ -156,14 +156,14 @@ impl DebugInfo {
                 }
                 gimli::DW_TAG_formal_parameter | gimli::DW_TAG_variable => {
                     let Some(ty) = type_of(unit, e) else { continue };
-                    let scope = stack.last().map(|s| s.2.clone()).unwrap_or_default();
+                    let scope: &str = stack.last().map_or("", |s| s.2.as_str());
                     let is_pt =
-                        |n: &str| pt_types.iter().any(|t| t == n) || crate::rules::raw_pt_types(&scope).contains(&n);
+                        |n: &str| pt_types.iter().any(|t| t == n) || crate::rules::raw_pt_types(scope).contains(&n);
                     let Some(target) = pointee_target(dwarf, unit, ty, &is_pt) else { continue };
                     let name = name_of(dwarf, unit, e).unwrap_or_default();
                     let Some(loc) = e.attr_value(gimli::DW_AT_location) else { continue };
                     let mut push = |reg, begin, end| {
-                        let scope = scope.clone();
+                        let scope = scope.to_string();
                         self.pointers.push(TypedPointer { target, scope, reg, begin, end, name: name.clone() })
                     };
                     if let AttributeValue::Exprloc(expr) = loc {

@@ -269,10 +269,10 @@ fn plan_section(img: &Image, code: &Code, site_of: SiteOf, space: &mut Space, pl
     let no_trampolines = section_flags(&code.name) & flags::IN_ALTINSTR != 0;
     let mut tail = Vec::new();
     for k in 0..n {
-        let Some(rec) = site_of(code, k) else { continue };
         if claimed[k] {
             continue;
         }
+        let Some(rec) = site_of(code, k) else { continue };
         plan.sensitive += 1;
         let reason = if code.insns[k].bits != 64 {
             Some(TrapReason::Not64Bit)
