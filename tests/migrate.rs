@@ -13,7 +13,7 @@ mod common;
 mod vmm_support;
 use serde_json::Value;
 use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::sync::OnceLock;
 use vmm_support::*;
@@ -85,38 +85,10 @@ fn snapshot_mid_workload_resumes_without_losing_or_repeating_a_line() {
 /// runtime's trace backend: every executed site goes through the runtime, whose state (patched
 /// text, site index, counters) is guest memory and must survive the trip; its exit summary
 /// (per-kind site counts) is the same as an uninterrupted run's.
-/// The example kernel built with the previrt toolchain and `previrt link`ed (default backend
-/// native; the command line picks another), once per test process.
-fn linked_kernel() -> &'static Path {
-    static ELF: OnceLock<PathBuf> = OnceLock::new();
-    ELF.get_or_init(|| {
-        // Per process: the test runner runs tests of this file in parallel processes.
-        let d = scratch(&format!("migrate-linked-{}", std::process::id()));
-        let tc = d.join("toolchain");
-        let o = previrt(&["toolchain", "install", "--prefix", tc.to_str().unwrap()]);
-        assert!(o.status.success(), "previrt toolchain install: {}", stderr(&o));
-        let build = common::build_example_kernel(
-            &d.join("kernel"),
-            Some(&format!("{}/bin/x86_64-previrt-linux-gnu-", tc.display())),
-        );
-        let linked = d.join("linked.elf");
-        let o = previrt(&[
-            "link",
-            build.pvh_elf().to_str().unwrap(),
-            "-o",
-            linked.to_str().unwrap(),
-            "--backend",
-            "native",
-        ]);
-        assert!(o.status.success(), "previrt link: {}", stderr(&o));
-        linked
-    })
-}
-
 #[test]
 fn previrtualized_kernel_with_trace_backend_resumes_with_the_same_stream_and_site_counts() {
     let d = scratch("migrate-previrt");
-    let linked = linked_kernel();
+    let linked = common::linked_example_kernel();
     let cmdline = "previrt.backend=trace workloads=console,compute repeat=3 console_lines=2 compute=100";
     // The runtime's boot line carries its patch time; the trace summary's iret/in/out counts
     // depend on interrupt timing (UART and timer) and vary between two uninterrupted runs
@@ -349,7 +321,14 @@ fn bytes_before_resume(out: &str) -> u64 {
 fn hv_reference() -> &'static str {
     static OUT: OnceLock<String> = OnceLock::new();
     OUT.get_or_init(|| {
-        let full = previrt(&["run", "--boot", "pvh", linked_kernel().to_str().unwrap(), "--append", HV_CMDLINE]);
+        let full = previrt(&[
+            "run",
+            "--boot",
+            "pvh",
+            common::linked_example_kernel().to_str().unwrap(),
+            "--append",
+            HV_CMDLINE,
+        ]);
         assert_eq!(full.status.code(), Some(1), "uninterrupted run: {}{}", stdout(&full), stderr(&full));
         let out = stdout(&full);
         let lines = kernel_stream(&out);
@@ -365,7 +344,7 @@ fn hv_save(snap: &Path, after: &str) -> String {
         "run",
         "--boot",
         "pvh",
-        linked_kernel().to_str().unwrap(),
+        common::linked_example_kernel().to_str().unwrap(),
         "--append",
         HV_CMDLINE,
         "--snapshot",
@@ -528,7 +507,7 @@ impl Child {
     fn start(extra: &[&str]) -> Child {
         require_kvm();
         let mut child = Command::new(env!("CARGO_BIN_EXE_previrt"))
-            .args(["run", "--boot", "pvh", linked_kernel().to_str().unwrap(), "--append", HV_CMDLINE])
+            .args(["run", "--boot", "pvh", common::linked_example_kernel().to_str().unwrap(), "--append", HV_CMDLINE])
             .args(extra)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())

@@ -12,6 +12,7 @@
 //! new backend.
 
 mod common;
+mod vmm_support;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -22,9 +23,7 @@ use std::process::{Command, Output};
 const CMDLINE: &str = "hz=100 workloads=console,timer,compute repeat=3 console_lines=4";
 
 fn previrt(args: &[&str]) -> Output {
-    if let Err(e) = std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm") {
-        panic!("/dev/kvm is not accessible ({e}): previrt run needs KVM; see scripts/install-deps.sh");
-    }
+    vmm_support::require_kvm();
     Command::new(env!("CARGO_BIN_EXE_previrt")).args(args).output().expect("spawn previrt")
 }
 

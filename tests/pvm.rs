@@ -5,9 +5,7 @@
 
 mod common;
 mod vmm_support;
-use common::{build_example_kernel, example_kernel, run_qemu, workload_lines};
-use std::path::PathBuf;
-use std::sync::OnceLock;
+use common::{example_kernel, run_qemu, workload_lines};
 use vmm_support::*;
 
 const GUEST: &str = include_str!("../bench/pvm_guest.S");
@@ -201,31 +199,11 @@ fn vmm_upcalls_reach_native_code_and_delivery_clears_the_virtual_if() {
     assert_eq!(o.status.code(), Some((1 << 1) | 1), "one upcall, then the virtual IF stays clear: {}", stderr(&o));
 }
 
-/// The example kernel built with the previrt toolchain and `previrt link`ed (once per process).
-fn linked_kernel() -> &'static PathBuf {
-    static LINKED: OnceLock<PathBuf> = OnceLock::new();
-    LINKED.get_or_init(|| {
-        let d = scratch(&format!("pvm-linked-{}", std::process::id()));
-        let tc = d.join("toolchain");
-        let previrt = env!("CARGO_BIN_EXE_previrt");
-        let o =
-            std::process::Command::new(previrt).args(["toolchain", "install", "--prefix"]).arg(&tc).output().unwrap();
-        assert!(o.status.success(), "previrt toolchain install: {}", String::from_utf8_lossy(&o.stderr));
-        let prefix = format!("{}/bin/x86_64-previrt-linux-gnu-", tc.display());
-        let build = build_example_kernel(&d.join("kernel"), Some(&prefix));
-        let elf = d.join("linked.elf");
-        let o =
-            std::process::Command::new(previrt).arg("link").arg(build.pvh_elf()).arg("-o").arg(&elf).output().unwrap();
-        assert!(o.status.success(), "previrt link: {}", String::from_utf8_lossy(&o.stderr));
-        elf
-    })
-}
-
 /// The linked kernel under `previrt run --boot pvh` with `args` and kernel command line `append`.
 fn run_linked(args: &[&str], append: &str) -> std::process::Output {
     let mut all = vec!["--boot", "pvh", "--append", append];
     all.extend_from_slice(args);
-    run(linked_kernel(), &all)
+    run(common::linked_example_kernel(), &all)
 }
 
 /// The proof: with the mode on, `previrt.backend=auto` picks `pvm`, the kernel runs

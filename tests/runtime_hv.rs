@@ -5,33 +5,15 @@
 //! (counts are behaviour, not speed, so they are asserted; times are in bench/hv.sh).
 
 mod common;
+mod vmm_support;
 
-use common::{build_example_kernel, example_kernel, run_qemu, workload_lines};
+use common::{example_kernel, run_qemu, workload_lines};
 use serde_json::Value;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
 fn previrt() -> Command {
     Command::new(env!("CARGO_BIN_EXE_previrt"))
-}
-
-fn require_kvm() {
-    if let Err(e) = std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm") {
-        panic!("/dev/kvm is not accessible ({e}): previrt run needs KVM; see scripts/install-deps.sh");
-    }
-}
-
-/// The pre-virtualized example kernel, linked with the runtime.
-fn linked_kernel(dir: &Path) -> PathBuf {
-    let tc = dir.join("toolchain");
-    let o = previrt().args(["toolchain", "install", "--prefix"]).arg(&tc).output().unwrap();
-    assert!(o.status.success(), "previrt toolchain install: {}", String::from_utf8_lossy(&o.stderr));
-    let prefix = format!("{}/bin/x86_64-previrt-linux-gnu-", tc.display());
-    let build = build_example_kernel(&dir.join("kernel"), Some(&prefix));
-    let elf = dir.join("linked.elf");
-    let o = previrt().arg("link").arg(build.pvh_elf()).arg("-o").arg(&elf).output().unwrap();
-    assert!(o.status.success(), "previrt link: {}", String::from_utf8_lossy(&o.stderr));
-    elf
 }
 
 struct Run {
@@ -41,7 +23,7 @@ struct Run {
 }
 
 fn run(kernel: &Path, append: &str, stats: &Path) -> Run {
-    require_kvm();
+    vmm_support::require_kvm();
     let o = previrt()
         .args(["run", "--boot", "pvh", "--append", append, "--stats-json"])
         .arg(stats)
@@ -93,12 +75,12 @@ fn hv_backend_passes_every_workload_with_qemu_checksums_and_far_fewer_exits() {
     let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("runtime-hv-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
-    let linked = linked_kernel(&dir);
+    let linked = common::linked_example_kernel();
 
     let qemu = run_qemu(&example_kernel().pvh_elf(), CMDLINE);
     assert_eq!(qemu.status, 0, "QEMU TCG run of the plain kernel:\n{}{}", qemu.stdout, qemu.stderr);
     let plain = run(&example_kernel().pvh_elf(), CMDLINE, &dir.join("plain.json"));
-    let hv = run(&linked, &format!("previrt.backend=auto {CMDLINE}"), &dir.join("hv.json"));
+    let hv = run(linked, &format!("previrt.backend=auto {CMDLINE}"), &dir.join("hv.json"));
 
     // Selection and the verdict.
     assert!(hv.stdout.contains("previrt: backend=auto chose hv (platform=previrt-hv)"), "{}", hv.stdout);
@@ -153,14 +135,11 @@ fn hv_backend_passes_every_workload_with_qemu_checksums_and_far_fewer_exits() {
 
 #[test]
 fn hv_without_the_signature_falls_back_to_native() {
-    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("runtime-hv-noabi-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    let linked = linked_kernel(&dir);
-    require_kvm();
+    let linked = common::linked_example_kernel();
+    vmm_support::require_kvm();
     let o = previrt()
         .args(["run", "--boot", "pvh", "--abi", "none", "--append", "previrt.backend=hv workloads=cpuid_msr"])
-        .arg(&linked)
+        .arg(linked)
         .output()
         .unwrap();
     let out = String::from_utf8_lossy(&o.stdout);
