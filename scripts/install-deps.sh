@@ -33,8 +33,19 @@ apt_install() {
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"
 }
 
+# A /dev/null that became a regular file (some tool, run as root, renamed its output over it)
+# keeps what is written to it and feeds it back to every reader: cargo's `rustc -` probes then
+# compile other processes' error messages. Put the device back.
+ensure_dev_null() {
+  [ -c /dev/null ] && return 0
+  echo "install-deps: /dev/null was a regular file; recreating the device node" >&2
+  rm -f /dev/null
+  mknod -m 666 /dev/null c 1 3
+}
+
 main() {
   need_root
+  ensure_dev_null
   ensure_backports
   # Toolchain pieces for the example kernel, the Linux build and its initramfs.
   apt_install build-essential binutils flex bison bc libelf-dev libssl-dev dwarves cpio kmod \

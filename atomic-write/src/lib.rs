@@ -1,6 +1,8 @@
 //! Every previrt tool writes its outputs the same way: to a temporary file in the output's
 //! directory, then renamed over the output, so a reader never sees a half-written file and a
-//! failure leaves the old file (and nothing else) behind.
+//! failure leaves the old file (and nothing else) behind. An existing output that is not a
+//! regular file (`/dev/null`, a FIFO, a terminal) is written in place instead: renaming over
+//! it would replace the device node with a plain file (as root, a `/dev/null` that keeps data).
 
 use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
@@ -23,6 +25,9 @@ pub fn write(path: &Path, data: &[u8]) -> std::io::Result<()> {
 
 /// Write `data` to `path` atomically; the temporary file is removed if anything fails.
 pub fn write_with(path: &Path, data: &[u8], opts: Options) -> std::io::Result<()> {
+    if std::fs::metadata(path).is_ok_and(|m| !m.is_file() && !m.is_dir()) {
+        return std::fs::OpenOptions::new().write(true).open(path)?.write_all(data);
+    }
     let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
     let name = path.file_name().ok_or_else(|| std::io::Error::other(format!("{}: not a file name", path.display())))?;
     let tmp = dir.join(format!(".{}.previrt-tmp.{}", name.to_string_lossy(), std::process::id()));
@@ -63,5 +68,14 @@ mod tests {
         let names: Vec<_> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name()).collect();
         assert_eq!(names.len(), 2, "{names:?}");
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_device_output_is_written_not_replaced() {
+        use std::os::unix::fs::FileTypeExt;
+        write(Path::new("/dev/null"), b"discarded").unwrap();
+        let meta = std::fs::metadata("/dev/null").unwrap();
+        assert!(meta.file_type().is_char_device(), "/dev/null was replaced: {meta:?}");
+        assert!(std::fs::read("/dev/null").unwrap().is_empty());
     }
 }
