@@ -134,6 +134,8 @@ fn example_kernel_runs_as_xen_pv_dom0_with_bare_metal_results() {
     let calls = counts(&out, "previrt-xen: hypercalls");
     for (site, hypercall) in [
         ("lidt", "set_trap_table"),
+        ("lgdt", "set_gdt"),           // the kernel's GDT, translated into the runtime's frames
+        ("lgdt", "update_descriptor"), // ... written descriptor by descriptor (read-only frames)
         ("mov_cr", "mmu_update"),      // CR3 load: shadow sync
         ("mov_cr", "mmuext_op"),       // CR3 load: pin, new base pointer
         ("invlpg", "mmuext_op"),       // INVLPG_LOCAL
@@ -141,17 +143,23 @@ fn example_kernel_runs_as_xen_pv_dom0_with_bare_metal_results() {
         ("out", "console_io"),         // 8250 lines (dom0)
         ("out", "physdev_op"),         // isa-debug-exit needs virtual IOPL
         ("sti", "iret"),               // unmasking with events pending
-        ("hlt", "sched_op"),           // SCHEDOP_poll on the timer channel
+        ("hlt", "sched_op"),           // SCHEDOP_block (below)
         ("wrmsr", "set_segment_base"), // IA32_KERNEL_GS_BASE
     ] {
         assert!(sites.get(site).is_some_and(|&n| n > 0), "no {site} site ran\n{out}");
         assert!(calls.get(hypercall).is_some_and(|&n| n > 0), "{site}: no {hypercall} hypercall ({calls:?})");
     }
-    for site in ["cli", "pushf", "popf", "iret", "lgdt", "in", "rdmsr", "cpuid", "mov_seg", "far_ret"] {
+    for site in ["cli", "pushf", "popf", "iret", "in", "rdmsr", "cpuid", "mov_seg", "far_ret"] {
         assert!(sites.get(site).is_some_and(|&n| n > 0), "no {site} site ran\n{out}");
     }
     let shadow = counts(&out, "previrt-xen: page tables shadowed:");
     assert!(shadow["cr3"] > 0 && shadow["page"] > 0, "{shadow:?}");
+    // Every hlt (interrupts on: the timer workload's waits) blocked with SCHEDOP_block, which
+    // unmasks events atomically as Linux's xen_safe_halt does; the runtime issued no other
+    // sched_op before the exit (a dom0 never yields to a console back end).
+    let sched = counts(&out, "previrt-xen: sched_op");
+    assert_eq!(sched["block"], sites["hlt"], "one SCHEDOP_block per hlt: {sched:?}");
+    assert_eq!((sched["yield"], sched["shutdown"]), (0, 0), "{sched:?}");
 
     // Bare metal: the plain kernel (host gcc) under QEMU TCG.
     let plain = run_qemu(&example_kernel().pvh_elf(), "");
@@ -311,29 +319,45 @@ fn annotated_page_table_writes_go_to_mmu_update_with_bare_metal_results() {
 fn a_request_xen_refuses_stops_the_domain_with_the_hypercall_and_error() {
     let k = linked_kernel();
     let fixtures = repo_root().join("tests/xen_fixtures");
-    let (obj, elf, linked) = (k.dir.join("refused.o"), k.dir.join("refused.elf"), k.dir.join("refused-linked.elf"));
-    let gcc = k.dir.join("toolchain/bin/x86_64-previrt-linux-gnu-gcc");
-    let o = Command::new(gcc).arg("-c").arg(fixtures.join("refused.S")).arg("-o").arg(&obj).output().unwrap();
-    assert!(o.status.success(), "assembling refused.S: {}", String::from_utf8_lossy(&o.stderr));
-    let o = Command::new("ld")
-        .args(["-m", "elf_x86_64", "-static", "-nostdlib", "--no-warn-rwx-segments", "-T"])
-        .arg(fixtures.join("refused.ld"))
-        .arg("-o")
-        .arg(&elf)
-        .arg(&obj)
-        .output()
-        .expect("ld (binutils: scripts/install-deps.sh)");
-    assert!(o.status.success(), "linking refused.elf: {}", String::from_utf8_lossy(&o.stderr));
-    let report = link(&elf, &linked, &[]);
-    assert_eq!(report["kinds"]["wrmsr"]["sites"], 1, "{report}");
+    // (fixture, its one site kind, what the FATAL line must say)
+    for (name, kind, message) in [
+        (
+            "refused",
+            "wrmsr",
+            "previrt-xen: FATAL: hypercall set_segment_base(0x1, 0x8000000000000000, 0x0, 0x0, 0x0) failed: -22 (EINVAL)",
+        ),
+        (
+            "refused-gdt",
+            "lgdt",
+            "previrt-xen: FATAL: lgdt: Xen refuses the kernel's GDT entry 1 (selector 0x8, descriptor 0x00008200000000ff): hypercall update_descriptor(",
+        ),
+    ] {
+        let (obj, elf, linked) =
+            (k.dir.join(format!("{name}.o")), k.dir.join(format!("{name}.elf")), k.dir.join(format!("{name}-linked.elf")));
+        let gcc = k.dir.join("toolchain/bin/x86_64-previrt-linux-gnu-gcc");
+        let o = Command::new(gcc).arg("-c").arg(fixtures.join(format!("{name}.S"))).arg("-o").arg(&obj).output().unwrap();
+        assert!(o.status.success(), "assembling {name}.S: {}", String::from_utf8_lossy(&o.stderr));
+        let o = Command::new("ld")
+            .args(["-m", "elf_x86_64", "-static", "-nostdlib", "--no-warn-rwx-segments", "-T"])
+            .arg(fixtures.join("refused.ld"))
+            .arg("-o")
+            .arg(&elf)
+            .arg(&obj)
+            .output()
+            .expect("ld (binutils: scripts/install-deps.sh)");
+        assert!(o.status.success(), "linking {name}.elf: {}", String::from_utf8_lossy(&o.stderr));
+        let report = link(&elf, &linked, &[]);
+        assert_eq!(report["kinds"][kind]["sites"], 1, "{report}");
 
-    let (status, out) = xen_run(&linked, "");
-    assert!(
-        out.contains("previrt-xen: FATAL: hypercall set_segment_base(0x1, 0x8000000000000000, 0x0, 0x0, 0x0) failed: -22 (EINVAL)"),
-        "no message naming the refused hypercall\n{out}"
-    );
-    assert!(out.contains("Hardware Dom0 crashed"), "the domain was not crashed\n{out}");
-    assert_eq!(status, Some(3), "xen-run.sh reports a stop without a verdict, not a hang or a PASS\n{out}");
+        let (status, out) = xen_run(&linked, "");
+        let fatal = out.lines().find(|l| l.starts_with("previrt-xen: FATAL:")).unwrap_or_default();
+        assert!(
+            fatal.starts_with(message) && fatal.ends_with("failed: -22 (EINVAL)"),
+            "{name}: no message naming the refused hypercall\n{out}"
+        );
+        assert!(out.contains("Hardware Dom0 crashed"), "{name}: the domain was not crashed\n{out}");
+        assert_eq!(status, Some(3), "{name}: xen-run.sh reports a stop without a verdict, not a hang or a PASS\n{out}");
+    }
 }
 
 // The backend's device models on the host (previrt_runtime::xen::devices): what the example
@@ -426,6 +450,163 @@ mod models {
         assert_eq!(APIC_BASE_VALUE & 0x000f_ffff_ffff_f000, LAPIC_BASE);
         assert_ne!(APIC_BASE_VALUE & 1 << 11, 0, "enabled");
         assert_eq!(APIC_BASE_VALUE & 1 << 10, 0, "xAPIC, not x2APIC");
+    }
+}
+
+// The kernel's GDT as the runtime hands it to Xen (previrt_runtime::xen::gdt), on the host.
+mod gdt {
+    use previrt_runtime::xen::gdt::*;
+
+    #[test]
+    fn code_and_data_get_dpl_3_the_tss_is_left_out_and_the_rest_goes_to_xen_as_written() {
+        // examples/kernel/desc.c's table: (kernel's descriptor, the runtime's copy).
+        let cases = [
+            (0, 0),                                         // null
+            (0x00cf_9b00_0000_ffff, 0x00cf_fb00_0000_ffff), // 0x08 32-bit code, DPL 0 -> 3
+            (0x00af_9b00_0000_ffff, 0x00af_fb00_0000_ffff), // 0x10 64-bit code
+            (0x00cf_9300_0000_ffff, 0x00cf_f300_0000_ffff), // 0x18 data
+            (0x00cf_fb00_0000_ffff, 0x00cf_fb00_0000_ffff), // 0x23 user code: already DPL 3
+            (0x00cf_f300_0000_ffff, 0x00cf_f300_0000_ffff), // 0x2b user data
+            (0x0000_8912_3456_0067, 0),                     // 64-bit TSS (available): Xen owns it
+            (0x0000_8b12_3456_0067, 0),                     // busy TSS
+            (0x0000_0000_ffff_ffff, 0x0000_0000_ffff_ffff), // a TSS's upper half: not present
+            (0x00cf_1b00_0000_ffff, 0x00cf_1b00_0000_ffff), // code, not present: always faults
+            (0x0000_8200_0000_00ff, 0x0000_8200_0000_00ff), // LDT: Xen refuses, and says so
+            (0x0000_ec00_0010_1000, 0x0000_ec00_0010_1000), // call gate: Xen checks it
+        ];
+        for (kernel, copy) in cases {
+            assert_eq!(translate(kernel), copy, "descriptor {kernel:#018x}");
+        }
+    }
+
+    #[test]
+    fn the_guest_part_ends_where_xens_selectors_begin() {
+        assert_eq!(MAX_ENTRIES * 8, 0xe000, "Xen's FLAT_KERNEL_* selectors start at 0xe000");
+        assert_eq!(PER_FRAME * 8, 4096);
+        assert_eq!((frames(0), frames(1), frames(512), frames(513), frames(MAX_ENTRIES)), (1, 1, 1, 2, FRAMES));
+    }
+}
+
+// Memory-access sites on the host: the one `mov` decoder (previrt_runtime::emulate::
+// mov_operands) that the shared memory-access handler, and so the Xen backend's page-table and
+// LAPIC routes, use. Records are built as `previrt annotate` builds them.
+mod mov_sites {
+    use previrt_annotate::insn::accesses_in;
+    use previrt_annotate::rules::Target;
+    use previrt_runtime::emulate::{emulate, DescTable, Machine, Op, Regs};
+    use previrt_site_abi::{reg, Kind};
+
+    /// What a site asks of `Machine::memory`; loads read `LOADED`. These sites use nothing else.
+    #[derive(Default)]
+    struct Accesses(Vec<(Kind, u64, u8, Option<u64>)>);
+    const LOADED: u64 = 0x1122_3344_5566_7788;
+
+    impl Machine for Accesses {
+        fn memory(&mut self, kind: Kind, addr: u64, width: u8, store: Option<u64>) -> Option<u64> {
+            self.0.push((kind, addr, width, store));
+            Some(if store.is_some() { 0 } else { LOADED })
+        }
+        fn read(&mut self, _: u64, _: &mut [u8]) {
+            unreachable!()
+        }
+        fn write(&mut self, _: u64, _: &[u8]) {
+            unreachable!()
+        }
+        fn port_in(&mut self, _: u16, _: u8) -> u32 {
+            unreachable!()
+        }
+        fn port_out(&mut self, _: u16, _: u8, _: u32) {
+            unreachable!()
+        }
+        fn cpuid(&mut self, _: u32, _: u32) -> [u32; 4] {
+            unreachable!()
+        }
+        fn rdmsr(&mut self, _: u32) -> u64 {
+            unreachable!()
+        }
+        fn wrmsr(&mut self, _: u32, _: u64) {
+            unreachable!()
+        }
+        fn read_cr(&mut self, _: u8) -> u64 {
+            unreachable!()
+        }
+        fn write_cr(&mut self, _: u8, _: u64) {
+            unreachable!()
+        }
+        fn invlpg(&mut self, _: u64) {
+            unreachable!()
+        }
+        fn halt(&mut self, _: bool) {
+            unreachable!()
+        }
+        fn load_gdt(&mut self, _: DescTable) {
+            unreachable!()
+        }
+        fn load_idt(&mut self, _: DescTable) {
+            unreachable!()
+        }
+        fn load_tr(&mut self, _: u16) {
+            unreachable!()
+        }
+    }
+
+    /// The MMIO site `previrt annotate` makes of the one instruction `bytes` at 0x1000; an
+    /// absolute operand's record displacement as an unlinked object has it (the addend, 0).
+    fn site(bytes: &[u8]) -> Op {
+        let mut rec = None;
+        accesses_in(bytes, 0x1000, |a| rec = Some(a.record(a.kind(Target::Mmio))));
+        let mut rec = rec.unwrap_or_else(|| panic!("{bytes:02x?} is no memory access"));
+        if rec.base == reg::NONE && rec.index == reg::NONE {
+            rec.imm = 0;
+        }
+        Op::new(&rec, 0x1000, bytes).expect("a known kind")
+    }
+
+    fn run(bytes: &[u8], regs: &mut Regs) -> Option<(Kind, u64, u8, Option<u64>)> {
+        let mut m = Accesses::default();
+        emulate(&site(bytes), regs, &mut m).then(|| m.0[0])
+    }
+
+    #[test]
+    fn an_absolute_store_of_an_immediate_goes_to_the_displacement_not_the_immediate() {
+        let mut regs = Regs::default();
+        // movl $0x11223344, 0xfee000b0: c7 04 25 disp32 imm32 (the immediate ends the insn).
+        let movl = [0xc7, 0x04, 0x25, 0xb0, 0x00, 0xe0, 0xfe, 0x44, 0x33, 0x22, 0x11];
+        assert_eq!(run(&movl, &mut regs), Some((Kind::MmioWrite, 0xffff_ffff_fee0_00b0, 4, Some(0x1122_3344))));
+        // movq $-2, 0x2000: REX.W, the imm32 sign-extended.
+        let movq = [0x48, 0xc7, 0x04, 0x25, 0x00, 0x20, 0x00, 0x00, 0xfe, 0xff, 0xff, 0xff];
+        assert_eq!(run(&movq, &mut regs), Some((Kind::MmioWrite, 0x2000, 8, Some(u64::MAX - 1))));
+        // movw $0x1234, 0x3000: 66 prefix, imm16.
+        let movw = [0x66, 0xc7, 0x04, 0x25, 0x00, 0x30, 0x00, 0x00, 0x34, 0x12];
+        assert_eq!(run(&movw, &mut regs), Some((Kind::MmioWrite, 0x3000, 2, Some(0x1234))));
+        // movb $0x5a, 0x4000: imm8.
+        let movb = [0xc6, 0x04, 0x25, 0x00, 0x40, 0x00, 0x00, 0x5a];
+        assert_eq!(run(&movb, &mut regs), Some((Kind::MmioWrite, 0x4000, 1, Some(0x5a))));
+    }
+
+    #[test]
+    fn register_moves_load_and_store_through_the_decoded_address() {
+        let mut regs = Regs::default();
+        regs.gpr[0] = 0x0010_0000; // %rax
+        regs.gpr[2] = 0xaabb_ccdd_eeff_0011; // %rdx
+
+        // mov 0x5000, %ecx (absolute load): the upper half of %rcx is cleared.
+        regs.gpr[1] = u64::MAX;
+        let load = [0x8b, 0x0c, 0x25, 0x00, 0x50, 0x00, 0x00];
+        assert_eq!(run(&load, &mut regs), Some((Kind::MmioRead, 0x5000, 4, None)));
+        assert_eq!(regs.gpr[1], LOADED & 0xffff_ffff);
+        // mov %rdx, 0x18(%rax) (base + displacement from the record).
+        let store = [0x48, 0x89, 0x50, 0x18];
+        assert_eq!(run(&store, &mut regs), Some((Kind::MmioWrite, 0x0010_0018, 8, Some(0xaabb_ccdd_eeff_0011))));
+    }
+
+    #[test]
+    fn byte_register_moves_are_not_emulated() {
+        // mov %ah, 0x6000 / mov 0x6000, %bh: without REX, registers 4-7 are %ah-%bh, which the
+        // record's register number cannot tell from %spl-%dil; the original instruction runs.
+        let mut regs = Regs::default();
+        assert_eq!(run(&[0x88, 0x24, 0x25, 0x00, 0x60, 0x00, 0x00], &mut regs), None);
+        assert_eq!(run(&[0x8a, 0x3c, 0x25, 0x00, 0x60, 0x00, 0x00], &mut regs), None);
     }
 }
 

@@ -189,12 +189,27 @@ impl Op {
         self.flags & flag != 0
     }
 
+    /// Offset of the opcode in the saved bytes: after the legacy prefixes and REX.
+    fn opcode_at(&self) -> Option<usize> {
+        self.insn[..(self.insn_len as usize).min(15)]
+            .iter()
+            .position(|b| !matches!(b, 0x26 | 0x2e | 0x36 | 0x3e | 0x64..=0x67 | 0xf0 | 0xf2 | 0xf3 | 0x40..=0x4f))
+    }
+
+    /// Offset of an absolute operand's displacement: after the opcode (one byte, or 0f and
+    /// one), the ModRM byte and the SIB byte (64-bit code reaches an absolute address only
+    /// through a SIB byte; ModRM alone would be RIP-relative). An immediate may follow it.
+    fn absolute_disp_at(&self) -> Option<usize> {
+        let op = self.opcode_at()?;
+        let at = op + if self.insn[op] == 0x0f { 2 } else { 1 } + 2;
+        (at + 4 <= self.insn_len as usize).then_some(at)
+    }
+
     /// Effective address of the memory operand.
     ///
-    /// An absolute operand (no base, no index) takes its displacement from the saved bytes —
-    /// the last four, as none of these instructions has an immediate — because that is where
-    /// the linker put the symbol's address; a record written from an unlinked object holds
-    /// only the addend.
+    /// An absolute operand (no base, no index) takes its displacement from the saved bytes,
+    /// because that is where the linker put the symbol's address; a record written from an
+    /// unlinked object holds only the addend.
     pub fn address(&self, regs: &Regs) -> u64 {
         let disp32_at = |at: usize| {
             let at = at.min(11);
@@ -203,8 +218,8 @@ impl Op {
         let absolute = reg::class(self.base) != reg::GPR && reg::class(self.index) != reg::GPR;
         let (base, disp) = if self.has(flags::RIP_RELATIVE) {
             (self.addr.wrapping_add(self.insn_len as u64), disp32_at(self.imm as usize))
-        } else if absolute && self.insn_len >= 8 {
-            (0, disp32_at(self.insn_len as usize - 4))
+        } else if let Some(at) = self.absolute_disp_at().filter(|_| absolute) {
+            (0, disp32_at(at))
         } else {
             let base = if reg::class(self.base) == reg::GPR { regs.read(self.base, 8) } else { 0 };
             (base, self.imm)
@@ -419,36 +434,58 @@ fn invlpg(op: &Op, regs: &mut Regs, m: &mut dyn Machine) -> bool {
     }
 }
 
-/// Where a plain `mov` between a register or immediate and memory keeps its data: opcode
-/// (after legacy and REX prefixes) and whether the data is an immediate. Other forms
-/// (read-modify-write, `movzx`, string moves) run the original instruction.
-/// (Byte-register moves are left out: without REX, registers 4-7 name %ah-%bh.)
-const MOVES: &[(u8, bool)] = &[(0x8b, false), (0x89, false), (0xc7, true), (0xc6, true)];
+/// The data of a plain `mov` between a register or an immediate and memory: opcode (after
+/// legacy and REX prefixes) and where the data is. Other forms (read-modify-write, `movzx`,
+/// string moves) run the original instruction. (Byte-register moves are left out: without
+/// REX, registers 4-7 name %ah-%bh.)
+const MOVES: &[(u8, MovData)] =
+    &[(0x8b, MovData::Load), (0x89, MovData::Register), (0xc7, MovData::Immediate), (0xc6, MovData::Immediate)];
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum MovData {
+    /// Memory to a register.
+    Load,
+    /// A register to memory.
+    Register,
+    /// The immediate ending the instruction to memory.
+    Immediate,
+}
+
+/// A memory-access site's `mov` (the form `previrt annotate` makes sites of): its address,
+/// width, and for a store the value written. None for any other form, or a record whose
+/// direction disagrees with the opcode.
+pub fn mov_operands(op: &Op, regs: &Regs) -> Option<(u64, u8, Option<u64>)> {
+    let opcode = op.insn[op.opcode_at()?];
+    let &(_, data) = MOVES.iter().find(|(o, _)| *o == opcode)?;
+    let usable = op.has(flags::MEM)
+        && long_mode(op)
+        && matches!(op.width, 1 | 2 | 4 | 8)
+        && op.has(flags::WRITE) == (data != MovData::Load)
+        && (data == MovData::Immediate || reg::class(op.reg) == reg::GPR);
+    if !usable {
+        return None;
+    }
+    let store = match data {
+        MovData::Load => None,
+        MovData::Register => Some(regs.read(op.reg, op.width)),
+        MovData::Immediate => {
+            // imm8/16/32, sign-extended for 8-byte stores.
+            let (n, end) = (op.width.min(4) as usize, (op.insn_len as usize).min(15));
+            let mut b = [0u8; 4];
+            b[..n].copy_from_slice(&op.insn[end.checked_sub(n)?..end]);
+            let v = if n == 4 { i32::from_le_bytes(b) as i64 as u64 } else { u32::from_le_bytes(b) as u64 };
+            Some(v & mask(op.width))
+        }
+    };
+    Some((op.address(regs), op.width, store))
+}
 
 /// A memory-access site: the machine's model of that address, if it has one.
 fn memory_access(op: &Op, regs: &mut Regs, m: &mut dyn Machine) -> bool {
-    let body = op.insn[..op.insn_len.min(15) as usize].iter().position(|b| !matches!(b, 0x66 | 0x40..=0x4f));
-    let Some(&(_, imm)) = body.and_then(|i| MOVES.iter().find(|(o, _)| *o == op.insn[i])) else { return false };
-    if !op.has(flags::MEM) || !long_mode(op) || !matches!(op.width, 1 | 2 | 4 | 8) {
-        return false;
-    }
-    let store = op.has(flags::WRITE).then(|| {
-        if imm {
-            // The immediate ends the instruction: imm8/16/32, sign-extended for 8-byte stores.
-            let n = op.width.min(4) as usize;
-            let mut b = [0u8; 4];
-            b[..n].copy_from_slice(&op.insn[op.insn_len as usize - n..op.insn_len as usize]);
-            (if n == 4 { i32::from_le_bytes(b) as i64 as u64 } else { u32::from_le_bytes(b) as u64 }) & mask(op.width)
-        } else {
-            regs.read(op.reg, op.width)
-        }
-    });
-    if !imm && reg::class(op.reg) != reg::GPR {
-        return false;
-    }
-    let Some(v) = m.memory(op.kind, op.address(regs), op.width, store) else { return false };
+    let Some((at, width, store)) = mov_operands(op, regs) else { return false };
+    let Some(v) = m.memory(op.kind, at, width, store) else { return false };
     if store.is_none() {
-        regs.write(op.reg, op.width, v);
+        regs.write(op.reg, width, v);
     }
     true
 }

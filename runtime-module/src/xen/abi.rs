@@ -23,8 +23,11 @@ macro_rules! hypercalls {
 hypercalls! {
     SetTrapTable = 0, "set_trap_table";
     MmuUpdate = 1, "mmu_update";
+    SetGdt = 2, "set_gdt";
     /// Before Xen 3.0.2 (interface 0x00030101): the command and its argument by value.
     SchedOpCompat = 6, "sched_op_compat";
+    /// One descriptor of a page Xen holds as GDT frame: its machine address, the descriptor.
+    UpdateDescriptor = 10, "update_descriptor";
     MemoryOp = 12, "memory_op";
     UpdateVaMapping = 14, "update_va_mapping";
     SetTimerOp = 15, "set_timer_op";
@@ -55,7 +58,6 @@ impl Hypercall {
 }
 
 pub const CONSOLEIO_WRITE: u64 = 0;
-pub const SCHEDOP_POLL: u64 = 3;
 pub const SCHEDOP_SHUTDOWN: u64 = 2;
 pub const SHUTDOWN_POWEROFF: u32 = 0;
 pub const SHUTDOWN_CRASH: u32 = 3;
@@ -87,10 +89,9 @@ pub const SIF_INITDOMAIN: u32 = 1 << 1;
 /// trap_info.flags bit 2: mask events on entry (an interrupt gate rather than a trap gate).
 pub const TI_MASK_EVENTS: u8 = 1 << 2;
 
-/// Xen's flat 64-bit ring-3 selectors for PV guest kernels (arch-x86/xen-x86_64.h).
+/// Xen's flat 64-bit ring-3 code selector for PV guest kernels (arch-x86/xen-x86_64.h): its
+/// exception and event entries run there.
 pub const FLAT_KERNEL_CS: u16 = 0xe033;
-pub const FLAT_KERNEL_DS: u16 = 0xe02b;
-pub const FLAT_KERNEL_CS32: u16 = 0xe023;
 
 /// `struct start_info` offsets (x86_64).
 pub mod start_info {
@@ -203,14 +204,6 @@ pub struct CallbackRegister {
     pub kind: u16,
     pub flags: u16,
     pub address: u64,
-}
-
-/// `struct sched_poll`: wait for one of `nr_ports` event channels (timeout 0: none).
-#[repr(C)]
-pub struct SchedPoll {
-    pub ports: u64,
-    pub nr_ports: u32,
-    pub timeout: u64,
 }
 
 /// `struct evtchn_bind_virq`: virq, vcpu in; port out.

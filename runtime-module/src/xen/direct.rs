@@ -3,7 +3,8 @@
 //! seeing pseudo-physical frames; what is in memory is what Xen validates:
 //!
 //! - `pt_write` into a page Xen holds as a table: the entry is translated (pfn → mfn; a leaf
-//!   that maps one of the kernel's table pages loses RW, one that maps the LAPIC model page
+//!   that maps one of the kernel's table pages or the runtime's pool and GDT frames loses RW,
+//!   one that maps the LAPIC model page
 //!   loses PWT/PCD; both are remembered in available bits, [`MOVED`]) and
 //!   written with `mmu_update`. A non-leaf entry naming a page that is not a table yet first
 //!   *adopts* that page and everything below it (see below).
@@ -70,8 +71,9 @@ impl Mmu {
         self.tables[..self.ntables].iter().find(|(p, _)| *p == pfn).map(|(_, l)| *l)
     }
 
+    /// One of the runtime's pages Xen may not see mapped writable (pool, GDT frames).
     fn is_pool(pfn: u64) -> bool {
-        let (a, b) = Self::pool_range();
+        let (a, b) = Self::read_only_range();
         (a..b).contains(&(pfn << 12))
     }
 
@@ -100,7 +102,7 @@ impl Mmu {
         let v = (e & !ADDR) | mfn << 12;
         Ok(match (level, lapic, self.level_of(pfn).is_some()) {
             (1, true, _) => hide(v, PWT | PCD),
-            (1, _, true) => hide(v, WRITABLE),
+            (1, _, table) if table || Self::is_pool(pfn) => hide(v, WRITABLE),
             _ => v,
         })
     }

@@ -94,6 +94,8 @@ previrt_xen_stub:
 previrt_xen_upcall:
     popq %rcx
     popq %r11
+    cmpb $0, previrt_xen_blocking(%rip)
+    jne 2f
     xen_call previrt_xen_event
     movq %rax, previrt_xen_deliver(%rip)
     xen_restore
@@ -102,6 +104,15 @@ previrt_xen_upcall:
     je 1f
     jmp *previrt_xen_deliver(%rip)
 1:  xen_iret
+    /* The upcall SCHEDOP_block let through (Xen::halt, in pv.rs): mask events again and
+       return to the hypercall's return, the events still pending. */
+2:  pushq %rax
+    movq previrt_xen_vcpu(%rip), %rax
+    movb $1, 1(%rax)
+    popq %rax
+    orq $3, 8(%rsp)
+    orq $3, 32(%rsp)
+    iretq
 
     /* #PF: a fault on a page the kernel maps but the shadow does not yet is fixed and
        retried; anything else goes to the kernel's handler. */

@@ -35,11 +35,21 @@ const LOWER_HALF: u64 = 1 << 47;
 const NO_GUEST: u64 = u64::MAX;
 
 pub const POOL_PAGES: usize = 64;
+/// The frames of the runtime's copy of the kernel's GDT (xen/gdt.rs), after the pool.
+pub const GDT_PAGES: usize = super::gdt::FRAMES;
+use crate::guest::arena::{self, Table};
 
 /// The shadow table pool (the first pages of the backends' shared arena); read-only in every
 /// mapping once boot has remapped it.
-pub fn pool() -> *mut [crate::guest::arena::Table; POOL_PAGES] {
-    crate::guest::arena::pages::<POOL_PAGES>()
+pub fn pool() -> *mut [Table; POOL_PAGES] {
+    arena::pages::<POOL_PAGES>()
+}
+
+/// The GDT frames: the arena's pages after the pool, read-only in every mapping like the pool
+/// (Xen holds them as descriptor pages; they are written with `update_descriptor`).
+pub fn gdt_frames() -> *mut [Table; GDT_PAGES] {
+    // SAFETY: the arena has room for both (checked by `pages`); an address computation only.
+    unsafe { (arena::pages::<{ POOL_PAGES + GDT_PAGES }>() as *mut Table).add(POOL_PAGES).cast() }
 }
 
 /// Most page-table pages direct mode tracks (the kernel's and the runtime's together).
@@ -183,14 +193,16 @@ impl Mmu {
         (pfn < self.nr_pages).then(|| unsafe { ((self.p2m + pfn * 8) as *const u64).read_volatile() })
     }
 
-    pub(super) fn pool_range() -> (u64, u64) {
+    /// The runtime's pages Xen must see mapped read-only only: the pool and the GDT frames.
+    pub(super) fn read_only_range() -> (u64, u64) {
         let start = pool() as u64;
-        (start, start + (POOL_PAGES * 4096) as u64)
+        (start, start + ((POOL_PAGES + GDT_PAGES) * 4096) as u64)
     }
 
-    /// Boot: make the pool read-only in Xen's boot tables, so its pages can become tables.
+    /// Boot: make the pool and the GDT frames read-only in Xen's boot tables, so its pages can
+    /// become tables and descriptor pages.
     pub fn protect_pool(&self) -> R<()> {
-        let (start, end) = Self::pool_range();
+        let (start, end) = Self::read_only_range();
         for va in (start..end).step_by(4096) {
             let mfn = self.mfn(va >> 12).unwrap_or(0);
             hypercall(Hypercall::UpdateVaMapping, [va, mfn << 12 | PRESENT | ACCESSED, abi::UVMF_INVLPG, 0, 0])?;
@@ -208,7 +220,7 @@ impl Mmu {
             return None;
         }
         let mfn = self.mfn(va >> 12)?;
-        let rw = if inside(Self::pool_range()) { 0 } else { WRITABLE | DIRTY };
+        let rw = if inside(Self::read_only_range()) { 0 } else { WRITABLE | DIRTY };
         Some(mfn << 12 | PRESENT | ACCESSED | rw)
     }
 

@@ -9,14 +9,16 @@
 //! - `mmu`: the kernel's page tables under Xen: shadow tables (the kernel's tables →
 //!   Xen-validated tables), or `direct`: the kernel's own tables are Xen's, written with
 //!   `mmu_update` from its `pt_write` sites (annotated kernels).
+//! - [`gdt`]: the kernel's GDT as Xen accepts it (`lgdt` → `set_gdt` of frames the runtime
+//!   owns).
 //! - `entry`: the assembly entry points (domain entry, site stub, upcall, traps).
 //! - `pv`: the start of day, the site dispatcher, the upcall and the Xen `Machine`.
 //!
 //! Sites are routed to `pv::previrt_xen_dispatch`, which runs the shared per-kind handlers of
 //! [`crate::emulate`] over `pv::Xen` (the `Machine`) plus the Xen-only ones (segment
 //! selectors). Anything Xen refuses, or that the backend does not model, stops the domain with
-//! a message naming it (`pv::fatal`), never a silent hang. Only [`devices`] and [`console`]
-//! are built for the host too (tested there).
+//! a message naming it (`pv::fatal`), never a silent hang. Only [`devices`], [`console`] and
+//! [`gdt`] are built for the host too (tested there).
 
 /// The address of an assembly symbol, RIP-relative (the runtime runs where it was linked,
 /// at low identity-mapped addresses, so no absolute 32-bit relocation).
@@ -38,6 +40,7 @@ pub use crate::devices;
 mod direct;
 #[cfg(feature = "guest")]
 mod entry;
+pub mod gdt;
 #[cfg(feature = "guest")]
 mod mmu;
 #[cfg(feature = "guest")]

@@ -1,7 +1,7 @@
 //! The Xen PV backend proper: start of day, the site dispatcher, the event upcall, the #PF
 //! hook and the Xen [`Machine`] (docs/xen-pv.md).
 
-use super::{abi, console, devices, mmu};
+use super::{abi, console, devices, gdt, mmu};
 
 use crate::backend;
 use crate::emulate::{self, gpr, rflags, DescTable, Handler, Machine, Op, Regs};
@@ -10,6 +10,7 @@ use crate::platform::{self, Platform};
 use abi::{Hypercall, VcpuInfo};
 use core::cell::UnsafeCell;
 use core::fmt::{self, Write};
+use core::sync::atomic::{AtomicU32, Ordering::Relaxed};
 use devices::{Dev, Msr, Pic, Pit, Uart};
 use mmu::{Mmu, MmuError};
 use previrt_site_abi::{flags, reg, Kind};
@@ -37,6 +38,8 @@ pub struct Xen {
     next_tick: u64,
     gdt: Option<DescTable>,
     idt: Option<DescTable>,
+    /// The selectors the kernel last wrote to es, cs, ss, ds, fs, gs (hardware order).
+    segs: [u16; 8],
     kernel_gs_base: u64,
     cr0: u64,
     cr4: u64,
@@ -53,6 +56,7 @@ static XEN: Global<Xen> = Global(UnsafeCell::new(Xen {
     next_tick: 0,
     gdt: None,
     idt: None,
+    segs: [0; 8],
     kernel_gs_base: 0,
     // PE, MP, ET, NE, WP, AM, PG and PAE: what a long-mode kernel expects to read.
     cr0: 0x8005_0033,
@@ -105,23 +109,38 @@ fn console_write(ring: Option<&mut (console::Ring, u32)>, mut b: &[u8]) {
     while !b.is_empty() {
         let n = ring.write(b);
         b = &b[n..];
-        // SAFETY: evtchn_send is one port number; sched_yield takes no argument.
-        unsafe {
-            abi::call(Hypercall::EventChannelOp, [abi::EVTCHNOP_SEND, port as *const u32 as u64, 0, 0, 0]);
-            if n == 0 {
-                // Full: let the back end (in another domain) drain it.
-                abi::call(Hypercall::SchedOp, [abi::SCHEDOP_YIELD, 0, 0, 0, 0]);
-            }
+        // SAFETY: evtchn_send is one port number.
+        unsafe { abi::call(Hypercall::EventChannelOp, [abi::EVTCHNOP_SEND, port as *const u32 as u64, 0, 0, 0]) };
+        if n == 0 {
+            // Full: let the back end (in another domain) drain it.
+            sched_op(abi::SCHEDOP_YIELD, 0);
         }
     }
 }
 
+/// The `sched_op` commands the runtime issues, by name: the exit summary counts them.
+const SCHED_OPS: [(u64, &str); 3] =
+    [(abi::SCHEDOP_YIELD, "yield"), (abi::SCHEDOP_BLOCK, "block"), (abi::SCHEDOP_SHUTDOWN, "shutdown")];
+static SCHED_COUNTS: [AtomicU32; SCHED_OPS.len()] = [const { AtomicU32::new(0) }; SCHED_OPS.len()];
+
+/// `sched_op(cmd, arg)` (arg: a pointer to the command's structure, or 0).
+fn sched_op(cmd: u64, arg: u64) -> i64 {
+    if let Some(i) = SCHED_OPS.iter().position(|(c, _)| *c == cmd) {
+        SCHED_COUNTS[i].fetch_add(1, Relaxed);
+    }
+    // SAFETY: callers pass the structure `cmd` takes (yield and block take none).
+    unsafe { abi::call(Hypercall::SchedOp, [cmd, arg, 0, 0, 0]) }
+}
+
 fn shutdown(reason: u32) -> ! {
     loop {
-        // SAFETY: sched_shutdown is one u32.
-        unsafe { abi::call(Hypercall::SchedOp, [abi::SCHEDOP_SHUTDOWN, &reason as *const u32 as u64, 0, 0, 0]) };
+        sched_op(abi::SCHEDOP_SHUTDOWN, &reason as *const u32 as u64);
     }
 }
+
+/// Set while `Xen::halt` blocks: an upcall then only masks events again (entry.rs).
+#[no_mangle]
+static mut previrt_xen_blocking: u8 = 0;
 
 /// Print why the kernel cannot go on under Xen and crash the domain.
 fn fatal(what: fmt::Arguments) -> ! {
@@ -145,17 +164,28 @@ fn must(h: Hypercall, a: [u64; 5]) -> i64 {
     rc
 }
 
+/// "hypercall NAME(ARGS) failed: RC (ERRNO)", for fatal messages.
+struct Failed(Hypercall, [u64; 5], i64);
+
+impl fmt::Display for Failed {
+    fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        let Failed(h, a, rc) = *self;
+        let name = ERRNO.iter().find(|(n, _)| *n == rc).map_or("?", |(_, s)| *s);
+        write!(
+            f,
+            "hypercall {}({:#x}, {:#x}, {:#x}, {:#x}, {:#x}) failed: {rc} ({name})",
+            h.name(),
+            a[0],
+            a[1],
+            a[2],
+            a[3],
+            a[4]
+        )
+    }
+}
+
 fn hypercall_failed(h: Hypercall, a: [u64; 5], rc: i64) -> ! {
-    let name = ERRNO.iter().find(|(n, _)| *n == rc).map_or("?", |(_, s)| *s);
-    fatal(format_args!(
-        "hypercall {}({:#x}, {:#x}, {:#x}, {:#x}, {:#x}) failed: {rc} ({name})",
-        h.name(),
-        a[0],
-        a[1],
-        a[2],
-        a[3],
-        a[4]
-    ))
+    fatal(format_args!("{}", Failed(h, a, rc)))
 }
 
 fn mmu_ok<T>(r: Result<T, MmuError>) -> T {
@@ -332,16 +362,10 @@ extern "C" fn previrt_xen_boot(si: u64) -> u64 {
 const PT_MODES: [&str; 2] =
     ["shadowed (no pt_write sites)", "direct (pt_write sites -> mmu_update with pfn->mfn, pt_read mfn->pfn)"];
 
-/// Kinds whose effect differs under Xen PV: segment selectors name Xen's flat descriptors;
-/// memory-access sites (annotations) reach page tables and the LAPIC model page.
-const XEN_HANDLERS: &[(Kind, Handler)] = &[
-    (Kind::MovSeg, mov_seg),
-    (Kind::FarRet, far_ret),
-    (Kind::PtRead, pt_access),
-    (Kind::PtWrite, pt_access),
-    (Kind::MmioRead, mmio_access),
-    (Kind::MmioWrite, mmio_access),
-];
+/// Kinds whose effect differs under Xen PV: segment selectors get the kernel's real privilege
+/// (ring 3) on the way to the CPU. (Memory-access sites go through the shared handler and
+/// `Machine::memory`.)
+const XEN_HANDLERS: &[(Kind, Handler)] = &[(Kind::MovSeg, mov_seg), (Kind::FarRet, far_ret)];
 
 /// The site stub's Rust half.
 #[no_mangle]
@@ -379,7 +403,7 @@ fn exit_frame(cs: &mut u64, rflags_image: u64) {
         if on && core::ptr::addr_of!(v.upcall_pending).read_volatile() != 0 {
             core::ptr::addr_of_mut!(v.upcall_mask).write_volatile(1);
             *cs &= !3;
-            abi::COUNTS[Hypercall::Iret as usize].fetch_add(1, core::sync::atomic::Ordering::Relaxed);
+            abi::COUNTS[Hypercall::Iret as usize].fetch_add(1, Relaxed);
         }
     }
 }
@@ -490,26 +514,18 @@ impl Xen {
         unsafe { core::ptr::copy_nonoverlapping(addr as *const u8, buf.as_mut_ptr(), buf.len()) }
     }
 
-    /// A kernel selector as one of Xen's flat ring-3 selectors, by the kind of descriptor
-    /// it names in the kernel's GDT. Xen's own selectors (0xe000 and up) pass unchanged.
+    /// The selector the CPU loads for a kernel selector: the same descriptor (the runtime's
+    /// GDT copy keeps every index, xen/gdt.rs) at the kernel's real privilege, ring 3. Xen's own
+    /// selectors (0xe000 and up) name Xen's descriptors, present in every PV GDT.
     fn selector(&self, sel: u16) -> u16 {
-        if sel >= 0xe000 {
-            return sel | 3;
-        }
-        if sel & !3 == 0 {
+        let index = sel as usize & !7;
+        if index == 0 {
             return 0;
         }
-        let Some(gdt) = self.gdt.filter(|t| (sel as u64 & !7) + 7 <= t.limit as u64) else {
+        if index < gdt::MAX_ENTRIES * 8 && !self.gdt.is_some_and(|t| index + 7 <= t.limit as usize) {
             fatal(format_args!("selector {sel:#x} is outside the kernel's GDT"))
-        };
-        let mut d = [0u8; 8];
-        self.read_mem(gdt.base + (sel as u64 & !7), &mut d);
-        let desc = u64::from_le_bytes(d);
-        match (desc >> 43 & 1, desc >> 53 & 1) {
-            (1, 1) => abi::FLAT_KERNEL_CS,
-            (1, _) => abi::FLAT_KERNEL_CS32,
-            _ => abi::FLAT_KERNEL_DS,
         }
+        sel | 3
     }
 
     /// Program the next tick: at boot of the PIT period (`restart`) or one period after the
@@ -531,10 +547,15 @@ impl Xen {
         guest::site_summary(&mut out);
         let _ = write!(out, "previrt-xen: hypercalls");
         for (h, name) in abi::HYPERCALLS {
-            let n = abi::COUNTS[*h as usize].load(core::sync::atomic::Ordering::Relaxed);
+            let n = abi::COUNTS[*h as usize].load(Relaxed);
             if n != 0 {
                 let _ = write!(out, " {name}={n}");
             }
+        }
+        let _ = writeln!(out);
+        let _ = write!(out, "previrt-xen: sched_op");
+        for ((_, name), n) in SCHED_OPS.iter().zip(&SCHED_COUNTS) {
+            let _ = write!(out, " {name}={}", n.load(Relaxed));
         }
         let _ = writeln!(out);
         let st = self.mmu.stats;
@@ -568,8 +589,11 @@ fn mov_seg(op: &Op, regs: &mut Regs, _: &mut dyn Machine) -> bool {
     }
     let seg = reg::number(op.base);
     if op.flags & flags::WRITE != 0 {
-        let sel = x.selector(regs.read(op.reg, 2) as u16);
-        // SAFETY: loading one of Xen's flat selectors (or null) into a data segment register.
+        let written = regs.read(op.reg, 2) as u16;
+        let sel = x.selector(written);
+        x.segs[seg as usize & 7] = written;
+        // SAFETY: loading a selector of the runtime's GDT copy (or Xen's, or null) into a data
+        // segment register.
         unsafe {
             match seg {
                 0 => core::arch::asm!("mov es, {:x}", in(reg) sel),
@@ -593,64 +617,11 @@ fn mov_seg(op: &Op, regs: &mut Regs, _: &mut dyn Machine) -> bool {
                 _ => core::arch::asm!("mov {:x}, gs", out(reg) v),
             }
         }
+        // The register holds what the kernel loaded with RPL 3 (see `selector`): it reads
+        // back what the kernel wrote.
+        let written = x.segs[seg as usize & 7];
+        let v = if seg != 1 && v & !3 == written & !3 { written } else { v };
         regs.write(op.reg, op.width.max(2), v as u64);
-    }
-    true
-}
-
-/// A `mov` to or from memory (the forms annotations make sites of): address, width, and the
-/// value a store writes (a register, or the immediate at the end of the saved instruction).
-fn mov_access(op: &Op, regs: &Regs) -> Option<(u64, u8, Option<u64>)> {
-    let len = op.insn_len as usize;
-    let opcode = *op.insn[..len].iter().find(|&&b| b != 0x66 && b & 0xf0 != 0x40)?;
-    let w = op.width;
-    let store =
-        match opcode {
-            0x8a | 0x8b => None,
-            0x88 | 0x89 => Some(regs.read(op.reg, w)),
-            0xc6 => Some(op.insn[len - 1] as u64),
-            0xc7 if w == 2 => Some(u16::from_le_bytes([op.insn[len - 2], op.insn[len - 1]]) as u64),
-            0xc7 => Some(i32::from_le_bytes([op.insn[len - 4], op.insn[len - 3], op.insn[len - 2], op.insn[len - 1]])
-                as i64 as u64),
-            _ => return None,
-        };
-    (op.flags & flags::MEM != 0 && (store.is_some() == (op.flags & flags::WRITE != 0))).then_some((
-        op.address(regs),
-        w,
-        store,
-    ))
-}
-
-/// `pt_read`/`pt_write` (8-byte entries): shadow mode does the access itself (its tables
-/// are the kernel's); direct mode translates (xen/direct.rs).
-fn pt_access(op: &Op, regs: &mut Regs, m: &mut dyn Machine) -> bool {
-    let Some((at, 8, store)) = mov_access(op, regs) else { return false };
-    // SAFETY: dispatch runs with events masked.
-    let x = unsafe { XEN.get() };
-    match (store, x.mmu.direct) {
-        (Some(v), true) => mmu_ok(x.mmu.write_entry(at, v)),
-        (Some(v), false) => m.write(at, &v.to_le_bytes()),
-        (None, direct) => {
-            let mut b = [0u8; 8];
-            m.read(at, &mut b);
-            let e = u64::from_le_bytes(b);
-            regs.write(op.reg, 8, if direct { x.mmu.read_entry(at, e) } else { e });
-        }
-    }
-    true
-}
-
-/// `mmio_read`/`mmio_write`: the access itself, through the kernel's mapping (the LAPIC frame
-/// maps the runtime's LAPIC register page).
-fn mmio_access(op: &Op, regs: &mut Regs, m: &mut dyn Machine) -> bool {
-    let Some((at, w @ (1 | 2 | 4 | 8), store)) = mov_access(op, regs) else { return false };
-    match store {
-        Some(v) => m.write(at, &v.to_le_bytes()[..w as usize]),
-        None => {
-            let mut b = [0u8; 8];
-            m.read(at, &mut b[..w as usize]);
-            regs.write(op.reg, w, u64::from_le_bytes(b));
-        }
     }
     true
 }
@@ -755,6 +726,27 @@ impl Machine for Xen {
     fn invlpg(&mut self, addr: u64) {
         mmu_ok(self.mmu.invlpg(addr));
     }
+    /// Memory-access sites (annotated kernels): `pt_*` (8-byte entries) in direct mode are
+    /// translated (xen/direct.rs), otherwise the access itself — shadow mode's tables are the
+    /// kernel's, and the LAPIC frame maps the runtime's LAPIC register page.
+    fn memory(&mut self, kind: Kind, at: u64, width: u8, store: Option<u64>) -> Option<u64> {
+        let pt = matches!(kind, Kind::PtRead | Kind::PtWrite);
+        if pt && width != 8 {
+            return None;
+        }
+        let direct = pt && self.mmu.direct;
+        match store {
+            Some(v) if direct => mmu_ok(self.mmu.write_entry(at, v)),
+            Some(v) => self.write(at, &v.to_le_bytes()[..width as usize]),
+            None => {
+                let mut b = [0u8; 8];
+                self.read(at, &mut b[..width as usize]);
+                let v = u64::from_le_bytes(b);
+                return Some(if direct { self.mmu.read_entry(at, v) } else { v });
+            }
+        }
+        Some(0)
+    }
     fn halt(&mut self, interrupts: bool) {
         if !interrupts {
             flush_uart(self);
@@ -765,15 +757,66 @@ impl Machine for Xen {
             // The timer is the only event source the backend models: this would sleep forever.
             fatal(format_args!("hlt with interrupts on but no timer programmed: nothing would wake the kernel"));
         }
-        // Sleep until the timer's event channel is pending, events still masked: the tick is
-        // then delivered by the return to the kernel (the iret hypercall, see exit_frame), at
-        // the instruction after `hlt`, as hardware would.
-        let port = self.timer_port;
-        let poll = abi::SchedPoll { ports: &port as *const u32 as u64, nr_ports: 1, timeout: 0 };
-        must(Hypercall::SchedOp, [abi::SCHEDOP_POLL, &poll as *const _ as u64, 0, 0, 0]);
+        // SCHEDOP_block, as Linux's xen_safe_halt: Xen unmasks events atomically with its check
+        // for pending ones and sleeps until one arrives. Unmasked, the event comes as an upcall
+        // right at the hypercall's return, inside this dispatch; while `previrt_xen_blocking`
+        // is set the upcall only masks events again and returns, leaving them pending, so the
+        // return to the kernel (the iret hypercall, see exit_frame) delivers them at the
+        // instruction after `hlt`, as hardware would.
+        let blocking = &raw mut previrt_xen_blocking;
+        // SAFETY: a flag the upcall reads (single vCPU); volatile, so it brackets the hypercall.
+        unsafe { blocking.write_volatile(1) };
+        let rc = sched_op(abi::SCHEDOP_BLOCK, 0);
+        // SAFETY: vcpu_info's mask byte, shared with Xen; then the flag, as above.
+        unsafe {
+            core::ptr::addr_of_mut!(vcpu().upcall_mask).write_volatile(1);
+            blocking.write_volatile(0);
+        }
+        if rc < 0 {
+            hypercall_failed(Hypercall::SchedOp, [abi::SCHEDOP_BLOCK, 0, 0, 0, 0], rc);
+        }
     }
+    /// The kernel's table, translated (xen/gdt.rs) into the runtime's GDT frames — only the
+    /// descriptors that differ from what the frames hold, with `update_descriptor` (Xen holds
+    /// the frames read-only) — then `set_gdt`. Entries past the kernel's limit in the last
+    /// frame are cleared, so its selectors past the limit fault as on hardware.
     fn load_gdt(&mut self, table: DescTable) {
-        // Xen's flat GDT stays; the kernel's table is read to translate selectors.
+        let entries = (table.limit as usize + 1) / 8;
+        if entries > gdt::MAX_ENTRIES {
+            fatal(format_args!(
+                "lgdt: the kernel's GDT has {entries} entries; a PV guest's may have {} (selectors from {:#x} are Xen's)",
+                gdt::MAX_ENTRIES,
+                gdt::MAX_ENTRIES * 8
+            ));
+        }
+        let copy = mmu::gdt_frames() as *const u64;
+        let mut mfns = [0u64; gdt::FRAMES];
+        let frames = gdt::frames(entries);
+        for (f, mfn) in mfns[..frames].iter_mut().enumerate() {
+            *mfn = self.mmu.mfn((copy as u64 >> 12) + f as u64).unwrap_or(0);
+        }
+        for i in 0..frames * gdt::PER_FRAME {
+            let mut d = [0u8; 8];
+            if i < entries {
+                self.read_mem(table.base + i as u64 * 8, &mut d);
+            }
+            let (kernel, want) = (u64::from_le_bytes(d), gdt::translate(u64::from_le_bytes(d)));
+            // SAFETY: the GDT frames are mapped read-only in every address space the runtime uses.
+            if unsafe { copy.add(i).read_volatile() } == want {
+                continue;
+            }
+            let a = [mfns[i / gdt::PER_FRAME] << 12 | (i % gdt::PER_FRAME * 8) as u64, want, 0, 0, 0];
+            // SAFETY: the machine address of a descriptor in one of the runtime's GDT frames.
+            let rc = unsafe { abi::call(Hypercall::UpdateDescriptor, a) };
+            if rc < 0 {
+                fatal(format_args!(
+                    "lgdt: Xen refuses the kernel's GDT entry {i} (selector {:#x}, descriptor {kernel:#018x}): {}",
+                    i * 8,
+                    Failed(Hypercall::UpdateDescriptor, a, rc)
+                ));
+            }
+        }
+        must(Hypercall::SetGdt, [mfns.as_ptr() as u64, entries as u64, 0, 0, 0]);
         self.gdt = Some(table);
     }
     fn load_idt(&mut self, table: DescTable) {
