@@ -3,7 +3,12 @@
 # toolchain and with previrt's CROSS_COMPILE toolchain — then boot both vmlinux files under
 # QEMU TCG with a busybox initramfs and compare what init prints.
 #
-# usage: scripts/linux-build.sh [--force] [--json]
+# usage: scripts/linux-build.sh [--force] [--json] [--dwarf]
+#
+# --dwarf: instead, the same configuration plus CONFIG_DEBUG_INFO_DWARF5, plain gcc only, in
+# $CACHE/dwarf (previrt annotate's DWARF source and `previrt run --profile` read it); built
+# only when missing (or --force), its own cache: the main report's stamp is not involved.
+# Prints {"vmlinux", "initrd", "seconds"} (JSON) and nothing else on stdout.
 #
 # Cache: ~/.cache/previrt/linux (PREVIRT_LINUX_CACHE overrides). The result is
 # report.json there plus a text summary on stdout. When report.json exists and was made from
@@ -22,11 +27,13 @@ REPORT=$CACHE/report.json
 JOBS=${PREVIRT_LINUX_JOBS:-2}
 FORCE=0
 JSON=0
+DWARF=0
 for a in "$@"; do
   case "$a" in
     --force) FORCE=1 ;;
     --json) JSON=1 ;;
-    *) echo "linux-build: unknown argument $a (usage: $0 [--force] [--json])" >&2; exit 2 ;;
+    --dwarf) DWARF=1 ;;
+    *) echo "linux-build: unknown argument $a (usage: $0 [--force] [--json] [--dwarf])" >&2; exit 2 ;;
   esac
 done
 
@@ -74,12 +81,14 @@ print(f"boot          plain {b['plain']['init_output']!r} / previrt {b['previrt'
 EOF
 }
 
-# One run at a time per cache (a test run and a manual run must not share a build tree).
+# One run at a time per cache (a test run and a manual run must not share a build tree). The
+# --dwarf tree has its own lock, so its long build does not hold up the main one; it takes the
+# main lock only while the source may be extracted.
 mkdir -p "$CACHE"
 exec 9>"$CACHE/.lock"
 flock 9
 
-if [ "$FORCE" = 0 ] && [ -f "$REPORT" ] && [ -f "$CACHE/plain/vmlinux" ] && [ -f "$CACHE/previrt/vmlinux" ] &&
+if [ "$DWARF" = 0 ] && [ "$FORCE" = 0 ] && [ -f "$REPORT" ] && [ -f "$CACHE/plain/vmlinux" ] && [ -f "$CACHE/previrt/vmlinux" ] &&
    python3 -c 'import json,sys; sys.exit(json.load(open(sys.argv[1])).get("stamp") != sys.argv[2])' "$REPORT" "$STAMP"; then
   log "cached result in $REPORT (use --force to rebuild)"
   summary
@@ -94,25 +103,33 @@ if [ ! -f "$SRC/Makefile" ]; then
   tar xJf "$TARBALL" -C "$CACHE/src.tmp" --strip-components=1
   mv "$CACHE/src.tmp" "$SRC"
 fi
-
-PREVIRT=${PREVIRT_BIN:-$ROOT/target/release/previrt}
-if [ -z "${PREVIRT_BIN:-}" ]; then
-  log "building $PREVIRT"
-  (cd "$ROOT" && cargo build --release --quiet --bin previrt)
+if [ "$DWARF" = 1 ]; then
+  exec 9>"$CACHE/.lock-dwarf"
+  flock 9
 fi
-[ -x "$PREVIRT" ] || die "no previrt binary at $PREVIRT"
-# A private copy: rebuilding previrt during the build must not change the toolchain.
-"$PREVIRT" toolchain install --prefix "$CACHE/toolchain" --copy >/dev/null
-CROSS=$CACHE/toolchain/bin/x86_64-previrt-linux-gnu-
 
+CONFIG_EXTRA= # more scripts/config options (the --dwarf build's)
 configure() { # OUT [make args…]
   local out=$1; shift
   rm -rf "$out"; mkdir -p "$out"
   make -C "$SRC" O="$out" "$@" -s tinyconfig >/dev/null
   "$SRC/scripts/config" --file "$out/.config" -e 64BIT -e PRINTK -e TTY -e SERIAL_8250 \
     -e SERIAL_8250_CONSOLE -e BINFMT_ELF -e BLK_DEV_INITRD -e HYPERVISOR_GUEST -e PVH \
-    -d PARAVIRT -d KVM_GUEST -d XEN
+    -d PARAVIRT -d KVM_GUEST -d XEN $CONFIG_EXTRA
   make -C "$SRC" O="$out" "$@" -s olddefconfig >/dev/null
+}
+
+# A tiny initramfs: busybox as init, /etc/inittab prints one line and powers off.
+INITRD=$CACHE/initramfs.cpio
+initramfs() {
+  rm -rf "$CACHE/initramfs"
+  mkdir -p "$CACHE/initramfs"/{bin,dev,etc,proc}
+  cp "$BUSYBOX" "$CACHE/initramfs/bin/busybox"
+  ln -s bin/busybox "$CACHE/initramfs/init"
+  mknod -m 600 "$CACHE/initramfs/dev/console" c 5 1
+  printf '::sysinit:/bin/busybox echo previrt-init: hello\n::sysinit:/bin/busybox poweroff -f\n' \
+    >"$CACHE/initramfs/etc/inittab"
+  (cd "$CACHE/initramfs" && find . | cpio -o -H newc --quiet >"$INITRD.tmp") && mv "$INITRD.tmp" "$INITRD"
 }
 
 build() { # NAME [make args…]; wall, user and system seconds go to $CACHE/NAME/time
@@ -126,20 +143,34 @@ build() { # NAME [make args…]; wall, user and system seconds go to $CACHE/NAME
     { tail -30 "$out/build.log" >&2; die "$name build failed (log: $out/build.log)"; }
 }
 
+if [ "$DWARF" = 1 ]; then
+  # `done` is written last: an interrupted build is rebuilt, not reused.
+  if [ "$FORCE" = 1 ] || [ ! -f "$CACHE/dwarf/done" ]; then
+    CONFIG_EXTRA="-e DEBUG_KERNEL -d DEBUG_INFO_NONE -e DEBUG_INFO_DWARF5"
+    build dwarf
+    grep -q '^CONFIG_DEBUG_INFO_DWARF5=y' "$CACHE/dwarf/.config" || die "DWARF 5 not enabled in $CACHE/dwarf/.config"
+    cut -d' ' -f1 "$CACHE/dwarf/time" >"$CACHE/dwarf/done"
+  fi
+  [ -f "$INITRD" ] || initramfs
+  printf '{"vmlinux": "%s", "initrd": "%s", "seconds": %s}\n' "$CACHE/dwarf/vmlinux" "$INITRD" "$(cat "$CACHE/dwarf/done")"
+  exit 0
+fi
+
+PREVIRT=${PREVIRT_BIN:-$ROOT/target/release/previrt}
+if [ -z "${PREVIRT_BIN:-}" ]; then
+  log "building $PREVIRT"
+  (cd "$ROOT" && cargo build --release --quiet --bin previrt)
+fi
+[ -x "$PREVIRT" ] || die "no previrt binary at $PREVIRT"
+# A private copy: rebuilding previrt during the build must not change the toolchain.
+"$PREVIRT" toolchain install --prefix "$CACHE/toolchain" --copy >/dev/null
+CROSS=$CACHE/toolchain/bin/x86_64-previrt-linux-gnu-
+
 build plain
 rm -f "$CACHE/as-log.jsonl"
 PREVIRT_LOG="$CACHE/as-log.jsonl" build previrt CROSS_COMPILE="$CROSS"
 
-# A tiny initramfs: busybox as init, /etc/inittab prints one line and powers off.
-INITRD=$CACHE/initramfs.cpio
-rm -rf "$CACHE/initramfs"
-mkdir -p "$CACHE/initramfs"/{bin,dev,etc,proc}
-cp "$BUSYBOX" "$CACHE/initramfs/bin/busybox"
-ln -s bin/busybox "$CACHE/initramfs/init"
-mknod -m 600 "$CACHE/initramfs/dev/console" c 5 1
-printf '::sysinit:/bin/busybox echo previrt-init: hello\n::sysinit:/bin/busybox poweroff -f\n' \
-  >"$CACHE/initramfs/etc/inittab"
-(cd "$CACHE/initramfs" && find . | cpio -o -H newc --quiet >"$INITRD.tmp") && mv "$INITRD.tmp" "$INITRD"
+initramfs
 
 boot() { # NAME; the serial log goes to $CACHE/NAME/boot.log
   local out=$CACHE/$1 pid i

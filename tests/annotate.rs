@@ -134,6 +134,46 @@ fn profile_recall_is_complete_and_false_sites_only_touch_unlinked_tables() {
     for sk in r["profile_skipped"].as_array().unwrap() {
         assert!(sk["reason"].as_str().unwrap().starts_with("16/32-bit"), "{sk}");
     }
+    // Executions: every site execution is traced or wasted, and the hottest list names only
+    // sites that ran for nothing at least once.
+    for src in score["sources"].as_array().unwrap() {
+        let (all, wasted) = (src["site_executions"].as_u64().unwrap(), src["wasted_executions"].as_u64().unwrap());
+        assert!(all > 0 && wasted <= all, "{src}");
+        for h in src["hottest"].as_array().unwrap() {
+            assert!(h["executed"].as_u64().unwrap() > h["traced"].as_u64().unwrap(), "{h}");
+        }
+    }
+
+    // Held out: a profile holding only the rows of the first half of the traced
+    // instructions, scored against the whole trace (--reference). The profile source then
+    // finds exactly the instructions it kept; the union with rules and DWARF finds them all.
+    let full: Value = serde_json::from_slice(&std::fs::read(&prof).unwrap()).unwrap();
+    let rows = full["accesses"].as_array().unwrap();
+    let rips: BTreeSet<u64> = rows.iter().filter(|t| t["code64"] == true).map(|t| t["rip"].as_u64().unwrap()).collect();
+    let kept_sites: BTreeSet<u64> = rips.iter().take(rips.len() / 2).copied().collect();
+    let mut half = full.clone();
+    half["accesses"] =
+        rows.iter().filter(|t| kept_sites.contains(&t["rip"].as_u64().unwrap())).cloned().collect::<Vec<_>>().into();
+    let half_path = prof.with_file_name("half.json");
+    std::fs::write(&half_path, serde_json::to_vec(&half).unwrap()).unwrap();
+    let h = json_of(&previrt(&[
+        "annotate",
+        s(&k.pvh_elf()),
+        "--profile",
+        s(&half_path),
+        "--reference",
+        s(&prof),
+        "--json",
+    ]));
+    let group =
+        |name: &str| h["score"]["sources"].as_array().unwrap().iter().find(|g| g["source"] == name).unwrap().clone();
+    let traced = h["score"]["traced"].as_u64().unwrap();
+    assert_eq!(traced, score["traced"].as_u64().unwrap(), "the reference decides what was traced");
+    let p = group("profile");
+    assert_eq!(p["true_sites"].as_u64().unwrap() as usize, kept_sites.len(), "{p}");
+    assert!(kept_sites.len() < traced as usize, "the held-out profile leaves instructions out");
+    assert_eq!(p["recall"].as_f64().unwrap(), kept_sites.len() as f64 / traced as f64, "{p}");
+    assert_eq!(group("all")["recall"], 1.0, "{}", group("all"));
 }
 
 #[test]

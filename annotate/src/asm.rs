@@ -58,8 +58,8 @@ impl LineAnnotations {
     /// [`crate::annotations_from_profile`]).
     pub fn read(path: &Path) -> Result<LineAnnotations> {
         let mut text = std::fs::read(path).with_context(|| format!("cannot read annotations {}", path.display()))?;
-        if crate::profile::Profile::is_profile(&text) {
-            text = crate::annotations_from_profile(path)?;
+        if let Some(head) = crate::profile::Head::of_profile(&text) {
+            text = crate::annotations_from_profile(path, &text, head)?;
         }
         let f: FileForm = serde_json::from_slice(&text)
             .with_context(|| format!("{}: not a previrt annotations file", path.display()))?;

@@ -1,7 +1,8 @@
-//! `previrt annotate IMAGE [--profile FILE] [-o ANNOTATIONS] [--patch OUT] [--json]`.
+//! `previrt annotate IMAGE [--profile FILE] [--reference FILE] [-o ANNOTATIONS] [--patch OUT]
+//! [--json]`.
 
 use crate::profile::Profile;
-use crate::{analyse, emit, score, Annotations, Options, Score, SOURCES};
+use crate::{analyse, emit, score, Annotations, Options, Reference, Score, SOURCES};
 use anyhow::{Context, Result};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -10,10 +11,14 @@ use std::path::{Path, PathBuf};
 pub struct AnnotateArgs {
     /// Linked kernel image with DWARF (vmlinux, the example kernel's kernel.elf).
     pub image: PathBuf,
-    /// A `previrt run --profile` trace of this image: a third source, and the reference the
-    /// rules and DWARF sources are scored against (recall, precision).
+    /// A `previrt run --profile` trace of this image: a third source, and (without
+    /// --reference) the trace every source is scored against (recall, precision).
     #[arg(long, value_name = "FILE")]
     pub profile: Option<PathBuf>,
+    /// Score against this trace instead (another run or a longer window of the same image):
+    /// the profile source is then measured on accesses it was not made from.
+    #[arg(long, value_name = "FILE")]
+    pub reference: Option<PathBuf>,
     /// Page-table entry type names for the DWARF source (default: pte_t pmd_t pud_t p4d_t pgd_t).
     #[arg(long = "pt-type", value_name = "NAME")]
     pub pt_types: Vec<String>,
@@ -43,6 +48,7 @@ fn run_inner(a: &AnnotateArgs) -> Result<(), (i32, anyhow::Error)> {
     let bad = |e: anyhow::Error| (2, e);
     let data = std::fs::read(&a.image).with_context(|| format!("cannot read {}", a.image.display())).map_err(bad)?;
     let profile = a.profile.as_deref().map(Profile::read).transpose().map_err(bad)?;
+    let reference = a.reference.as_deref().map(Profile::read).transpose().map_err(bad)?;
     let mut opts = Options::default();
     if !a.pt_types.is_empty() {
         opts.pt_types = a.pt_types.clone();
@@ -61,7 +67,10 @@ fn run_inner(a: &AnnotateArgs) -> Result<(), (i32, anyhow::Error)> {
         }
         None => None,
     };
-    let sc = profile.as_ref().map(|p| score(&ann, p));
+    let sc = match reference.as_ref().or(profile.as_ref()) {
+        Some(r) => Some(score(&ann, &Reference::of(&data, &ann.image, r).map_err(bad)?)),
+        None => None,
+    };
     if a.json {
         let v = serde_json::json!({
             "image": ann.image, "debug_info": ann.debug_info, "found": ann.found,
@@ -105,21 +114,23 @@ fn print_summary(ann: &Annotations, sc: Option<&Score>, patched: Option<emit::Pa
         println!("  {} traced instructions cannot be sites (see --json)", ann.profile_skipped.len());
     }
     if let Some(sc) = sc {
-        println!("against the profile ({} traced instructions):", sc.traced);
+        println!("against the reference trace ({} traced instructions):", sc.traced);
         println!(
-            "  {:12} {:>6} {:>6} {:>6} {:>8} {:>8} {:>9}",
-            "source", "found", "true", "false", "unexec", "recall", "precision"
+            "  {:12} {:>6} {:>6} {:>6} {:>8} {:>8} {:>9} {:>11} {:>11}",
+            "source", "found", "true", "false", "unexec", "recall", "precision", "executions", "wasted"
         );
         for s in &sc.sources {
             println!(
-                "  {:12} {:>6} {:>6} {:>6} {:>8} {:>7.1}% {:>8.1}%",
+                "  {:12} {:>6} {:>6} {:>6} {:>8} {:>7.1}% {:>8.1}% {:>11} {:>11}",
                 s.source,
                 s.found,
                 s.true_sites,
                 s.false_sites.len(),
                 s.not_executed,
                 100.0 * s.recall,
-                100.0 * s.precision
+                100.0 * s.precision,
+                s.site_executions,
+                s.wasted_executions
             );
         }
     }

@@ -10,7 +10,8 @@
 //! - [`profile`]: the in-tree hypervisor's trace (`previrt run --profile`).
 //!
 //! Public API: [`analyse`] gives the [`Annotations`] (the documented JSON file,
-//! docs/annotations.md); [`score`] compares each source with a profile (recall, precision);
+//! docs/annotations.md); [`score`] compares each source and their unions with a
+//! [`Reference`] trace (recall, precision, wasted site executions);
 //! [`emit::patch`] writes memory-access sites (producer 3) into a linked image by address;
 //! [`asm::LineAnnotations`] tells the toolchain's `as` which statements to make sites (by
 //! `file:line`); [`cli`] is `previrt annotate`.
@@ -166,10 +167,46 @@ impl<'a> Image<'a> {
         Some(&data[(begin - base) as usize..(end - base) as usize])
     }
 
+    /// The profile's traced rows, each with the memory access in this image a site could
+    /// hold, or why there is none.
+    fn traced<'s, 'p: 's>(
+        &'s self,
+        p: &'p Profile,
+    ) -> impl Iterator<Item = (&'p profile::Traced, Result<MemAccess, &'static str>)> + 's {
+        p.accesses.iter().map(move |t| {
+            let access =
+                self.bytes(t.rip, t.rip + 15).and_then(|b| insn::decode_one(b, t.rip)).and_then(|i| MemAccess::of(&i));
+            let r = match access {
+                _ if !t.code64 => Err("16/32-bit code (boot trampoline): no sites there"),
+                None if self.bytes(t.rip, t.rip + 1).is_none() => Err("outside the image's code"),
+                None => Err("not a load/store through an explicit memory operand (string or stack instruction)"),
+                Some(a) => Ok(a),
+            };
+            (t, r)
+        })
+    }
+
     fn function(&self, addr: u64) -> Option<&str> {
+        self.function_at(addr).map(|f| f.2.as_str())
+    }
+
+    fn function_at(&self, addr: u64) -> Option<&(u64, u64, String)> {
         let k = self.functions.partition_point(|f| f.0 <= addr).checked_sub(1)?;
         let f = &self.functions[k];
-        (addr < f.1).then_some(f.2.as_str())
+        (addr < f.1).then_some(f)
+    }
+
+    /// The memory accesses of the instructions starting in `[begin, end)`. A location-list
+    /// range need not begin on an instruction (GCC starts the range after a call at the
+    /// call's last byte), so decoding starts at the enclosing function.
+    fn accesses_in(&self, begin: u64, end: u64, mut each: impl FnMut(MemAccess)) {
+        let from = self.function_at(begin).map_or(begin, |f| f.0);
+        let Some(bytes) = self.bytes(from, end) else { return };
+        insn::accesses_in(bytes, from, |a| {
+            if a.addr >= begin {
+                each(a)
+            }
+        });
     }
 }
 
@@ -182,10 +219,11 @@ struct Found {
 /// The annotations file a build derives from a profile alone (`gcc --annotations PROFILE`):
 /// every source over the image the profile traced, written once beside the profile as
 /// `NAME.annotations.json` and reused while it is newer than the profile and the image. The
-/// image must not be the build's own output (it is read while the build runs).
-pub fn annotations_from_profile(path: &std::path::Path) -> Result<Vec<u8>> {
-    let profile = Profile::read(path)?;
-    let image = profile.image.clone().ok_or_else(|| {
+/// image must not be the build's own output (it is read while the build runs). `text` is the
+/// profile as read from `path` (read once per `as`: only its head is parsed while the derived
+/// file is fresh).
+pub fn annotations_from_profile(path: &std::path::Path, text: &[u8], head: profile::Head) -> Result<Vec<u8>> {
+    let image = head.image.ok_or_else(|| {
         anyhow!("{}: the profile names no image (record it again with `previrt run --profile`)", path.display())
     })?;
     let derived = path.with_extension("annotations.json");
@@ -195,6 +233,7 @@ pub fn annotations_from_profile(path: &std::path::Path) -> Result<Vec<u8>> {
             return std::fs::read(&derived).map_err(|e| anyhow!("cannot read {}: {e}", derived.display()));
         }
     }
+    let profile = Profile::parse(text, path)?;
     let data =
         std::fs::read(&image).map_err(|e| anyhow!("cannot read {} (the profile's image): {e}", image.display()))?;
     let ann = analyse(&data, &image.display().to_string(), &Options::default(), Some(&profile))?;
@@ -246,8 +285,7 @@ pub fn analyse(data: &[u8], image_name: &str, opts: &Options, profile: Option<&P
     // DWARF: accesses based on a register that holds a typed pointer there.
     for p in dbg.pointers.iter().filter(|p| p.target == Target::PageTable || !rules::plain_volatile(&p.scope, &p.name))
     {
-        let Some(bytes) = img.bytes(p.begin, p.end) else { continue };
-        insn::accesses_in(bytes, p.begin, |a| {
+        img.accesses_in(p.begin, p.end, |a| {
             let plausible = p.target == Target::PageTable || a.plain_move();
             if a.instr.memory_base().full_register() == p.reg && plausible {
                 add(a, p.target, Source::Dwarf, p.name.clone())
@@ -256,21 +294,13 @@ pub fn analyse(data: &[u8], image_name: &str, opts: &Options, profile: Option<&P
     }
     // Profile: every traced RIP that is a 64-bit memory access in this image.
     let mut skipped = Vec::new();
-    for t in profile.map(|p| &p.accesses[..]).unwrap_or(&[]) {
+    for (t, access) in profile.map(|p| img.traced(p)).into_iter().flatten() {
         let target = if t.kind.starts_with("mmio") { Target::Mmio } else { Target::PageTable };
-        let access =
-            img.bytes(t.rip, t.rip + 15).and_then(|b| insn::decode_one(b, t.rip)).and_then(|i| MemAccess::of(&i));
-        let reason = match access {
-            _ if !t.code64 => "16/32-bit code (boot trampoline): no sites there",
-            None if img.bytes(t.rip, t.rip + 1).is_none() => "outside the image's code",
-            None => "not a load/store through an explicit memory operand (string or stack instruction)",
+        match access {
             // A read-modify-write is traced once per direction; the site takes the write.
-            Some(a) => {
-                add(a, target, Source::Profile, format!("{} times", t.count));
-                continue;
-            }
-        };
-        skipped.push(Skipped { rip: t.rip, kind: t.kind.clone(), reason });
+            Ok(a) => add(a, target, Source::Profile, format!("{} times", t.count)),
+            Err(reason) => skipped.push(Skipped { rip: t.rip, kind: t.kind.clone(), reason }),
+        }
     }
     skipped.sort_by_key(|s| s.rip);
     skipped.dedup_by_key(|s| s.rip);
@@ -307,7 +337,37 @@ pub fn analyse(data: &[u8], image_name: &str, opts: &Options, profile: Option<&P
     })
 }
 
-/// One source (or the static sources together) scored against a profile.
+/// The ground truth a score compares with: one run's trace of an image (`previrt run
+/// --profile`). It may be the profile the annotations were made with — then the `profile`
+/// source is complete by construction — or another run (`--reference`), which tells how well
+/// each source, the profile included, covers accesses it was not made from.
+#[derive(Debug, Clone)]
+pub struct Reference {
+    /// Traced instructions that can be sites, with how many of their executions touched MMIO
+    /// or a linked page table (a read-modify-write counts once).
+    traced: BTreeMap<u64, u64>,
+    /// Times each RIP was about to execute in that run.
+    executed: HashMap<u64, u64>,
+}
+
+impl Reference {
+    /// The sites `profile` traced in the linked image `data`.
+    pub fn of(data: &[u8], image_name: &str, profile: &Profile) -> Result<Reference> {
+        let file = object::File::parse(data).map_err(|e| anyhow!("{image_name}: not an ELF file: {e}"))?;
+        let img = Image::read(&file);
+        // Per RIP and direction, then the larger direction: a read-modify-write is one execution.
+        let mut per_dir: BTreeMap<u64, [u64; 2]> = BTreeMap::new();
+        for (t, a) in img.traced(profile) {
+            if a.is_ok() {
+                per_dir.entry(t.rip).or_default()[t.write as usize] += t.count;
+            }
+        }
+        let traced = per_dir.into_iter().map(|(rip, [r, w])| (rip, r.max(w))).collect();
+        Ok(Reference { traced, executed: profile.executed() })
+    }
+}
+
+/// One source (or several together) scored against a reference trace.
 #[derive(Debug, Clone, Serialize)]
 pub struct SourceScore {
     pub source: String,
@@ -322,6 +382,13 @@ pub struct SourceScore {
     pub missed: Vec<u64>,
     pub recall: f64,
     pub precision: f64,
+    /// Executions of the found sites in the run, and how many of them touched neither MMIO
+    /// nor a linked page table: each is a trip through the runtime for nothing under a
+    /// routing backend — the measure of a site in a hot path.
+    pub site_executions: u64,
+    pub wasted_executions: u64,
+    /// The sites with the most wasted executions (at most 5), largest first.
+    pub hottest: Vec<HotSite>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -331,7 +398,16 @@ pub struct FalseSite {
     pub executed: u64,
 }
 
-/// The scores of every static source and their union against the profile's traced set.
+#[derive(Debug, Clone, Serialize)]
+pub struct HotSite {
+    pub address: u64,
+    pub function: Option<String>,
+    pub executed: u64,
+    /// Executions that touched MMIO or a linked page table.
+    pub traced: u64,
+}
+
+/// The scores of each source and their unions against the reference's traced set.
 #[derive(Debug, Clone, Serialize)]
 pub struct Score {
     /// Distinct traced instructions that can be sites (64-bit memory accesses).
@@ -339,27 +415,43 @@ pub struct Score {
     pub sources: Vec<SourceScore>,
 }
 
-pub fn score(ann: &Annotations, profile: &Profile) -> Score {
-    let traced: BTreeSet<u64> =
-        ann.accesses.iter().filter(|a| a.sources.contains(&Source::Profile)).map(|a| a.address).collect();
-    let executed: HashMap<u64, u64> = profile.executed();
-    let groups: [(&str, &[Source]); 3] =
-        [("rules", &[Source::Rules]), ("dwarf", &[Source::Dwarf]), ("rules+dwarf", &[Source::Rules, Source::Dwarf])];
-    let sources = groups
+/// The groups scored: each source alone, the static ones together, all three.
+const GROUPS: [(&str, &[Source]); 5] = [
+    ("rules", &[Source::Rules]),
+    ("dwarf", &[Source::Dwarf]),
+    ("profile", &[Source::Profile]),
+    ("rules+dwarf", &[Source::Rules, Source::Dwarf]),
+    ("all", &[Source::Rules, Source::Dwarf, Source::Profile]),
+];
+
+pub fn score(ann: &Annotations, reference: &Reference) -> Score {
+    let traced = &reference.traced;
+    let executed = |a: &Access| reference.executed.get(&a.address).copied().unwrap_or(0);
+    let sources = GROUPS
         .iter()
         .map(|(name, srcs)| {
             let found: Vec<&Access> =
                 ann.accesses.iter().filter(|a| srcs.iter().any(|s| a.sources.contains(s))).collect();
-            let hit: BTreeSet<u64> = found.iter().map(|a| a.address).filter(|a| traced.contains(a)).collect();
+            let hit: BTreeSet<u64> = found.iter().map(|a| a.address).filter(|a| traced.contains_key(a)).collect();
             let false_sites: Vec<FalseSite> = found
                 .iter()
-                .filter(|a| !traced.contains(&a.address))
-                .filter_map(|a| {
-                    let n = *executed.get(&a.address)?;
-                    Some(FalseSite { address: a.address, function: a.function.clone(), executed: n })
+                .filter(|a| !traced.contains_key(&a.address) && executed(a) > 0)
+                .map(|a| FalseSite { address: a.address, function: a.function.clone(), executed: executed(a) })
+                .collect();
+            let mut hottest: Vec<HotSite> = found
+                .iter()
+                .map(|a| HotSite {
+                    address: a.address,
+                    function: a.function.clone(),
+                    executed: executed(a),
+                    traced: traced.get(&a.address).copied().unwrap_or(0).min(executed(a)),
                 })
                 .collect();
-            let not_executed = found.len() - hit.len() - false_sites.len();
+            hottest.sort_by_key(|h| std::cmp::Reverse(h.executed - h.traced));
+            let site_executions = hottest.iter().map(|h| h.executed).sum();
+            let wasted_executions = hottest.iter().map(|h| h.executed - h.traced).sum();
+            hottest.retain(|h| h.executed > h.traced);
+            hottest.truncate(5);
             let ratio = |n: usize, d: usize| if d == 0 { 1.0 } else { n as f64 / d as f64 };
             SourceScore {
                 source: name.to_string(),
@@ -367,11 +459,41 @@ pub fn score(ann: &Annotations, profile: &Profile) -> Score {
                 true_sites: hit.len(),
                 recall: ratio(hit.len(), traced.len()),
                 precision: ratio(hit.len(), hit.len() + false_sites.len()),
+                not_executed: found.len() - hit.len() - false_sites.len(),
                 false_sites,
-                not_executed,
-                missed: traced.iter().filter(|a| !hit.contains(a)).copied().collect(),
+                missed: traced.keys().filter(|a| !hit.contains(a)).copied().collect(),
+                site_executions,
+                wasted_executions,
+                hottest,
             }
         })
         .collect();
     Score { traced: traced.len(), sources }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A location-list range that starts on a call's last byte (GCC's convention for a value
+    /// that changes across the call) still yields the accesses of the instructions after it,
+    /// not of a decode out of step.
+    #[test]
+    fn ranges_starting_inside_an_instruction_decode_from_the_function() {
+        // call .+5; testb $1,(%rbp); mov %rax,(%rbx); ret
+        let code: &[u8] = &[0xe8, 0, 0, 0, 0, 0xf6, 0x45, 0x00, 0x01, 0x48, 0x89, 0x03, 0xc3];
+        let base = 0x1000;
+        let img = Image {
+            code: vec![(base, code)],
+            alloc: vec![],
+            functions: vec![(base, base + code.len() as u64, "f".into())],
+            pt_objects: vec![],
+        };
+        let mut got = Vec::new();
+        img.accesses_in(base + 4, base + code.len() as u64, |a| got.push((a.addr, a.text())));
+        assert_eq!(got, [(base + 5, "testb $1,(%rbp)".to_string()), (base + 9, "mov %rax,(%rbx)".to_string())]);
+        let mut raw = Vec::new();
+        insn::accesses_in(&code[4..], base + 4, |a| raw.push(a.addr));
+        assert!(!raw.contains(&(base + 5)), "decoding from the range start is out of step: {raw:x?}");
+    }
 }

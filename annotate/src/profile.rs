@@ -35,24 +35,36 @@ pub struct Profile {
     pub executed: Vec<[u64; 2]>,
 }
 
+/// What a file says about itself without building its tables: enough to tell a profile from
+/// an annotations file and to name the traced image.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Head {
+    pub format: String,
+    #[serde(default)]
+    pub image: Option<std::path::PathBuf>,
+}
+
+impl Head {
+    /// The head of `text` when it is a profile.
+    pub fn of_profile(text: &[u8]) -> Option<Head> {
+        serde_json::from_slice::<Head>(text).ok().filter(|h| h.format == FORMAT)
+    }
+}
+
 impl Profile {
     pub fn read(path: &Path) -> Result<Profile> {
         let text = std::fs::read(path).with_context(|| format!("cannot read profile {}", path.display()))?;
+        Profile::parse(&text, path)
+    }
+
+    /// A profile's `text`, already read from `path` (named in errors).
+    pub fn parse(text: &[u8], path: &Path) -> Result<Profile> {
         let p: Profile =
-            serde_json::from_slice(&text).with_context(|| format!("{}: not a previrt profile", path.display()))?;
+            serde_json::from_slice(text).with_context(|| format!("{}: not a previrt profile", path.display()))?;
         if p.format != FORMAT {
             bail!("{}: profile format {:?}, expected {FORMAT:?}", path.display(), p.format);
         }
         Ok(p)
-    }
-
-    /// Whether `text` is a profile (rather than an annotations file).
-    pub fn is_profile(text: &[u8]) -> bool {
-        #[derive(Deserialize)]
-        struct Head {
-            format: String,
-        }
-        serde_json::from_slice::<Head>(text).is_ok_and(|h| h.format == FORMAT)
     }
 
     /// How often each RIP executed.
