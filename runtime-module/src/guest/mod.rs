@@ -192,6 +192,11 @@ macro_rules! sym_addr {
 }
 pub(crate) use sym_addr;
 
+/// Backends whose interrupt-flag sites call lean entries of their own (no record lookup, no
+/// register file), and the entry for a site.
+const LEAN: &[(u32, fn(&crate::patch::Site) -> Option<u64>)] =
+    &[(backend::PVM.id, crate::pvm::lean), (backend::XEN.id, crate::xen::lean)];
+
 /// Patch every site for `to`. At CPL 0 code is made writable by clearing CR0.WP for the
 /// duration (the kernel may have mapped its text read-only by the time of a later repatch); a
 /// runtime running deprivileged (Xen PV, ring 3) has no CR0 and patches through mappings its
@@ -205,8 +210,7 @@ unsafe fn apply(state: &mut State, to: &'static Backend) -> Option<crate::patch:
     if cpl0 {
         emulate::Machine::write_cr(&mut hw::Hardware, 0, cr0 & !(1 << 16));
     }
-    // `pvm`'s interrupt-flag sites call its lean entries (no record lookup, no register file).
-    let lean = |s: &crate::patch::Site| (to.id == backend::PVM.id).then(|| crate::pvm::lean(s)).flatten();
+    let lean = |s: &crate::patch::Site| LEAN.iter().find(|(id, _)| *id == to.id).and_then(|(_, lean)| lean(s));
     let stats = p.apply_with(to, &|s| lean(s).unwrap_or(state.stub));
     if cpl0 {
         emulate::Machine::write_cr(&mut hw::Hardware, 0, cr0);

@@ -142,6 +142,105 @@ previrt_xen_traps:
     .set vec, vec + 1
     .endr
 
+    /* Lean interrupt-flag entries (pv::lean; docs/xen-pv.md): the kernel's IF is
+       vcpu_info.evtchn_upcall_mask (at 1(vcpu), evtchn_upcall_pending at 0(vcpu)), so cli, sti,
+       pushf and popf need no register file, record lookup or hypercall. Every register and the
+       arithmetic flags are kept (pushfq/popfq: ring 3 cannot change the hardware IF); nothing
+       is written below %rsp (Xen may deliver an upcall on this stack at any instruction); the
+       counts use lea, which leaves the flags alone. One that unmasks with events pending takes
+       the stub with everything as at the call (counted there, not here): its dispatch returns
+       through the iret hypercall, which delivers them at the instruction after the site. */
+    .macro xen_lean_count k
+    movq previrt_xen_lean_counts + 8 * \k(%rip), %rax
+    leaq 1(%rax), %rax
+    movq %rax, previrt_xen_lean_counts + 8 * \k(%rip)
+    .endm
+
+    .globl previrt_xen_cli
+previrt_xen_cli:
+    pushq %rax
+    xen_lean_count 0
+    movq previrt_xen_vcpu(%rip), %rax
+    movb $1, 1(%rax)
+    popq %rax
+    ret
+
+    /* Stack: 0 rdx, 8 rax, 16 flags, 24 return address. */
+    .globl previrt_xen_sti
+previrt_xen_sti:
+    pushfq
+    pushq %rax
+    pushq %rdx
+    movq previrt_xen_vcpu(%rip), %rax
+    movb $0, 1(%rax)
+    cmpb $0, (%rax)
+    jne xen_lean_stub
+    xen_lean_count 1
+    popq %rdx
+    popq %rax
+    popfq
+    ret
+xen_lean_stub:
+    popq %rdx
+    popq %rax
+    popfq
+    jmp previrt_xen_stub
+
+    /* pushf: the hardware flags with IF = !mask where the return address was; the return
+       address moves into the saved flags' slot, the flags one below. */
+    .globl previrt_xen_pushf
+previrt_xen_pushf:
+    pushfq
+    pushq %rax
+    pushq %rdx
+    xen_lean_count 2
+    movq previrt_xen_vcpu(%rip), %rax
+    movzbl 1(%rax), %eax
+    xorl $1, %eax
+    shll $9, %eax
+    movq 16(%rsp), %rdx
+    andq $-513, %rdx
+    orq %rax, %rdx
+    movq 24(%rsp), %rax
+    movq %rdx, 24(%rsp)
+    movq 16(%rsp), %rdx
+    movq %rax, 16(%rsp)
+    movq 8(%rsp), %rax
+    movq %rdx, 8(%rsp)
+    movq (%rsp), %rdx
+    leaq 8(%rsp), %rsp
+    popfq
+    ret
+
+    /* popf: mask = !(the popped image's IF), the rest into the hardware flags; the return
+       address moves onto the popped slot. Stack: 0 rdx, 8 rax, 16 flags, 24 return address,
+       32 the image. */
+    .globl previrt_xen_popf
+previrt_xen_popf:
+    pushfq
+    pushq %rax
+    pushq %rdx
+    movq 32(%rsp), %rdx
+    shrq $9, %rdx
+    andl $1, %edx
+    xorl $1, %edx
+    movq previrt_xen_vcpu(%rip), %rax
+    movb %dl, 1(%rax)
+    testl %edx, %edx
+    jnz 1f
+    cmpb $0, (%rax)
+    jne xen_lean_stub
+1:  xen_lean_count 3
+    movq 32(%rsp), %rax
+    movq %rax, 16(%rsp)
+    movq 24(%rsp), %rax
+    movq %rax, 32(%rsp)
+    popq %rdx
+    popq %rax
+    popfq
+    leaq 8(%rsp), %rsp
+    ret
+
     .globl previrt_xen_failsafe
 previrt_xen_failsafe:
     andq $-16, %rsp

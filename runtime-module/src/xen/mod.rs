@@ -45,3 +45,5 @@ pub mod gdt;
 mod mmu;
 #[cfg(feature = "guest")]
 mod pv;
+#[cfg(feature = "guest")]
+pub(crate) use pv::lean;

@@ -138,6 +138,29 @@ fn shutdown(reason: u32) -> ! {
     }
 }
 
+/// The kinds with a lean entry (entry.rs), in the order of `previrt_xen_lean_counts`.
+const LEAN: [Kind; 4] = [Kind::Cli, Kind::Sti, Kind::Pushf, Kind::Popf];
+/// Sites run by each lean entry (the trace counters see only those through the stub).
+#[no_mangle]
+static mut previrt_xen_lean_counts: [u64; LEAN.len()] = [0; LEAN.len()];
+
+/// The lean entry for a site of the `xen` backend, if it has one (guest::apply): interrupt-flag
+/// kinds at their 64-bit operand size whose site ends where execution resumes (the entry
+/// returns to the call's end and the NOP fill runs on).
+pub(crate) fn lean(site: &crate::patch::Site) -> Option<u64> {
+    let r = &site.record;
+    // In LEAN's order.
+    let entry = [
+        addr_of_sym!("previrt_xen_cli"),
+        addr_of_sym!("previrt_xen_sti"),
+        addr_of_sym!("previrt_xen_pushf"),
+        addr_of_sym!("previrt_xen_popf"),
+    ];
+    let i = LEAN.iter().position(|k| *k as u16 == r.kind)?;
+    let falls_through = site.next() == site.at.site + r.site_len as u64;
+    (falls_through && !r.has(flags::WIDE)).then_some(entry[i])
+}
+
 /// Set while `Xen::halt` blocks: an upcall then only masks events again (entry.rs).
 #[no_mangle]
 static mut previrt_xen_blocking: u8 = 0;
@@ -551,6 +574,14 @@ impl Xen {
             if n != 0 {
                 let _ = write!(out, " {name}={n}");
             }
+        }
+        let _ = writeln!(out);
+        let _ = write!(out, "previrt-xen: lean");
+        // SAFETY: plain counters the lean entries bump with events masked or not; a torn read
+        // is impossible for aligned u64 and the kernel is exiting.
+        let counts = unsafe { core::ptr::addr_of!(previrt_xen_lean_counts).read_volatile() };
+        for (kind, n) in LEAN.iter().zip(counts) {
+            let _ = write!(out, " {}={n}", kind.name());
         }
         let _ = writeln!(out);
         let _ = write!(out, "previrt-xen: sched_op");
