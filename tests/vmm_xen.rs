@@ -250,8 +250,9 @@ fn hypercalls(stats: &serde_json::Value, name: &str) -> u64 {
 /// the runtime picks `xen-hvm` on the Xen signature and every workload gives QEMU TCG's
 /// results, while the VMM sees far fewer exits than for the unmodified kernel on the same
 /// personality (its cli/sti/pushf/popf/iret, PIC/PIT/UART port I/O and hlt run in the runtime;
-/// what is left are hypercalls). Workload sizes as in tests/runtime_hv.rs (ring 0 is
-/// instruction-emulated on this host). Counts are behaviour and asserted; times are not.
+/// what is left are hypercalls). 100 Hz as in tests/runtime_hv.rs and a quarter of the default
+/// irqflag rounds and console lines (ring 0 is instruction-emulated on this host; the ratios
+/// asserted hold at these sizes). Counts are behaviour and asserted; times are not.
 #[test]
 fn xen_personality_example_kernel_runs_xen_hvm_with_qemu_results_and_far_fewer_exits() {
     let d = scratch("xen_hvm_example");
