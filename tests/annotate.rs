@@ -36,7 +36,12 @@ fn s(p: &Path) -> &str {
 
 /// The annotations file for `image` (rules and DWARF only).
 fn annotations(image: &Path, out: &Path) -> Value {
-    let o = previrt(&["annotate", s(image), "-o", s(out)]);
+    annotations_with(image, &[], out)
+}
+
+/// The annotations file for `image` with more `previrt annotate` arguments (`--profile P`).
+fn annotations_with(image: &Path, more: &[&str], out: &Path) -> Value {
+    let o = previrt(&[&["annotate", s(image), "-o", s(out)], more].concat());
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     serde_json::from_slice(&std::fs::read(out).unwrap()).unwrap()
 }
@@ -174,6 +179,33 @@ fn profile_recall_is_complete_and_false_sites_only_touch_unlinked_tables() {
     assert!(kept_sites.len() < traced as usize, "the held-out profile leaves instructions out");
     assert_eq!(p["recall"].as_f64().unwrap(), kept_sites.len() as f64 / traced as f64, "{p}");
     assert_eq!(group("all")["recall"], 1.0, "{}", group("all"));
+
+    // The write-protect tracer (--profile-writes: page tables in read-only memslots, no
+    // single-stepping) sees the same page-table stores as the stepped trace, resolved from the
+    // RIP after each store to the store itself.
+    let wprof = prof.with_file_name("writes.json");
+    let run =
+        previrt(&["run", s(&k.pvh_elf()), "--append", "workloads=mmio", "--profile", s(&wprof), "--profile-writes"]);
+    assert!(String::from_utf8_lossy(&run.stdout).contains("RESULT PASS"), "{}", String::from_utf8_lossy(&run.stderr));
+    let w: Value = serde_json::from_slice(&std::fs::read(&wprof).unwrap()).unwrap();
+    assert_eq!(w["mode"], "writes");
+    assert!(w["accesses"].as_array().unwrap().iter().all(|t| t["kind"] == "pt_write" && t["after"] == true), "{w}");
+    let wann = annotations_with(&k.pvh_elf(), &["--profile", s(&wprof)], &prof.with_file_name("writes-ann.json"));
+    let by_writes: BTreeSet<u64> = wann["accesses"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|a| a["sources"].as_array().unwrap().iter().any(|v| v == "profile"))
+        .map(|a| a["address"].as_u64().unwrap())
+        .collect();
+    let stepped: BTreeSet<u64> = rows
+        .iter()
+        .filter(|t| t["kind"] == "pt_write" && t["code64"] == true)
+        .map(|t| t["rip"].as_u64().unwrap())
+        .collect();
+    assert!(!stepped.is_empty());
+    assert_eq!(by_writes, stepped, "page-table stores: write-protect tracer vs single-stepping");
+    assert_eq!(wann["profile_skipped"], serde_json::json!([]), "{}", wann["profile_skipped"]);
 }
 
 #[test]

@@ -174,8 +174,10 @@ impl<'a> Image<'a> {
         p: &'p Profile,
     ) -> impl Iterator<Item = (&'p profile::Traced, Result<MemAccess, &'static str>)> + 's {
         p.accesses.iter().map(move |t| {
-            let access =
-                self.bytes(t.rip, t.rip + 15).and_then(|b| insn::decode_one(b, t.rip)).and_then(|i| MemAccess::of(&i));
+            let rip = if t.after { self.instruction_ending_at(t.rip) } else { Some(t.rip) };
+            let access = rip
+                .and_then(|rip| self.bytes(rip, rip + 15).and_then(|b| insn::decode_one(b, rip)))
+                .and_then(|i| MemAccess::of(&i));
             let r = match access {
                 _ if !t.code64 => Err("16/32-bit code (boot trampoline): no sites there"),
                 None if self.bytes(t.rip, t.rip + 1).is_none() => Err("outside the image's code"),
@@ -184,6 +186,21 @@ impl<'a> Image<'a> {
             };
             (t, r)
         })
+    }
+
+    /// The instruction that ends at `end` (decoded from its function's start).
+    fn instruction_ending_at(&self, end: u64) -> Option<u64> {
+        let f = self.function_at(end - 1)?;
+        let bytes = self.bytes(f.0, end)?;
+        let mut d = iced_x86::Decoder::with_ip(64, bytes, f.0, iced_x86::DecoderOptions::NONE);
+        let mut i = iced_x86::Instruction::default();
+        while d.can_decode() {
+            d.decode_out(&mut i);
+            if i.next_ip() == end {
+                return Some(i.ip());
+            }
+        }
+        None
     }
 
     fn function(&self, addr: u64) -> Option<&str> {
@@ -358,8 +375,8 @@ impl Reference {
         // Per RIP and direction, then the larger direction: a read-modify-write is one execution.
         let mut per_dir: BTreeMap<u64, [u64; 2]> = BTreeMap::new();
         for (t, a) in img.traced(profile) {
-            if a.is_ok() {
-                per_dir.entry(t.rip).or_default()[t.write as usize] += t.count;
+            if let Ok(a) = a {
+                per_dir.entry(a.addr).or_default()[t.write as usize] += t.count;
             }
         }
         let traced = per_dir.into_iter().map(|(rip, [r, w])| (rip, r.max(w))).collect();

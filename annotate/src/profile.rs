@@ -19,6 +19,10 @@ pub struct Traced {
     pub code64: bool,
     pub kind: String,
     pub count: u64,
+    /// `rip` is the address after the instruction (`previrt run --profile-writes` sees a
+    /// store once it completed).
+    #[serde(default)]
+    pub after: bool,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -87,6 +87,7 @@ fn main() {
                 stats_json: None,
                 profile: None,
                 profile_steps: None,
+                profile_writes: false,
                 snapshot: None,
                 snapshot_after: None,
                 control: None,

@@ -124,6 +124,11 @@ pub struct RunArgs {
     /// profile (a window of a boot too long to single-step whole).
     #[arg(long, value_name = "N", requires = "profile")]
     pub profile_steps: Option<u64>,
+    /// With --profile: trace only page-table stores, without single-stepping (page-table
+    /// pages mapped read-only, so only stores into them exit): a whole boot at emulation
+    /// speed; loads and MMIO are not seen (docs/annotations.md).
+    #[arg(long, requires = "profile", conflicts_with = "profile_steps")]
+    pub profile_writes: bool,
     /// Save the whole VM to FILE (atomically) and stop when --snapshot-after fires or on
     /// SIGUSR1; resume with `previrt restore FILE` (docs/snapshot.md).
     #[arg(long, value_name = "FILE")]

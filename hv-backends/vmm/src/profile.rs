@@ -16,20 +16,33 @@
 //! table page for other data, is not page-table traffic. MMIO is any guest-physical address
 //! outside RAM.
 //!
-//! Output (`previrt-profile/1`, JSON): `{"format", "steps", "pt_pages", "accesses": [{"rip",
-//! "gpa", "width", "write", "code64", "kind", "count"}], "executed": [[rip, count], …]}` with `kind` one
+//! `--profile-writes` is the fast tracer: no single-stepping; every page-table page is mapped
+//! read-only to the guest (its own `KVM_MEM_READONLY` memslot), so only stores into page
+//! tables exit, as MMIO writes the VMM completes in guest memory. Measured on KVM-PVM: such an
+//! exit costs about twice a port write, loads through read-only slots and the host's page walk
+//! of tables in them work, so the whole boot runs at emulation speed. It sees only `pt_write`:
+//! loads never exit, LAPIC MMIO is completed in the host kernel, and a page in no memslot (to
+//! make loads exit too) breaks the host's walk of a table there (triple fault). At an exit the
+//! RIP is already past the store (`after`: the instruction ending there), and CR3 loads are
+//! seen only at the next exit of any kind (a store into a new root's tables before it is missed).
+//!
+//! Output (`previrt-profile/1`, JSON): `{"format", "mode", "steps", "pt_pages", "accesses": [{"rip",
+//! "gpa", "width", "write", "code64", "kind", "count", "after"}], "executed": [[rip, count], …]}` with `kind` one
 //! of `mmio_read`, `mmio_write`, `pt_read`, `pt_write`; documented in docs/annotations.md.
 
 use std::collections::{HashMap, HashSet};
 
 use iced_x86::{InstructionInfoFactory, OpAccess, Register};
-use kvm_bindings::{kvm_regs, kvm_sregs};
+use kvm_bindings::{kvm_regs, kvm_sregs, kvm_userspace_memory_region, KVM_MEM_READONLY};
+use kvm_ioctls::VmFd;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use crate::emulate;
 
 pub const FORMAT: &str = "previrt-profile/1";
 const PAGE: u64 = 0x1000;
+/// The write-protect tracer's memslot granularity (see `relayout`).
+const CHUNK: u64 = 0x20_0000;
 const ADDR_MASK: u64 = 0x000f_ffff_ffff_f000;
 const PTE_P: u64 = 1;
 const PTE_PS: u64 = 1 << 7;
@@ -46,7 +59,13 @@ struct Key {
     code64: bool,
     /// What the page was when the access happened.
     kind: &'static str,
+    /// `rip` is the address after the instruction (the write-protect tracer sees the store
+    /// complete).
+    after: bool,
 }
+
+/// Guest RAM as the write-protect tracer maps it: `(gpa, size, read-only)`, one per memslot.
+type Range = (u64, u64, bool);
 
 /// The trace being collected during one run.
 pub struct Profile {
@@ -71,13 +90,32 @@ pub struct Profile {
     /// an interrupt may be delivered before the write executes.
     pending: Vec<(u64, u8, u64, u64)>,
     info: InstructionInfoFactory,
+    /// `--profile-writes`: the host address of guest-physical 0 and the memslots now in place
+    /// (None: single-stepping).
+    protect: Option<(u64, Vec<(Range, u32)>)>,
 }
 
 impl Profile {
     /// `window`: trace only the first N instructions (a window of a run too long to
     /// single-step whole, e.g. Linux's boot); the run stops there and the profile is written.
     pub fn new(ram_end: u64, window: Option<u64>) -> Profile {
+        Profile::with(ram_end, window, None)
+    }
+
+    /// The write-protect tracer over guest RAM `[0, ram_end)` mapped at host address `host`,
+    /// which the VMM has registered as memslot 0 (replaced here as tables come and go).
+    pub fn writes(ram_end: u64, host: u64) -> Profile {
+        Profile::with(ram_end, None, Some((host, vec![((0, ram_end, false), 0)])))
+    }
+
+    /// Whether the run must be single-stepped (not the write-protect tracer).
+    pub fn single_steps(&self) -> bool {
+        self.protect.is_none()
+    }
+
+    fn with(ram_end: u64, window: Option<u64>, protect: Option<(u64, Vec<(Range, u32)>)>) -> Profile {
         Profile {
+            protect,
             ram_end,
             steps: 0,
             window,
@@ -112,7 +150,7 @@ impl Profile {
         self.follow_pending(mem);
         let Ok(f) = emulate::fetch(mem, regs, sregs) else { return };
         *self.executed.entry(f.rip).or_default() += 1;
-        let bits64 = sregs.cs.l == 1 && sregs.efer & EFER_LMA != 0;
+        let bits64 = code64(sregs);
         let used = self.info.info(&f.insn).used_memory().to_vec();
         let mut found = Vec::new();
         for m in &used {
@@ -128,7 +166,7 @@ impl Profile {
             let page = gpa & !(PAGE - 1);
             for (dir, on) in [(false, read), (true, write)] {
                 if let Some(kind) = self.kind(page, dir).filter(|_| on) {
-                    found.push((Key { rip: f.rip, page, write: dir, width, code64: bits64, kind }, gpa));
+                    found.push((Key { rip: f.rip, page, write: dir, width, code64: bits64, kind, after: false }, gpa));
                 }
             }
         }
@@ -141,6 +179,108 @@ impl Profile {
             }
             self.seen.entry(k).or_insert((0, gpa)).0 += 1;
         }
+    }
+
+    /// Write-protect tracer, at every exit: a root loaded since the last exit is added.
+    pub fn observe(&mut self, vm: &VmFd, mem: &GuestMemoryMmap, sregs: &kvm_sregs) -> Result<(), String> {
+        let long_paging = sregs.cr0 & CR0_PG != 0 && sregs.efer & EFER_LMA != 0;
+        if long_paging && sregs.cr3 != self.cr3 {
+            self.cr3 = sregs.cr3;
+            let root = sregs.cr3 & ADDR_MASK;
+            if !self.roots.contains(&root) {
+                self.roots.push(root);
+                self.walk(mem, root, 4);
+                return self.relayout(vm);
+            }
+        }
+        Ok(())
+    }
+
+    /// Write-protect tracer: when to look at CR3 again if no exit comes by itself. CR3 loads
+    /// do not exit, so a kick bounds how long a new root's tables go unprotected (~1 ms of
+    /// guest time) at the cost of one exit per period.
+    pub fn next_look(&self) -> Option<std::time::Instant> {
+        const LOOK: std::time::Duration = std::time::Duration::from_millis(1);
+        self.protect.is_some().then(|| std::time::Instant::now() + LOOK)
+    }
+
+    /// Whether a write exit at `gpa` is a store into a write-protected table page.
+    pub fn protects(&self, gpa: u64) -> bool {
+        self.protect.is_some() && gpa < self.ram_end && self.tables.contains_key(&(gpa & !(PAGE - 1)))
+    }
+
+    /// Write-protect tracer: a guest store of `data` at `gpa` ([`Self::protects`]) exited.
+    /// Complete it in guest memory, count it, and follow what it linked or unlinked.
+    pub fn write_exit(
+        &mut self,
+        vm: &VmFd,
+        mem: &GuestMemoryMmap,
+        regs: &kvm_regs,
+        sregs: &kvm_sregs,
+        gpa: u64,
+        data: &[u8],
+    ) -> Result<(), String> {
+        self.steps += 1;
+        let page = gpa & !(PAGE - 1);
+        let entry = gpa & !7;
+        let old = mem.read_obj::<u64>(GuestAddress(entry)).unwrap_or(0);
+        mem.write_slice(data, GuestAddress(gpa)).map_err(|e| format!("profile: store at {gpa:#x}: {e}"))?;
+        // A `rep` string store exits per element with RIP still on it; anything else has
+        // completed and RIP is past it.
+        let string =
+            emulate::fetch(mem, regs, sregs).is_ok_and(|f| f.insn.has_rep_prefix() && f.insn.is_string_instruction());
+        let key = Key {
+            rip: regs.rip,
+            page,
+            write: true,
+            width: data.len() as u8,
+            code64: code64(sregs),
+            kind: "pt_write",
+            after: !string,
+        };
+        self.seen.entry(key).or_insert((0, gpa)).0 += 1;
+        let level = self.tables[&page];
+        if level > 1 {
+            self.pending.push((entry, level, old, self.steps));
+            self.follow_pending(mem);
+            self.pending.clear();
+        }
+        self.relayout(vm)
+    }
+
+    /// Give every table page a read-only memslot and the rest of RAM read-write ones. KVM
+    /// cannot flip a slot's read-only flag and slots may not overlap, so the ranges that
+    /// changed are deleted first, then the new ones created in free slot numbers; each change
+    /// costs the host a memslot update (the vCPU is out of the guest here).
+    fn relayout(&mut self, vm: &VmFd) -> Result<(), String> {
+        let Some((host, old)) = self.protect.take() else { return Ok(()) };
+        let want = layout(self.tables.keys().copied(), self.ram_end);
+        let set = |slot: u32, (gpa, size, ro): Range| {
+            let r = kvm_userspace_memory_region {
+                slot,
+                flags: if ro { KVM_MEM_READONLY } else { 0 },
+                guest_phys_addr: gpa,
+                memory_size: size,
+                userspace_addr: host + gpa,
+            };
+            // SAFETY: every slot lies inside the guest memory the VMM owns for the VM's life
+            // (size 0 deletes).
+            unsafe { vm.set_user_memory_region(r) }.map_err(|e| format!("profile: memslot {slot} at {gpa:#x}: {e}"))
+        };
+        let unused = old.iter().map(|&(_, s)| s + 1).max().unwrap_or(0);
+        let (kept, gone): (Vec<_>, Vec<_>) = old.into_iter().partition(|(r, _)| want.contains(r));
+        for &((gpa, _, ro), slot) in &gone {
+            set(slot, (gpa, 0, ro))?;
+        }
+        let mut free = gone.iter().map(|&(_, s)| s).chain(unused..);
+        let mut now = kept;
+        for r in want.into_iter().filter(|r| !now.iter().any(|(k, _)| k == r)).collect::<Vec<_>>() {
+            let slot = free.next().expect("slot numbers are unbounded");
+            set(slot, r)?;
+            now.push((r, slot));
+        }
+        self.protect = Some((host, now));
+        Ok(())
     }
 
     /// Apply pending upper-level writes once their entry changed: a table unlinked (or
@@ -218,15 +358,51 @@ impl Profile {
         let accesses: Vec<_> = rows
             .iter()
             .map(|(k, (n, gpa))| {
-                serde_json::json!({"rip": k.rip, "gpa": gpa, "width": k.width, "write": k.write, "code64": k.code64, "kind": k.kind, "count": n})
+                serde_json::json!({"rip": k.rip, "gpa": gpa, "width": k.width, "write": k.write, "code64": k.code64, "kind": k.kind, "count": n, "after": k.after})
             })
             .collect();
         let mut executed: Vec<_> = self.executed.iter().map(|(&rip, &n)| [rip, n]).collect();
         executed.sort_unstable();
         let image = std::fs::canonicalize(image).unwrap_or_else(|_| image.to_path_buf());
-        serde_json::json!({"format": FORMAT, "image": image, "steps": self.steps, "pt_pages": self.ever.len(),
+        let mode = if self.single_steps() { "step" } else { "writes" };
+        serde_json::json!({"format": FORMAT, "mode": mode, "image": image, "steps": self.steps, "pt_pages": self.ever.len(),
             "accesses": accesses, "executed": executed})
     }
+}
+
+/// Guest RAM `[0, ram_end)` as memslot ranges: each run of table pages read-only, the rest
+/// read-write, none crossing a 2 MiB boundary. Deleting a slot costs in proportion to its size
+/// (up to 0.5 s for all of RAM here): with 2 MiB chunks a change touches one chunk.
+fn layout(tables: impl Iterator<Item = u64>, ram_end: u64) -> Vec<Range> {
+    let mut pages: Vec<u64> = tables.filter(|&p| p < ram_end).collect();
+    pages.sort_unstable();
+    let mut want: Vec<Range> = Vec::new();
+    let mut at = 0;
+    for p in pages {
+        if p > at {
+            want.push((at, p - at, false));
+        }
+        match want.last_mut() {
+            Some(last) if last.2 && last.0 + last.1 == p => last.1 += PAGE,
+            _ => want.push((p, PAGE, true)),
+        }
+        at = p + PAGE;
+    }
+    if at < ram_end {
+        want.push((at, ram_end - at, false));
+    }
+    want.into_iter()
+        .flat_map(|(gpa, size, ro)| {
+            let cuts = (gpa.next_multiple_of(CHUNK)..gpa + size).step_by(CHUNK as usize).filter(|&a| a > gpa);
+            let edges: Vec<u64> = std::iter::once(gpa).chain(cuts).chain(std::iter::once(gpa + size)).collect();
+            edges.windows(2).map(|w| (w[0], w[1] - w[0], ro)).collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+/// Whether the guest runs 64-bit code.
+fn code64(sregs: &kvm_sregs) -> bool {
+    sregs.cs.l == 1 && sregs.efer & EFER_LMA != 0
 }
 
 /// A register's value for address computation; segment registers give their base (only FS
@@ -298,5 +474,27 @@ mod tests {
         assert_eq!(p.kind(pdpt, false), None);
         assert_eq!(p.kind(pd, false), None);
         assert_eq!(p.ever.len(), 3);
+    }
+
+    /// The write-protect tracer's memslots: runs of table pages read-only, the rest
+    /// read-write, cut at 2 MiB, covering RAM exactly.
+    #[test]
+    fn layout_protects_table_pages_in_2mib_chunks() {
+        let l = layout([0x3000, 0x1000, 0x2000, 0x20_1000].into_iter(), 0x40_0000);
+        assert_eq!(
+            l,
+            [
+                (0, 0x1000, false),
+                (0x1000, 0x3000, true),
+                (0x4000, 0x1f_c000, false),
+                (0x20_0000, 0x1000, false),
+                (0x20_1000, 0x1000, true),
+                (0x20_2000, 0x1f_e000, false),
+            ]
+        );
+        assert_eq!(
+            layout(std::iter::empty(), 0x50_0000),
+            [(0, CHUNK, false), (CHUNK, CHUNK, false), (2 * CHUNK, 0x10_0000, false)]
+        );
     }
 }

@@ -941,6 +941,7 @@ pub fn open(args: &RestoreArgs) -> Result<(Image, RunArgs), Error> {
         stats_json: args.stats_json.clone(),
         profile: None,
         profile_steps: None,
+        profile_writes: false,
         snapshot: args.snapshot.clone(),
         snapshot_after: args.snapshot_after,
         control: args.control.clone(),

@@ -240,6 +240,7 @@ pub(crate) fn run_with(
         Personality::Previrt(_) | Personality::Xen(_) => {
             Some(Kicker::for_current_thread().map_err(host("timer thread"))?)
         }
+        _ if args.profile_writes => Some(Kicker::for_current_thread().map_err(host("timer thread"))?),
         _ => None,
     };
     let bus = PortBus::new(IrqLine(irq), console);
@@ -262,10 +263,14 @@ pub(crate) fn run_with(
         ud_bp: None,
         ud_stepping: false,
         sync_regs,
-        profile: args.profile.as_ref().map(|_| crate::profile::Profile::new(mem_size, args.profile_steps)),
+        profile: match &args.profile {
+            None => None,
+            Some(_) if args.profile_writes => Some(crate::profile::Profile::writes(mem_size, region.userspace_addr)),
+            Some(_) => Some(crate::profile::Profile::new(mem_size, args.profile_steps)),
+        },
         snapshot: snapshot::Trigger::new(args, mem_size).map_err(Error::BadInput)?,
     };
-    if vm.profile.is_some() {
+    if vm.profile.as_ref().is_some_and(|p| p.single_steps()) {
         let dbg = kvm_guest_debug { control: KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_SINGLESTEP, ..Default::default() };
         vm.vcpu.set_guest_debug(&dbg).map_err(host("KVM_SET_GUEST_DEBUG (--profile)"))?;
     }
@@ -363,6 +368,8 @@ enum Stop {
 /// Work left over from an exit whose data borrowed the vCPU.
 enum After {
     Nothing,
+    /// A store into a page table the `--profile-writes` tracer write-protects: address, data.
+    ProfileWrite(u64, [u8; 8], usize),
     Hypercall(u64),
     Emulate,
     UdBreakpoint,
@@ -439,6 +446,11 @@ impl Vm {
                         data.fill(0xff);
                         ("mmio_read", Some((Table::Mmio, format!("{addr:#x} rd"))), After::Nothing)
                     }
+                    VcpuExit::MmioWrite(addr, data) if self.profile.as_ref().is_some_and(|p| p.protects(addr)) => {
+                        let mut v = [0u8; 8];
+                        v[..data.len().min(8)].copy_from_slice(&data[..data.len().min(8)]);
+                        ("profile_write", None, After::ProfileWrite(addr, v, data.len().min(8)))
+                    }
                     VcpuExit::MmioWrite(addr, _) => {
                         ("mmio_write", Some((Table::Mmio, format!("{addr:#x} wr"))), After::Nothing)
                     }
@@ -496,6 +508,13 @@ impl Vm {
                     self.debug_exit()?;
                     None
                 }
+                After::ProfileWrite(addr, v, n) => {
+                    let (regs, sregs) = (self.regs()?, self.sregs()?);
+                    if let Some(p) = &mut self.profile {
+                        p.write_exit(&self._vm, &self.mem, &regs, &sregs, addr, &v[..n]).map_err(Stop::Host)?;
+                    }
+                    None
+                }
                 After::Stop(Stop::Guest(m)) if m.is_empty() => {
                     let rip = self.regs().map(|r| r.rip).unwrap_or(0);
                     return self.guest(format!("triple fault (KVM_EXIT_SHUTDOWN) at RIP {rip:#x}"));
@@ -536,7 +555,7 @@ impl Vm {
             // DR7: L0 enabled, execute breakpoint (R/W0 = 00, LEN0 = 00).
             dbg.arch.debugreg[7] = 1;
         }
-        if self.profile.is_some() {
+        if self.profile.as_ref().is_some_and(|p| p.single_steps()) {
             dbg.control |= KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_SINGLESTEP;
         }
         self.vcpu.set_guest_debug(&dbg).map_err(|e| Stop::Host(format!("KVM_SET_GUEST_DEBUG: {e}")))?;
@@ -547,7 +566,7 @@ impl Vm {
     /// A debug exit: a `--profile` single step (traced), the #UD-handler breakpoint, or the
     /// step over the handler's first instruction.
     fn debug_exit(&mut self) -> Result<(), Stop> {
-        if self.profile.is_none() {
+        if !self.profile.as_ref().is_some_and(|p| p.single_steps()) {
             return self.ud_breakpoint();
         }
         let (regs, sregs) = (self.regs()?, self.sregs()?);
@@ -594,6 +613,14 @@ impl Vm {
     /// Before each KVM_RUN: the #UD breakpoint, then the personality's timer and events.
     fn before_entry(&mut self) -> Result<(), Stop> {
         self.arm_ud_breakpoint()?;
+        // The write-protect tracer learns of CR3 loads only here, at the next exit.
+        if self.profile.as_ref().is_some_and(|p| !p.single_steps()) {
+            let sregs = self.sregs()?;
+            if let Some(p) = &mut self.profile {
+                p.observe(&self._vm, &self.mem, &sregs).map_err(Stop::Host)?;
+            }
+            self.arm_kicker(None);
+        }
         if let Personality::Xen(x) = &mut self.persona {
             x.tick(&self.mem, Instant::now());
             let (deadline, vector) = (x.deadline(), x.pending_vector(&self.mem));
@@ -625,12 +652,13 @@ impl Vm {
         Ok(())
     }
 
-    /// Wake the vCPU thread at the personality's next timer `deadline` or the snapshot
-    /// trigger's, whichever is first.
+    /// Wake the vCPU thread at the personality's next timer `deadline`, the snapshot
+    /// trigger's or the write-protect tracer's next look at CR3, whichever is first.
     fn arm_kicker(&self, deadline: Option<Instant>) {
         if let Some(k) = &self.kicker {
             let suspend = self.snapshot.as_ref().and_then(|t| t.deadline());
-            k.set(deadline.into_iter().chain(suspend).min());
+            let look = self.profile.as_ref().and_then(|p| p.next_look());
+            k.set(deadline.into_iter().chain(suspend).chain(look).min());
         }
     }
 
