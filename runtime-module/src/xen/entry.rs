@@ -241,6 +241,53 @@ previrt_xen_popf:
     leaq 8(%rsp), %rsp
     ret
 
+    /* Lean byte port I/O through %dx (inb %dx, %al / outb %al, %dx: the kernel's UART and
+       PIC accesses), pv::previrt_xen_port_lean does the access on the device models with
+       events masked and unmasks them again as they were (delivering what is pending). The
+       caller-saved registers and the flags are kept around the Rust call (%rbx realigns the
+       stack); `in` replaces %al in the saved %rax. Stack after the saves: 0 rbx, 8 r11, ...,
+       72 rax, 80 flags, 88 return address. */
+    .macro xen_lean_port dir
+    pushfq
+    pushq %rax
+    pushq %rcx
+    pushq %rdx
+    pushq %rsi
+    pushq %rdi
+    pushq %r8
+    pushq %r9
+    pushq %r10
+    pushq %r11
+    pushq %rbx
+    movq %rsp, %rbx
+    andq $-16, %rsp
+    cld
+    movzwl %dx, %edi
+    movzbl %al, %esi
+    movl $\dir, %edx
+    call previrt_xen_port_lean
+    movq %rbx, %rsp
+    movb %al, 72(%rsp)
+    popq %rbx
+    popq %r11
+    popq %r10
+    popq %r9
+    popq %r8
+    popq %rdi
+    popq %rsi
+    popq %rdx
+    popq %rcx
+    popq %rax
+    popfq
+    ret
+    .endm
+
+    .globl previrt_xen_inb_dx, previrt_xen_outb_dx
+previrt_xen_inb_dx:
+    xen_lean_port 0
+previrt_xen_outb_dx:
+    xen_lean_port 1
+
     .globl previrt_xen_failsafe
 previrt_xen_failsafe:
     andq $-16, %rsp

@@ -10,7 +10,7 @@ use crate::platform::{self, Platform};
 use abi::{Hypercall, VcpuInfo};
 use core::cell::UnsafeCell;
 use core::fmt::{self, Write};
-use core::sync::atomic::{AtomicU32, Ordering::Relaxed};
+use core::sync::atomic::{AtomicU32, Ordering::Relaxed, Ordering::SeqCst};
 use devices::{Dev, Msr, Pic, Pit, Uart};
 use mmu::{Mmu, MmuError};
 use previrt_site_abi::{flags, reg, Kind};
@@ -139,7 +139,7 @@ fn shutdown(reason: u32) -> ! {
 }
 
 /// The kinds with a lean entry (entry.rs), in the order of `previrt_xen_lean_counts`.
-const LEAN: [Kind; 4] = [Kind::Cli, Kind::Sti, Kind::Pushf, Kind::Popf];
+const LEAN: [Kind; 6] = [Kind::Cli, Kind::Sti, Kind::Pushf, Kind::Popf, Kind::In, Kind::Out];
 /// Sites run by each lean entry (the trace counters see only those through the stub).
 #[no_mangle]
 static mut previrt_xen_lean_counts: [u64; LEAN.len()] = [0; LEAN.len()];
@@ -147,6 +147,8 @@ static mut previrt_xen_lean_counts: [u64; LEAN.len()] = [0; LEAN.len()];
 /// The lean entry for a site of the `xen` backend, if it has one (guest::apply): interrupt-flag
 /// kinds at their 64-bit operand size whose site ends where execution resumes (the entry
 /// returns to the call's end and the NOP fill runs on).
+/// Port I/O sites qualify in their byte-through-%dx form (the lean entry reads the port from
+/// %dx and the data from %al).
 pub(crate) fn lean(site: &crate::patch::Site) -> Option<u64> {
     let r = &site.record;
     // In LEAN's order.
@@ -155,10 +157,50 @@ pub(crate) fn lean(site: &crate::patch::Site) -> Option<u64> {
         addr_of_sym!("previrt_xen_sti"),
         addr_of_sym!("previrt_xen_pushf"),
         addr_of_sym!("previrt_xen_popf"),
+        addr_of_sym!("previrt_xen_inb_dx"),
+        addr_of_sym!("previrt_xen_outb_dx"),
     ];
     let i = LEAN.iter().position(|k| *k as u16 == r.kind)?;
     let falls_through = site.next() == site.at.site + r.site_len as u64;
-    (falls_through && !r.has(flags::WIDE)).then_some(entry[i])
+    let form = match LEAN[i] {
+        Kind::In | Kind::Out => r.width == 1 && !r.has(flags::IMM_PORT | flags::REP | flags::CODE32 | flags::CODE16),
+        _ => !r.has(flags::WIDE),
+    };
+    (falls_through && form).then_some(entry[i])
+}
+
+/// The lean port entries' Rust half: a byte `in` (`out` = 0) or `out` (1) of `value` at `port`
+/// on the device models, with events masked for the access and then restored as they were;
+/// returns the byte for %al (read, or `value` unchanged). Unmasking with events pending delivers them with a `xen_version`
+/// hypercall (Xen delivers pending events on its way back, as Linux's
+/// xen_force_evtchn_callback does), at this point of the lean entry, as an interrupt that
+/// arrives right after the instruction.
+#[no_mangle]
+extern "C" fn previrt_xen_port_lean(port: u64, value: u64, out: u64) -> u64 {
+    let v = vcpu();
+    // SAFETY: vcpu_info's mask byte, shared with Xen; swapped so no upcall runs in between.
+    let was_masked = unsafe { core::sync::atomic::AtomicU8::from_ptr(&raw mut v.upcall_mask).swap(1, SeqCst) };
+    // SAFETY: events are masked: nothing else touches the machine until they are unmasked.
+    let x = unsafe { XEN.get() };
+    // SAFETY: the counters are only written with events masked.
+    unsafe { previrt_xen_lean_counts[4 + out as usize] += 1 };
+    let read = if out == 0 {
+        x.port_in(port as u16, 1) as u64
+    } else {
+        x.port_out(port as u16, 1, value as u32);
+        value
+    };
+    if was_masked == 0 {
+        // SAFETY (volatile accesses): shared with Xen.
+        unsafe {
+            core::ptr::addr_of_mut!(v.upcall_mask).write_volatile(0);
+            core::sync::atomic::fence(SeqCst);
+            if core::ptr::addr_of!(v.upcall_pending).read_volatile() != 0 {
+                abi::call(Hypercall::XenVersion, [0, 0, 0, 0, 0]);
+            }
+        }
+    }
+    read
 }
 
 /// Set while `Xen::halt` blocks: an upcall then only masks events again (entry.rs).
