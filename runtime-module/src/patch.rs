@@ -158,6 +158,18 @@ pub fn encode(site: &Site, saved: &[u8], route: Route, stub: u64, out: &mut [u8]
     Route::Original
 }
 
+/// Whether the code at `at` already is `want`, compared a word at a time (a byte loop would
+/// cost ~5 emulated instructions per byte on a host that emulates ring 0).
+///
+/// # Safety
+/// `want.len()` bytes at `at` must be readable.
+unsafe fn holds(at: u64, want: &[u8]) -> bool {
+    let (words, tail) = want.split_at(want.len() & !7);
+    let word = |b: &[u8]| u64::from_le_bytes(b.try_into().unwrap_or_default());
+    words.chunks_exact(8).enumerate().all(|(i, w)| ((at + 8 * i as u64) as *const u64).read_unaligned() == word(w))
+        && tail.iter().enumerate().all(|(i, &b)| ((at + words.len() as u64 + i as u64) as *const u8).read() == b)
+}
+
 /// Counts from one patching pass.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Stats {
@@ -166,6 +178,12 @@ pub struct Stats {
     pub routed: usize,
     /// Sites the backend wanted routed that had to keep the original instruction.
     pub kept_original: usize,
+    /// Sites whose bytes were written / already held what the backend wants (a re-patch
+    /// compares before it writes; the boot pass writes every site).
+    pub rewritten: usize,
+    pub unchanged: usize,
+    /// INIT sites a re-patch left alone (their section may be freed: flags::INIT).
+    pub init_left: usize,
 }
 
 /// A loaded site table and the runtime's index over it.
@@ -232,19 +250,46 @@ impl<'a> Patcher<'a> {
     /// # Safety
     /// As for [`Patcher::apply`].
     pub unsafe fn apply_with(&self, backend: &Backend, stub: &dyn Fn(&Site) -> u64) -> Stats {
+        self.pass(backend, stub, false)
+    }
+
+    /// A later pass (migration, `previrt_repatch`): as [`Patcher::apply_with`], but sites
+    /// flagged INIT are left alone (the kernel may have freed their section) and a site that
+    /// already holds the wanted bytes is not written (on an instruction-emulated host every
+    /// store costs; unchanged code also needs no cache or TLB work).
+    ///
+    /// # Safety
+    /// As for [`Patcher::apply`].
+    pub unsafe fn repatch_with(&self, backend: &Backend, stub: &dyn Fn(&Site) -> u64) -> Stats {
+        self.pass(backend, stub, true)
+    }
+
+    unsafe fn pass(&self, backend: &Backend, stub: &dyn Fn(&Site) -> u64, later: bool) -> Stats {
         let mut stats = Stats { sites: self.sites, ..Default::default() };
         let mut buf = [0u8; MAX_SITE_LEN];
         for e in &self.index[..self.sites] {
             let site = self.site(e);
+            if later && site.record.has(previrt_site_abi::flags::INIT) {
+                stats.init_left += 1;
+                continue;
+            }
             let saved = core::slice::from_raw_parts(site.at.save as *const u8, site.record.insn_len as usize);
             let want = (backend.route)(&site.record);
-            let got = encode(&site, saved, want, stub(&site), &mut buf);
+            // The stub is asked only for a routed site (it may look at the record).
+            let target = if want == Route::Stub { stub(&site) } else { 0 };
+            let got = encode(&site, saved, want, target, &mut buf);
             match (want, got) {
                 (_, Route::Stub) => stats.routed += 1,
                 (Route::Stub, Route::Original) => stats.kept_original += 1,
                 _ => {}
             }
-            core::ptr::copy_nonoverlapping(buf.as_ptr(), site.at.site as *mut u8, site.record.site_len as usize);
+            let len = site.record.site_len as usize;
+            if later && holds(site.at.site, &buf[..len]) {
+                stats.unchanged += 1;
+                continue;
+            }
+            core::ptr::copy_nonoverlapping(buf.as_ptr(), site.at.site as *mut u8, len);
+            stats.rewritten += 1;
         }
         stats
     }

@@ -10,6 +10,15 @@
 //! from the boot table (`super::PARAVIRTUAL`), so a new backend (`pvm`) adds a row there and
 //! one here.
 //!
+//! Re-patching is cheap where it can be (docs/snapshot.md, "Re-patching"): the migratable
+//! backends' routed sites all call [`entry`], one indirect jump to the active backend's stub,
+//! so backends that route the same kinds (`hv` v1/v2, `xen-hvm`) have identical site bytes and
+//! a move between them rebinds that pointer and touches no site. Otherwise each site is
+//! compared before it is written. A backend with a faster mode of its own (`pvm`, native on
+//! KVM-PVM) re-patches to the shared encoding before it suspends and to its own only once it
+//! runs in that mode again ([`finish`]): on this host everything else runs on the
+//! instruction-emulated ring-0 path.
+//!
 //! After a migration to a platform with no paravirtual interface the runtime runs
 //! [`backend::NATIVE_WATCH`]: native instructions (trap-and-emulate), except `hlt`, after
 //! which it looks at CPUID once; when a paravirtual interface has appeared (the VM was moved
@@ -19,6 +28,7 @@ use super::{apply, hw, serial::Com1, sym_addr, Global, PvConsole, PARAVIRTUAL, S
 use crate::backend::{self, Backend};
 use crate::devices::{Pic, Pit, Programmed};
 use crate::emulate::{self, gpr, Regs};
+use crate::patch::Stats;
 use crate::platform;
 use core::cell::UnsafeCell;
 use core::fmt::Write;
@@ -28,6 +38,10 @@ use previrt_hv_abi::suspend;
 /// A backend's part in a migration.
 struct Hooks {
     backend: &'static Backend,
+    /// The site encoding the runtime writes while this backend suspends and resumes: its own,
+    /// or (a backend with a faster mode) the shared `hv` one, re-patched to the backend's own
+    /// by [`finish`] once it runs in that mode.
+    encoding: &'static Backend,
     /// On the old platform, at the safe point: flush what is buffered and call the platform's
     /// suspend; its result (`suspend::RESUMED` when this is the restored guest).
     suspend: fn() -> i64,
@@ -43,6 +57,7 @@ struct Hooks {
 static HOOKS: [Hooks; 4] = [
     Hooks {
         backend: &backend::HV,
+        encoding: &backend::HV,
         suspend: crate::hv::suspend,
         programmed: crate::hv::programmed,
         adopt: crate::hv::adopt,
@@ -50,6 +65,7 @@ static HOOKS: [Hooks; 4] = [
     },
     Hooks {
         backend: &backend::XEN_HVM,
+        encoding: &backend::XEN_HVM,
         suspend: crate::xen_hvm::suspend,
         programmed: crate::xen_hvm::programmed,
         adopt: crate::xen_hvm::adopt,
@@ -57,6 +73,7 @@ static HOOKS: [Hooks; 4] = [
     },
     Hooks {
         backend: &backend::PVM,
+        encoding: &backend::HV,
         suspend: crate::pvm::suspend,
         programmed: crate::hv::programmed,
         adopt: crate::pvm::adopt,
@@ -64,6 +81,7 @@ static HOOKS: [Hooks; 4] = [
     },
     Hooks {
         backend: &backend::NATIVE_WATCH,
+        encoding: &backend::NATIVE_WATCH,
         suspend: || suspend::CANCELLED,
         programmed: native_programmed,
         adopt: native_adopt,
@@ -94,16 +112,89 @@ pub(super) fn boot(tsc_per_ms: u64) {
 /// (the caller's machine is no longer in charge).
 pub(crate) fn safe_point() -> bool {
     // SAFETY: single vCPU, interrupts off, no CPU inside a site.
-    let from = unsafe { STATE.get() }.active;
+    let state = unsafe { STATE.get() };
+    let from = state.active;
     let Some(h) = hooks(from) else { return false };
+    // Into the shared encoding while a backend with a faster mode still runs in it.
+    let t0 = hw::rdtsc();
+    // SAFETY: as above.
+    let before = (h.encoding.id != from.id).then(|| unsafe { apply(state, h.encoding, true) }).flatten();
+    let before = before.map(|s| (s, hw::rdtsc() - t0));
     if (h.suspend)() != suspend::RESUMED {
+        if before.is_some() {
+            // SAFETY: as above; the backend is back in its mode (its suspend hook's job).
+            unsafe { apply(state, from, true) };
+        }
         return false;
     }
-    resume(h) != from.id
+    resume(h, before) != from.id
 }
 
-/// Re-detect, choose, set up, hand over, re-patch; returns the new backend's id.
-fn resume(from: &Hooks) -> u32 {
+/// The address routed sites of the migratable backends call, bound to `stub` (the active
+/// backend's own stub).
+pub(super) fn entry(stub: u64) -> u64 {
+    // SAFETY: single vCPU, interrupts off, no CPU inside a site (boot or a safe point): the
+    // entry's one load sees either value whole.
+    unsafe { previrt_entry_target = stub };
+    sym_addr!("previrt_entry")
+}
+
+/// Where [`entry`] jumps.
+#[no_mangle]
+static mut previrt_entry_target: u64 = 0;
+
+// One indirect jump: [rsp] stays the site's return address, which the stubs look sites up by.
+core::arch::global_asm!(
+    ".section .text.previrt_entry, \"ax\", @progbits\n",
+    ".globl previrt_entry\n",
+    "previrt_entry:\n",
+    "    jmpq *previrt_entry_target(%rip)\n",
+    ".text\n",
+    options(att_syntax, raw)
+);
+
+/// The backend whose own encoding waits until it runs in its faster mode (set by `resume`).
+static PENDING: Global<Option<&'static Backend>> = Global(UnsafeCell::new(None));
+
+/// Called by a backend with a faster mode once it runs in it again after a resume (`pvm`,
+/// right after re-entering KVM-PVM's native mode): its own site encoding, at native speed.
+pub(crate) fn finish() {
+    // SAFETY: single vCPU, called from the backend's dispatcher with no CPU inside a site.
+    let Some(to) = (unsafe { PENDING.get() }).take() else { return };
+    // SAFETY: as above.
+    let state = unsafe { STATE.get() };
+    let t0 = hw::rdtsc();
+    // SAFETY: as above; the site table and text are mapped as at boot.
+    let stats = unsafe { apply(state, to, true) };
+    let cycles = hw::rdtsc() - t0;
+    let Some(pv) = PARAVIRTUAL.iter().find(|p| p.backend.id == to.id) else { return };
+    let mut out = PvConsole(pv.console);
+    let _ = write!(out, "previrt: resumed on {}: backend={} in its own mode:", state.platform.name(), to.name);
+    counts(&mut out, stats, cycles);
+    let _ = writeln!(out);
+}
+
+/// ` sites=N rewritten=R unchanged=U init-left=I re-patched in T us`.
+fn counts(out: &mut dyn Write, stats: Option<Stats>, cycles: u64) {
+    let s = stats.unwrap_or_default();
+    let _ = write!(
+        out,
+        " sites={} rewritten={} unchanged={} init-left={} re-patched in {} us",
+        s.sites,
+        s.rewritten,
+        s.unchanged,
+        s.init_left,
+        micros(cycles)
+    );
+}
+
+fn micros(cycles: u64) -> u64 {
+    cycles * 1000 / TSC_PER_MS.load(Ordering::Relaxed).max(1)
+}
+
+/// Re-detect, choose, set up, hand over, re-patch; returns the new backend's id. `before`:
+/// what the suspend's re-patch into the shared encoding did, and its TSC cycles.
+fn resume(from: &Hooks, before: Option<(Stats, u64)>) -> u32 {
     let t0 = hw::rdtsc();
     let programmed = (from.programmed)();
     (from.release)();
@@ -121,10 +212,13 @@ fn resume(from: &Hooks) -> u32 {
     let pv = pv.filter(|_| why.is_none());
     let to = pv.and_then(|p| hooks(p.backend)).unwrap_or_else(watch);
     (to.adopt)(&programmed);
-    state.stub = pv.map_or_else(|| sym_addr!("previrt_watch_entry"), |p| (p.stub)());
+    state.stub = entry(pv.map_or_else(|| sym_addr!("previrt_watch_entry"), |p| (p.stub)()));
+    let t1 = hw::rdtsc();
     // SAFETY: as `safe_point`; the site table and text are mapped as at boot.
-    let stats = unsafe { apply(state, to.backend) };
-    let cycles = hw::rdtsc() - t0;
+    let stats = unsafe { apply(state, to.encoding, true) };
+    let t2 = hw::rdtsc();
+    // SAFETY: as `safe_point`.
+    unsafe { *PENDING.get() = (to.encoding.id != to.backend.id).then_some(to.backend) };
     let mut pv_out = pv.map(|p| PvConsole(p.console));
     let out: &mut dyn Write = match &mut pv_out {
         Some(c) => c,
@@ -137,7 +231,12 @@ fn resume(from: &Hooks) -> u32 {
     if let Some(why) = why {
         let _ = write!(out, " ({why})");
     }
-    let _ = writeln!(out, " sites={} re-patched in {} us", stats.map_or(0, |s| s.sites), cycles * 1000 / per_ms.max(1));
+    counts(out, stats, t2 - t1);
+    let _ = write!(out, ", resumed in {} us", micros(t2 - t0));
+    if let Some((s, c)) = before {
+        let _ = write!(out, " (before the suspend: rewritten={} in {} us)", s.rewritten, micros(c));
+    }
+    let _ = writeln!(out);
     to.backend.id
 }
 
@@ -204,7 +303,7 @@ extern "C" fn previrt_watch_dispatch(regs: &mut Regs) {
     // SAFETY: read-only; written at boot and by `resume`, on this vCPU.
     let known = unsafe { STATE.get() }.platform;
     if platform::detect(|leaf| hw::cpuid(leaf, 0)) != known {
-        resume(watch());
+        resume(watch(), None);
     }
     regs.iret_rsp = regs.gpr[gpr::RSP];
 }

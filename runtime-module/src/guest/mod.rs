@@ -64,8 +64,12 @@ struct State {
     patcher: Option<Patcher<'static>>,
     active: &'static Backend,
     platform: Platform,
-    /// Where routed sites call: the trace stub, or a platform's own (Xen PV).
+    /// Where routed sites call: the trace stub, a platform's own (Xen PV), or the migratable
+    /// backends' shared entry (guest/migrate.rs).
     stub: u64,
+    /// The stub the sites were last patched with (a re-patch with the same route and stub
+    /// touches no site).
+    patched_stub: u64,
     /// `previrt.trace=sites`: the exit summary lists every executed site.
     site_profile: bool,
 }
@@ -75,6 +79,7 @@ static STATE: Global<State> = Global(UnsafeCell::new(State {
     active: &backend::NATIVE,
     platform: Platform::BareMetal,
     stub: 0,
+    patched_stub: 0,
     site_profile: false,
 }));
 static INDEX: Global<[IndexEntry; MAX_SITES]> =
@@ -197,12 +202,24 @@ pub(crate) use sym_addr;
 const LEAN: &[(u32, fn(&crate::patch::Site) -> Option<u64>)] =
     &[(backend::PVM.id, crate::pvm::lean), (backend::XEN.id, crate::xen::lean)];
 
-/// Patch every site for `to`. At CPL 0 code is made writable by clearing CR0.WP for the
+/// Patch every site for `to`; `later`: a re-patch after boot (INIT sites left alone, sites
+/// compared before they are written, and none visited when `to` routes as the active backend
+/// does through the same stub). At CPL 0 code is made writable by clearing CR0.WP for the
 /// duration (the kernel may have mapped its text read-only by the time of a later repatch); a
-/// runtime running deprivileged (Xen PV, ring 3) has no CR0 and patches through mappings its
-/// platform made writable.
-unsafe fn apply(state: &mut State, to: &'static Backend) -> Option<crate::patch::Stats> {
+/// runtime running deprivileged (Xen PV, ring 3, or pvm's native mode) has no CR0 and patches
+/// through mappings its platform made writable.
+unsafe fn apply(state: &mut State, to: &'static Backend, later: bool) -> Option<crate::patch::Stats> {
     let p = state.patcher.as_ref()?;
+    // The same route function, stub and lean entries write the same bytes.
+    let lean_kinds = |b: &Backend| LEAN.iter().position(|(id, _)| *id == b.id);
+    if later
+        && core::ptr::fn_addr_eq(state.active.route, to.route)
+        && state.patched_stub == state.stub
+        && lean_kinds(state.active) == lean_kinds(to)
+    {
+        state.active = to;
+        return Some(crate::patch::Stats { sites: p.sites, unchanged: p.sites, ..Default::default() });
+    }
     let cs: u64;
     core::arch::asm!("mov {}, cs", out(reg) cs, options(nomem, nostack, preserves_flags));
     let cpl0 = cs & 3 == 0;
@@ -211,12 +228,14 @@ unsafe fn apply(state: &mut State, to: &'static Backend) -> Option<crate::patch:
         emulate::Machine::write_cr(&mut hw::Hardware, 0, cr0 & !(1 << 16));
     }
     let lean = |s: &crate::patch::Site| LEAN.iter().find(|(id, _)| *id == to.id).and_then(|(_, lean)| lean(s));
-    let stats = p.apply_with(to, &|s| lean(s).unwrap_or(state.stub));
+    let stub = |s: &crate::patch::Site| lean(s).unwrap_or(state.stub);
+    let stats = if later { p.repatch_with(to, &stub) } else { p.apply_with(to, &stub) };
     if cpl0 {
         emulate::Machine::write_cr(&mut hw::Hardware, 0, cr0);
     }
     serialize();
     state.active = to;
+    state.patched_stub = state.stub;
     Some(stats)
 }
 
@@ -237,7 +256,7 @@ pub(crate) unsafe fn patch_at_boot(
         build_ool(slot, &p.site(e));
     }
     state.patcher = Some(p);
-    Ok(apply(state, to))
+    Ok(apply(state, to, false))
 }
 
 /// The paravirtual backends of HVM-style platforms: the platform each needs (and what to say
@@ -352,7 +371,7 @@ extern "C" fn previrt_boot(start_info: u64, path: u32) {
     if let Some(describe) = pv.and_then(|p| p.describe) {
         describe(out);
     }
-    let stub = pv.map_or_else(|| sym_addr!("previrt_trace_entry"), |p| (p.stub)());
+    let stub = pv.map_or_else(|| sym_addr!("previrt_trace_entry"), |p| migrate::entry((p.stub)()));
     let t0 = hw::rdtsc();
     // SAFETY: the table and the sites it names are in the loaded kernel image, identity- or
     // window-mapped and writable under the boot page tables.
@@ -385,7 +404,7 @@ extern "C" fn previrt_boot(start_info: u64, path: u32) {
 pub extern "C" fn previrt_repatch(id: u32) -> i32 {
     let Some(to) = backend::by_id(id) else { return -1 };
     // SAFETY: the caller guarantees quiescence (documented above).
-    match unsafe { apply(STATE.get(), to) } {
+    match unsafe { apply(STATE.get(), to, true) } {
         Some(_) => 0,
         None => -1,
     }

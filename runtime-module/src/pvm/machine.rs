@@ -431,6 +431,8 @@ fn dispatch(regs: &mut Regs) -> bool {
     };
     if core::mem::take(&mut st.enter_pending) {
         st.enter(pv);
+        // After a migration: pvm's own site encoding, now at native speed.
+        guest::migrate::finish();
     }
     if regs.cs & 3 == 3 {
         (regs.cs, regs.ss) = (KERNEL_CS, KERNEL_SS);
