@@ -67,14 +67,25 @@ struct State {
     kernel_pf: u64,
     /// Set by [`adopt`]: enter the mode at the next site.
     enter_pending: bool,
-    /// Entries brought up to date in place (`invlpg`), and `invlpg`s that found the copy
-    /// already up to date (no hardware `invlpg`).
+    /// Whether the hardware CR3 is the live copy's (false after [`State::leave`]).
+    on_copy: bool,
+    /// Whether the substitute IDT is the loaded one.
+    idt_loaded: bool,
+    /// CR2 as the last #PF set it, read by the fault check (`previrt_pvm_fault`), which
+    /// every #PF passes while native: the kernel's `mov from cr2` gets it without a trap.
+    /// None while the kernel's own IDT takes faults (off the mode).
+    cr2: Option<u64>,
+    /// Entries brought up to date in place (`invlpg`), of them those that replaced a
+    /// present entry (a hardware `invlpg`; the others were not present in the copy), and
+    /// `invlpg`s that found the copy already up to date.
     updates: u64,
+    flushes: u64,
     unchanged: u64,
     /// Shadow syncs (CR3 loads, #PFs resolved by one), of them copies built whole (the
-    /// others brought a cached copy up to date).
+    /// others brought a cached copy up to date), and CR3 loads that reached the hardware.
     syncs: u64,
     builds: u64,
+    cr3_loads: u64,
     resolved: u64,
 }
 
@@ -84,10 +95,15 @@ static STATE: Global<State> = Global(UnsafeCell::new(State {
     idt: None,
     kernel_pf: 0,
     enter_pending: false,
+    on_copy: false,
+    idt_loaded: false,
+    cr2: None,
     updates: 0,
+    flushes: 0,
     unchanged: 0,
     syncs: 0,
     builds: 0,
+    cr3_loads: 0,
     resolved: 0,
 }));
 
@@ -203,12 +219,13 @@ impl State {
     /// The backend's line of the exit summary: whether the kernel ran natively (the site's
     /// code segment had RPL 3), shadow syncs and #PFs they resolved.
     fn summary(&self, out: &mut dyn Write) {
-        let native = if native() { "yes" } else { "no" };
-        let (syncs, builds, updates, unchanged) = (self.syncs, self.builds, self.updates, self.unchanged);
-        let resolved = self.resolved;
+        let yes = |b| if b { "yes" } else { "no" };
+        let native = yes(native());
+        let (syncs, builds, loads) = (self.syncs, self.builds, self.cr3_loads);
+        let (updates, flushes, unchanged, resolved) = (self.updates, self.flushes, self.unchanged, self.resolved);
         let _ = writeln!(
             out,
-            "previrt-pvm: native={native} shadow-syncs={syncs} shadow-builds={builds} shadow-updates={updates} invlpg-unchanged={unchanged} faults-resolved={resolved}"
+            "previrt-pvm: native={native} shadow-syncs={syncs} shadow-builds={builds} cr3-loads={loads} shadow-updates={updates} invlpg-flushes={flushes} invlpg-unchanged={unchanged} faults-resolved={resolved}"
         );
     }
 
@@ -226,6 +243,7 @@ impl State {
     /// Out of the mode: the kernel's own CR3 (no bit 12: the ordinary path) and IDT.
     fn leave(&mut self) {
         hw::Hardware.write_cr(3, self.kernel_cr3);
+        (self.on_copy, self.idt_loaded, self.cr2) = (false, false, None);
         set_lean(false);
         if let Some(t) = self.idt {
             hw::Hardware.load_idt(t);
@@ -240,23 +258,32 @@ impl State {
         unsafe { previrt_pvm_masked = 1 };
     }
 
-    /// Build a copy of the kernel's current address space in the idle pool and load it.
+    /// Bring the copy of the kernel's current address space up to date (or build it) and
+    /// load it, unless it is loaded already with nothing stale in it (a flush of nothing).
+    /// (PCID tags would let a switch keep the other copies' translations, but this host's
+    /// KVM-PVM offers no PCID: docs/pvm.md.)
     fn sync(&mut self, pv: &mut Paravirt<Hv>) {
-        let Some((cr3, built)) = self.shadow.load(self.kernel_cr3) else {
+        let Some(l) = self.shadow.load(self.kernel_cr3) else {
             pv.fatal(format_args!("pvm: the kernel's page tables do not fit the shadow pool"))
         };
-        hw::Hardware.write_cr(3, cr3);
+        if l.switched || l.stale() || !self.on_copy {
+            hw::Hardware.write_cr(3, l.cr3);
+            self.on_copy = true;
+            self.cr3_loads += 1;
+        }
         set_lean(native());
         self.syncs += 1;
-        self.builds += u64::from(built);
+        self.builds += u64::from(l.built);
         self.install_idt();
     }
 
-    /// Once native, the substitute IDT replaces the kernel's (whose gates the mode refuses).
+    /// Once native, the substitute IDT replaces the kernel's (whose gates the mode refuses),
+    /// once: `lidt` traps.
     fn install_idt(&mut self) {
-        if let Some(t) = self.idt.filter(|_| native()) {
+        if let Some(t) = self.idt.filter(|_| native() && !self.idt_loaded) {
             let base = IDT.0.get() as u64;
             hw::Hardware.load_idt(DescTable { limit: t.limit.min(4095), base });
+            self.idt_loaded = true;
         }
     }
 
@@ -284,7 +311,7 @@ impl State {
             g[0..2].copy_from_slice(&(to as u16).to_le_bytes());
             g[2..4].copy_from_slice(&GATE_CS.to_le_bytes());
             g[4] = 0;
-            g[5] = 0xe0 | (g[5] & 0x0f);
+            g[5] = 0xe0 | if v < 32 { 0xf } else { g[5] & 0x0f };
             g[6..8].copy_from_slice(&((to >> 16) as u16).to_le_bytes());
             g[8..12].copy_from_slice(&((to >> 32) as u32).to_le_bytes());
             *gate = g;
@@ -292,6 +319,7 @@ impl State {
         self.kernel_pf = handlers[PF_VECTOR];
         handlers[PF_VECTOR] = sym_addr!("previrt_pvm_pf");
         self.idt = Some(t);
+        self.idt_loaded = false;
         self.install_idt();
     }
 }
@@ -338,12 +366,16 @@ impl Machine for Pvm<'_> {
         self.pv.wrmsr(msr, value)
     }
     fn read_cr(&mut self, n: u8) -> u64 {
-        match n {
-            3 if self.st.kernel_cr3 != 0 => self.st.kernel_cr3,
+        match (n, self.st.cr2) {
+            (2, Some(cr2)) => cr2,
+            (3, _) if self.st.kernel_cr3 != 0 => self.st.kernel_cr3,
             _ => self.pv.read_cr(n),
         }
     }
     fn write_cr(&mut self, n: u8, value: u64) {
+        if n == 2 {
+            self.st.cr2 = self.st.cr2.map(|_| value);
+        }
         if n != 3 {
             return self.pv.write_cr(n, value);
         }
@@ -356,11 +388,13 @@ impl Machine for Pvm<'_> {
     fn invlpg(&mut self, addr: u64) {
         let st = &mut *self.st;
         match shadow::update(&mut st.shadow, st.kernel_cr3, addr) {
-            Some(true) => {
+            Some(shadow::Change::Replaced) => {
                 st.updates += 1;
+                st.flushes += 1;
                 hw::Hardware.invlpg(addr);
             }
-            Some(false) => st.unchanged += 1,
+            Some(shadow::Change::Filled) => st.updates += 1,
+            Some(shadow::Change::None) => st.unchanged += 1,
             None => st.sync(self.pv),
         }
     }
@@ -459,6 +493,7 @@ extern "C" fn previrt_pvm_fault(frame: &mut [u64; 21]) -> u64 {
     // SAFETY: as the dispatcher.
     let st = unsafe { STATE.get() };
     let addr = hw::Hardware.read_cr(2);
+    st.cr2 = Some(addr);
     let write = frame[15] & 2 != 0;
     let ours = shadow::kernel_allows(st.kernel_cr3, addr, write)
         .is_some_and(|k| shadow::shadow_allows(st.shadow.cr3(), addr, write) != Some(k));
@@ -569,7 +604,9 @@ previrt_pvm_vectors:
     .set pvm_vector, 0
     .rept 256
     .balign 16
+    .if pvm_vector >= 32
     movb $1, previrt_pvm_masked(%rip)
+    .endif
     jmpq *(previrt_pvm_handlers + 8 * pvm_vector)(%rip)
     .set pvm_vector, pvm_vector + 1
     .endr

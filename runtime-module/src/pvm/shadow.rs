@@ -24,6 +24,14 @@ const ADDR: u64 = 0x000f_ffff_ffff_f000;
 /// CR3 bit the mode requires (root table at an odd 4 KiB page).
 pub const ROOT_BIT: u64 = 1 << 12;
 
+/// The copy of a present leaf entry: U=1, and A/D set up front. The kernel never sees the
+/// copy's A/D bits (its own tables are not written); a host that shadows the copy maps a
+/// page with A/D clear read-only first, to set D on the first write: one fault more per page
+/// written after a remap (measured: docs/pvm.md).
+fn leaf(e: u64) -> u64 {
+    e | USER | ACCESSED | DIRTY
+}
+
 /// Tables per pool: the example kernel's busiest address space uses about a dozen; one
 /// extra page so that a root with [`ROOT_BIT`] always fits; the rest absorbs subtrees
 /// replaced in place until the copy is rebuilt.
@@ -38,12 +46,39 @@ fn pools() -> *mut [[Table; POOL_PAGES]; SLOTS] {
 /// The kernel table each pool page copies.
 static SOURCES: Global<[[u64; POOL_PAGES]; SLOTS]> = Global(UnsafeCell::new([[0; POOL_PAGES]; SLOTS]));
 
-/// A pool being filled: its tables, the root's index and the next free one.
+/// A pool being filled: its tables, the root's index, the next free one, and whether an
+/// entry the CPU may hold a translation through was changed ([`Change::Replaced`]).
 struct Fill {
     tables: &'static mut [[u64; 512]; POOL_PAGES],
     sources: &'static mut [u64; POOL_PAGES],
     root: usize,
     used: usize,
+    replaced: bool,
+}
+
+/// What bringing an entry of a copy in line with the kernel's did. x86 caches no
+/// translation through a not-present entry (SDM 4.10.2.3 / 4.10.3.1), so only a present
+/// entry that changed can leave something stale in the TLB.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Change {
+    /// Already current.
+    None,
+    /// Was not present in the copy: nothing to flush.
+    Filled,
+    /// A present entry changed: the caller must flush.
+    Replaced,
+}
+
+impl Change {
+    /// The change from copy entry `live` to `v` (A/D bits the CPU set in the copy are no
+    /// change of the kernel's).
+    fn of(live: u64, v: u64) -> Change {
+        match (live & PRESENT != 0, (live ^ v) & !(ACCESSED | DIRTY) != 0) {
+            (_, false) => Change::None,
+            (false, true) => Change::Filled,
+            (true, true) => Change::Replaced,
+        }
+    }
 }
 
 impl Fill {
@@ -63,7 +98,7 @@ impl Fill {
             let v = if e & PRESENT == 0 {
                 0
             } else if level == 1 || e & HUGE != 0 {
-                e | USER
+                leaf(e)
             } else {
                 let child = self.alloc()?;
                 self.copy(e & ADDR, child, level - 1)?;
@@ -88,7 +123,7 @@ impl Fill {
             let v = if e & PRESENT == 0 {
                 0
             } else if level == 1 || e & HUGE != 0 {
-                e | USER
+                leaf(e)
             } else {
                 let same = (live & (PRESENT | HUGE) == PRESENT)
                     .then(|| self.index(live & ADDR))
@@ -107,8 +142,12 @@ impl Fill {
                 };
                 (e & !ADDR) | gpa(self.tables[child].as_ptr() as u64) | USER
             };
-            if (live ^ v) & !(ACCESSED | DIRTY) != 0 {
-                self.tables[dst][i] = v;
+            match Change::of(live, v) {
+                Change::None => {}
+                c => {
+                    self.replaced |= c == Change::Replaced;
+                    self.tables[dst][i] = v;
+                }
             }
         }
         Some(())
@@ -139,7 +178,7 @@ fn fill(slot: usize, c: &Live) -> Fill {
     // SAFETY: single vCPU, no events in the runtime; callers edit a pool not live, or the
     // live one entry by entry.
     let (tables, sources) = unsafe { (&mut (*pools())[slot], &mut SOURCES.get()[slot]) };
-    Fill { tables, sources, root: c.root, used: c.used }
+    Fill { tables, sources, root: c.root, used: c.used, replaced: false }
 }
 
 /// Build the copy of the address space rooted at `kernel_cr3` in slot `slot` (not live);
@@ -168,18 +207,20 @@ impl Cache {
         self.slots[self.live].1.cr3
     }
 
-    /// The copy of `kernel_cr3`'s address space, up to date, made the live one: the CR3
-    /// value to load, and whether it was built whole (a miss). None when the kernel's tables
-    /// do not fit a pool.
-    pub fn load(&mut self, kernel_cr3: u64) -> Option<(u64, bool)> {
+    /// The copy of `kernel_cr3`'s address space, up to date, made the live one. None when
+    /// the kernel's tables do not fit a pool.
+    pub fn load(&mut self, kernel_cr3: u64) -> Option<Loaded> {
         let root = kernel_cr3 & ADDR;
+        let before = self.cr3();
         self.clock += 1;
         let hit = self.slots.iter().position(|s| s.0 == root && s.1.cr3 != 0);
+        let mut replaced = false;
         let refreshed = hit.filter(|&i| {
             let c = &mut self.slots[i].1;
             let mut f = fill(i, c);
             let ok = f.refresh(root, c.root, 4).is_some();
             c.used = f.used;
+            replaced = f.replaced;
             if !ok {
                 // Full of replaced subtrees: rebuilt elsewhere, this one goes first next.
                 self.slots[i].0 = 0;
@@ -201,7 +242,30 @@ impl Cache {
         c.cr3 = (c.cr3 & ADDR) | (kernel_cr3 & 0x18);
         self.slots[i].2 = self.clock;
         self.live = i;
-        Some((c.cr3, refreshed.is_none()))
+        Some(Loaded { cr3: c.cr3, slot: i, built: refreshed.is_none(), replaced, switched: c.cr3 != before })
+    }
+}
+
+/// What [`Cache::load`] did.
+pub struct Loaded {
+    /// The CR3 value of the copy, and its slot.
+    pub cr3: u64,
+    pub slot: usize,
+    /// Built whole (a miss), not brought up to date: translations the CPU holds for the
+    /// slot's previous copy are stale.
+    pub built: bool,
+    /// Brought up to date replacing a present entry: translations the CPU holds for this
+    /// copy may be stale.
+    pub replaced: bool,
+    /// Another copy than the one loaded before (or other CR3 flag bits).
+    pub switched: bool,
+}
+
+impl Loaded {
+    /// Whether the CPU holds translations of this copy that its load must drop (every
+    /// replacement made through `invlpg` was flushed when made, fills need none).
+    pub fn stale(&self) -> bool {
+        self.built || self.replaced
     }
 }
 
@@ -209,11 +273,12 @@ impl Cache {
 /// kernel's tables for `va`, in place, as a kernel edits its own live tables: the leaf entry
 /// (or a large page) is rewritten, a level the copy lacks is copied whole. Intermediate
 /// entries present in both are taken to point at the same kernel table (they change only
-/// with a CR3 load, which rebuilds). Whether an entry changed (every change is flushed by the
-/// caller, so an unchanged copy has nothing stale in the TLB: a kernel's repeated `invlpg`
-/// of one page need not reach the hardware); None when the pool is full (the caller
+/// with a CR3 load, which rebuilds). What changed: only [`Change::Replaced`] needs the
+/// hardware `invlpg` (every replacement is flushed by the caller when made, so nothing
+/// stale is in the TLB otherwise: a kernel's repeated `invlpg` of one page, or one after a
+/// new mapping, need not reach the hardware); None when the pool is full (the caller
 /// rebuilds).
-pub fn update(cache: &mut Cache, kernel_cr3: u64, va: u64) -> Option<bool> {
+pub fn update(cache: &mut Cache, kernel_cr3: u64, va: u64) -> Option<Change> {
     let slot = cache.live;
     let c = &mut cache.slots[slot].1;
     let mut fill = fill(slot, c);
@@ -224,23 +289,27 @@ pub fn update(cache: &mut Cache, kernel_cr3: u64, va: u64) -> Option<bool> {
         let e = unsafe { (src as *const u64).add(i).read_volatile() };
         let live = fill.tables[dst][i];
         if e & PRESENT == 0 || level == 1 || e & HUGE != 0 {
-            let v = if e & PRESENT == 0 { 0 } else { e | USER };
-            fill.tables[dst][i] = v;
-            // A/D bits the CPU set in the copy are no change of the kernel's.
-            return Some((live ^ v) & !(ACCESSED | DIRTY) != 0);
+            let v = if e & PRESENT == 0 { 0 } else { leaf(e) };
+            let change = Change::of(live, v);
+            // Only a change is written: the host write-protects table pages it shadows, so
+            // even rewriting the same value can trap.
+            if change != Change::None {
+                fill.tables[dst][i] = v;
+            }
+            return Some(change);
         }
         if live & PRESENT == 0 {
             let child = fill.alloc()?;
             fill.copy(e & ADDR, child, level - 1)?;
             fill.tables[dst][i] = (e & !ADDR) | gpa(fill.tables[child].as_ptr() as u64) | USER;
             c.used = fill.used;
-            return Some(true);
+            return Some(Change::Filled);
         }
         let child_gpa = live & ADDR;
         dst = fill.tables.iter().position(|t| gpa(t.as_ptr() as u64) == child_gpa)?;
         src = e & ADDR;
     }
-    Some(false)
+    Some(Change::None)
 }
 
 /// What the kernel's tables say about `va`: the leaf entry, if every level is present and
