@@ -62,6 +62,14 @@ impl MemAccess {
         (i.memory_base() == Register::None && i.memory_index() == Register::None).then(|| i.memory_displacement64())
     }
 
+    /// The start of the array an operand indexes with no base register (`disp32(,%idx,8)`:
+    /// `table[i]` of a global `table`): the displacement.
+    pub fn array_base(&self) -> Option<u64> {
+        let i = &self.instr;
+        (!i.is_ip_rel_memory_operand() && i.memory_base() == Register::None && i.memory_index() != Register::None)
+            .then(|| i.memory_displacement64())
+    }
+
     /// A plain load or store (`mov`, `movzx`, `movsx`): how device registers are accessed
     /// (`readl` is one `mov`), unlike the locked and bit-test read-modify-writes that
     /// `volatile` bitmaps and atomics see.

@@ -155,9 +155,10 @@ impl<'a> Image<'a> {
         a.static_address().is_some_and(|x| self.alloc.iter().any(|&(b, e)| (b..e).contains(&x)))
     }
 
-    /// The [`rules::PT_OBJECTS`] table an access names by address, if any.
+    /// The [`rules::PT_OBJECTS`] table an access names by address (or indexes from its
+    /// address with a run-time index: `init_top_pgt[pgd_index(addr)]`), if any.
     fn pt_object(&self, a: &MemAccess) -> Option<&str> {
-        let x = a.static_address()?;
+        let x = a.static_address().or_else(|| a.array_base())?;
         self.pt_objects.iter().find(|(b, e, _)| (*b..*e).contains(&x)).map(|(_, _, n)| n.as_str())
     }
 

@@ -141,7 +141,8 @@ pub fn raw_pt_types(scope: &str) -> &'static [&'static str] {
 }
 
 /// Page tables the kernel indexes by name (global arrays: no pointer for the DWARF source):
-/// a load or store whose operand names one of these symbols is a page-table access. Only the
+/// a load or store whose operand names one of these symbols (or indexes from its start with a
+/// register: `init_top_pgt[pgd_index(__PAGE_OFFSET)]`) is a page-table access. Only the
 /// ones the trace saw hit while linked: Linux's `init_top_pgt` (swapper_pg_dir; the PVH entry
 /// loads it in CR3, `x86_64_start_kernel` and `init_trampoline` index it) and `early_top_pgt`.
 pub const PT_OBJECTS: &[&str] = &["init_top_pgt", "early_top_pgt"];
