@@ -514,4 +514,13 @@ mod tests {
         insn::accesses_in(&code[4..], base + 4, |a| raw.push(a.addr));
         assert!(!raw.contains(&(base + 5)), "decoding from the range start is out of step: {raw:x?}");
     }
+
+    /// `init_top_pgt[i]` (Linux's init_mem_mapping): the displacement is the table's address.
+    #[test]
+    fn an_indexed_global_names_its_array() {
+        let code: &[u8] = &[0x48, 0x8b, 0x04, 0xc5, 0x00, 0xd0, 0x81, 0x81, 0x48, 0x8b, 0x04, 0xc0];
+        let mut got = Vec::new();
+        insn::accesses_in(code, 0x1000, |a| got.push((a.static_address(), a.array_base())));
+        assert_eq!(got, [(None, Some(0xffff_ffff_8181_d000)), (None, None)]);
+    }
 }
