@@ -303,6 +303,19 @@ fn kernel_stream(s: &str) -> Vec<String> {
     bytes.lines().filter(|l| !l.starts_with("TIMING ") && !l.starts_with("previrt")).map(String::from).collect()
 }
 
+/// What the runtime's "resumed on" line at `nth` (0: the first) says its re-patch did:
+/// [sites, rewritten, unchanged, init-left].
+fn repatch_counts(out: &str, nth: usize) -> [u64; 4] {
+    let line = out.split("previrt: resumed on ").nth(nth + 1).and_then(|l| l.lines().next()).unwrap_or("");
+    let count = |key: &str| {
+        let v = line.split(&format!(" {key}=")).nth(1).unwrap_or_else(|| panic!("no {key}= in {line:?}"));
+        v.split(|c: char| !c.is_ascii_digit()).next().unwrap().parse::<u64>().unwrap()
+    };
+    let c = [count("sites"), count("rewritten"), count("unchanged"), count("init-left")];
+    assert_eq!(c[0], c[1] + c[2] + c[3], "every site rewritten, unchanged or left: {line}");
+    c
+}
+
 /// Exits on the UART's data port (one per byte the kernel writes natively).
 fn uart_exits(stats: &Value) -> u64 {
     stats["ports"]["0x3f8 out"]["count"].as_u64().unwrap_or(0)
@@ -389,6 +402,9 @@ fn hv_guest_moves_v1_to_v2_to_no_paravirtual_interface_and_back_re_patching_each
     assert!(be.contains("the guest suspended itself and re-detects its platform"), "{be}");
     assert!(be.contains("cooperative: guest suspended after"), "the v2 guest suspends too: {be}");
     assert!(b.starts_with("previrt: resumed on previrt-hv: backend=hv abi=v2 sites="), "{b}");
+    // The same backend: its sites already call the shared entry, none is written.
+    let [sites, rewritten, ..] = repatch_counts(&b, 0);
+    assert!(rewritten == 0 && sites > 0, "v1 -> v2 rewrote sites: {b}");
     for call in ["previrt:version", "previrt:set_event_vector", "previrt:timer_set", "previrt:suspend"] {
         assert!(s["hypercalls"][call]["count"].as_u64().unwrap_or(0) > 0, "no {call} under v2: {}", s["hypercalls"]);
     }
@@ -404,6 +420,10 @@ fn hv_guest_moves_v1_to_v2_to_no_paravirtual_interface_and_back_re_patching_each
     );
     assert_eq!(st, Some(0), "no-PV leg: {c}{ce}");
     assert!(c.starts_with("previrt: resumed on ") && c.lines().next().unwrap().contains("backend=native-watch"), "{c}");
+    // Routed sites go back to their instructions; the ones hv leaves original and the hlt
+    // sites (native-watch still routes them, through the same entry) are not written.
+    let [_, to_native, unchanged, _] = repatch_counts(&c, 0);
+    assert!(to_native > 0 && unchanged > 0, "{c}");
     assert!(ce.contains("forced: the guest does not support suspend; no re-patching"), "{ce}");
     assert_eq!(uart_exits(&s), c.len() as u64, "under --abi none every console byte is a UART exit");
 
@@ -412,6 +432,7 @@ fn hv_guest_moves_v1_to_v2_to_no_paravirtual_interface_and_back_re_patching_each
     let (e, ee, st, s) = restore(&snap("none"), &json("back"), &["--abi", "previrt"]);
     assert_eq!(st, Some(1), "back on v1: {e}{ee}");
     assert!(e.contains("previrt: resumed on previrt-hv: backend=hv abi=v1 sites="), "{e}");
+    assert_eq!(repatch_counts(&e, 0)[1], to_native, "back to hv rewrites exactly the sites the move away did: {e}");
     assert!(e.contains("previrt-hv: hypercalls"), "the exit went through hv: {e}");
     assert_eq!(uart_exits(&s), bytes_before_resume(&e), "UART exits after the move back to hv: {e}");
 
@@ -567,4 +588,92 @@ fn sigusr1_and_the_control_socket_save_a_running_guest_that_suspends_itself() {
     assert_eq!(kernel_stream(&joined), kernel_stream(full), "control socket: saved + restored != uninterrupted");
     let o = previrt(&["snapshot", sock.to_str().unwrap(), "-o", snap.to_str().unwrap()]);
     assert_eq!(o.status.code(), Some(2), "no VM behind the socket: {}", stderr(&o));
+}
+
+/// `previrt run --boot pvh KERNEL --append CMDLINE EXTRA…`, saved after `after`: (stdout of
+/// the saving run, snapshot path). The guest must have suspended itself.
+fn cooperative_save(d: &Path, kernel: &Path, cmdline: &str, after: &str, extra: &[&str]) -> (String, std::path::PathBuf) {
+    let snap = d.join("vm.snap");
+    let mut args = vec!["run", "--boot", "pvh", kernel.to_str().unwrap(), "--append", cmdline];
+    args.extend_from_slice(extra);
+    args.extend_from_slice(&["--snapshot", snap.to_str().unwrap(), "--snapshot-after", after]);
+    let a = previrt(&args);
+    let e = stderr(&a);
+    assert_eq!(a.status.code(), Some(0), "saving run: {e}");
+    assert!(e.contains("cooperative: guest suspended after"), "the guest did not suspend itself: {e}");
+    assert!(!stdout(&a).contains("RESULT"), "snapshot taken after the end: {}", stdout(&a));
+    (stdout(&a), snap)
+}
+
+/// A kernel on `pvm` (KVM-PVM's native mode) saved mid-run and restored on `pvm`: the runtime
+/// re-patches to the shared encoding natively before it suspends, so on the emulated path after
+/// the restore no site is written; back in the native mode it re-patches exactly those sites
+/// to pvm's own entries. The kernel's lines are those of an uninterrupted run.
+#[test]
+fn pvm_guest_re_patches_natively_around_a_move_and_writes_no_site_on_the_emulated_path() {
+    const CMD: &str = "previrt.backend=auto workloads=timer,cpuid_msr,console repeat=6 hz=100 ticks=20 console_lines=4";
+    let d = scratch("migrate-pvm");
+    let kernel = common::linked_example_kernel();
+    let full = previrt(&["run", "--boot", "pvh", kernel.to_str().unwrap(), "--append", CMD, "--backend", "native"]);
+    assert_eq!(full.status.code(), Some(1), "uninterrupted run: {}{}", stdout(&full), stderr(&full));
+    assert!(stdout(&full).contains("backend=auto chose pvm"), "no native mode here: {}", stdout(&full));
+    let (a, snap) = cooperative_save(&d, kernel, CMD, "1500ms", &["--backend", "native"]);
+    let b = previrt(&["restore", snap.to_str().unwrap(), "--backend", "native"]);
+    let (out, err) = (stdout(&b), stderr(&b));
+    assert_eq!(b.status.code(), Some(1), "restored run: {out}{err}");
+    assert!(out.starts_with("previrt: resumed on previrt-hv: backend=pvm sites="), "{out}");
+    let [_, emulated, ..] = repatch_counts(&out, 0);
+    let before: u64 = out
+        .split("(before the suspend: rewritten=")
+        .nth(1)
+        .and_then(|v| v.split(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no native re-patch before the suspend: {out}"));
+    assert!(out.contains("previrt: resumed on previrt-hv: backend=pvm in its own mode: sites="), "{out}");
+    let [_, native, ..] = repatch_counts(&out, 1);
+    assert_eq!(emulated, 0, "sites written on the emulated path: {out}");
+    assert!(before > 0 && native == before, "pvm's own sites: {before} out before the suspend, {native} back: {out}");
+    assert!(out.contains("previrt-pvm: native=yes"), "{out}");
+    assert_eq!(kernel_stream(&format!("{a}{out}")), kernel_stream(&stdout(&full)), "saved + restored != uninterrupted");
+}
+
+/// Sites in an init section (flags::INIT) are patched at boot and never again: the kernel may
+/// have freed the section by the time of a migration. The example kernel with one function in
+/// `.init.text` (pushf; cli; popf, run once at boot) moves from hv to no paravirtual interface.
+#[test]
+fn init_section_sites_are_left_alone_by_a_re_patch() {
+    let d = scratch("migrate-init");
+    let src = d.join("src");
+    let o = Command::new("cp").arg("-r").arg(common::kernel_src()).arg(&src).output().expect("cp");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let main = src.join("main.c");
+    let text = std::fs::read_to_string(&main).unwrap();
+    let (entry, call) = ("void __attribute__((noreturn)) kernel_main(", "\tpic_init();\n");
+    assert!(text.contains(entry) && text.contains(call), "examples/kernel/main.c changed: update this test's edit");
+    let probe = "static void __attribute__((section(\".init.text\"), noinline)) init_probe(void)\n\
+                 {\n\t__asm__ volatile(\"pushf; cli; popf\" ::: \"memory\");\n}\n\n";
+    let text = text.replacen(entry, &format!("{probe}{entry}"), 1).replacen(call, &format!("\tinit_probe();{call}"), 1);
+    std::fs::write(&main, text).unwrap();
+    // The previrt toolchain the shared linked kernel was built with (common::linked_example_kernel).
+    let tc = common::linked_example_kernel().parent().unwrap().join("toolchain/bin/x86_64-previrt-linux-gnu-");
+    let out = d.join("out");
+    let o = Command::new("make")
+        .args(["-s", "-C", src.to_str().unwrap()])
+        .arg(format!("O={}", out.display()))
+        .arg(format!("CROSS_COMPILE={}", tc.display()))
+        .output()
+        .expect("make");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let linked = d.join("linked.elf");
+    let o = previrt(&["link", out.join("kernel-pvh.elf").to_str().unwrap(), "-o", linked.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+
+    let (_, snap) = cooperative_save(&d, &linked, HV_CMDLINE, "2000ms", &[]);
+    let b = previrt(&["restore", snap.to_str().unwrap(), "--abi", "none"]);
+    let out = stdout(&b);
+    assert_eq!(b.status.code(), Some(1), "restored run: {out}{}", stderr(&b));
+    assert!(out.contains("RESULT PASS"), "{out}");
+    let [_, rewritten, _, init_left] = repatch_counts(&out, 0);
+    assert_eq!(init_left, 3, "pushf, cli, popf in .init.text: {out}");
+    assert!(rewritten > 0, "{out}");
 }
