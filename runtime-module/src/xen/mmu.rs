@@ -103,6 +103,8 @@ pub struct Mmu {
 pub struct Stats {
     pub resync_cr3: u32,
     pub resync_page: u32,
+    /// Shadow entries written (`mmu_update` entries of shadow mode).
+    pub written: u32,
     pub pt_update: u32,
     pub pt_store: u32,
     pub pt_read_translated: u32,
@@ -136,6 +138,23 @@ pub enum MmuError {
 }
 
 pub(super) type R<T> = Result<T, MmuError>;
+
+/// Xen's `_PAGE_GUEST_KERNEL` (a software bit): a 64-bit PV guest's leaf without USER is
+/// stored with USER and this bit (Xen runs the guest kernel in ring 3 and keeps kernel-only
+/// mappings out of user mode by switching tables).
+const GUEST_KERNEL: u64 = 1 << 52;
+
+/// Entry `v`, written at `level`, as Xen stores it and as it reads back apart from accessed
+/// and dirty, which the CPU sets in the entries it uses (never written back to the kernel's,
+/// docs/xen-pv.md): an entry that reads back as this is current, no `mmu_update` needed.
+fn as_xen_keeps(v: u64, level: u8) -> u64 {
+    let v = v & !(ACCESSED | DIRTY);
+    if level == 1 && v & PRESENT != 0 && v & USER == 0 {
+        v | USER | GUEST_KERNEL
+    } else {
+        v
+    }
+}
 
 fn span(level: u8) -> u64 {
     1u64 << (12 + 9 * (level as u32 - 1))
@@ -179,6 +198,7 @@ impl Mmu {
             stats: Stats {
                 resync_cr3: 0,
                 resync_page: 0,
+                written: 0,
                 pt_update: 0,
                 pt_store: 0,
                 pt_read_translated: 0,
@@ -264,7 +284,7 @@ impl Mmu {
     fn set(&mut self, s: usize, i: usize, v: u64) -> R<()> {
         // SAFETY: reading a pool page (mapped read-only); Xen writes it behind our back.
         let cur = unsafe { core::ptr::addr_of!((*pool())[s][i]).read_volatile() };
-        if cur == v {
+        if as_xen_keeps(v, self.shadows[s].level) == cur & !(ACCESSED | DIRTY) {
             return Ok(());
         }
         if self.queued == QUEUE {
@@ -281,6 +301,7 @@ impl Mmu {
             return Ok(());
         }
         let n = self.queued as u64;
+        self.stats.written += n as u32;
         self.queued = 0;
         hypercall(Hypercall::MmuUpdate, [self.queue.as_ptr() as u64, n, 0, abi::DOMID_SELF, 0])
     }

@@ -640,8 +640,8 @@ impl Xen {
             ),
             false => writeln!(
                 out,
-                "previrt-xen: page tables shadowed: resyncs cr3={} page={}",
-                st.resync_cr3, st.resync_page
+                "previrt-xen: page tables shadowed: resyncs cr3={} page={} written={}",
+                st.resync_cr3, st.resync_page, st.written
             ),
         };
         if self.flags & abi::SIF_INITDOMAIN != 0 {
