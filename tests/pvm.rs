@@ -274,6 +274,40 @@ fn pvm_skips_only_flushes_nothing_needs_pagetable_checksums_match_qemu_and_hv() 
     assert!(pvm_count(&out, "cr3-loads") <= pvm_count(&out, "shadow-syncs"), "{out}");
 }
 
+/// The lean `cli`/`sti`/`pushf`/`popf` entries are exact: tests/runtime_fixtures/pvm_lean.S
+/// runs each (64-bit: the lean entries; 16-bit: the stub) with four flag patterns (every
+/// arithmetic flag, DF, ID) and IF on and off, and dumps every GPR and the whole RFLAGS before
+/// and after. The CPU's dumps (QEMU TCG, `previrt.backend=native`: the real instructions at
+/// ring 0) must equal those under `pvm` natively, IF included (the kernel's IF is `vif`,
+/// which `pushf` must show). Checked by breaking it once on purpose: a `cli` entry without
+/// its save of %rax, or a `sti` entry without its final `popfq`, makes this fail.
+#[test]
+fn pvm_lean_interrupt_flag_entries_keep_every_register_and_flag_like_the_cpu() {
+    let linked = common::linked_fixture("pvm_lean");
+    let dumps = |out: &str| out.lines().filter(|l| l.starts_with('D')).map(String::from).collect::<Vec<_>>();
+    let cpu = run_qemu(&linked, "previrt.backend=native");
+    assert_eq!(cpu.status, 0, "QEMU TCG run: {}{}", cpu.stdout, cpu.stderr);
+    let expected = dumps(&cpu.stdout);
+    assert_eq!(expected.len(), 4 * 13 * 2, "{}", cpu.stdout);
+    let o = run(&linked, &["--backend", "native", "--boot", "pvh", "--append", "previrt.backend=pvm"]);
+    let out = stdout(&o);
+    assert!(out.contains("previrt-pvm: native=yes"), "{out}{}", stderr(&o));
+    let got = dumps(&out);
+    for (i, (a, b)) in expected.iter().zip(&got).enumerate() {
+        assert_eq!(a, b, "dump {} (case {}) differs: CPU, then pvm", i + 1, &a[..17]);
+    }
+    assert_eq!(got.len(), expected.len(), "pvm run stopped early: {out}{}", stderr(&o));
+    assert_eq!(o.status.code(), Some(1), "isa-debug-exit 0");
+    // The 64-bit forms ran through the lean entries: the stub saw none of the `cli`s,
+    // only the first `sti` (which re-opens the mode's interrupt flag) and the 16-bit forms.
+    let summary = out.lines().find(|l| l.starts_with("previrt-trace:")).unwrap_or_default();
+    let stub = |kind: &str| {
+        summary.split(' ').find_map(|w| w.strip_prefix(kind)?.strip_prefix('=')?.parse::<u64>().ok()).unwrap_or(0)
+    };
+    assert!(stub("cli") == 0 && stub("sti") <= 1, "{summary}");
+    assert!(stub("pushf") == 4 && stub("popf") == 8, "16-bit forms only: {summary}");
+}
+
 /// Without the mode the runtime never tries it: `auto` takes `hv`, and `pvm` asked by name is
 /// refused with a line and the kernel runs with the native backend.
 #[test]

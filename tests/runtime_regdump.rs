@@ -8,19 +8,7 @@
 
 mod common;
 
-use common::{require_tool, run_qemu, QemuRun};
-use std::path::Path;
-use std::process::Command;
-
-fn run(cmd: &mut Command, what: &str) {
-    let o = cmd.output().unwrap_or_else(|e| panic!("{what}: {e} (run scripts/install-deps.sh)"));
-    assert!(
-        o.status.success(),
-        "{what} failed: {}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-}
+use common::{linked_fixture, run_qemu, QemuRun};
 
 fn dumps(r: &QemuRun) -> Vec<&str> {
     r.stdout.lines().filter(|l| l.starts_with('D')).collect()
@@ -28,35 +16,7 @@ fn dumps(r: &QemuRun) -> Vec<&str> {
 
 #[test]
 fn trace_backend_emulation_matches_the_cpu_register_for_register() {
-    require_tool("ld");
-    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("runtime-regdump-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/runtime_fixtures");
-    let previrt = env!("CARGO_BIN_EXE_previrt");
-    let tc = dir.join("toolchain");
-    run(Command::new(previrt).args(["toolchain", "install", "--prefix"]).arg(&tc), "previrt toolchain install");
-    let obj = dir.join("regdump.o");
-    let elf = dir.join("regdump.elf");
-    let linked = dir.join("regdump-linked.elf");
-    run(
-        Command::new(tc.join("bin/x86_64-previrt-linux-gnu-gcc"))
-            .arg("-c")
-            .arg(fixtures.join("regdump.S"))
-            .arg("-o")
-            .arg(&obj),
-        "assembling the fixture with the previrt toolchain",
-    );
-    run(
-        Command::new("ld")
-            .arg("-T")
-            .arg(fixtures.join("regdump.ld"))
-            .args(["-z", "noexecstack", "--no-warn-rwx-segments", "-o"])
-            .arg(&elf)
-            .arg(&obj),
-        "linking the fixture",
-    );
-    run(Command::new(previrt).arg("link").arg(&elf).arg("-o").arg(&linked), "previrt link");
+    let linked = linked_fixture("regdump");
 
     let native = run_qemu(&linked, "previrt.backend=native");
     let trace = run_qemu(&linked, "previrt.backend=trace");

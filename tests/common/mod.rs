@@ -167,6 +167,48 @@ pub fn deterministic_lines(output: &str) -> Vec<&str> {
     output.lines().filter(|l| !l.starts_with("kernel: ") && !l.starts_with("TIMING ")).collect()
 }
 
+/// tests/runtime_fixtures/NAME.S assembled with the previrt toolchain (its sensitive
+/// instructions become sites), linked with regdump.ld and `previrt link`ed with the runtime,
+/// under cargo's target tmp dir (one directory per fixture and test process).
+pub fn linked_fixture(name: &str) -> PathBuf {
+    let base = Path::new(env!("CARGO_TARGET_TMPDIR"));
+    let prefix = format!("fixture-{name}-");
+    remove_dirs_of_dead_processes(base, &prefix);
+    let dir = base.join(format!("{prefix}{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let fixtures = repo_root().join("tests/runtime_fixtures");
+    let run = |cmd: &mut Command, what: &str| {
+        let o = cmd.output().unwrap_or_else(|e| panic!("{what}: {e} (run scripts/install-deps.sh)"));
+        let out = format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+        assert!(o.status.success(), "{what} failed: {out}");
+    };
+    require_tool("ld");
+    let previrt = || Command::new(env!("CARGO_BIN_EXE_previrt"));
+    let tc = dir.join("toolchain");
+    run(previrt().args(["toolchain", "install", "--prefix"]).arg(&tc), "previrt toolchain install");
+    let (obj, elf, linked) = (dir.join("f.o"), dir.join("f.elf"), dir.join("f-linked.elf"));
+    run(
+        Command::new(tc.join("bin/x86_64-previrt-linux-gnu-gcc"))
+            .arg("-c")
+            .arg(fixtures.join(format!("{name}.S")))
+            .arg("-o")
+            .arg(&obj),
+        "assembling the fixture with the previrt toolchain",
+    );
+    run(
+        Command::new("ld")
+            .arg("-T")
+            .arg(fixtures.join("regdump.ld"))
+            .args(["-z", "noexecstack", "--no-warn-rwx-segments", "-o"])
+            .arg(&elf)
+            .arg(&obj),
+        "linking the fixture",
+    );
+    run(previrt().arg("link").arg(&elf).arg("-o").arg(&linked), "previrt link");
+    linked
+}
+
 /// The example kernel built with the previrt toolchain (`previrt toolchain install`, then
 /// `make CROSS_COMPILE=…`) and `previrt link`ed with the runtime (PVH entry), once per test
 /// process, under cargo's target tmp dir.

@@ -1,0 +1,299 @@
+/*
+ * Register/flags-exact guest for the pvm backend's lean interrupt-flag entries
+ * (tests/pvm.rs). A PVH kernel that, with known flags and GPRs, runs cli, sti, pushf and popf
+ * (64-bit: the lean entries while native; 16-bit: the stub) and prints every GPR and RFLAGS
+ * before and after each ("D<case> ..." lines, whole RFLAGS: the kernel's view of IF must be
+ * exact too) on COM1, then exits through isa-debug-exit. Built with the previrt toolchain
+ * and linked with the runtime: under QEMU TCG with previrt.backend=native (the real
+ * instructions) and under `previrt run --backend native` with previrt.backend=pvm it must
+ * print the same lines.
+ *
+ * Flags are set without pushf/popf (those are the sites under test): OF by an add that
+ * overflows (or xor clearing it), SF ZF AF PF CF by sahf, DF by std/cld; the GPRs after that
+ * by movabs, which leaves the flags alone.
+ */
+	.set COM1, 0x3f8
+
+	.section .note.Xen, "a"
+	.balign 4
+	.long 4, 4, 18
+	.asciz "Xen"
+	.long pvh_start
+
+	.section .head32, "ax"
+	.code32
+	.globl pvh_start
+pvh_start:
+	cli
+	movl $pml4, %edi
+	movl $pdpt + 3, (%edi)
+	movl $pd + 3, pdpt
+	xorl %ecx, %ecx
+1:	movl %ecx, %eax
+	shll $21, %eax
+	orl $0x83, %eax
+	movl %eax, pd(, %ecx, 8)
+	incl %ecx
+	cmpl $512, %ecx
+	jb 1b
+	movl %cr4, %eax
+	orl $0x20, %eax
+	movl %eax, %cr4
+	movl $pml4, %eax
+	movl %eax, %cr3
+	movl $0xc0000080, %ecx
+	rdmsr
+	orl $0x100, %eax
+	wrmsr
+	lgdt gdtr
+	movl %cr0, %eax
+	orl $0x80000001, %eax
+	movl %eax, %cr0
+	ljmp $0x10, $long_start
+
+	.text
+	.code64
+/* Every GPR but rsp from \seed. */
+.macro LOAD seed
+	movabsq $0x1111111111111111 * \seed, %rax
+	movabsq $0x0123456789abcdef ^ (0x1010101010101010 * \seed), %rbx
+	movabsq $0x2222222222222222 ^ \seed, %rcx
+	movabsq $0x3333333333333333 + \seed, %rdx
+	movabsq $0x4444444444444444 - \seed, %rsi
+	movabsq $0x5555555555555555 ^ (\seed << 8), %rdi
+	movabsq $0x6666666666666666 + (\seed << 16), %rbp
+	movabsq $0x7777777777777777 ^ (\seed << 24), %r8
+	movabsq $0x8888888888888888 ^ (\seed << 32), %r9
+	movabsq $0x9999999999999999 - (\seed << 4), %r10
+	movabsq $0xaaaaaaaaaaaaaaaa ^ (\seed << 12), %r11
+	movabsq $0xbbbbbbbbbbbbbbbb + (\seed << 20), %r12
+	movabsq $0xcccccccccccccccc ^ (\seed << 28), %r13
+	movabsq $0xdddddddddddddddd - (\seed << 36), %r14
+	movabsq $0xeeeeeeeeeeeeeeee ^ (\seed << 44), %r15
+.endm
+
+/* Arithmetic flags from \ah (sahf: SF ZF AF PF CF), OF from \of, DF from \df. */
+.macro FLAGS ah, of, df
+	.if \of
+	movb $0x7f, %al
+	addb $1, %al
+	.else
+	xorl %eax, %eax
+	.endif
+	movb $\ah, %ah
+	sahf
+	.if \df
+	std
+	.else
+	cld
+	.endif
+.endm
+
+.macro DUMP n
+	pushq $\n
+	call dump
+.endm
+
+/* Case \n: IF from \if_on, flags, registers, dump, the instruction(s), dump. */
+.macro CASE n, if_on, ah, of, df, insn:vararg
+	.if \if_on
+	sti
+	.else
+	cli
+	.endif
+	FLAGS \ah, \of, \df
+	LOAD \n
+	DUMP \n
+	\insn
+	DUMP \n + 0x100
+.endm
+
+/* Every instruction under test with flag pattern \ah/\of/\df and IF on and off; cases from \base. */
+.macro PATTERN base, ah, of, df, img
+	CASE \base + 0, 0, \ah, \of, \df, cli
+	CASE \base + 1, 1, \ah, \of, \df, cli
+	CASE \base + 2, 0, \ah, \of, \df, sti
+	CASE \base + 3, 1, \ah, \of, \df, sti
+	CASE \base + 4, 0, \ah, \of, \df, pushfq; popq %rbx
+	CASE \base + 5, 1, \ah, \of, \df, pushfq; popq %rbx
+	CASE \base + 6, 0, \ah, \of, \df, pushq $\img; popfq
+	CASE \base + 7, 1, \ah, \of, \df, pushq $\img; popfq
+	CASE \base + 8, 0, \ah, \of, \df, pushq $\img | 0x200; popfq
+	CASE \base + 9, 1, \ah, \of, \df, pushq $\img | 0x200; popfq
+	CASE \base + 10, 1, \ah, \of, \df, pushfw; popw %bx
+	CASE \base + 11, 0, \ah, \of, \df, pushw $(\img & 0xffff) | 0x200; popfw
+	CASE \base + 12, 1, \ah, \of, \df, pushw $\img & 0xfdff; popfw
+.endm
+
+long_start:
+	movw $0x18, %ax
+	movw %ax, %ds
+	movw %ax, %es
+	movw %ax, %ss
+	movq $stack_top, %rsp
+	/* 64-bit CR3 load and lidt: sites, after which the pvm backend runs the kernel natively. */
+	movq $pml4, %rax
+	movq %rax, %cr3
+	call idt_init
+	lidt idtr
+	/* Mask both PICs so that sti takes no interrupt (the BIOS left the timer running). */
+	movb $0xff, %al
+	outb %al, $0x21
+	outb %al, $0xa1
+
+	PATTERN 0x10, 0xd5, 1, 1, 0x0cd7
+	PATTERN 0x30, 0x00, 0, 0, 0x0002
+	PATTERN 0x50, 0x41, 1, 0, 0x200843
+	PATTERN 0x70, 0x94, 0, 1, 0x0496
+
+	cld
+	movb $0, %al
+	outb %al, $0xf4
+2:	hlt
+	jmp 2b
+
+/* Every gate to `unexpected` (interrupt gate, selector 0x10). */
+idt_init:
+	leaq idt(%rip), %rdi
+	leaq unexpected(%rip), %rax
+	movl $256, %ecx
+1:	movw %ax, (%rdi)
+	movw $0x10, 2(%rdi)
+	movw $0x8e00, 4(%rdi)
+	movq %rax, %rdx
+	shrq $16, %rdx
+	movw %dx, 6(%rdi)
+	shrq $16, %rdx
+	movl %edx, 8(%rdi)
+	movl $0, 12(%rdi)
+	addq $16, %rdi
+	decl %ecx
+	jnz 1b
+	ret
+
+/* No exception or interrupt is expected: say so and exit with 0x3f. */
+unexpected:
+	movb $'X', %al
+	call putc
+	movb $'\n', %al
+	call putc
+	movb $0x3f, %al
+	outb %al, $0xf4
+3:	hlt
+	jmp 3b
+
+/* Print "D<n>" then every GPR and RFLAGS as they were at the DUMP, preserving them. */
+dump:
+	pushfq
+	pushq %rax
+	pushq %rcx
+	pushq %rdx
+	pushq %rbx
+	pushq %rbp
+	pushq %rsi
+	pushq %rdi
+	pushq %r8
+	pushq %r9
+	pushq %r10
+	pushq %r11
+	pushq %r12
+	pushq %r13
+	pushq %r14
+	pushq %r15
+	cld
+	movb $'D', %al
+	call putc
+	movq 136(%rsp), %rax          /* n: above the return address */
+	call puthex
+	leaq 112(%rsp), %rbx          /* saved rax; walk down to r15 at 0(%rsp) */
+	movl $15, %ebp
+3:	movb $' ', %al
+	call putc
+	movq (%rbx), %rax
+	call puthex
+	subq $8, %rbx
+	decl %ebp
+	jnz 3b
+	movb $' ', %al
+	call putc
+	movq 120(%rsp), %rax          /* rflags */
+	call puthex
+	movb $'\n', %al
+	call putc
+	popq %r15
+	popq %r14
+	popq %r13
+	popq %r12
+	popq %r11
+	popq %r10
+	popq %r9
+	popq %r8
+	popq %rdi
+	popq %rsi
+	popq %rbp
+	popq %rbx
+	popq %rdx
+	popq %rcx
+	popq %rax
+	popfq
+	ret $8
+
+puthex:
+	movl $16, %ecx
+4:	rolq $4, %rax
+	pushq %rax
+	andl $15, %eax
+	movb hexdigits(%rax), %al
+	call putc
+	popq %rax
+	decl %ecx
+	jnz 4b
+	ret
+
+/* QEMU's and previrt's UARTs take a byte at any time: no line-status polling. */
+putc:
+	pushq %rdx
+	movw $COM1, %dx
+	outb %al, %dx
+	popq %rdx
+	ret
+
+	.section .rodata
+hexdigits:
+	.ascii "0123456789abcdef"
+
+	.data
+	.balign 16
+/* The example kernel's (Linux's) layout: 0x10/0x18 kernel code/data, which the pvm backend
+ * shows handlers, and 0x2b/0x33 user data/code, which KVM-PVM's native mode runs the kernel
+ * on: the host checks an emulated iretq's target and a gate's selector against this table
+ * (without them the first trapping `sti; iretq` is a #GP(0x30), then a triple fault). */
+gdt:
+	.quad 0
+	.quad 0
+	.quad 0x00af9a000000ffff        /* 0x10 code64 */
+	.quad 0x00cf92000000ffff        /* 0x18 data */
+	.quad 0
+	.quad 0x00cff3000000ffff        /* 0x2b user data */
+	.quad 0x00affb000000ffff        /* 0x33 user code64 */
+gdt_end:
+gdtr:
+	.word gdt_end - gdt - 1
+	.quad gdt
+idtr:
+	.word 256 * 16 - 1
+	.quad idt
+
+	.bss
+	/* An even page: a root at an odd one would make the mode run the 32-bit code natively
+	 * before the runtime's copy (docs/pvm.md). */
+	.balign 8192
+pml4:	.skip 4096
+	.balign 4096
+pdpt:	.skip 4096
+pd:	.skip 4096
+	.balign 16
+idt:	.skip 256 * 16
+	.balign 16
+	.skip 16384
+stack_top:
