@@ -108,9 +108,16 @@ impl Profile {
         Profile::with(ram_end, None, Some((host, vec![((0, ram_end, false), 0)])))
     }
 
-    /// Whether the run must be single-stepped (not the write-protect tracer).
+    /// Whether this is the single-stepping tracer (not the write-protect one).
     pub fn single_steps(&self) -> bool {
         self.protect.is_none()
+    }
+
+    /// Whether the vCPU must be single-stepped now: always for the stepping tracer; for the
+    /// write-protect tracer until the guest first runs with paging on, so the first root it
+    /// loads (Linux's PVH entry: `init_top_pgt`, left again within microseconds) is seen.
+    pub fn wants_steps(&self) -> bool {
+        self.single_steps() || self.roots.is_empty()
     }
 
     fn with(ram_end: u64, window: Option<u64>, protect: Option<(u64, Vec<(Range, u32)>)>) -> Profile {
@@ -137,6 +144,9 @@ impl Profile {
 
     /// One single-step exit: record the memory accesses of the instruction about to execute.
     pub fn step(&mut self, mem: &GuestMemoryMmap, regs: &kvm_regs, sregs: &kvm_sregs) {
+        if !self.single_steps() {
+            return; // the write-protect tracer looks at CR3 before each entry
+        }
         self.steps += 1;
         let long_paging = sregs.cr0 & CR0_PG != 0 && sregs.efer & EFER_LMA != 0;
         if long_paging && sregs.cr3 != self.cr3 {

@@ -270,7 +270,7 @@ pub(crate) fn run_with(
         },
         snapshot: snapshot::Trigger::new(args, mem_size).map_err(Error::BadInput)?,
     };
-    if vm.profile.as_ref().is_some_and(|p| p.single_steps()) {
+    if vm.profile.as_ref().is_some_and(|p| p.wants_steps()) {
         let dbg = kvm_guest_debug { control: KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_SINGLESTEP, ..Default::default() };
         vm.vcpu.set_guest_debug(&dbg).map_err(host("KVM_SET_GUEST_DEBUG (--profile)"))?;
     }
@@ -548,6 +548,12 @@ impl Vm {
         if target == self.ud_bp {
             return Ok(());
         }
+        self.apply_debug(target)
+    }
+
+    /// Set the vCPU's debug controls: the #UD breakpoint at `target`, single-stepping while
+    /// the profile wants it.
+    fn apply_debug(&mut self, target: Option<u64>) -> Result<(), Stop> {
         let mut dbg = kvm_guest_debug::default();
         if let Some(t) = target {
             dbg.control = KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_USE_HW_BP;
@@ -555,7 +561,7 @@ impl Vm {
             // DR7: L0 enabled, execute breakpoint (R/W0 = 00, LEN0 = 00).
             dbg.arch.debugreg[7] = 1;
         }
-        if self.profile.as_ref().is_some_and(|p| p.single_steps()) {
+        if self.profile.as_ref().is_some_and(|p| p.wants_steps()) {
             dbg.control |= KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_SINGLESTEP;
         }
         self.vcpu.set_guest_debug(&dbg).map_err(|e| Stop::Host(format!("KVM_SET_GUEST_DEBUG: {e}")))?;
@@ -566,7 +572,7 @@ impl Vm {
     /// A debug exit: a `--profile` single step (traced), the #UD-handler breakpoint, or the
     /// step over the handler's first instruction.
     fn debug_exit(&mut self) -> Result<(), Stop> {
-        if !self.profile.as_ref().is_some_and(|p| p.single_steps()) {
+        if !self.profile.as_ref().is_some_and(|p| p.wants_steps()) {
             return self.ud_breakpoint();
         }
         let (regs, sregs) = (self.regs()?, self.sregs()?);
@@ -616,8 +622,14 @@ impl Vm {
         // The write-protect tracer learns of CR3 loads only here, at the next exit.
         if self.profile.as_ref().is_some_and(|p| !p.single_steps()) {
             let sregs = self.sregs()?;
+            let mut stepping = false;
             if let Some(p) = &mut self.profile {
+                stepping = p.wants_steps();
                 p.observe(&self._vm, &self.mem, &sregs).map_err(Stop::Host)?;
+                stepping &= !p.wants_steps();
+            }
+            if stepping {
+                self.apply_debug(self.ud_bp)?;
             }
             self.arm_kicker(None);
         }
