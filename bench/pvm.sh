@@ -13,7 +13,9 @@
 #   hv        the pre-virtualized kernel (previrt toolchain + link), previrt.backend=hv, ordinary path,
 #   pvm       the same image, previrt.backend=pvm under `previrt run --backend native`,
 #   qemu      the unmodified kernel under QEMU TCG (examples/kernel/run-qemu.sh).
-# hz=100 because the hv and emulated paths spend ~1 ms per tick (tests/runtime_hv.rs).
+# hz=100 because the hv and emulated paths spend ~1 ms per tick (tests/runtime_hv.rs). Per
+# workload, qemu/pvm is QEMU TCG's time over pvm's (> 1: pvm faster). The machine's load
+# average (1 min) is printed at the start and the end: the machine is shared.
 # Then the compute loop's ns per iteration by the same TIMING line with compute=N (N_NATIVE for
 # pvm and QEMU, N_EMULATED for emulated and hv; defaults 100,000,000 and 20,000) beside
 # examples/kernel/compute-host (the same loop as a host process, N_NATIVE iterations).
@@ -84,12 +86,14 @@ krun() {
 cycles() { sed -n "s/^TIMING $1 seq=[0-9]* tsc=//p" "$work/k.out"; }
 setups="emulated hv pvm qemu"
 workloads="pagetable irqflag timer cpuid_msr mmio console compute"
-declare -A ms exits
+load_start=$(cut -d' ' -f1 /proc/loadavg)
+declare -A ms exits ratio
 for w in $workloads; do
   for s in $setups; do
     exits[$s.$w]=$(krun "$s" "workloads=$w hz=100")
     ms[$s.$w]=$(echo "$(cycles "$w") $tsc_per_ns" | awk '{ printf "%.2f", $1 / $2 / 1e6 }')
   done
+  ratio[$w]=$(echo "${ms[qemu.$w]} ${ms[pvm.$w]}" | awk '{ printf "%.2f", $1 / $2 }')
 done
 # The compute loop, ns/iteration: the kernel's TIMING over N iterations (N_NATIVE for pvm and
 # QEMU, N_EMULATED for the emulated paths); the host process times itself.
@@ -109,28 +113,31 @@ native=$(per_iter native "$n_native")
 emu=$(per_iter pv "$n_emu")
 native_vs_host=$(echo "$native $host" | awk '{ printf "%.2f", $1 / $2 }')
 emu_vs_native=$(echo "$emu $native" | awk '{ printf "%.0f", $1 / $2 }')
+load_end=$(cut -d' ' -f1 /proc/loadavg)
 if [ "$json" = 1 ]; then
   printf '{"kernel":{"workloads":{'
   sep=""; for w in $workloads; do
     printf '%s"%s":{' "$sep" "$w"; sep2=""
     for s in $setups; do printf '%s"%s":{"ms":%s,"exits":%s}' "$sep2" "$s" "${ms[$s.$w]}" "${exits[$s.$w]:-0}"; sep2=,; done
-    printf '}'; sep=,
+    printf ',"qemu_vs_pvm":%s}' "${ratio[$w]}"; sep=,
   done
   printf '},"compute_iterations":{"host":%s,"pvm":%s,"qemu":%s,"hv":%s,"emulated":%s}' "$k_native" "$k_native" "$k_native" "$k_emu" "$k_emu"
   printf ',"compute_ns_per_iteration":{"host":%s,"pvm":%s,"hv":%s,"emulated":%s,"qemu":%s},"pvm_vs_host":%s,"emulated_vs_pvm":%s,"qemu_vs_pvm":%s},' \
     "${cns[host]}" "${cns[pvm]}" "${cns[hv]}" "${cns[emulated]}" "${cns[qemu]}" "$k_pvm_vs_host" "$k_emu_vs_pvm" "$k_qemu_vs_pvm"
-  printf '"loop":{"iterations":{"host":%s,"native":%s,"emulated":%s},"ns_per_iteration":{"host":%s,"native":%s,"emulated":%s},"native_vs_host":%s,"emulated_vs_native":%s}}\n' \
+  printf '"loop":{"iterations":{"host":%s,"native":%s,"emulated":%s},"ns_per_iteration":{"host":%s,"native":%s,"emulated":%s},"native_vs_host":%s,"emulated_vs_native":%s},' \
     "$n_native" "$n_native" "$n_emu" "$host" "$native" "$emu" "$native_vs_host" "$emu_vs_native"
+  printf '"load":{"start":%s,"end":%s}}\n' "$load_start" "$load_end"
   exit 0
 fi
 printf 'Example kernel, one workload per run (workloads=W hz=100): ms by its own TIMING line (VMM exits of the whole run)\n'
-printf '%-10s' workload; for s in $setups; do printf ' %20s' "$s"; done; printf '\n'
+printf 'machine load average (1 min): %s at the start, %s at the end (2 cores, shared)\n' "$load_start" "$load_end"
+printf '%-10s' workload; for s in $setups; do printf ' %20s' "$s"; done; printf ' %10s\n' qemu/pvm
 for w in $workloads; do
   printf '%-10s' "$w"
   for s in $setups; do
     if [ "$s" = qemu ]; then printf ' %20s' "${ms[$s.$w]}"; else printf ' %20s' "${ms[$s.$w]} (${exits[$s.$w]})"; fi
   done
-  printf '\n'
+  printf ' %9sx\n' "${ratio[$w]}"
 done
 printf '\ncompute loop, ns/iteration: host %s  pvm %s  qemu-tcg %s  hv %s  emulated %s\n' \
   "${cns[host]}" "${cns[pvm]}" "${cns[qemu]}" "${cns[hv]}" "${cns[emulated]}"

@@ -1,8 +1,9 @@
 /*
  * Register/flags-exact guest for the pvm backend's lean interrupt-flag entries
  * (tests/pvm.rs). A PVH kernel that, with known flags and GPRs, runs cli, sti, pushf and popf
- * (64-bit: the lean entries while native; 16-bit: the stub) and prints every GPR and RFLAGS
- * before and after each ("D<case> ..." lines, whole RFLAGS: the kernel's view of IF must be
+ * (64-bit: the lean entries while native; 16-bit: the stub), and ud2 into an interrupt-gate
+ * handler (the backend's exception entry), and prints every GPR and RFLAGS before and after
+ * each ("D<case> ..." lines, whole RFLAGS: the kernel's view of IF must be
  * exact too) on COM1, then exits through isa-debug-exit. Built with the previrt toolchain
  * and linked with the runtime: under QEMU TCG with previrt.backend=native (the real
  * instructions) and under `previrt run --backend native` with previrt.backend=pvm it must
@@ -123,6 +124,8 @@ pvh_start:
 	CASE \base + 10, 1, \ah, \of, \df, pushfw; popw %bx
 	CASE \base + 11, 0, \ah, \of, \df, pushw $(\img & 0xffff) | 0x200; popfw
 	CASE \base + 12, 1, \ah, \of, \df, pushw $\img & 0xfdff; popfw
+	CASE \base + 13, 0, \ah, \of, \df, ud2
+	CASE \base + 14, 1, \ah, \of, \df, ud2
 .endm
 
 long_start:
@@ -152,7 +155,7 @@ long_start:
 2:	hlt
 	jmp 2b
 
-/* Every gate to `unexpected` (interrupt gate, selector 0x10). */
+/* Every gate to `unexpected` (interrupt gate, selector 0x10), #UD's to `ud_handler`. */
 idt_init:
 	leaq idt(%rip), %rdi
 	leaq unexpected(%rip), %rax
@@ -169,7 +172,23 @@ idt_init:
 	addq $16, %rdi
 	decl %ecx
 	jnz 1b
+	leaq ud_handler(%rip), %rax
+	movw %ax, idt + 6 * 16
+	shrq $16, %rax
+	movw %ax, idt + 6 * 16 + 6
 	ret
+
+/* #UD (interrupt gate): dump what the handler sees (IF clear, the interrupted flags
+ * otherwise) with the frame's RFLAGS (less RF, which only faults may set) in rbx and its
+ * CS and SS in rcx and rdx, then return past the ud2. */
+ud_handler:
+	movq 16(%rsp), %rbx
+	andq $~0x10000, %rbx
+	movq 8(%rsp), %rcx
+	movq 32(%rsp), %rdx
+	DUMP 0x200
+	addq $2, (%rsp)
+	iretq
 
 /* No exception or interrupt is expected: say so and exit with 0x3f. */
 unexpected:

@@ -37,6 +37,10 @@ static mut previrt_pvm_masked: u8 = 1;
 /// The shared `vif` the stub saves and clears (set at [`init`]).
 #[no_mangle]
 static mut previrt_pvm_vif: u64 = 0;
+/// Per exception vector, whether the kernel's gate is an interrupt gate (its handler starts
+/// with IF clear): the exception entry then clears `vif` (the substitute is a trap gate).
+#[no_mangle]
+static mut previrt_pvm_clear_if: [u8; 32] = [0; 32];
 /// The #PF stub's verdict: 0 retry, else the kernel's handler to continue in.
 #[no_mangle]
 static mut previrt_pvm_next: u64 = 0;
@@ -287,13 +291,22 @@ impl State {
         }
     }
 
-    /// Substitute gates for the kernel's table `t`: same vectors and gate types, selector
-    /// 0x33, DPL 3, no IST, each through its trampoline.
+    /// Substitute gates for the kernel's table `t`: same vectors, selector 0x33, DPL 3, no
+    /// IST, each through its trampoline. Interrupts keep the kernel's gate type; exceptions
+    /// go through trap gates, so that a fault does not close the mode's own interrupt flag
+    /// (which only a trapping `sti; iretq` reopens: two host traps per fault), and their
+    /// entry gives the kernel an interrupt gate's IF semantics on `vif` instead.
     fn build_idt(&mut self, t: DescTable) {
         // SAFETY: the runtime's own table and the handler slots the trampolines read; no
         // event is delivered through them while they change (interrupts are off in the kernel
         // when it loads an IDT, and `vif` is clear in the runtime).
-        let (idt, handlers) = unsafe { (&mut IDT.get().0, &mut *core::ptr::addr_of_mut!(previrt_pvm_handlers)) };
+        let (idt, handlers, clear_if) = unsafe {
+            (
+                &mut IDT.get().0,
+                &mut *core::ptr::addr_of_mut!(previrt_pvm_handlers),
+                &mut *core::ptr::addr_of_mut!(previrt_pvm_clear_if),
+            )
+        };
         let tramp = sym_addr!("previrt_pvm_vectors");
         for (v, gate) in idt.iter_mut().enumerate() {
             let mut g = [0u8; 16];
@@ -311,6 +324,9 @@ impl State {
             g[0..2].copy_from_slice(&(to as u16).to_le_bytes());
             g[2..4].copy_from_slice(&GATE_CS.to_le_bytes());
             g[4] = 0;
+            if let Some(c) = clear_if.get_mut(v) {
+                *c = u8::from(g[5] & 0x0f == 0xe);
+            }
             g[5] = 0xe0 | if v < 32 { 0xf } else { g[5] & 0x0f };
             g[6..8].copy_from_slice(&((to >> 16) as u16).to_le_bytes());
             g[8..12].copy_from_slice(&((to >> 32) as u32).to_le_bytes());
@@ -502,8 +518,12 @@ extern "C" fn previrt_pvm_fault(frame: &mut [u64; 21]) -> u64 {
     }
     st.sync(pv);
     st.resolved += 1;
-    // SAFETY: the shared page's `vif` (the kernel's IF at the fault).
-    reopen(unsafe { (previrt_pvm_vif as *const u32).read_volatile() } != 0);
+    // Retried: the kernel's IF at the fault (the exception entry put it into the frame and
+    // may have cleared `vif`) comes back.
+    let kernel_if = frame[18] & rflags::IF != 0;
+    // SAFETY: the shared page's `vif`.
+    unsafe { (previrt_pvm_vif as *mut u32).write_volatile(u32::from(kernel_if)) };
+    reopen(kernel_if);
     (frame[17], frame[20]) = hardware_selectors();
     0
 }
@@ -604,9 +624,49 @@ previrt_pvm_vectors:
     .set pvm_vector, 0
     .rept 256
     .balign 16
-    .if pvm_vector >= 32
+    .if pvm_vector < 32
+    jmp pvm_exceptions + 128 * pvm_vector
+    .else
     movb $1, previrt_pvm_masked(%rip)
+    jmpq *(previrt_pvm_handlers + 8 * pvm_vector)(%rip)
     .endif
+    .set pvm_vector, pvm_vector + 1
+    .endr
+
+// Exception entries (trap gates): the frame's RFLAGS gets the kernel's IF (`vif`; the
+// hardware's reads 1) and its CS/SS the kernel's selectors (through a trap gate the host
+// pushes the hardware's 0x33/0x2b, through an interrupt gate 0x10/0x18: tests/pvm.rs;
+// KERNEL_CS, KERNEL_SS),
+// and `vif` is cleared when the kernel's gate is an interrupt gate, as the CPU would clear
+// IF; then the kernel's handler (or the #PF check), with every register and flag as at the
+// delivery. Frame above the saved flags and registers: the error code (vectors that push
+// one), RIP, CS, RFLAGS, RSP, SS.
+    .balign 128
+pvm_exceptions:
+    .set pvm_vector, 0
+    .rept 32
+    .balign 128
+    .set pvm_error, 0
+    .if (pvm_vector == 8) || (pvm_vector >= 10 && pvm_vector <= 14) || (pvm_vector == 17) || (pvm_vector == 21) || (pvm_vector >= 29 && pvm_vector <= 30)
+    .set pvm_error, 1
+    .endif
+    pushfq
+    pushq %rax
+    pushq %rdx
+    movq previrt_pvm_vif(%rip), %rax
+    movl (%rax), %edx
+    andl $1, %edx
+    shll $9, %edx
+    andq $-513, (40 + 8 * pvm_error)(%rsp)
+    orq %rdx, (40 + 8 * pvm_error)(%rsp)
+    movq $0x10, (32 + 8 * pvm_error)(%rsp)
+    movq $0x18, (56 + 8 * pvm_error)(%rsp)
+    cmpb $0, (previrt_pvm_clear_if + pvm_vector)(%rip)
+    je 1f
+    movl $0, (%rax)
+1:  popq %rdx
+    popq %rax
+    popfq
     jmpq *(previrt_pvm_handlers + 8 * pvm_vector)(%rip)
     .set pvm_vector, pvm_vector + 1
     .endr
