@@ -243,6 +243,11 @@ fn domu_console(elf: &Path, cmdline: &str) -> String {
     assert_eq!(verdicts(&console), verdicts(&plain.stdout), "domU output differs from the plain kernel on QEMU");
     let calls = counts(&console, "previrt-xen: hypercalls");
     assert!(!calls.contains_key("console_io"), "a domU has no console_io: {calls:?}");
+    // The kernel's GDT went to Xen with set_gdt (a failure would have crashed the domain), and
+    // its hlts blocked with SCHEDOP_block.
+    assert!(calls.get("set_gdt").is_some_and(|&n| n > 0), "{calls:?}");
+    let sched = counts(&console, "previrt-xen: sched_op");
+    assert!(sched["block"] > 0, "{sched:?}");
     // Binding and unmasking the timer are two event_channel_ops; every line after them is
     // one kick of the ring's event channel (EVTCHNOP_send).
     let lines = console.lines().take_while(|l| !l.starts_with("previrt-xen: hypercalls")).count() as u64;
