@@ -3,21 +3,9 @@
  * PV guest. Entry 1 (selector 0x8) is a present LDT descriptor; under Xen PV the runtime
  * translates the table into its GDT frames with update_descriptor, Xen answers -EINVAL for
  * that entry, and the runtime must name the entry, the hypercall, its arguments and the error,
- * then crash the domain (no hang). The PVH entry only exists because previrt link needs one.
+ * then crash the domain (no hang).
  */
-	.section .note.Xen, "a"
-	.balign 4
-	.long 4, 4, 18
-	.asciz "Xen"
-	.long pvh_start
-
-	.section .head32, "ax"
-	.code32
-	.globl pvh_start
-pvh_start:
-	cli
-1:	hlt
-	jmp 1b
+#include "pvh-stub.h"
 
 	.text
 	.code64

@@ -3,21 +3,8 @@
  * something it refuses. kernel_entry64 writes a non-canonical IA32_KERNEL_GS_BASE; under Xen
  * PV the runtime turns that into set_segment_base, Xen answers -EINVAL, and the runtime must
  * name the hypercall, its arguments and the error, then crash the domain (no hang).
- * The PVH entry only exists because previrt link needs one.
  */
-	.section .note.Xen, "a"
-	.balign 4
-	.long 4, 4, 18
-	.asciz "Xen"
-	.long pvh_start
-
-	.section .head32, "ax"
-	.code32
-	.globl pvh_start
-pvh_start:
-	cli
-1:	hlt
-	jmp 1b
+#include "pvh-stub.h"
 
 	.text
 	.code64

@@ -56,9 +56,9 @@ previrt_xen_stub:
         ),
         r#"
 
-    /* Save the caller-saved registers (and %rbx, used to realign) around a Rust call, which
-       gets the address of the interrupt frame above them in %rdi. */
-    .macro xen_call fn
+    /* Save the caller-saved registers (and %rbx, which keeps the stack pointer) and align the
+       stack for a Rust call; the registers keep their values. */
+    .macro xen_save
     pushq %rax
     pushq %rcx
     pushq %rdx
@@ -70,9 +70,13 @@ previrt_xen_stub:
     pushq %r11
     pushq %rbx
     movq %rsp, %rbx
-    leaq 80(%rsp), %rdi
     andq $-16, %rsp
     cld
+    .endm
+    /* A Rust call that gets the address of the interrupt frame above the saves in %rdi. */
+    .macro xen_call fn
+    xen_save
+    leaq 80(%rbx), %rdi
     call \fn
     movq %rbx, %rsp
     .endm
@@ -249,34 +253,14 @@ previrt_xen_popf:
        72 rax, 80 flags, 88 return address. */
     .macro xen_lean_port dir
     pushfq
-    pushq %rax
-    pushq %rcx
-    pushq %rdx
-    pushq %rsi
-    pushq %rdi
-    pushq %r8
-    pushq %r9
-    pushq %r10
-    pushq %r11
-    pushq %rbx
-    movq %rsp, %rbx
-    andq $-16, %rsp
-    cld
+    xen_save
     movzwl %dx, %edi
     movzbl %al, %esi
     movl $\dir, %edx
     call previrt_xen_port_lean
     movq %rbx, %rsp
     movb %al, 72(%rsp)
-    popq %rbx
-    popq %r11
-    popq %r10
-    popq %r9
-    popq %r8
-    popq %rdi
-    popq %rsi
-    popq %rdx
-    popq %rcx
+    xen_restore
     popq %rax
     popfq
     ret
