@@ -83,8 +83,14 @@ impl DebugInfo {
 
     pub fn read(file: &object::File<'_>, pt_types: &[String]) -> Result<DebugInfo> {
         let endian = if file.is_little_endian() { RunTimeEndian::Little } else { RunTimeEndian::Big };
+        // Each section once, relocated for an object (in the layout of `crate::section_base`).
+        let mut sections: Vec<(gimli::SectionId, std::borrow::Cow<'_, [u8]>)> = Vec::new();
+        gimli::Dwarf::load(|id| -> Result<R<'_>> {
+            sections.push((id, relocated(file, id.name())));
+            Ok(EndianSlice::new(&[], endian))
+        })?;
         let dwarf = gimli::Dwarf::load(|id| -> Result<R<'_>> {
-            let data = file.section_by_name(id.name()).and_then(|s| s.data().ok()).unwrap_or(&[]);
+            let data = sections.iter().find(|(s, _)| *s == id).map_or(&[][..], |(_, d)| &d[..]);
             Ok(EndianSlice::new(data, endian))
         })?;
         let mut out = DebugInfo::default();
@@ -185,6 +191,29 @@ impl DebugInfo {
         }
         Ok(())
     }
+}
+
+/// A debug section's bytes; in a relocatable object with its absolute relocations applied
+/// (addresses of code, offsets into other debug sections), as a linker would.
+fn relocated<'a>(file: &object::File<'a>, name: &str) -> std::borrow::Cow<'a, [u8]> {
+    use object::{ObjectSymbol, RelocationKind, RelocationTarget};
+    let Some(s) = file.section_by_name(name) else { return std::borrow::Cow::Borrowed(&[]) };
+    let data = s.data().unwrap_or(&[]);
+    if file.kind() != object::ObjectKind::Relocatable {
+        return std::borrow::Cow::Borrowed(data);
+    }
+    let mut out = data.to_vec();
+    for (at, r) in s.relocations() {
+        let RelocationTarget::Symbol(i) = r.target() else { continue };
+        let Ok(sym) = file.symbol_by_index(i) else { continue };
+        let base = sym.section_index().map_or(0, |i| crate::section_base(file, i));
+        let value = base.wrapping_add(sym.address()).wrapping_add(r.addend() as u64).to_le_bytes();
+        let (at, n) = (at as usize, r.size() as usize / 8);
+        if r.kind() == RelocationKind::Absolute && matches!(n, 4 | 8) && at + n <= out.len() {
+            out[at..at + n].copy_from_slice(&value[..n]);
+        }
+    }
+    std::borrow::Cow::Owned(out)
 }
 
 fn file_path(

@@ -1,6 +1,7 @@
-//! Emission for the post-link path: memory-access sites by address, written into a linked
-//! image with `previrt-postlink`'s writer (a new `PT_LOAD` holding `.previrt.sites` and
-//! `.previrt.save`), as a chunk of producer 3.
+//! Emission for the post-link path: memory-access sites by address, written with
+//! `previrt-postlink`'s writers — into a linked image (a new `PT_LOAD` holding `.previrt.sites`
+//! and `.previrt.save`) or a relocatable object (`.o`/`.ko`: new sections, relocations moved
+//! with the instructions) — as a chunk of producer 3.
 //!
 //! The sites are trampoline sites like the post-link patcher's own: its planner
 //! (`previrt_postlink::plan::plan_sites`) moves a window of whole instructions around each
@@ -10,9 +11,10 @@
 
 use crate::insn::{decode_one, MemAccess};
 use crate::Annotations;
-use anyhow::{anyhow, bail, Result};
+use anyhow::{anyhow, Result};
 use object::{Object, ObjectSection};
 use previrt_postlink::code::Code;
+use previrt_postlink::image::Loc;
 use previrt_postlink::plan::{plan_sites, Plan, TrapReason, JMP_LEN};
 use previrt_site_abi::{flags, Kind, Producer, SiteRecord, SITES_SECTION};
 use std::collections::HashMap;
@@ -28,18 +30,29 @@ pub struct Patched {
     pub traps: Vec<(u64, TrapReason)>,
 }
 
+/// An object's addresses are `section << 32 | offset` ([`crate::section_base`]); a linked
+/// image's are its own.
+fn address_of(img: &previrt_postlink::image::Image<'_>, loc: Loc) -> u64 {
+    match img.is_rel() {
+        true => (loc.sec as u64) << 32 | loc.off,
+        false => img.code[img.code_index(loc.sec).expect("code section")].base + loc.off,
+    }
+}
+
 /// `data` (the image the annotations were made for) with a site for every annotated access.
 pub fn patch(data: &[u8], ann: &Annotations) -> Result<(Vec<u8>, Patched)> {
     let img = previrt_postlink::image::Image::read(data).map_err(|e| anyhow!("{e}"))?;
-    if img.is_rel() {
-        bail!("post-link annotation sites need a linked image (vmlinux), not a relocatable object");
-    }
     // Records by (section, offset); a trampoline gives each access the 5 bytes of a `call`.
     let mut records: HashMap<(usize, u64), SiteRecord> = HashMap::new();
     for a in &ann.accesses {
-        let loc =
-            img.loc_of_addr(a.address).ok_or_else(|| anyhow!("{:#x}: not in an executable section", a.address))?;
-        let code = &img.code[img.code_index(loc.sec).expect("loc_of_addr gives code sections")];
+        let loc = match img.is_rel() {
+            true => Some(Loc { sec: (a.address >> 32) as usize, off: a.address & 0xffff_ffff }),
+            false => img.loc_of_addr(a.address),
+        };
+        let (loc, code) = loc
+            .and_then(|l| Some((l, &img.code[img.code_index(l.sec)?])))
+            .filter(|(l, c)| l.off < c.bytes.len() as u64)
+            .ok_or_else(|| anyhow!("{:#x}: not in an executable section", a.address))?;
         let bytes = &code.bytes[loc.off as usize..];
         let access =
             decode_one(bytes, a.address).and_then(|i| MemAccess::of(&i)).filter(|m| m.len == a.insn_len).ok_or_else(
@@ -55,13 +68,12 @@ pub fn patch(data: &[u8], ann: &Annotations) -> Result<(Vec<u8>, Patched)> {
     let done = Patched {
         sites: plan.sites.len(),
         trampolines: plan.sites.iter().filter(|s| s.rec.has(flags::TRAMPOLINE)).count(),
-        traps: plan
-            .fallbacks
-            .iter()
-            .map(|f| (img.code[img.code_index(f.loc.sec).expect("code section")].base + f.loc.off, f.reason))
-            .collect(),
+        traps: plan.fallbacks.iter().map(|f| (address_of(&img, f.loc), f.reason)).collect(),
     };
-    let mut out = previrt_postlink::write::write_image(data, &img, &plan).map_err(|e| anyhow!("{e}"))?;
+    let mut out = match img.is_rel() {
+        true => previrt_postlink::write::write_object(data, &plan).map_err(|e| anyhow!("{e}"))?.0,
+        false => previrt_postlink::write::write_image(data, &img, &plan).map_err(|e| anyhow!("{e}"))?,
+    };
     // The writer labels its chunk as the post-link patcher's; these sites are the annotator's.
     let at = {
         let f = object::File::parse(&out[..])?;

@@ -122,29 +122,58 @@ struct Image<'a> {
     pt_objects: Vec<(u64, u64, String)>,
 }
 
+/// Where a section sits for the analysis: its address in a linked image. In a relocatable
+/// object every section is at 0, so allocated section `i` is placed at `i << 32` (an address
+/// then names one section and offset: [`emit::patch`] maps it back) and the others at 0 (DWARF
+/// refers to them by offset).
+pub fn section_base(file: &object::File<'_>, index: object::SectionIndex) -> u64 {
+    let Ok(s) = file.section_by_index(index) else { return 0 };
+    if file.kind() != object::ObjectKind::Relocatable {
+        return s.address();
+    }
+    use SectionKind::*;
+    let alloc =
+        matches!(s.kind(), Text | Data | ReadOnlyData | ReadOnlyDataWithRel | ReadOnlyString | UninitializedData | Tls);
+    if alloc {
+        (index.0 as u64) << 32
+    } else {
+        0
+    }
+}
+
+/// A symbol's address in the layout of [`section_base`].
+fn symbol_address(file: &object::File<'_>, s: &object::Symbol<'_, '_>) -> u64 {
+    match (file.kind(), s.section_index()) {
+        (object::ObjectKind::Relocatable, Some(i)) => section_base(file, i) + s.address(),
+        _ => s.address(),
+    }
+}
+
 impl<'a> Image<'a> {
     fn read(file: &object::File<'a>) -> Image<'a> {
         let code = file
             .sections()
             .filter(|s| s.kind() == SectionKind::Text)
-            .filter_map(|s| Some((s.address(), s.data().ok()?)))
+            .filter_map(|s| Some((section_base(file, s.index()), s.data().ok()?)))
             .collect();
-        let mut functions: Vec<_> = file
-            .symbols()
-            .filter(|s| s.kind() == SymbolKind::Text && s.size() > 0)
-            .filter_map(|s| Some((s.address(), s.address() + s.size(), s.name().ok()?.to_string())))
-            .collect();
+        let span = |s: &object::Symbol<'_, '_>| {
+            let a = symbol_address(file, s);
+            Some((a, a + s.size(), s.name().ok()?.to_string()))
+        };
+        let mut functions: Vec<_> =
+            file.symbols().filter(|s| s.kind() == SymbolKind::Text && s.size() > 0).filter_map(|s| span(&s)).collect();
         functions.sort();
         let pt_objects = file
             .symbols()
             .filter(|s| s.kind() == SymbolKind::Data && s.size() > 0)
-            .filter_map(|s| Some((s.address(), s.address() + s.size(), s.name().ok()?.to_string())))
+            .filter_map(|s| span(&s))
             .filter(|(_, _, n)| rules::PT_OBJECTS.contains(&n.as_str()))
             .collect();
         let alloc = file
             .sections()
-            .filter(|s| s.address() != 0 && s.size() != 0)
-            .map(|s| (s.address(), s.address() + s.size()))
+            .map(|s| (section_base(file, s.index()), s.size()))
+            .filter(|&(b, n)| b != 0 && n != 0)
+            .map(|(b, n)| (b, b + n))
             .collect();
         Image { code, alloc, functions, pt_objects }
     }
@@ -265,8 +294,8 @@ pub fn annotations_from_profile(path: &std::path::Path, text: &[u8], head: profi
 /// kernel) from the rules, its DWARF and, when given, a profile of a run.
 pub fn analyse(data: &[u8], image_name: &str, opts: &Options, profile: Option<&Profile>) -> Result<Annotations> {
     let file = object::File::parse(data).map_err(|e| anyhow!("{image_name}: not an ELF file: {e}"))?;
-    if file.kind() != object::ObjectKind::Executable {
-        return Err(anyhow!("{image_name}: not a linked image (annotations are by address)"));
+    if !matches!(file.kind(), object::ObjectKind::Executable | object::ObjectKind::Relocatable) {
+        return Err(anyhow!("{image_name}: neither a linked image nor a relocatable object"));
     }
     let img = Image::read(&file);
     let dbg = DebugInfo::read(&file, &opts.pt_types)?;
