@@ -631,6 +631,35 @@ mod mov_sites {
     }
 }
 
+// Direct mode's table-page set (previrt_runtime::xen::tables) on the host: every pt_read and
+// pt_write site asks it whether its page is a table.
+mod tables {
+    use previrt_runtime::xen::tables::{Full, Tables, CAPACITY};
+
+    #[test]
+    fn a_thousand_table_pages_are_found_by_frame_in_adoption_order_up_to_the_capacity() {
+        let mut t = Box::new(Tables::new());
+        assert_eq!(t.find(0), None, "frame 0 is no table until it is adopted");
+        // Consecutive frames (a kernel's page allocator) and frames 2^20 apart, which share
+        // their low bits.
+        let frames: Vec<u64> = (0..CAPACITY as u64).map(|i| if i % 2 == 0 { i } else { i << 20 }).collect();
+        let level = |i: usize| (i % 4 + 1) as u8;
+        for (i, &f) in frames.iter().enumerate() {
+            assert_eq!(t.push(f, level(i)), Ok(i), "frame {f:#x}");
+        }
+        assert_eq!(t.len(), CAPACITY);
+        for (i, &f) in frames.iter().enumerate() {
+            assert_eq!(t.find(f), Some((i, level(i))), "frame {f:#x}");
+            assert_eq!(t.at(i), (f, level(i)));
+        }
+        for absent in [1, 3, 0x1_0000_0001, u64::MAX] {
+            assert_eq!(t.find(absent), None, "frame {absent:#x}");
+        }
+        assert_eq!(t.push(0x1_0000_0001, 1), Err(Full), "past the capacity");
+        assert_eq!(t.find(0x1_0000_0001), None);
+    }
+}
+
 // The console ring of non-initial domains (previrt_runtime::xen::console) on the host: the
 // producer side the runtime uses, against the consumer side a back end uses, in one page.
 mod console_ring {

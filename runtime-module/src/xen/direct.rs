@@ -24,7 +24,8 @@
 //!
 //! Limits: identity-mapped page-table pages (the only alias searched is virtual = pseudo-
 //! physical; another writable alias makes Xen refuse, which stops the domain with the
-//! hypercall's error); 4 KiB pages; tables are never freed; bits 9–11 of a leaf are the runtime's.
+//! hypercall's error); 4 KiB pages; tables are never freed; bits 9–11 of a leaf are the runtime's;
+//! at most `tables::CAPACITY` table pages (`xen::tables`: adoption order plus a hash index).
 
 use super::abi::{self, Hypercall, MmuUpdate};
 use super::mmu::{self, Mmu, MmuError, ADDR, HUGE, MAX_ROOTS, MAX_TABLES, PRESENT, R, TABLE_FLAGS, WRITABLE};
@@ -68,7 +69,7 @@ fn read(table: u64, i: u64) -> u64 {
 
 impl Mmu {
     fn level_of(&self, pfn: u64) -> Option<u8> {
-        self.tables[..self.ntables].iter().find(|(p, _)| *p == pfn).map(|(_, l)| *l)
+        self.tables.find(pfn).map(|(_, l)| l)
     }
 
     /// One of the runtime's pages Xen may not see mapped writable (pool, GDT frames).
@@ -151,11 +152,7 @@ impl Mmu {
             Some(was) => return Err(MmuError::Level { pfn, level, was }),
             None => {}
         }
-        if self.ntables == MAX_TABLES {
-            return Err(MmuError::Tables);
-        }
-        self.tables[self.ntables] = (pfn, level);
-        self.ntables += 1;
+        self.tables.push(pfn, level).map_err(|_| MmuError::Tables)?;
         if level > 1 {
             for i in (0..512).filter(|&i| !xen_slot(level, i)) {
                 let e = read(pfn << 12, i);
@@ -171,10 +168,10 @@ impl Mmu {
     /// `root` is a new root being loaded, searched for writable aliases with the pinned ones
     /// and given the runtime's mappings.
     fn adopt(&mut self, pfn: u64, level: u8, root: Option<u64>) -> R<()> {
-        let first = self.ntables;
+        let first = self.tables.len();
         self.collect(pfn, level)?;
-        for t in first..self.ntables {
-            let (p, l) = self.tables[t];
+        for t in first..self.tables.len() {
+            let (p, l) = self.tables.at(t);
             for i in (0..512).filter(|&i| !xen_slot(l, i)) {
                 let at = (p << 12) + i * 8;
                 let v = self.to_machine(read(p << 12, i), l, at)?;
@@ -185,10 +182,10 @@ impl Mmu {
         if let Some(root) = root {
             self.map_runtime(root, first)?;
         }
-        for t in first..self.ntables {
-            self.write_protect(self.tables[t].0, root)?;
+        for t in first..self.tables.len() {
+            self.write_protect(self.tables.at(t).0, root)?;
         }
-        self.stats.adopted += (self.ntables - first) as u32;
+        self.stats.adopted += (self.tables.len() - first) as u32;
         if self.boot_root == 0 {
             mmu::mmuext(abi::MMUEXT_TLB_FLUSH_LOCAL, 0)?;
         }
@@ -261,7 +258,7 @@ impl Mmu {
     /// Write entry `i` of table `pfn`: a plain store into a kernel page adopted in this round
     /// (index >= `first`, still writable), `mmu_update` anywhere else.
     fn put(&mut self, pfn: u64, i: u64, v: u64, first: usize) -> R<()> {
-        let fresh = self.tables[first..self.ntables].iter().any(|(p, _)| *p == pfn) && !Self::is_pool(pfn);
+        let fresh = self.tables.find(pfn).is_some_and(|(i, _)| i >= first) && !Self::is_pool(pfn);
         if fresh {
             // SAFETY: as in `adopt`.
             unsafe { entry_at(pfn << 12, i).write_volatile(v) };
@@ -272,14 +269,13 @@ impl Mmu {
 
     /// A zeroed pool page for a table of the runtime's own mappings (read-only everywhere).
     fn pool_table(&mut self, level: u8) -> R<u64> {
-        if self.used == mmu::POOL_PAGES || self.ntables == MAX_TABLES {
+        if self.used == mmu::POOL_PAGES || self.tables.len() == MAX_TABLES {
             return Err(MmuError::PoolFull);
         }
         // SAFETY: taking the address of a pool page.
         let pfn = unsafe { core::ptr::addr_of!((*mmu::pool())[self.used]) } as u64 >> 12;
         self.used += 1;
-        self.tables[self.ntables] = (pfn, level);
-        self.ntables += 1;
+        self.tables.push(pfn, level).map_err(|_| MmuError::PoolFull)?;
         Ok(pfn)
     }
 

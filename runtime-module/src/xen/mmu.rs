@@ -53,7 +53,7 @@ pub fn gdt_frames() -> *mut [Table; GDT_PAGES] {
 }
 
 /// Most page-table pages direct mode tracks (the kernel's and the runtime's together).
-pub(super) const MAX_TABLES: usize = 128;
+pub(super) const MAX_TABLES: usize = super::tables::CAPACITY;
 /// Most address spaces (root tables) direct mode keeps pinned.
 pub(super) const MAX_ROOTS: usize = 8;
 
@@ -89,8 +89,7 @@ pub struct Mmu {
     /// (pseudo-physical frame, level), pinned roots, Xen's boot root (unpinned at the first
     /// switch; 0 after).
     pub direct: bool,
-    pub(super) tables: [(u64, u8); MAX_TABLES],
-    pub(super) ntables: usize,
+    pub(super) tables: super::tables::Tables,
     pub(super) roots: [u64; MAX_ROOTS],
     pub(super) nroots: usize,
     pub boot_root: u64,
@@ -190,8 +189,7 @@ impl Mmu {
             shared: [(0, 0); 2],
             lapic_page: 0,
             direct: false,
-            tables: [(0, 0); MAX_TABLES],
-            ntables: 0,
+            tables: super::tables::Tables::new(),
             roots: [0; MAX_ROOTS],
             nroots: 0,
             boot_root: 0,

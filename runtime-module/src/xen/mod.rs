@@ -11,14 +11,15 @@
 //!   `mmu_update` from its `pt_write` sites (annotated kernels).
 //! - [`gdt`]: the kernel's GDT as Xen accepts it (`lgdt` → `set_gdt` of frames the runtime
 //!   owns).
+//! - [`tables`]: the page-table pages direct mode holds, with a hash index by frame.
 //! - `entry`: the assembly entry points (domain entry, site stub, upcall, traps).
 //! - `pv`: the start of day, the site dispatcher, the upcall and the Xen `Machine`.
 //!
 //! Sites are routed to `pv::previrt_xen_dispatch`, which runs the shared per-kind handlers of
 //! [`crate::emulate`] over `pv::Xen` (the `Machine`) plus the Xen-only ones (segment
 //! selectors). Anything Xen refuses, or that the backend does not model, stops the domain with
-//! a message naming it (`pv::fatal`), never a silent hang. Only [`devices`], [`console`] and
-//! [`gdt`] are built for the host too (tested there).
+//! a message naming it (`pv::fatal`), never a silent hang. Only [`devices`], [`console`],
+//! [`gdt`] and [`tables`] are built for the host too (tested there).
 
 /// The address of an assembly symbol, RIP-relative (the runtime runs where it was linked,
 /// at low identity-mapped addresses, so no absolute 32-bit relocation).
@@ -45,5 +46,6 @@ pub mod gdt;
 mod mmu;
 #[cfg(feature = "guest")]
 mod pv;
+pub mod tables;
 #[cfg(feature = "guest")]
 pub(crate) use pv::lean;
