@@ -108,6 +108,13 @@ pub struct DescTable {
     pub base: u64,
 }
 
+/// The handler address a 64-bit IDT gate descriptor names (offset bits 0-15, 16-31, 32-63).
+pub fn gate_handler(g: &[u8; 16]) -> u64 {
+    u64::from(u16::from_le_bytes([g[0], g[1]]))
+        | u64::from(u16::from_le_bytes([g[6], g[7]])) << 16
+        | u64::from(u32::from_le_bytes([g[8], g[9], g[10], g[11]])) << 32
+}
+
 /// The platform primitives a backend provides. Memory addresses are the kernel's virtual
 /// addresses. The interrupt flag defaults to the saved RFLAGS; a backend with a virtual
 /// interrupt flag (shared memory) overrides [`Machine::interrupt_flag`] and

@@ -1,8 +1,8 @@
 /*
  * Register/flags-exact guest for the pvm backend's lean interrupt-flag entries
  * (tests/pvm.rs). A PVH kernel that, with known flags and GPRs, runs cli, sti, pushf and popf
- * (64-bit: the lean entries while native; 16-bit: the stub), and ud2 into an interrupt-gate
- * handler (the backend's exception entry), and prints every GPR and RFLAGS before and after
+ * (64-bit: the lean entries while native; 16-bit: the stub), ud2 into an interrupt-gate
+ * handler (the backend's exception entry), and sidt/sgdt, and prints every GPR and RFLAGS before and after
  * each ("D<case> ..." lines, whole RFLAGS: the kernel's view of IF must be
  * exact too) on COM1, then exits through isa-debug-exit. Built with the previrt toolchain
  * and linked with the runtime: under QEMU TCG with previrt.backend=native (the real
@@ -143,6 +143,17 @@ long_start:
 	movb $0xff, %al
 	outb %al, $0x21
 	outb %al, $0xa1
+
+	/* sidt and sgdt show the kernel's tables (not a substitute the backend loaded). */
+	FLAGS 0x00, 0, 0
+	LOAD 0x3
+	sidt table_buf
+	movzwq table_buf, %rbx
+	movq table_buf + 2, %rcx
+	sgdt table_buf
+	movzwq table_buf, %rsi
+	movq table_buf + 2, %rdi
+	DUMP 0x300
 
 	PATTERN 0x10, 0xd5, 1, 1, 0x0cd7
 	PATTERN 0x30, 0x00, 0, 0, 0x0002
@@ -302,6 +313,8 @@ gdtr:
 idtr:
 	.word 256 * 16 - 1
 	.quad idt
+table_buf:
+	.skip 10
 
 	.bss
 	/* An even page: a root at an odd one would make the mode run the 32-bit code natively

@@ -190,9 +190,7 @@ impl<H: Hypervisor> Paravirt<H> {
         if g[5] & 0x80 == 0 || g[4] & 7 != 0 {
             self.fatal(format_args!("IDT gate {v:#x} is not present or uses an IST stack (not modelled)"));
         }
-        let handler = u16::from_le_bytes([g[0], g[1]]) as u64
-            | (u16::from_le_bytes([g[6], g[7]]) as u64) << 16
-            | (u32::from_le_bytes([g[8], g[9], g[10], g[11]]) as u64) << 32;
+        let handler = crate::emulate::gate_handler(&g);
         // SAFETY: real interrupts stay off from here to the jump into the handler.
         unsafe { previrt_pv_frame = [regs.rip, regs.cs, regs.rflags, regs.gpr[gpr::RSP], regs.ss, handler] };
         regs.rip = sym_addr!("previrt_pv_deliver");

@@ -291,6 +291,19 @@ impl State {
         }
     }
 
+    /// `sidt` while the substitute is loaded: the kernel's table, as it loaded it (64-bit
+    /// operand: limit, then base). False for anything else (the original runs).
+    fn store_idt(&self, op: &emulate::Op, regs: &Regs, pv: &mut Paravirt<Hv>) -> bool {
+        let Some(t) = self.idt.filter(|_| op.kind == Kind::Sidt && op.flags & flags::MEM != 0 && self.idt_loaded) else {
+            return false;
+        };
+        let mut b = [0u8; 10];
+        b[..2].copy_from_slice(&t.limit.to_le_bytes());
+        b[2..].copy_from_slice(&t.base.to_le_bytes());
+        pv.write(op.address(regs), &b);
+        true
+    }
+
     /// Substitute gates for the kernel's table `t`: same vectors, selector 0x33, DPL 3, no
     /// IST, each through its trampoline. Interrupts keep the kernel's gate type; exceptions
     /// go through trap gates, so that a fault does not close the mode's own interrupt flag
@@ -317,9 +330,7 @@ impl State {
                 *gate = [0; 16];
                 continue;
             }
-            handlers[v] = u16::from_le_bytes([g[0], g[1]]) as u64
-                | (u16::from_le_bytes([g[6], g[7]]) as u64) << 16
-                | (u32::from_le_bytes([g[8], g[9], g[10], g[11]]) as u64) << 32;
+            handlers[v] = emulate::gate_handler(&g);
             let to = tramp + v as u64 * 16;
             g[0..2].copy_from_slice(&(to as u16).to_le_bytes());
             g[2..4].copy_from_slice(&GATE_CS.to_le_bytes());
@@ -491,7 +502,10 @@ fn dispatch(regs: &mut Regs) -> bool {
     {
         st.summary(pv);
     }
-    if !op.is_some_and(|op| emulate::emulate(&op, regs, &mut Pvm { pv: &mut *pv, st: &mut *st })) {
+    let done = op.is_some_and(|op| {
+        st.store_idt(&op, regs, pv) || emulate::emulate(&op, regs, &mut Pvm { pv: &mut *pv, st: &mut *st })
+    });
+    if !done {
         regs.rip = ool;
     }
     pv.tick();

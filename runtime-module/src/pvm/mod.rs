@@ -38,5 +38,7 @@ pub(crate) use machine::{adopt, init, lean, offered, stub, suspend};
 use previrt_site_abi::Kind;
 
 /// The kinds `pvm` routes besides the `hv` backend's ([`crate::hv::ROUTED`], whose mov cr
-/// covers CR3): `invlpg` (shadow sync), `lidt` (substitute IDT) and `cpuid` (the VMM's table).
-pub const ROUTED: &[Kind] = &[Kind::Invlpg, Kind::Lidt, Kind::Cpuid];
+/// covers CR3): `invlpg` (shadow sync), `lidt` (substitute IDT), `sidt` (the kernel's table,
+/// not the substitute) and `cpuid` (the VMM's table). `sgdt` needs nothing: the kernel's GDT
+/// is the loaded one.
+pub const ROUTED: &[Kind] = &[Kind::Invlpg, Kind::Lidt, Kind::Sidt, Kind::Cpuid];
