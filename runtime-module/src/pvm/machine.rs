@@ -294,7 +294,8 @@ impl State {
     /// `sidt` while the substitute is loaded: the kernel's table, as it loaded it (64-bit
     /// operand: limit, then base). False for anything else (the original runs).
     fn store_idt(&self, op: &emulate::Op, regs: &Regs, pv: &mut Paravirt<Hv>) -> bool {
-        let Some(t) = self.idt.filter(|_| op.kind == Kind::Sidt && op.flags & flags::MEM != 0 && self.idt_loaded) else {
+        let Some(t) = self.idt.filter(|_| op.kind == Kind::Sidt && op.flags & flags::MEM != 0 && self.idt_loaded)
+        else {
             return false;
         };
         let mut b = [0u8; 10];
