@@ -294,11 +294,13 @@ fn finish(vm: &mut Vm, req: Request, mode: Mode) -> Result<Option<i32>, Stop> {
     let t = vm.snapshot.as_ref().expect("a trigger exists");
     let (mem_size, abi, exits, disk) = (t.mem_size, t.abi, t.exits, t.disk.clone());
     match write(vm, &req.path, mem_size, abi, &mode, disk.as_ref()) {
-        Ok(len) => {
+        Ok((len, parts)) => {
             let ms = t0.elapsed().as_secs_f64() * 1e3;
+            let parts: Vec<String> = SAVE_PARTS.iter().zip(parts).map(|(n, ms)| format!("{n} {ms:.1}")).collect();
             eprintln!(
-                "previrt run: snapshot written to {} ({len} bytes, after {exits} exits, {ms:.1} ms to save; {})",
+                "previrt run: snapshot written to {} ({len} bytes, after {exits} exits, {ms:.1} ms to save: {} ms; {})",
                 req.path.display(),
+                parts.join(", "),
                 mode.describe()
             );
             if let Some(r) = req.reply {
@@ -425,8 +427,12 @@ const ABIS: [(u32, AbiKind); 5] =
 pub struct Image {
     pub mem_size: u64,
     pub abi: AbiKind,
-    /// When `previrt restore` started reading the file (for the restore-time line).
+    /// When `previrt restore` started reading the file, finished checking it, started and
+    /// finished loading guest memory (the restore-time line's parts).
     opened: Instant,
+    checked: std::cell::Cell<Option<Instant>>,
+    loading: std::cell::Cell<Option<Instant>>,
+    loaded: std::cell::Cell<Option<Instant>>,
     bytes: Vec<u8>,
     /// (tag, payload range) of each section.
     sections: Vec<(u32, std::ops::Range<usize>)>,
@@ -491,7 +497,17 @@ impl Image {
             sections.push((tag, start..start + len as usize));
             at = start + len as usize;
         }
-        let img = Image { mem_size, abi, opened: Instant::now(), bytes, sections };
+        let now = Instant::now();
+        let img = Image {
+            mem_size,
+            abi,
+            opened: now,
+            checked: Some(now).into(),
+            loading: None.into(),
+            loaded: None.into(),
+            bytes,
+            sections,
+        };
         for t in [Tag::Memory, Tag::MpState, Tag::Regs, Tag::Sregs, Tag::Uart] {
             img.section(t).ok_or(format!("section {t:?} missing"))?;
         }
@@ -567,10 +583,13 @@ impl Writer {
         Writer(b)
     }
     fn section(&mut self, t: Tag, data: &[u8]) {
+        self.header(t, data.len());
+        self.0.extend_from_slice(data);
+    }
+    fn header(&mut self, t: Tag, len: usize) {
         self.0.extend_from_slice(&(t as u32).to_le_bytes());
         self.0.extend_from_slice(&0u32.to_le_bytes());
-        self.0.extend_from_slice(&(data.len() as u64).to_le_bytes());
-        self.0.extend_from_slice(data);
+        self.0.extend_from_slice(&(len as u64).to_le_bytes());
     }
     fn finish(mut self) -> Vec<u8> {
         let payload = (self.0.len() - HEADER_LEN) as u64;
@@ -603,12 +622,15 @@ fn backed_pages(ram: &[u8]) -> Option<Vec<bool>> {
     Some(raw.chunks_exact(8).map(|e| u64::from_le_bytes(e.try_into().unwrap()) >> 62 != 0).collect())
 }
 
-/// Memory section: a bitmap of non-zero pages, then those pages in order.
+/// Memory section: a bitmap of non-zero pages, then those pages in order. One pass over
+/// guest RAM, each page copied once, straight into the file buffer (the section's length and
+/// bitmap are filled in behind it).
 fn save_memory(w: &mut Writer, ram: &[u8]) {
     let pages = ram.len() / PAGE;
-    let mut bitmap = vec![0u8; pages.div_ceil(8)];
-    let mut data = Vec::new();
     let backed = backed_pages(ram);
+    w.header(Tag::Memory, 0);
+    let (len_at, bitmap_at) = (w.0.len() - 8, w.0.len());
+    w.0.resize(bitmap_at + pages.div_ceil(8), 0);
     for (i, p) in ram.chunks_exact(PAGE).enumerate() {
         if backed.as_ref().is_some_and(|b| !b[i]) {
             continue;
@@ -618,11 +640,11 @@ fn save_memory(w: &mut Writer, ram: &[u8]) {
         if pre.iter().chain(post).all(|&b| b == 0) && words.iter().all(|&w| w == 0) {
             continue;
         }
-        bitmap[i / 8] |= 1 << (i % 8);
-        data.extend_from_slice(p);
+        w.0[bitmap_at + i / 8] |= 1 << (i % 8);
+        w.0.extend_from_slice(p);
     }
-    bitmap.extend_from_slice(&data);
-    w.section(Tag::Memory, &bitmap);
+    let len = (w.0.len() - bitmap_at) as u64;
+    w.0[len_at..len_at + 8].copy_from_slice(&len.to_le_bytes());
 }
 
 fn load_memory(img: &Image, ram: &mut [u8]) {
@@ -671,6 +693,11 @@ fn write_msrs(vm: &Vm, mut entries: &[kvm_msr_entry]) -> Result<Vec<u32>, Stop> 
     Ok(rejected)
 }
 
+/// The parts of a save, in the order `write` times them: the immediate-exit run and console
+/// drain, guest memory, device and vCPU state, the CRC, the file (write, fsync, rename).
+const SAVE_PARTS: [&str; 5] = ["settle", "memory", "state", "checksum", "file"];
+
+/// Save the VM into `path`: the file's length and the ms each of [`SAVE_PARTS`] took.
 fn write(
     vm: &mut Vm,
     path: &Path,
@@ -678,7 +705,13 @@ fn write(
     abi: AbiKind,
     mode: &Mode,
     disk: Option<&(PathBuf, u64)>,
-) -> Result<usize, Stop> {
+) -> Result<(usize, [f64; 5]), Stop> {
+    let mut parts = [0.0; 5];
+    let mut t = Instant::now();
+    let mut lap = |i: usize| {
+        parts[i] = t.elapsed().as_secs_f64() * 1e3;
+        t = Instant::now();
+    };
     // Complete an in-flight port/MMIO access (and any register write-back) without running.
     settle(vm);
     vm.bus.flush();
@@ -687,8 +720,10 @@ fn write(
         pv.shared.drain_console(&vm.mem).map_err(Stop::Guest)?;
     }
     let v = &vm.vcpu;
+    lap(0);
     let mut w = Writer::new(abi, mem_size, mem_size as usize / 4);
     save_memory(&mut w, ram(&vm.mem, mem_size).map_err(Stop::Host)?);
+    lap(1);
     for (tag, id) in CHIPS {
         let mut chip = kvm_irqchip { chip_id: id, ..Default::default() };
         if vm._vm.get_irqchip(&mut chip).is_ok() {
@@ -723,10 +758,13 @@ fn write(
     if let Some((p, len)) = disk {
         w.section(Tag::Disk, &[&len.to_le_bytes()[..], p.as_os_str().as_encoded_bytes()].concat());
     }
+    lap(2);
     let bytes = w.finish();
+    lap(3);
     previrt_atomic_write::write_with(path, &bytes, previrt_atomic_write::Options { mode: None, sync: true })
         .map_err(|e| Stop::Host(format!("cannot write snapshot {}: {e}", path.display())))?;
-    Ok(bytes.len())
+    lap(4);
+    Ok((bytes.len(), parts))
 }
 
 /// Previrt ABI state: the two MSRs, the upcall vector, the timer (period, time to deadline).
@@ -766,7 +804,9 @@ fn restore_previrt(vm: &mut Vm, b: &[u8]) -> Result<(), Stop> {
 
 /// Load the guest memory of `img` into a fresh VM's RAM.
 pub(super) fn load(img: &Image, mem: &GuestMemoryMmap) -> Result<(), Error> {
+    img.loading.set(Some(Instant::now()));
     load_memory(img, ram(mem, img.mem_size).map_err(Error::Host)?);
+    img.loaded.set(Some(Instant::now()));
     Ok(())
 }
 
@@ -834,9 +874,22 @@ pub(super) fn apply(vm: &mut Vm, img: &Image) -> Result<(), Stop> {
         let (khz, tsc) = super::guest_tsc(&vm.vcpu).map_err(kvm_err("KVM_GET_TSC_KHZ/KVM_GET_MSRS"))?;
         x.set_clock(&vm.mem, khz, tsc);
     }
+    // read + check, mapping guest RAM, copying memory in, creating the VM and applying the
+    // state: the spans between the marks.
+    let now = Instant::now();
+    let marks = [Some(img.opened), img.checked.get(), img.loading.get(), img.loaded.get(), Some(now)];
+    let ms = |w: &[Option<Instant>]| match (w[0], w[1]) {
+        (Some(a), Some(b)) => format!("{:.1}", b.saturating_duration_since(a).as_secs_f64() * 1e3),
+        _ => "?".into(),
+    };
+    let parts: Vec<String> = marks.windows(2).map(ms).collect();
     eprintln!(
-        "previrt restore: resuming after {:.1} ms (read, check, new VM, memory and state); {}",
+        "previrt restore: resuming after {:.1} ms (read and check {}, guest RAM {}, memory {}, new VM and state {} ms); {}",
         img.opened.elapsed().as_secs_f64() * 1e3,
+        parts[0],
+        parts[1],
+        parts[2],
+        parts[3],
         match img.mode() {
             Mode::Cooperative(_) => "the guest suspended itself and re-detects its platform".to_string(),
             Mode::Forced(why) => format!("forced snapshot ({why}): the guest was not re-patched"),
