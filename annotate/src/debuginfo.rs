@@ -47,13 +47,23 @@ pub struct Scope {
     pub ranges: Vec<(u64, u64)>,
 }
 
-/// A typed pointer held in `reg` over `[begin, end)`.
+/// Where a pointer is kept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Place {
+    /// In a register.
+    Reg(Register),
+    /// In the stack slot at this offset from the CFA (`DW_OP_fbreg` with the frame base
+    /// `DW_OP_call_frame_cfa`): loaded into a register before each use.
+    Frame(i64),
+}
+
+/// A typed pointer kept at `place` over `[begin, end)`.
 #[derive(Debug, Clone)]
 pub struct TypedPointer {
     pub target: Target,
     /// The innermost named scope (function or inlined body) declaring it.
     pub scope: String,
-    pub reg: Register,
+    pub place: Place,
     pub begin: u64,
     pub end: u64,
     pub name: String,
@@ -66,12 +76,27 @@ pub struct DebugInfo {
     files: Vec<String>,
     pub scopes: Vec<Scope>,
     pub pointers: Vec<TypedPointer>,
+    /// `(start, end, k)` from `.debug_frame`, sorted: over `[start, end)` the CFA is `%rsp + k`.
+    cfa: Vec<(u64, u64, i64)>,
 }
 
 impl DebugInfo {
     /// Whether the image had any line information at all.
     pub fn has_lines(&self) -> bool {
         !self.rows.is_empty()
+    }
+
+    /// Debug information with only these CFA rules (`(start, end, k)`: CFA = `%rsp + k`).
+    #[cfg(test)]
+    pub fn with_cfa(cfa: Vec<(u64, u64, i64)>) -> DebugInfo {
+        DebugInfo { cfa, ..Default::default() }
+    }
+
+    /// `k` such that the CFA is `%rsp + k` at `addr`, if `.debug_frame` says so.
+    pub fn cfa_from_rsp(&self, addr: u64) -> Option<i64> {
+        let k = self.cfa.partition_point(|r| r.0 <= addr).checked_sub(1)?;
+        let (_, end, off) = self.cfa[k];
+        (addr < end).then_some(off)
     }
 
     /// `file:line` of the instruction at `addr`.
@@ -101,7 +126,33 @@ impl DebugInfo {
             out.read_entries(&dwarf, &unit, pt_types)?;
         }
         out.rows.sort_by_key(|r| (r.0, r.2 != 0));
+        out.read_frames(file, endian);
         Ok(out)
+    }
+
+    /// The CFA rules of `.debug_frame` that are `%rsp + k` (what a stack-slot pointer needs);
+    /// an entry that does not parse is skipped.
+    fn read_frames(&mut self, file: &object::File<'_>, endian: RunTimeEndian) {
+        use gimli::UnwindSection;
+        let data = relocated(file, ".debug_frame");
+        let mut frame = gimli::DebugFrame::new(&data, endian);
+        frame.set_address_size(8);
+        let bases = gimli::BaseAddresses::default();
+        let mut ctx = Box::new(gimli::UnwindContext::new());
+        let mut entries = frame.entries(&bases);
+        while let Ok(Some(entry)) = entries.next() {
+            let gimli::CieOrFde::Fde(partial) = entry else { continue };
+            let Ok(fde) = partial.parse(gimli::DebugFrame::cie_from_offset) else { continue };
+            let Ok(mut rows) = fde.rows(&frame, &bases, &mut ctx) else { continue };
+            while let Ok(Some(row)) = rows.next_row() {
+                if let gimli::CfaRule::RegisterAndOffset { register, offset } = *row.cfa() {
+                    if register == gimli::X86_64::RSP {
+                        self.cfa.push((row.start_address(), row.end_address(), offset));
+                    }
+                }
+            }
+        }
+        self.cfa.sort_unstable();
     }
 
     fn read_lines(&mut self, dwarf: &gimli::Dwarf<R<'_>>, unit: &gimli::Unit<R<'_>>) -> Result<()> {
@@ -133,13 +184,14 @@ impl DebugInfo {
         unit: &gimli::Unit<R<'a>>,
         pt_types: &[String],
     ) -> Result<()> {
-        // The enclosing scopes, innermost last: depth, ranges, innermost named scope's name.
-        type Enclosing = (isize, Vec<(u64, u64)>, String);
+        // The enclosing scopes, innermost last: depth, ranges, innermost named scope's name,
+        // whether the function's frame base is the CFA.
+        type Enclosing = (isize, Vec<(u64, u64)>, String, bool);
         let mut stack: Vec<Enclosing> = Vec::new();
         let mut cursor = unit.entries();
         while let Some(e) = cursor.next_dfs()? {
             let depth = e.depth();
-            while stack.last().is_some_and(|(d, _, _)| *d >= depth) {
+            while stack.last().is_some_and(|s| s.0 >= depth) {
                 stack.pop();
             }
             match e.tag() {
@@ -158,7 +210,13 @@ impl DebugInfo {
                             scope = name;
                         }
                     }
-                    stack.push((depth, ranges, scope));
+                    let cfa = match e.attr_value(gimli::DW_AT_frame_base) {
+                        Some(AttributeValue::Exprloc(x)) => {
+                            matches!(x.0.slice(), [op] if *op == gimli::DW_OP_call_frame_cfa.0)
+                        }
+                        _ => stack.last().is_some_and(|s| s.3),
+                    };
+                    stack.push((depth, ranges, scope, cfa));
                 }
                 gimli::DW_TAG_formal_parameter | gimli::DW_TAG_variable => {
                     let Some(ty) = type_of(unit, e) else { continue };
@@ -168,20 +226,22 @@ impl DebugInfo {
                     let Some(target) = pointee_target(dwarf, unit, ty, &is_pt) else { continue };
                     let name = name_of(dwarf, unit, e).unwrap_or_default();
                     let Some(loc) = e.attr_value(gimli::DW_AT_location) else { continue };
-                    let mut push = |reg, begin, end| {
+                    let cfa = stack.last().is_some_and(|s| s.3);
+                    let place = |x| place_of(x, unit.encoding()).filter(|p| cfa || matches!(p, Place::Reg(_)));
+                    let mut push = |place, begin, end| {
                         let scope = scope.to_string();
-                        self.pointers.push(TypedPointer { target, scope, reg, begin, end, name: name.clone() })
+                        self.pointers.push(TypedPointer { target, scope, place, begin, end, name: name.clone() })
                     };
                     if let AttributeValue::Exprloc(expr) = loc {
-                        if let Some(reg) = register_of(expr, unit.encoding()) {
+                        if let Some(p) = place(expr) {
                             for &(b, e) in stack.last().map(|s| &s.1[..]).unwrap_or(&[]) {
-                                push(reg, b, e);
+                                push(p, b, e);
                             }
                         }
                     } else if let Some(mut list) = dwarf.attr_locations(unit, loc)? {
                         while let Some(l) = list.next()? {
-                            if let Some(reg) = register_of(l.data, unit.encoding()) {
-                                push(reg, l.range.begin, l.range.end);
+                            if let Some(p) = place(l.data) {
+                                push(p, l.range.begin, l.range.end);
                             }
                         }
                     }
@@ -300,20 +360,18 @@ fn pointee_target<'a>(
     None
 }
 
-/// The register a pointer's location is based on: `DW_OP_regN` (the pointer is in the
-/// register) or `DW_OP_bregN off; DW_OP_stack_value` (it is the register plus `off`, as
-/// loop-optimised code keeps `&t[i]` in a register one element ahead).
-fn register_of(expr: gimli::Expression<R<'_>>, enc: gimli::Encoding) -> Option<Register> {
+/// Where a pointer's location keeps it: `DW_OP_regN` (the pointer is in the register),
+/// `DW_OP_bregN off; DW_OP_stack_value` (it is the register plus `off`, as loop-optimised code
+/// keeps `&t[i]` in a register one element ahead) or `DW_OP_fbreg off` (a stack slot).
+fn place_of(expr: gimli::Expression<R<'_>>, enc: gimli::Encoding) -> Option<Place> {
     let mut ops = expr.operations(enc);
-    let reg = match ops.next().ok()?? {
-        Operation::Register { register } => Some(register),
+    let place = match ops.next().ok()?? {
+        Operation::Register { register } => Place::Reg(*DWARF_GPRS.get(register.0 as usize)?),
         Operation::RegisterOffset { register, .. } if matches!(ops.next(), Ok(Some(Operation::StackValue))) => {
-            Some(register)
+            Place::Reg(*DWARF_GPRS.get(register.0 as usize)?)
         }
-        _ => None,
-    }?;
-    if ops.next().ok()?.is_some() {
-        return None;
-    }
-    DWARF_GPRS.get(reg.0 as usize).copied()
+        Operation::FrameOffset { offset } => Place::Frame(offset),
+        _ => return None,
+    };
+    ops.next().ok()?.is_none().then_some(place)
 }

@@ -25,7 +25,7 @@ pub mod profile;
 pub mod rules;
 
 use anyhow::{anyhow, Result};
-use debuginfo::DebugInfo;
+use debuginfo::{DebugInfo, Place};
 use insn::MemAccess;
 use object::{Object, ObjectSection, ObjectSymbol, SectionKind, SymbolKind};
 use profile::Profile;
@@ -243,15 +243,58 @@ impl<'a> Image<'a> {
         (addr < f.1).then_some(f)
     }
 
-    /// The memory accesses of the instructions starting in `[begin, end)`. A location-list
-    /// range need not begin on an instruction (GCC starts the range after a call at the
-    /// call's last byte), so decoding starts at the enclosing function.
-    fn accesses_in(&self, begin: u64, end: u64, mut each: impl FnMut(MemAccess)) {
+    /// The instructions starting in `[begin, end)`. A location-list range need not begin on
+    /// an instruction (GCC starts the range after a call at the call's last byte), so
+    /// decoding starts at the enclosing function.
+    fn instructions_in(&self, begin: u64, end: u64, mut each: impl FnMut(&iced_x86::Instruction)) {
         let from = self.function_at(begin).map_or(begin, |f| f.0);
         let Some(bytes) = self.bytes(from, end) else { return };
-        insn::accesses_in(bytes, from, |a| {
-            if a.addr >= begin {
-                each(a)
+        let mut d = iced_x86::Decoder::with_ip(64, bytes, from, iced_x86::DecoderOptions::NONE);
+        let mut i = iced_x86::Instruction::default();
+        while d.can_decode() {
+            d.decode_out(&mut i);
+            if i.ip() >= begin {
+                each(&i);
+            }
+        }
+    }
+
+    /// The memory accesses of the instructions starting in `[begin, end)`.
+    fn accesses_in(&self, begin: u64, end: u64, mut each: impl FnMut(MemAccess)) {
+        self.instructions_in(begin, end, |i| MemAccess::of(i).into_iter().for_each(&mut each));
+    }
+
+    /// The accesses through a pointer kept in the stack slot at `off` from the CFA over
+    /// `[begin, end)`: a `mov` of the slot (`%rsp` + the CFA's distance from `%rsp` there, by
+    /// `.debug_frame`, + `off`) into a register makes that register the pointer until the
+    /// register is written again or control flow leaves the instruction.
+    fn through_slot(&self, dbg: &DebugInfo, begin: u64, end: u64, off: i64, mut each: impl FnMut(MemAccess)) {
+        let mut held: Vec<iced_x86::Register> = Vec::new();
+        let mut info = iced_x86::InstructionInfoFactory::new();
+        self.instructions_in(begin, end, |i| {
+            if let Some(a) = MemAccess::of(i).filter(|a| held.contains(&a.instr.memory_base().full_register())) {
+                each(a);
+            }
+            let slot = dbg.cfa_from_rsp(i.ip()).map(|k| (k + off) as u64);
+            let loads_slot = i.mnemonic() == iced_x86::Mnemonic::Mov
+                && i.op0_kind() == iced_x86::OpKind::Register
+                && i.op1_kind() == iced_x86::OpKind::Memory
+                && i.memory_base() == iced_x86::Register::RSP
+                && i.memory_index() == iced_x86::Register::None
+                && Some(i.memory_displacement64()) == slot;
+            let written: Vec<_> = info
+                .info(i)
+                .used_registers()
+                .iter()
+                .filter(|r| !matches!(r.access(), iced_x86::OpAccess::Read | iced_x86::OpAccess::CondRead))
+                .map(|r| r.register().full_register())
+                .collect();
+            held.retain(|r| !written.contains(r));
+            if i.flow_control() != iced_x86::FlowControl::Next {
+                held.clear();
+            }
+            if loads_slot {
+                held.push(i.op0_register().full_register());
             }
         });
     }
@@ -332,12 +375,19 @@ pub fn analyse(data: &[u8], image_name: &str, opts: &Options, profile: Option<&P
     // DWARF: accesses based on a register that holds a typed pointer there.
     for p in dbg.pointers.iter().filter(|p| p.target == Target::PageTable || !rules::plain_volatile(&p.scope, &p.name))
     {
-        img.accesses_in(p.begin, p.end, |a| {
-            let plausible = p.target == Target::PageTable || a.plain_move();
-            if a.instr.memory_base().full_register() == p.reg && plausible {
+        let mut each = |a: MemAccess| {
+            if p.target == Target::PageTable || a.plain_move() {
                 add(a, p.target, Source::Dwarf, p.name.clone())
             }
-        });
+        };
+        match p.place {
+            Place::Reg(reg) => img.accesses_in(p.begin, p.end, |a| {
+                if a.instr.memory_base().full_register() == reg {
+                    each(a)
+                }
+            }),
+            Place::Frame(off) => img.through_slot(&dbg, p.begin, p.end, off, each),
+        }
     }
     // Profile: every traced RIP that is a 64-bit memory access in this image.
     let mut skipped = Vec::new();
@@ -542,6 +592,27 @@ mod tests {
         let mut raw = Vec::new();
         insn::accesses_in(&code[4..], base + 4, |a| raw.push(a.addr));
         assert!(!raw.contains(&(base + 5)), "decoding from the range start is out of step: {raw:x?}");
+    }
+
+    /// A pointer spilled to the stack (`DW_OP_fbreg -8`, CFA = `%rsp + 0x18`): the access
+    /// through the register it is loaded into counts, until that register is overwritten.
+    #[test]
+    fn a_pointer_in_a_stack_slot_is_followed_into_its_register() {
+        // mov 0x10(%rsp),%rax; mov (%rax),%rdi; mov (%rsp),%rax; mov (%rax),%rdx; ret
+        let code: &[u8] =
+            &[0x48, 0x8b, 0x44, 0x24, 0x10, 0x48, 0x8b, 0x38, 0x48, 0x8b, 0x04, 0x24, 0x48, 0x8b, 0x10, 0xc3];
+        let base = 0x1000;
+        let end = base + code.len() as u64;
+        let img = Image {
+            code: vec![(base, code)],
+            alloc: vec![],
+            functions: vec![(base, end, "f".into())],
+            pt_objects: vec![],
+        };
+        let dbg = DebugInfo::with_cfa(vec![(base, end, 0x18)]);
+        let mut got = Vec::new();
+        img.through_slot(&dbg, base, end, -8, |a| got.push(a.addr));
+        assert_eq!(got, [base + 5]);
     }
 
     /// `init_top_pgt[i]` (Linux's init_mem_mapping): the displacement is the table's address.
