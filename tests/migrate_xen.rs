@@ -194,3 +194,29 @@ fn forced_xen_snapshot_resumes_under_xen_only() {
     );
     assert!(o.stdout.is_empty(), "nothing ran: {}", text(&o.stdout));
 }
+
+/// An ordinary domain (`--domu`: console through the ring, console_io refused) is saved and
+/// restored as one, cooperatively (the guest binds a new console channel, as after a Xen
+/// migration) and forced (the console ring and channel are where the guest left them): the
+/// stream continues, every console line after the move goes through the ring (an event-channel
+/// send each, no console_io).
+#[test]
+fn domu_snapshots_keep_the_console_ring() {
+    for (name, extra, after) in
+        [("domu", &["--domu"][..], "150exits"), ("domu-forced", &["--domu", "--suspend-timeout", "0"][..], "120exits")]
+    {
+        let m = migrate(name, "xen", "xen", after, extra);
+        assert_stream_continues(&m);
+        let s = &m.stats;
+        assert_eq!(hypercall(s, "xen:console_io"), 0, "{name}: {}", s["hypercalls"]);
+        assert!(hypercall(s, "xen:event_channel_op") > 0, "{name}: no ring notification: {}", s["hypercalls"]);
+        let b = text(&m.restored.stdout);
+        match extra.len() {
+            1 => {
+                assert_cooperative(&m);
+                assert!(b.contains("previrt: resumed on xen-hvm: backend=xen-hvm"), "{b}");
+            }
+            _ => assert!(!b.contains("resumed on"), "a forced snapshot is not re-patched: {b}"),
+        }
+    }
+}

@@ -388,9 +388,10 @@ pub enum Tag {
     Suspend = 32,
     Disk = 33,
     Xen = 34,
+    DomU = 35,
 }
 
-const TAGS: [Tag; 20] = [
+const TAGS: [Tag; 21] = [
     Tag::Memory,
     Tag::PicMaster,
     Tag::PicSlave,
@@ -411,6 +412,7 @@ const TAGS: [Tag; 20] = [
     Tag::Suspend,
     Tag::Disk,
     Tag::Xen,
+    Tag::DomU,
 ];
 
 /// The KVM irqchips in a snapshot: (section, chip id).
@@ -753,6 +755,9 @@ fn write(
     }
     if let Personality::Xen(x) = &vm.persona {
         w.section(Tag::Xen, &x.save(matches!(mode, Mode::Cooperative(_))));
+        if let Some((gpa, port)) = x.console() {
+            w.section(Tag::DomU, &[&gpa.to_le_bytes()[..], &port.to_le_bytes()].concat());
+        }
     }
     w.section(Tag::Suspend, &mode.section());
     if let Some((p, len)) = disk {
@@ -869,6 +874,13 @@ pub(super) fn apply(vm: &mut Vm, img: &Image) -> Result<(), Stop> {
     if let Personality::Xen(x) = &mut vm.persona {
         if let Some(b) = img.section(Tag::Xen).filter(|_| img.abi.xen_version().is_some()) {
             x.restore(&vm.mem, b).map_err(|e| Stop::Host(format!("snapshot section Xen: {e}")))?;
+        }
+        // An ordinary domain's console: where the guest left it (forced), or offered anew to
+        // a guest that resumes as in a new domain and binds it again (cooperative).
+        match (img.section(Tag::DomU).filter(|b| b.len() == 12), img.mode()) {
+            (Some(b), Mode::Forced(_)) => x.restore_console(u64_at(b, 0), u32_at(b, 8)),
+            (Some(_), Mode::Cooperative(_)) if x.console().is_none() => x.offer_console_ring(),
+            _ => {}
         }
         // Xen system time follows the restored TSC.
         let (khz, tsc) = super::guest_tsc(&vm.vcpu).map_err(kvm_err("KVM_GET_TSC_KHZ/KVM_GET_MSRS"))?;
@@ -989,7 +1001,8 @@ pub fn open(args: &RestoreArgs) -> Result<(Image, RunArgs), Error> {
         boot: None,
         backend: args.backend,
         abi,
-        domu: false,
+        // An ordinary domain stays one under the Xen personality.
+        domu: img.section(Tag::DomU).is_some() && abi.xen_version().is_some(),
         stats: args.stats,
         stats_json: args.stats_json.clone(),
         profile: None,

@@ -119,8 +119,8 @@ pub(crate) fn run_with(
     out: Box<dyn std::io::Write + Send>,
     restore: Option<&snapshot::Image>,
 ) -> Result<RunResult, Error> {
-    if args.domu && (args.abi.xen_version().is_none() || args.snapshot.is_some() || args.control.is_some()) {
-        return Err(Error::BadInput("--domu: needs --abi xen or xen-3.0.2, and is not saved by snapshots".into()));
+    if args.domu && args.abi.xen_version().is_none() {
+        return Err(Error::BadInput("--domu: needs --abi xen or xen-3.0.2".into()));
     }
     let mem_size = crate::parse_size(&args.mem)
         .filter(|&s| (2 << 20..=crate::layout::MAX_RAM).contains(&s) && s % 4096 == 0)

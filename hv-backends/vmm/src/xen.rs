@@ -212,6 +212,20 @@ impl Xen {
         self.ports.push(Some(Channel::Console));
     }
 
+    /// The console back end for a snapshot (`--domu`): the ring's GPA and its channel.
+    pub fn console(&self) -> Option<(u64, u32)> {
+        Some((self.console_ring?, self.port_of(Channel::Console)?))
+    }
+
+    /// A forced snapshot's console back end, where the guest left it (after [`Xen::restore`],
+    /// which saved the channel as free).
+    pub fn restore_console(&mut self, gpa: u64, port: u32) {
+        self.console_ring = Some(gpa);
+        if let Some(c) = self.ports.get_mut(port as usize) {
+            *c = Some(Channel::Console);
+        }
+    }
+
     /// Copy what the guest wrote to the console ring out to the console.
     fn drain_console_ring(&mut self, mem: &GuestMemoryMmap) -> i64 {
         let Some(gpa) = self.console_ring else { return xerr::EINVAL };
@@ -679,7 +693,7 @@ impl Xen {
             b.extend_from_slice(&v.to_le_bytes());
         }
         for c in &self.ports[1..] {
-            // The console channel exists only with --domu, which snapshots refuse.
+            // The console channel (--domu) is saved as free: section DomU names it.
             let v = match c {
                 Some(Channel::Virq(v)) => *v,
                 _ => u32::MAX,
