@@ -2,10 +2,10 @@
 //! touches MMIO or a page-table page, by RIP — the ground truth `previrt annotate` maps back to
 //! source lines and scores its static sources against.
 //!
-//! Why single-stepping rather than write-protecting or unmapping pages: the LAPIC is emulated
-//! in the kernel (its accesses never exit to user space), a read-only memslot catches writes
-//! only, and a page-table page removed from the memslots breaks the host's own page walk. So
-//! the vCPU runs with `KVM_GUESTDBG_SINGLESTEP`; at each step the VMM decodes the instruction
+//! Why single-stepping to see every access: the LAPIC is emulated in the kernel (its accesses
+//! never exit to user space), a read-only memslot catches writes only, and a page-table page
+//! removed from the memslots breaks the host's own page walk. So the vCPU runs with
+//! `KVM_GUESTDBG_SINGLESTEP`; at each step the VMM decodes the instruction
 //! about to execute, computes its memory operands from the live registers, translates them
 //! through the guest's page tables and counts `(rip, page, direction, width, kind)`.
 //!
