@@ -140,13 +140,16 @@ fn shutdown(reason: u32) -> ! {
 
 /// The kinds with a lean entry (entry.rs), in the order of `previrt_xen_lean_counts`.
 const LEAN: [Kind; 6] = [Kind::Cli, Kind::Sti, Kind::Pushf, Kind::Popf, Kind::In, Kind::Out];
-/// Sites run by each lean entry (the trace counters see only those through the stub).
+/// Sites run by each lean entry (the trace counters see only those through the stub). The
+/// interrupt-flag entries bump them without masking events, so an upcall that runs lean
+/// entries in between can cost a count: a diagnostic, not an exact figure.
 #[no_mangle]
 static mut previrt_xen_lean_counts: [u64; LEAN.len()] = [0; LEAN.len()];
 
 /// The lean entry for a site of the `xen` backend, if it has one (guest::apply): interrupt-flag
 /// kinds at their 64-bit operand size whose site ends where execution resumes (the entry
 /// returns to the call's end and the NOP fill runs on).
+///
 /// Port I/O sites qualify in their byte-through-%dx form (the lean entry reads the port from
 /// %dx and the data from %al).
 pub(crate) fn lean(site: &crate::patch::Site) -> Option<u64> {
@@ -171,10 +174,10 @@ pub(crate) fn lean(site: &crate::patch::Site) -> Option<u64> {
 
 /// The lean port entries' Rust half: a byte `in` (`out` = 0) or `out` (1) of `value` at `port`
 /// on the device models, with events masked for the access and then restored as they were;
-/// returns the byte for %al (read, or `value` unchanged). Unmasking with events pending delivers them with a `xen_version`
-/// hypercall (Xen delivers pending events on its way back, as Linux's
-/// xen_force_evtchn_callback does), at this point of the lean entry, as an interrupt that
-/// arrives right after the instruction.
+/// returns the byte for %al (read, or `value` unchanged). Unmasking with events pending
+/// delivers them with a `xen_version` hypercall (Xen delivers pending events on its way back,
+/// as Linux's xen_force_evtchn_callback does), at this point of the lean entry, as an
+/// interrupt that arrives right after the instruction.
 #[no_mangle]
 extern "C" fn previrt_xen_port_lean(port: u64, value: u64, out: u64) -> u64 {
     let v = vcpu();
@@ -568,10 +571,7 @@ impl Xen {
         if g[5] & 0x80 == 0 {
             return 0;
         }
-        let lo = u16::from_le_bytes([g[0], g[1]]) as u64;
-        let mid = u16::from_le_bytes([g[6], g[7]]) as u64;
-        let hi = u32::from_le_bytes([g[8], g[9], g[10], g[11]]) as u64;
-        lo | mid << 16 | hi << 32
+        emulate::gate_handler(&g)
     }
 
     fn read_mem(&self, addr: u64, buf: &mut [u8]) {
@@ -619,8 +619,7 @@ impl Xen {
         }
         let _ = writeln!(out);
         let _ = write!(out, "previrt-xen: lean");
-        // SAFETY: plain counters the lean entries bump with events masked or not; a torn read
-        // is impossible for aligned u64 and the kernel is exiting.
+        // SAFETY: aligned u64 counters (no torn reads); the kernel is exiting.
         let counts = unsafe { core::ptr::addr_of!(previrt_xen_lean_counts).read_volatile() };
         for (kind, n) in LEAN.iter().zip(counts) {
             let _ = write!(out, " {}={n}", kind.name());
