@@ -174,3 +174,39 @@ fn native_sti_keeps_its_interrupt_shadow_over_the_next_instruction() {
         all_nops(&out[nops.clone()], 0x1000 + nops.start as u64);
     }
 }
+
+/// A later pass (a migration's re-patch): INIT sites are left alone, sites both backends route
+/// the same way are not written, the others are compared and rewritten; a second identical
+/// pass writes nothing.
+#[test]
+fn repatch_writes_only_changed_sites_and_leaves_init_sites() {
+    let mut t = table();
+    // The first record (a `cli` with room for a call) lies in an init section.
+    let flags_at = t.table + HEADER_SIZE + 10;
+    let f = u16::from_le_bytes([t.buf[flags_at], t.buf[flags_at + 1]]) | flags::INIT;
+    t.buf[flags_at..flags_at + 2].copy_from_slice(&f.to_le_bytes());
+    let base = t.buf.as_ptr() as u64;
+    let start = base + t.table as u64;
+    let stub = base + 3 * SCRATCH as u64;
+    let mut index = vec![IndexEntry::default(); 64];
+    // SAFETY (all patcher calls): table, sites and save slots live in t.buf.
+    let p = unsafe { Patcher::prepare(start, t.len, &mut index) }.unwrap();
+    let boot = unsafe { p.apply(&TRACE, stub) };
+    assert_eq!((boot.routed, boot.rewritten), (18, 24), "the boot pass writes every site");
+
+    let s = unsafe { p.repatch_with(&TRACE, true, &NATIVE, &|_| stub) };
+    assert_eq!((s.init_left, s.rewritten, s.unchanged), (1, 17, 6), "{s:?}");
+    let (at, _, len, _) = &t.sites[0];
+    let call = Decoder::with_ip(64, &t.buf[*at..*at + len], base + *at as u64, DecoderOptions::NONE).decode();
+    assert_eq!((call.mnemonic(), call.near_branch64()), (Mnemonic::Call, stub), "the INIT site keeps its call");
+    for (at, orig, _, _) in &t.sites[1..] {
+        assert_eq!(&t.buf[*at..*at + orig.len()], &orig[..], "original restored at {at:#x}");
+    }
+
+    let again = unsafe { p.repatch_with(&NATIVE, true, &NATIVE, &|_| stub) };
+    assert_eq!((again.rewritten, again.unchanged, again.init_left), (0, 23, 1), "{again:?}");
+    // Without the route shortcut (another stub claimed) every site is compared: still none
+    // written.
+    let compared = unsafe { p.repatch_with(&TRACE, false, &NATIVE, &|_| stub) };
+    assert_eq!((compared.rewritten, compared.unchanged), (0, 23), "{compared:?}");
+}

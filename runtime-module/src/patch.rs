@@ -174,9 +174,9 @@ unsafe fn holds(at: u64, want: &[u8]) -> bool {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Stats {
     pub sites: usize,
-    /// Sites now calling the runtime.
+    /// Sites now calling the runtime, and sites the backend wanted routed that had to keep
+    /// the original instruction (of the sites the pass encoded: a re-patch skips some).
     pub routed: usize,
-    /// Sites the backend wanted routed that had to keep the original instruction.
     pub kept_original: usize,
     /// Sites whose bytes were written / already held what the backend wants (a re-patch
     /// compares before it writes; the boot pass writes every site).
@@ -250,21 +250,31 @@ impl<'a> Patcher<'a> {
     /// # Safety
     /// As for [`Patcher::apply`].
     pub unsafe fn apply_with(&self, backend: &Backend, stub: &dyn Fn(&Site) -> u64) -> Stats {
-        self.pass(backend, stub, false)
+        self.pass(backend, stub, None)
     }
 
-    /// A later pass (migration, `previrt_repatch`): as [`Patcher::apply_with`], but sites
-    /// flagged INIT are left alone (the kernel may have freed their section) and a site that
-    /// already holds the wanted bytes is not written (on an instruction-emulated host every
-    /// store costs; unchanged code also needs no cache or TLB work).
+    /// A later pass (migration, `previrt_repatch`) from the sites as a pass for `from` left
+    /// them: as [`Patcher::apply_with`], but sites flagged INIT are left alone (the kernel may
+    /// have freed their section), a site both backends route the same way is not even encoded
+    /// when that way is the original instruction or, with `same_stub` (`stub` gives the
+    /// targets the last pass used), the stub; any other site is compared and written only if
+    /// its bytes differ. On an instruction-emulated host every instruction and store costs;
+    /// unchanged code also needs no cache or TLB work.
     ///
     /// # Safety
-    /// As for [`Patcher::apply`].
-    pub unsafe fn repatch_with(&self, backend: &Backend, stub: &dyn Fn(&Site) -> u64) -> Stats {
-        self.pass(backend, stub, true)
+    /// As for [`Patcher::apply`]; the sites hold what the last pass for `from` wrote.
+    pub unsafe fn repatch_with(
+        &self,
+        from: &Backend,
+        same_stub: bool,
+        backend: &Backend,
+        stub: &dyn Fn(&Site) -> u64,
+    ) -> Stats {
+        self.pass(backend, stub, Some((from, same_stub)))
     }
 
-    unsafe fn pass(&self, backend: &Backend, stub: &dyn Fn(&Site) -> u64, later: bool) -> Stats {
+    unsafe fn pass(&self, backend: &Backend, stub: &dyn Fn(&Site) -> u64, from: Option<(&Backend, bool)>) -> Stats {
+        let later = from.is_some();
         let mut stats = Stats { sites: self.sites, ..Default::default() };
         let mut buf = [0u8; MAX_SITE_LEN];
         for e in &self.index[..self.sites] {
@@ -275,6 +285,12 @@ impl<'a> Patcher<'a> {
             }
             let saved = core::slice::from_raw_parts(site.at.save as *const u8, site.record.insn_len as usize);
             let want = (backend.route)(&site.record);
+            if from
+                .is_some_and(|(b, same_stub)| (want == Route::Original || same_stub) && (b.route)(&site.record) == want)
+            {
+                stats.unchanged += 1;
+                continue;
+            }
             // The stub is asked only for a routed site (it may look at the record).
             let target = if want == Route::Stub { stub(&site) } else { 0 };
             let got = encode(&site, saved, want, target, &mut buf);

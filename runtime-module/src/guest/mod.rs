@@ -212,11 +212,8 @@ unsafe fn apply(state: &mut State, to: &'static Backend, later: bool) -> Option<
     let p = state.patcher.as_ref()?;
     // The same route function, stub and lean entries write the same bytes.
     let lean_kinds = |b: &Backend| LEAN.iter().position(|(id, _)| *id == b.id);
-    if later
-        && core::ptr::fn_addr_eq(state.active.route, to.route)
-        && state.patched_stub == state.stub
-        && lean_kinds(state.active) == lean_kinds(to)
-    {
+    let same_stub = state.patched_stub == state.stub && lean_kinds(state.active) == lean_kinds(to);
+    if later && same_stub && core::ptr::fn_addr_eq(state.active.route, to.route) {
         state.active = to;
         return Some(crate::patch::Stats { sites: p.sites, unchanged: p.sites, ..Default::default() });
     }
@@ -229,7 +226,10 @@ unsafe fn apply(state: &mut State, to: &'static Backend, later: bool) -> Option<
     }
     let lean = |s: &crate::patch::Site| LEAN.iter().find(|(id, _)| *id == to.id).and_then(|(_, lean)| lean(s));
     let stub = |s: &crate::patch::Site| lean(s).unwrap_or(state.stub);
-    let stats = if later { p.repatch_with(to, &stub) } else { p.apply_with(to, &stub) };
+    let stats = match later {
+        true => p.repatch_with(state.active, same_stub, to, &stub),
+        false => p.apply_with(to, &stub),
+    };
     if cpl0 {
         emulate::Machine::write_cr(&mut hw::Hardware, 0, cr0);
     }
