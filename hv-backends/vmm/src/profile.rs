@@ -148,10 +148,7 @@ impl Profile {
             return; // the write-protect tracer looks at CR3 before each entry
         }
         self.steps += 1;
-        let long_paging = sregs.cr0 & CR0_PG != 0 && sregs.efer & EFER_LMA != 0;
-        if long_paging && sregs.cr3 != self.cr3 {
-            self.cr3 = sregs.cr3;
-            let root = sregs.cr3 & ADDR_MASK;
+        if let Some(root) = self.cr3_load(sregs) {
             if !self.roots.contains(&root) {
                 self.roots.push(root);
             }
@@ -193,17 +190,26 @@ impl Profile {
 
     /// Write-protect tracer, at every exit: a root loaded since the last exit is added.
     pub fn observe(&mut self, vm: &VmFd, mem: &GuestMemoryMmap, sregs: &kvm_sregs) -> Result<(), String> {
-        let long_paging = sregs.cr0 & CR0_PG != 0 && sregs.efer & EFER_LMA != 0;
-        if long_paging && sregs.cr3 != self.cr3 {
-            self.cr3 = sregs.cr3;
-            let root = sregs.cr3 & ADDR_MASK;
-            if !self.roots.contains(&root) {
+        match self.cr3_load(sregs) {
+            Some(root) if !self.roots.contains(&root) => {
                 self.roots.push(root);
                 self.walk(mem, root, 4);
-                return self.relayout(vm);
+                self.relayout(vm)
             }
+            _ => Ok(()),
         }
-        Ok(())
+    }
+
+    /// The root CR3 names if it changed since the last look (long mode with paging on);
+    /// [`Self::step`] adds it to the roots and recomputes, the write-protect tracer only adds
+    /// a new one (its set follows every store into a table).
+    fn cr3_load(&mut self, sregs: &kvm_sregs) -> Option<u64> {
+        let long_paging = sregs.cr0 & CR0_PG != 0 && sregs.efer & EFER_LMA != 0;
+        if !long_paging || sregs.cr3 == self.cr3 {
+            return None;
+        }
+        self.cr3 = sregs.cr3;
+        Some(sregs.cr3 & ADDR_MASK)
     }
 
     /// Write-protect tracer: when to look at CR3 again if no exit comes by itself. CR3 loads
