@@ -279,7 +279,9 @@ fn pvm_skips_only_flushes_nothing_needs_pagetable_checksums_match_qemu_and_hv() 
 /// arithmetic flag, DF, ID) and IF on and off, and dumps every GPR and the whole RFLAGS before
 /// and after; likewise a `ud2` into an interrupt-gate handler, which dumps the flags it
 /// starts with (IF clear) and its frame's (the kernel's IF at the fault). First `sidt` and
-/// `sgdt` dump the tables the kernel loaded (not the backend's substitute IDT). The CPU's dumps (QEMU TCG, `previrt.backend=native`: the real instructions at
+/// `sgdt` dump the tables the kernel loaded (not the backend's substitute IDT); last, page
+/// faults in nine forms dump CR2 and the error code as the kernel's handler sees them (the
+/// backend decodes the address of seven of them instead of reading CR2: `cr2-reads=2`). The CPU's dumps (QEMU TCG, `previrt.backend=native`: the real instructions at
 /// ring 0) must equal those under `pvm` natively, IF included (the kernel's IF is `vif`,
 /// which `pushf` must show). Checked by breaking it once on purpose: a `cli` entry without
 /// its save of %rax, or a `sti` entry without its final `popfq`, makes this fail.
@@ -290,7 +292,7 @@ fn pvm_lean_interrupt_flag_entries_keep_every_register_and_flag_like_the_cpu() {
     let cpu = run_qemu(&linked, "previrt.backend=native");
     assert_eq!(cpu.status, 0, "QEMU TCG run: {}{}", cpu.stdout, cpu.stderr);
     let expected = dumps(&cpu.stdout);
-    assert_eq!(expected.len(), 1 + 4 * (13 * 2 + 2 * 3), "{}", cpu.stdout);
+    assert_eq!(expected.len(), 1 + 4 * (13 * 2 + 2 * 3) + 9, "{}", cpu.stdout);
     let o = run(&linked, &["--backend", "native", "--boot", "pvh", "--append", "previrt.backend=pvm"]);
     let out = stdout(&o);
     assert!(out.contains("previrt-pvm: native=yes"), "{out}{}", stderr(&o));
@@ -308,6 +310,7 @@ fn pvm_lean_interrupt_flag_entries_keep_every_register_and_flag_like_the_cpu() {
     };
     assert!(stub("cli") == 0 && stub("sti") <= 1, "{summary}");
     assert!(stub("pushf") == 4 && stub("popf") == 8, "16-bit forms only: {summary}");
+    assert_eq!(pvm_count(&out, "cr2-reads"), 2, "push and the page-crossing access read CR2: {out}");
 }
 
 /// Without the mode the runtime never tries it: `auto` takes `hv`, and `pvm` asked by name is

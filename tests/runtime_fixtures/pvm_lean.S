@@ -2,7 +2,8 @@
  * Register/flags-exact guest for the pvm backend's lean interrupt-flag entries
  * (tests/pvm.rs). A PVH kernel that, with known flags and GPRs, runs cli, sti, pushf and popf
  * (64-bit: the lean entries while native; 16-bit: the stub), ud2 into an interrupt-gate
- * handler (the backend's exception entry), and sidt/sgdt, and prints every GPR and RFLAGS before and after
+ * handler (the backend's exception entry), sidt/sgdt, and page faults (CR2 and the error
+ * code as the handler sees them), and prints every GPR and RFLAGS before and after
  * each ("D<case> ..." lines, whole RFLAGS: the kernel's view of IF must be
  * exact too) on COM1, then exits through isa-debug-exit. Built with the previrt toolchain
  * and linked with the runtime: under QEMU TCG with previrt.backend=native (the real
@@ -109,6 +110,19 @@ pvh_start:
 	DUMP \n + 0x100
 .endm
 
+/* Case \n: a page fault in \insn with %rdi = `unmapped` (the first byte past the mapped
+ * first GiB), %rcx = 3, %r15 where to resume; the #PF handler dumps CR2 and the error code. */
+	.set unmapped, 0x40000000
+.macro FAULT n, insn:vararg
+	FLAGS 0x00, 0, 0
+	LOAD \n
+	movq $unmapped, %rdi
+	movl $3, %ecx
+	leaq 1f(%rip), %r15
+	\insn
+1:
+.endm
+
 /* Every instruction under test with flag pattern \ah/\of/\df and IF on and off; cases from \base. */
 .macro PATTERN base, ah, of, df, img
 	CASE \base + 0, 0, \ah, \of, \df, cli
@@ -160,6 +174,20 @@ long_start:
 	PATTERN 0x50, 0x41, 1, 0, 0x200843
 	PATTERN 0x70, 0x94, 0, 1, 0x0496
 
+	/* Page faults on the unmapped second GiB, in forms the pvm backend decodes the address
+	 * of and forms it reads CR2 for (push, an access crossing into the unmapped page). No
+	 * read-modify-write form: its error code differs between CPUs (QEMU TCG reports a read,
+	 * this host's CPU a write). */
+	FAULT 0x400, movq (%rdi), %rax
+	FAULT 0x401, movl %esi, 8(%rdi)
+	FAULT 0x402, movb $0x5a, 0x123(%rdi, %rcx, 4)
+	FAULT 0x403, cmpq %rax, 0x10(%rdi)
+	FAULT 0x404, movzbl 0x7ff(%rdi), %eax
+	FAULT 0x405, movw $0x1234, 0x10(%rdi, %rcx, 8)
+	FAULT 0x406, movq unmapped + 0x88(%rip), %rdx
+	FAULT 0x407, pushq 0x20(%rdi)
+	FAULT 0x408, movq -4(%rdi), %rax
+
 	cld
 	movb $0, %al
 	outb %al, $0xf4
@@ -187,7 +215,19 @@ idt_init:
 	movw %ax, idt + 6 * 16
 	shrq $16, %rax
 	movw %ax, idt + 6 * 16 + 6
+	leaq pf_handler(%rip), %rax
+	movw %ax, idt + 14 * 16
+	shrq $16, %rax
+	movw %ax, idt + 14 * 16 + 6
 	ret
+
+/* #PF: CR2 in rbx, the error code in rcx, dump, resume at %r15. */
+pf_handler:
+	movq %cr2, %rbx
+	popq %rcx
+	movq %r15, (%rsp)
+	DUMP 0x500
+	iretq
 
 /* #UD (interrupt gate): dump what the handler sees (IF clear, the interrupted flags
  * otherwise) with the frame's RFLAGS (less RF, which only faults may set) in rbx and its

@@ -75,10 +75,13 @@ struct State {
     on_copy: bool,
     /// Whether the substitute IDT is the loaded one.
     idt_loaded: bool,
-    /// CR2 as the last #PF set it, read by the fault check (`previrt_pvm_fault`), which
+    /// CR2 as the last #PF set it, found by the fault check (`previrt_pvm_fault`), which
     /// every #PF passes while native: the kernel's `mov from cr2` gets it without a trap.
-    /// None while the kernel's own IDT takes faults (off the mode).
+    /// None while the kernel's own IDT takes faults (off the mode). The check decodes it
+    /// from the faulting instruction where it can ([`super::fault`]), else reads CR2
+    /// (counted: `cr2_reads`).
     cr2: Option<u64>,
+    cr2_reads: u64,
     /// Entries brought up to date in place (`invlpg`), of them those that replaced a
     /// present entry (a hardware `invlpg`; the others were not present in the copy), and
     /// `invlpg`s that found the copy already up to date.
@@ -102,6 +105,7 @@ static STATE: Global<State> = Global(UnsafeCell::new(State {
     on_copy: false,
     idt_loaded: false,
     cr2: None,
+    cr2_reads: 0,
     updates: 0,
     flushes: 0,
     unchanged: 0,
@@ -227,9 +231,10 @@ impl State {
         let native = yes(native());
         let (syncs, builds, loads) = (self.syncs, self.builds, self.cr3_loads);
         let (updates, flushes, unchanged, resolved) = (self.updates, self.flushes, self.unchanged, self.resolved);
+        let cr2_reads = self.cr2_reads;
         let _ = writeln!(
             out,
-            "previrt-pvm: native={native} shadow-syncs={syncs} shadow-builds={builds} cr3-loads={loads} shadow-updates={updates} invlpg-flushes={flushes} invlpg-unchanged={unchanged} faults-resolved={resolved}"
+            "previrt-pvm: native={native} shadow-syncs={syncs} shadow-builds={builds} cr3-loads={loads} shadow-updates={updates} invlpg-flushes={flushes} invlpg-unchanged={unchanged} faults-resolved={resolved} cr2-reads={cr2_reads}"
         );
     }
 
@@ -523,7 +528,10 @@ extern "C" fn previrt_pvm_fault(frame: &mut [u64; 21]) -> u64 {
     let pv = hv::machine();
     // SAFETY: as the dispatcher.
     let st = unsafe { STATE.get() };
-    let addr = hw::Hardware.read_cr(2);
+    let addr = super::fault::address(frame, st.shadow.cr3()).unwrap_or_else(|| {
+        st.cr2_reads += 1;
+        hw::Hardware.read_cr(2)
+    });
     st.cr2 = Some(addr);
     let write = frame[15] & 2 != 0;
     let ours = shadow::kernel_allows(st.kernel_cr3, addr, write)
@@ -652,6 +660,7 @@ previrt_pvm_vectors:
 // hardware's reads 1) and its CS/SS the kernel's selectors (through a trap gate the host
 // pushes the hardware's 0x33/0x2b, through an interrupt gate 0x10/0x18: tests/pvm.rs;
 // KERNEL_CS, KERNEL_SS),
+// a #PF's error code says a supervisor access (the host reports the native ring 3's),
 // and `vif` is cleared when the kernel's gate is an interrupt gate, as the CPU would clear
 // IF; then the kernel's handler (or the #PF check), with every register and flag as at the
 // delivery. Frame above the saved flags and registers: the error code (vectors that push
@@ -676,6 +685,9 @@ pvm_exceptions:
     orq %rdx, (40 + 8 * pvm_error)(%rsp)
     movq $0x10, (32 + 8 * pvm_error)(%rsp)
     movq $0x18, (56 + 8 * pvm_error)(%rsp)
+    .if pvm_vector == 14
+    andq $-5, 24(%rsp)
+    .endif
     cmpb $0, (previrt_pvm_clear_if + pvm_vector)(%rip)
     je 1f
     movl $0, (%rax)

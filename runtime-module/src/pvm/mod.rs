@@ -29,6 +29,8 @@
 //! - Everything else is the `hv` backend's: port I/O to the models, `hlt` as `HALT`, ticks.
 
 #[cfg(feature = "guest")]
+mod fault;
+#[cfg(feature = "guest")]
 mod machine;
 #[cfg(feature = "guest")]
 mod shadow;
