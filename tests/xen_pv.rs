@@ -338,8 +338,6 @@ fn annotated_page_table_writes_go_to_mmu_update_with_bare_metal_results() {
 
 #[test]
 fn a_request_xen_refuses_stops_the_domain_with_the_hypercall_and_error() {
-    let k = linked_kernel();
-    let fixtures = repo_root().join("tests/xen_fixtures");
     // (fixture, its one site kind, what the FATAL line must say)
     for (name, kind, message) in [
         (
@@ -353,23 +351,7 @@ fn a_request_xen_refuses_stops_the_domain_with_the_hypercall_and_error() {
             "previrt-xen: FATAL: lgdt: Xen refuses the kernel's GDT entry 1 (selector 0x8, descriptor 0x00008200000000ff): hypercall update_descriptor(",
         ),
     ] {
-        let (obj, elf, linked) =
-            (k.dir.join(format!("{name}.o")), k.dir.join(format!("{name}.elf")), k.dir.join(format!("{name}-linked.elf")));
-        let gcc = k.dir.join("toolchain/bin/x86_64-previrt-linux-gnu-gcc");
-        let o = Command::new(gcc).arg("-c").arg(fixtures.join(format!("{name}.S"))).arg("-o").arg(&obj).output().unwrap();
-        assert!(o.status.success(), "assembling {name}.S: {}", String::from_utf8_lossy(&o.stderr));
-        let o = Command::new("ld")
-            .args(["-m", "elf_x86_64", "-static", "-nostdlib", "--no-warn-rwx-segments", "-T"])
-            .arg(fixtures.join("refused.ld"))
-            .arg("-o")
-            .arg(&elf)
-            .arg(&obj)
-            .output()
-            .expect("ld (binutils: scripts/install-deps.sh)");
-        assert!(o.status.success(), "linking {name}.elf: {}", String::from_utf8_lossy(&o.stderr));
-        let report = link(&elf, &linked, &[]);
-        assert_eq!(report["kinds"][kind]["sites"], 1, "{report}");
-
+        let linked = fixture(name, kind);
         let (status, out) = xen_run(&linked, "");
         let fatal = out.lines().find(|l| l.starts_with("previrt-xen: FATAL:")).unwrap_or_default();
         assert!(
@@ -378,6 +360,45 @@ fn a_request_xen_refuses_stops_the_domain_with_the_hypercall_and_error() {
         );
         assert!(out.contains("Hardware Dom0 crashed"), "{name}: the domain was not crashed\n{out}");
         assert_eq!(status, Some(3), "{name}: xen-run.sh reports a stop without a verdict, not a hang or a PASS\n{out}");
+    }
+}
+
+/// A kernel's own assembly (tests/xen_fixtures/NAME.S), built with the previrt toolchain and
+/// linked with the runtime; `kind` is a site kind it must have.
+fn fixture(name: &str, kind: &str) -> PathBuf {
+    let k = linked_kernel();
+    let fixtures = repo_root().join("tests/xen_fixtures");
+    let (obj, elf, linked) =
+        (k.dir.join(format!("{name}.o")), k.dir.join(format!("{name}.elf")), k.dir.join(format!("{name}-linked.elf")));
+    let gcc = k.dir.join("toolchain/bin/x86_64-previrt-linux-gnu-gcc");
+    let o = Command::new(gcc).arg("-c").arg(fixtures.join(format!("{name}.S"))).arg("-o").arg(&obj).output().unwrap();
+    assert!(o.status.success(), "assembling {name}.S: {}", String::from_utf8_lossy(&o.stderr));
+    let o = Command::new("ld")
+        .args(["-m", "elf_x86_64", "-static", "-nostdlib", "--no-warn-rwx-segments", "-T"])
+        .arg(fixtures.join("refused.ld"))
+        .arg("-o")
+        .arg(&elf)
+        .arg(&obj)
+        .output()
+        .expect("ld (binutils: scripts/install-deps.sh)");
+    assert!(o.status.success(), "linking {name}.elf: {}", String::from_utf8_lossy(&o.stderr));
+    let report = link(&elf, &linked, &[]);
+    assert!(report["kinds"][kind]["sites"].as_u64().unwrap_or(0) > 0, "no {kind} site: {report}");
+    linked
+}
+
+#[test]
+fn the_kernel_reads_back_its_own_descriptor_tables_and_selectors() {
+    // tests/xen_fixtures/tables.S: sgdt/sidt give the tables it loaded (the CPU holds Xen's),
+    // its GDT memory is as it wrote it, %ds reads back its selector; status 0 = all match.
+    let linked = fixture("tables", "sgdt");
+    let (status, out) = xen_run(&linked, "");
+    assert_eq!(status, Some(0), "xen-run.sh status (1 = FAIL: a check of tables.S failed)\n{out}");
+    let calls = counts(&out, "previrt-xen: hypercalls");
+    assert!(calls.get("set_gdt").is_some_and(|&n| n == 1), "{calls:?}");
+    let sites = counts(&out, "previrt-trace:");
+    for kind in ["lgdt", "lidt", "sgdt", "sidt", "mov_seg"] {
+        assert!(sites.get(kind).is_some_and(|&n| n > 0), "no {kind} site ran\n{out}");
     }
 }
 

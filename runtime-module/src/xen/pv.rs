@@ -431,9 +431,10 @@ const PT_MODES: [&str; 2] =
     ["shadowed (no pt_write sites)", "direct (pt_write sites -> mmu_update with pfn->mfn, pt_read mfn->pfn)"];
 
 /// Kinds whose effect differs under Xen PV: segment selectors get the kernel's real privilege
-/// (ring 3) on the way to the CPU. (Memory-access sites go through the shared handler and
-/// `Machine::memory`.)
-const XEN_HANDLERS: &[(Kind, Handler)] = &[(Kind::MovSeg, mov_seg), (Kind::FarRet, far_ret)];
+/// (ring 3) on the way to the CPU; `sgdt`/`sidt` store the kernel's tables, not Xen's.
+/// (Memory-access sites go through the shared handler and `Machine::memory`.)
+const XEN_HANDLERS: &[(Kind, Handler)] =
+    &[(Kind::MovSeg, mov_seg), (Kind::FarRet, far_ret), (Kind::Sgdt, store_table), (Kind::Sidt, store_table)];
 
 /// The site stub's Rust half.
 #[no_mangle]
@@ -695,6 +696,30 @@ fn mov_seg(op: &Op, regs: &mut Regs, _: &mut dyn Machine) -> bool {
         let v = if seg != 1 && v & !3 == written & !3 { written } else { v };
         regs.write(op.reg, op.width.max(2), v as u64);
     }
+    true
+}
+
+/// `sgdt`/`sidt` (64-bit, to memory): the table the kernel loaded, as it loaded it — the CPU
+/// holds Xen's (the runtime's GDT frames in Xen's per-vCPU area, Xen's IDT). Before the
+/// kernel's first load, what the CPU holds.
+fn store_table(op: &Op, regs: &mut Regs, m: &mut dyn Machine) -> bool {
+    if op.flags & (flags::CODE32 | flags::CODE16) != 0 || op.flags & flags::MEM == 0 {
+        return false;
+    }
+    // SAFETY: dispatch runs with events masked.
+    let x = unsafe { XEN.get() };
+    let mut b = [0u8; 10];
+    match if op.kind == Kind::Sgdt { x.gdt } else { x.idt } {
+        Some(t) => {
+            b[..2].copy_from_slice(&t.limit.to_le_bytes());
+            b[2..].copy_from_slice(&t.base.to_le_bytes());
+        }
+        // SAFETY: stores 10 bytes into `b`.
+        None if op.kind == Kind::Sgdt => unsafe { core::arch::asm!("sgdt [{}]", in(reg) b.as_mut_ptr()) },
+        // SAFETY: as above.
+        None => unsafe { core::arch::asm!("sidt [{}]", in(reg) b.as_mut_ptr()) },
+    }
+    m.write(op.address(regs), &b);
     true
 }
 
