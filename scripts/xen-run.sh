@@ -80,14 +80,18 @@ qemu_pid=$!
 # per system call, and on a loaded machine that loop relayed only ~25 KB/s, so a chatty guest's
 # verdict waited for the relay, not for QEMU (docs/xen-pv.md, "Measurements"). awk's status:
 # 1 = a QEMU error line, 2 = dom0 stopped; lines relayed from dom0's hvc console end in "\r\r".
-awk -W interactive -v pid="$qemu_pid" -v qemu="$(basename "$qemu"):" '
+# mawk (Debian's awk) waits for a full block unless told -W interactive; gawk returns what a
+# read gives.
+relay=(awk)
+command -v mawk >/dev/null 2>&1 && relay=(mawk -W interactive)
+"${relay[@]}" -v pid="$qemu_pid" -v qemu="$(basename "$qemu"):" '
   { sub(/\r+$/, ""); print; fflush() }
   index($0, qemu) == 1 { qemu_error = 1 }
   /Hardware Dom0 (halted|crashed|shutdown)/ && !stopped { stopped = 2; system("kill " pid " 2>/dev/null") }
   END { exit qemu_error + stopped }' <"$fifo"
-relay=$?
-qemu_error=$((relay & 1))
-stopped=$((relay & 2))
+relayed=$?
+qemu_error=$((relayed & 1))
+stopped=$((relayed & 2))
 wait "$qemu_pid"
 status=$?
 echo "xen-run: verdict after $((($(date +%s%N) - start) / 1000000)) ms" >&2
