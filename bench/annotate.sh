@@ -78,9 +78,12 @@ linux() {
   local run=("$P" run "$vmlinux" --initrd "$initrd" --append 'console=ttyS0 panic=-1 reboot=t')
   local t0=$SECONDS
   "${run[@]}" --profile "$work/writes.json" --profile-writes >"$work/writes.log" 2>&1 || true
+  # RIPs counted by python: jq holds numbers as doubles and would merge neighbouring RIPs.
+  local rips
+  rips=$(python3 -c 'import json, sys; print(len({a["rip"] for a in json.load(open(sys.argv[1]))["accesses"]}))' \
+    "$work/writes.json")
   echo "write-protect tracer, whole boot: $((SECONDS - t0)) s, $(jq '.steps' "$work/writes.json") table stores" \
-    "at $(jq '[.accesses[].rip] | unique | length' "$work/writes.json") RIPs, $(jq '.pt_pages' "$work/writes.json")" \
-    "table pages; the run ended: $(tail -1 "$work/writes.log")"
+    "at $rips RIPs, $(jq '.pt_pages' "$work/writes.json") table pages; the run ended: $(tail -1 "$work/writes.log")"
   t0=$SECONDS
   "${run[@]}" --profile "$work/window.json" --profile-steps "$steps" >/dev/null 2>&1 || true
   echo "single-stepped window: $steps instructions, $((SECONDS - t0)) s"
