@@ -150,6 +150,7 @@ fn example_kernel_runs_as_xen_pv_dom0_with_bare_metal_results() {
         ("mov_cr", "mmu_update"),      // CR3 load: shadow sync
         ("mov_cr", "mmuext_op"),       // CR3 load: pin, new base pointer
         ("invlpg", "mmuext_op"),       // INVLPG_LOCAL
+        ("invlpg", "multicall"),       // ... with the page's changed shadow entries
         ("out", "set_timer_op"),       // PIT programming, re-armed per VIRQ_TIMER tick
         ("out", "console_io"),         // 8250 lines (dom0)
         ("out", "physdev_op"),         // isa-debug-exit needs virtual IOPL

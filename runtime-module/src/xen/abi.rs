@@ -29,6 +29,8 @@ hypercalls! {
     /// One descriptor of a page Xen holds as GDT frame: its machine address, the descriptor.
     UpdateDescriptor = 10, "update_descriptor";
     MemoryOp = 12, "memory_op";
+    /// A batch of hypercalls in one transition (`struct multicall_entry` array, count).
+    Multicall = 13, "multicall";
     UpdateVaMapping = 14, "update_va_mapping";
     SetTimerOp = 15, "set_timer_op";
     /// Before Xen 3.0.2: `struct evtchn_op { uint32_t cmd; union {...} u; }`.
@@ -189,6 +191,15 @@ pub struct MmuUpdate {
     pub val: u64,
 }
 
+/// `struct multicall_entry` (x86_64): the hypercall, its result (Xen writes it), six arguments.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct MulticallEntry {
+    pub op: u64,
+    pub result: u64,
+    pub args: [u64; 6],
+}
+
 /// `struct mmuext_op`.
 #[repr(C)]
 #[derive(Clone, Copy, Default)]
@@ -217,6 +228,7 @@ pub struct BindVirq {
 const _: () = assert!(core::mem::size_of::<VcpuInfo>() == 64);
 const _: () = assert!(core::mem::size_of::<TrapInfo>() == 16);
 const _: () = assert!(core::mem::size_of::<MmuextOp>() == 24);
+const _: () = assert!(core::mem::size_of::<MulticallEntry>() == 64);
 
 /// The hypercall page Xen fills in (XEN_ELFNOTE_HYPERCALL_PAGE names it).
 pub fn hypercall_page() -> u64 {

@@ -11,14 +11,14 @@
 //! - A CR3 load resyncs the whole lower half of the new address space (only entries that
 //!   differ are written), pins a new root and switches with `MMUEXT_NEW_BASEPTR` (or flushes
 //!   the TLB when the root is the current one); `invlpg` resyncs one page and issues
-//!   `MMUEXT_INVLPG_LOCAL`; a page fault on a page the guest maps but the shadow does not
+//!   `MMUEXT_INVLPG_LOCAL` (with the changed entries, one multicall); a page fault on a page the guest maps but the shadow does not
 //!   (a mapping added without `invlpg`, allowed on hardware) resyncs it and retries.
 //! - Every shadow also maps the runtime itself and the p2m list (Xen's identity layout), the
 //!   shadow tables read-only, and the pages Xen shares (shared_info, a domU's console ring).
 //! - Guest pages naming frame 0xfee00 (the local APIC) map the runtime's LAPIC model page.
 //! - Global, huge (2 MiB/1 GiB) guest pages and accessed/dirty write-back are not supported.
 
-use super::abi::{self, Hypercall, MmuUpdate, MmuextOp};
+use super::abi::{self, Hypercall, MmuUpdate, MmuextOp, MulticallEntry};
 
 pub const PRESENT: u64 = 1;
 pub const WRITABLE: u64 = 1 << 1;
@@ -359,21 +359,39 @@ impl Mmu {
         Ok(())
     }
 
-    /// Resync the page at `va` in the current address space; true if its shadow changed.
-    pub fn sync_page(&mut self, va: u64) -> R<bool> {
+    /// Resync the page at `va` in the current address space and, if its shadow changed, write
+    /// the entries and flush the page from the TLB in one transition to Xen (a multicall of
+    /// `mmu_update` and `MMUEXT_INVLPG_LOCAL`); true if it changed.
+    pub fn resync_page(&mut self, va: u64) -> R<bool> {
         let Some(cr3) = self.guest_cr3.filter(|_| !self.direct) else { return Ok(false) };
         self.stats.resync_page += 1;
         self.flush()?;
         self.sync(4, cr3, 0, va, va + 1)?;
-        let changed = self.queued != 0;
-        self.flush()?;
-        Ok(changed)
+        if self.queued == 0 {
+            return Ok(false);
+        }
+        let n = core::mem::take(&mut self.queued) as u64;
+        self.stats.written += n as u32;
+        let op = MmuextOp { cmd: abi::MMUEXT_INVLPG_LOCAL, arg1: va, arg2: 0 };
+        let ops = [
+            (Hypercall::MmuUpdate, [self.queue.as_ptr() as u64, n, 0, abi::DOMID_SELF, 0]),
+            (Hypercall::MmuextOp, [&op as *const _ as u64, 1, 0, abi::DOMID_SELF, 0]),
+        ];
+        let mut calls =
+            ops.map(|(h, a)| MulticallEntry { op: h as u64, result: 0, args: [a[0], a[1], a[2], a[3], a[4], 0] });
+        hypercall(Hypercall::Multicall, [calls.as_mut_ptr() as u64, calls.len() as u64, 0, 0, 0])?;
+        match calls.iter().zip(ops).find(|(c, _)| (c.result as i64) < 0) {
+            Some((c, (h, a))) => Err(MmuError::Hypercall(h, a, c.result as i64)),
+            None => Ok(true),
+        }
     }
 
-    /// `invlpg`: resync and flush one page.
+    /// `invlpg`: resync one page and flush it from the TLB. Direct mode: the entry was written
+    /// to Xen's tables already; only the TLB is stale.
     pub fn invlpg(&mut self, va: u64) -> R<()> {
-        // Direct mode: the entry was written to Xen's tables already; only the TLB is stale.
-        self.sync_page(va)?;
-        mmuext(abi::MMUEXT_INVLPG_LOCAL, va)
+        if !self.resync_page(va)? {
+            mmuext(abi::MMUEXT_INVLPG_LOCAL, va)?;
+        }
+        Ok(())
     }
 }

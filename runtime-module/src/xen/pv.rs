@@ -550,8 +550,7 @@ extern "C" fn previrt_xen_page_fault(fault: &mut FaultFrame) -> u64 {
     // SAFETY: exceptions arrive with events masked (interrupt-gate semantics).
     let x = unsafe { XEN.get() };
     let va = vcpu().cr2;
-    if mmu_ok(x.mmu.sync_page(va)) {
-        mmu_ok(mmu::mmuext(abi::MMUEXT_INVLPG_LOCAL, va));
+    if mmu_ok(x.mmu.resync_page(va)) {
         fault.frame.resume();
         return 1;
     }
