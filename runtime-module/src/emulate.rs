@@ -108,6 +108,16 @@ pub struct DescTable {
     pub base: u64,
 }
 
+impl DescTable {
+    /// The 10-byte image `sgdt`/`sidt` store in 64-bit mode: limit, then base.
+    pub fn image(&self) -> [u8; 10] {
+        let mut b = [0u8; 10];
+        b[..2].copy_from_slice(&self.limit.to_le_bytes());
+        b[2..].copy_from_slice(&self.base.to_le_bytes());
+        b
+    }
+}
+
 /// The handler address a 64-bit IDT gate descriptor names (offset bits 0-15, 16-31, 32-63).
 pub fn gate_handler(g: &[u8; 16]) -> u64 {
     u64::from(u16::from_le_bytes([g[0], g[1]]))

@@ -303,10 +303,7 @@ impl State {
         else {
             return false;
         };
-        let mut b = [0u8; 10];
-        b[..2].copy_from_slice(&t.limit.to_le_bytes());
-        b[2..].copy_from_slice(&t.base.to_le_bytes());
-        pv.write(op.address(regs), &b);
+        pv.write(op.address(regs), &t.image());
         true
     }
 

@@ -709,10 +709,7 @@ fn store_table(op: &Op, regs: &mut Regs, m: &mut dyn Machine) -> bool {
     let x = unsafe { XEN.get() };
     let mut b = [0u8; 10];
     match if op.kind == Kind::Sgdt { x.gdt } else { x.idt } {
-        Some(t) => {
-            b[..2].copy_from_slice(&t.limit.to_le_bytes());
-            b[2..].copy_from_slice(&t.base.to_le_bytes());
-        }
+        Some(t) => b = t.image(),
         // SAFETY: stores 10 bytes into `b`.
         None if op.kind == Kind::Sgdt => unsafe { core::arch::asm!("sgdt [{}]", in(reg) b.as_mut_ptr()) },
         // SAFETY: as above.
