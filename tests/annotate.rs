@@ -322,6 +322,39 @@ fn annotated_kernel(d: &Path) -> (Value, PathBuf) {
     (ann, out)
 }
 
+/// Preprocessed assembly (`.S`) has no `.loc`: the toolchain's `as` places its statements by
+/// cpp's line markers, so annotated lines of a `.S` file — a macro from a header included —
+/// become sites and the lines around them do not.
+#[test]
+fn annotated_lines_of_preprocessed_assembly_become_sites() {
+    let d = scratch("dot-s");
+    let prefix = d.join("tc");
+    assert!(previrt(&["toolchain", "install", "--prefix", s(&prefix)]).status.success());
+    std::fs::write(
+        d.join("pt.h"),
+        "/* a header whose lines shift the .S file's */\n\n\n#define SET_PTE movq %rdx, 8(%rsi)\n",
+    )
+    .unwrap();
+    let src = "#include \"pt.h\"\n.text\n.globl f\nf:\n\tmovq %rdi, (%rsi)\n\tmovq (%rsi), %rax\n\tSET_PTE\n\tmovq 8(%rsi), %rax\n\tret\n";
+    std::fs::write(d.join("x.S"), src).unwrap();
+    let ann = serde_json::json!({"accesses": [
+        {"file": "x.S", "line": 5, "kind": "pt_write"},
+        {"file": "x.S", "line": 7, "kind": "pt_write"},
+        {"file": "x.S", "line": 8, "kind": "pt_read"},
+    ]});
+    std::fs::write(d.join("ann.json"), ann.to_string()).unwrap();
+    let obj = d.join("x.o");
+    let st = Command::new(prefix.join("bin/x86_64-previrt-linux-gnu-gcc"))
+        .args(["-c", "-g", "--annotations", s(&d.join("ann.json")), s(&d.join("x.S")), "-o", s(&obj)])
+        .status()
+        .expect("gcc (run scripts/install-deps.sh)");
+    assert!(st.success());
+    let rep = json_of(&previrt(&["toolchain", "report", s(&obj), "--json"]));
+    let sites = &rep[0]["report"]["sites"];
+    assert_eq!((sites["pt_write"].as_u64(), sites["pt_read"].as_u64()), (Some(2), Some(1)), "{sites}");
+    assert_eq!(rep[0]["report"]["mismatches"], serde_json::json!([]));
+}
+
 /// `name=N` from a runtime summary line (0 when absent).
 fn summary_count(line: &str, name: &str) -> u64 {
     line.split(' ').find_map(|w| w.strip_prefix(&format!("{name}=")[..])).map_or(0, |n| n.parse().unwrap())

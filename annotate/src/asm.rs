@@ -1,6 +1,7 @@
 //! Emission for the assembler path: which statements of GNU as input are annotated memory
-//! accesses. The toolchain's `as` feeds every directive to [`LineAnnotations::directive`]
-//! (`.file`/`.loc` give the source line of the statements that follow) and asks
+//! accesses. The toolchain's `as` feeds every input line to [`LineAnnotations::input_line`]
+//! and every directive to [`LineAnnotations::directive`] (`.file`/`.loc` give the source line
+//! of compiled C; preprocessed `.S` input has cpp line markers `# N "file"` instead) and asks
 //! [`LineAnnotations::memory_site`] about each instruction; a yes makes the statement a site
 //! exactly like a sensitive instruction (padding, save slot, record), its operand fields
 //! filled after assembly by [`crate::insn::MemAccess::record`].
@@ -46,6 +47,8 @@ pub struct LineAnnotations {
     files: HashMap<u32, String>,
     /// `(file number, line)` of the last `.loc`.
     at: Option<(u32, u32)>,
+    /// `(file, line)` of the current input line after a cpp line marker.
+    marked: Option<(String, u32)>,
 }
 
 impl LineAnnotations {
@@ -72,6 +75,19 @@ impl LineAnnotations {
         Ok(a)
     }
 
+    /// One line of the assembler input, before its statements: a cpp line marker
+    /// (`# N "file" flags…`) says the next line is line N of file; any other line advances.
+    pub fn input_line(&mut self, line: &[u8]) {
+        match line_marker(line) {
+            Some((line, file)) => self.marked = Some((file, line.saturating_sub(1))),
+            None => {
+                if let Some((_, l)) = &mut self.marked {
+                    *l += 1;
+                }
+            }
+        }
+    }
+
     /// Track `.file N ["dir"] "name"` and `.loc N LINE …`.
     pub fn directive(&mut self, name: &str, args: &str) {
         let mut words = args.split_whitespace();
@@ -94,8 +110,11 @@ impl LineAnnotations {
     /// The site kind for an AT&T statement `mnemonic operands…` at the current line, if the
     /// line is annotated and the statement loads or stores through a memory operand.
     pub fn memory_site(&self, mnemonic: &str, operands: &[&str]) -> Option<Kind> {
-        let (file_no, line) = self.at?;
-        let file = self.files.get(&file_no)?;
+        // `.loc` (compiled C) is exact; line markers place the statements of `.S` input.
+        let (file, line) = match self.at {
+            Some((file_no, line)) => (self.files.get(&file_no)?.as_str(), line),
+            None => self.marked.as_ref().map(|(f, l)| (f.as_str(), *l))?,
+        };
         let &(_, target) = self.by_line.get(&line)?.iter().find(|(f, _)| same_file(f, file))?;
         if NOT_ACCESS.iter().any(|p| mnemonic.starts_with(p)) {
             return None;
@@ -110,6 +129,17 @@ impl LineAnnotations {
             (Target::PageTable, true) => Kind::PtWrite,
         })
     }
+}
+
+/// `(line, file)` of a cpp line marker `# N "file" [flags]` (or `#line N "file"`).
+fn line_marker(line: &[u8]) -> Option<(u32, String)> {
+    let text = std::str::from_utf8(line).ok()?.trim();
+    let rest = text.strip_prefix('#')?;
+    let rest = rest.strip_prefix("line").unwrap_or(rest).trim_start();
+    let digits = rest.find(|c: char| !c.is_ascii_digit())?;
+    let line = rest[..digits].parse().ok()?;
+    let file = rest[digits..].trim_start().strip_prefix('"')?.split('"').next()?;
+    Some((line, file.to_string()))
 }
 
 /// Equal paths, or one ends with the other at a `/` (DWARF and `.file` may differ in how
@@ -149,5 +179,26 @@ mod tests {
         assert_eq!(a.memory_site("movl", &["48(%rax)", "%edx"]), None);
         a.directive(".loc", "1 13 1");
         assert_eq!(a.memory_site("movl", &["48(%rax)", "%edx"]), None, "line 13 of another file");
+    }
+
+    #[test]
+    fn cpp_line_markers_place_preprocessed_assembly() {
+        let mut a = annotated();
+        let mut feed = |a: &mut LineAnnotations, line: &str| a.input_line(line.as_bytes());
+        feed(&mut a, "# 18 \"/src/include/mm.h\" 1\n");
+        feed(&mut a, "\n"); // line 18
+        assert_eq!(a.memory_site("movq", &["%rbx", "(%rax)"]), None);
+        feed(&mut a, "  movq %rbx, (%rax)\n"); // line 19
+        assert_eq!(a.memory_site("movq", &["%rbx", "(%rax)"]), None);
+        feed(&mut a, "  movq %rbx, (%rax)\n"); // line 20
+        assert_eq!(a.memory_site("movq", &["%rbx", "(%rax)"]), Some(Kind::PtWrite));
+        feed(&mut a, "#line 13 \"/src/include/io.h\"\n");
+        feed(&mut a, "movl 48(%rax), %edx\n");
+        assert_eq!(a.memory_site("movl", &["48(%rax)", "%edx"]), Some(Kind::MmioRead));
+        feed(&mut a, "# a comment, not a marker\n");
+        assert_eq!(a.memory_site("movl", &["48(%rax)", "%edx"]), None, "line 14");
+        // Compiled C's `.loc` wins over markers.
+        a.directive(".loc", "5 20 1");
+        assert_eq!(a.memory_site("movl", &["48(%rax)", "%edx"]), Some(Kind::PtRead));
     }
 }

@@ -237,6 +237,9 @@ impl Rewriter {
     }
 
     fn line(&mut self, line: &[u8]) {
+        if let Some(a) = &mut self.annotations {
+            a.input_line(line);
+        }
         let Some(lexed) = lex_line(line, &mut self.in_block_comment) else {
             self.stats.unparsed.push(Unparsed { line: self.line_no, reason: "unterminated string" });
             self.out.extend_from_slice(line);
