@@ -16,6 +16,9 @@
 # hz=100 because the hv and emulated paths spend ~1 ms per tick (tests/runtime_hv.rs). Per
 # workload, qemu/pvm is QEMU TCG's time over pvm's (> 1: pvm faster). The machine's load
 # average (1 min) is printed at the start and the end: the machine is shared.
+# Then `pagetable` repeated (repeat=8) under pvm and QEMU TCG: min and median ms per
+# iteration (the first builds pvm's shadow copies and TCG's translations; single runs on
+# this shared machine vary 2-3x).
 # Then the compute loop's ns per iteration by the same TIMING line with compute=N (N_NATIVE for
 # pvm and QEMU, N_EMULATED for emulated and hv; defaults 100,000,000 and 20,000) beside
 # examples/kernel/compute-host (the same loop as a host process, N_NATIVE iterations).
@@ -95,6 +98,15 @@ for w in $workloads; do
   done
   ratio[$w]=$(echo "${ms[qemu.$w]} ${ms[pvm.$w]}" | awk '{ printf "%.2f", $1 / $2 }')
 done
+# pagetable repeated: "min median" ms per iteration of set-up $1.
+pt_reps() {
+  krun "$1" "workloads=pagetable repeat=8 hz=100" >/dev/null
+  sed -n "s/^TIMING pagetable seq=[0-9]* tsc=//p" "$work/k.out" | sort -n |
+    awk -v t="$tsc_per_ns" '{ a[NR] = $1 } END { printf "%.2f %.2f", a[1] / t / 1e6, a[int((NR + 1) / 2)] / t / 1e6 }'
+}
+read -r pt_pvm_min pt_pvm_med <<<"$(pt_reps pvm)"
+read -r pt_qemu_min pt_qemu_med <<<"$(pt_reps qemu)"
+pt_ratio=$(echo "$pt_qemu_med $pt_pvm_med" | awk '{ printf "%.2f", $1 / $2 }')
 # The compute loop, ns/iteration: the kernel's TIMING over N iterations (N_NATIVE for pvm and
 # QEMU, N_EMULATED for the emulated paths); the host process times itself.
 declare -A cns
@@ -126,6 +138,8 @@ if [ "$json" = 1 ]; then
     "${cns[host]}" "${cns[pvm]}" "${cns[hv]}" "${cns[emulated]}" "${cns[qemu]}" "$k_pvm_vs_host" "$k_emu_vs_pvm" "$k_qemu_vs_pvm"
   printf '"loop":{"iterations":{"host":%s,"native":%s,"emulated":%s},"ns_per_iteration":{"host":%s,"native":%s,"emulated":%s},"native_vs_host":%s,"emulated_vs_native":%s},' \
     "$n_native" "$n_native" "$n_emu" "$host" "$native" "$emu" "$native_vs_host" "$emu_vs_native"
+  printf '"pagetable_repeat8_ms":{"pvm":{"min":%s,"median":%s},"qemu":{"min":%s,"median":%s},"qemu_vs_pvm_median":%s},' \
+    "$pt_pvm_min" "$pt_pvm_med" "$pt_qemu_min" "$pt_qemu_med" "$pt_ratio"
   printf '"load":{"start":%s,"end":%s}}\n' "$load_start" "$load_end"
   exit 0
 fi
@@ -139,6 +153,8 @@ for w in $workloads; do
   done
   printf ' %9sx\n' "${ratio[$w]}"
 done
+printf '\npagetable, repeat=8, ms per iteration: pvm min %s median %s, qemu-tcg min %s median %s: qemu/pvm (medians) = %sx\n' \
+  "$pt_pvm_min" "$pt_pvm_med" "$pt_qemu_min" "$pt_qemu_med" "$pt_ratio"
 printf '\ncompute loop, ns/iteration: host %s  pvm %s  qemu-tcg %s  hv %s  emulated %s\n' \
   "${cns[host]}" "${cns[pvm]}" "${cns[qemu]}" "${cns[hv]}" "${cns[emulated]}"
 printf 'pvm / host        = %sx   (target <= 1.2x)\n' "$k_pvm_vs_host"
