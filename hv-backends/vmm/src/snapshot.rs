@@ -62,7 +62,28 @@ impl std::str::FromStr for When {
 /// One request to save the VM: where, and who waits for the answer (a control connection).
 struct Request {
     path: PathBuf,
-    reply: Option<mpsc::Sender<String>>,
+    reply: Option<Reply>,
+}
+
+/// The control connection of a request, answered by the vCPU thread itself before the run
+/// ends (an answer handed to another thread could be lost when the process exits first). One
+/// dropped unanswered says the VM stopped before saving.
+struct Reply(Option<UnixStream>);
+
+impl Reply {
+    fn send(mut self, answer: String) {
+        if let Some(mut c) = self.0.take() {
+            let _ = writeln!(c, "{answer}");
+        }
+    }
+}
+
+impl Drop for Reply {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.0.take() {
+            let _ = writeln!(c, "{}", reply_err("the VM stopped before saving"));
+        }
+    }
 }
 
 /// A request waiting for the guest to suspend.
@@ -177,10 +198,10 @@ fn listen(path: &Path) -> Result<mpsc::Receiver<Request>, String> {
                 let answer = match serde_json::from_str::<serde_json::Value>(&line) {
                     Ok(v) => match v["path"].as_str() {
                         Some(p) if Path::new(p).is_absolute() => {
-                            let (rtx, rrx) = mpsc::channel();
-                            let _ = tx.send(Request { path: PathBuf::from(p), reply: Some(rtx) });
+                            let reply = Some(Reply(Some(conn.into_inner())));
+                            let _ = tx.send(Request { path: PathBuf::from(p), reply });
                             crate::kick::kick(VCPU_THREAD.load(Ordering::SeqCst) as libc::pthread_t);
-                            rrx.recv().unwrap_or_else(|_| reply_err("the VM stopped before saving"))
+                            continue;
                         }
                         _ => reply_err("request needs an absolute \"path\""),
                     },
@@ -308,7 +329,7 @@ fn finish(vm: &mut Vm, req: Request, mode: Mode) -> Result<Option<i32>, Stop> {
                     Mode::Cooperative(w) => (true, w.as_secs_f64() * 1e3, String::new()),
                     Mode::Forced(w) => (false, 0.0, w.clone()),
                 };
-                let _ = r.send(
+                r.send(
                     serde_json::json!({"ok": true, "path": req.path, "bytes": len, "cooperative": coop,
                         "reason": why, "save_ms": ms, "wait_ms": wait, "exits": exits})
                     .to_string(),
@@ -317,7 +338,7 @@ fn finish(vm: &mut Vm, req: Request, mode: Mode) -> Result<Option<i32>, Stop> {
             Ok(Some(0))
         }
         Err(Stop::Host(e)) if req.reply.is_some() => {
-            let _ = req.reply.unwrap().send(reply_err(&e));
+            req.reply.unwrap().send(reply_err(&e));
             Ok(None)
         }
         Err(e) => Err(e),
