@@ -9,8 +9,9 @@ use core::cell::UnsafeCell;
 /// One page-table page.
 pub type Table = [u64; 512];
 
-/// Pages in the arena: the largest user's need (pvm: 4 cached copies of 40 pages).
-pub const PAGES: usize = 160;
+/// Pages in the arena: the largest user's need (pvm: 4 cached copies of 32 pages; Xen PV
+/// needs 64 + 14 for its GDT frames).
+pub const PAGES: usize = 128;
 
 #[repr(C, align(8192))]
 pub struct Arena(pub [Table; PAGES]);

@@ -34,8 +34,9 @@ fn leaf(e: u64) -> u64 {
 
 /// Tables per pool: the example kernel's busiest address space uses about a dozen; one
 /// extra page so that a root with [`ROOT_BIT`] always fits; the rest absorbs subtrees
-/// replaced in place until the copy is rebuilt.
-const POOL_PAGES: usize = 40;
+/// replaced in place until the copy is rebuilt. (Every pool page is runtime bss, which in a
+/// Linux vmlinux must fit `.text`'s int3 padding: keep the arena small.)
+const POOL_PAGES: usize = 32;
 /// Address spaces cached (the example kernel switches between three).
 pub const SLOTS: usize = 4;
 
