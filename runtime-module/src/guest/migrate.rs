@@ -22,13 +22,15 @@
 //! After a migration to a platform with no paravirtual interface the runtime runs
 //! [`backend::NATIVE_WATCH`]: native instructions (trap-and-emulate), except `hlt`, after
 //! which it looks at CPUID once; when a paravirtual interface has appeared (the VM was moved
-//! back) it re-patches for it the same way.
+//! back) it re-patches for it the same way. That move is lazy: the resume only points the
+//! shared entry at `previrt_lazy_entry`, and a routed site gets its instruction back when it
+//! is next called ([`previrt_lazy_dispatch`]); sites never run again stay calls.
 
-use super::{apply, hw, serial::Com1, sym_addr, Global, PvConsole, PARAVIRTUAL, STATE};
-use crate::backend::{self, Backend};
+use super::{apply, hw, serial::Com1, sym_addr, Global, PvConsole, State, PARAVIRTUAL, STATE};
+use crate::backend::{self, Backend, Route};
 use crate::devices::{Pic, Pit, Programmed};
 use crate::emulate::{self, gpr, Regs};
-use crate::patch::Stats;
+use crate::patch::{self, Stats, CALL_LEN, MAX_SITE_LEN};
 use crate::platform;
 use core::cell::UnsafeCell;
 use core::fmt::Write;
@@ -98,7 +100,8 @@ fn watch() -> &'static Hooks {
     hooks(&backend::NATIVE_WATCH).expect("native-watch has a row")
 }
 
-/// TSC ticks per millisecond measured at boot (the backends' clocks; same host after a move).
+/// TSC ticks per millisecond measured at boot, or reported by the in-tree hypervisor at the
+/// last resume (the backends' clocks; without a report the same host is assumed).
 static TSC_PER_MS: AtomicU64 = AtomicU64::new(0);
 
 /// Boot: remember the TSC rate for set-ups after a migration.
@@ -201,6 +204,9 @@ fn resume(from: &Hooks, before: Option<(Stats, u64)>) -> u32 {
     // SAFETY: as `safe_point`.
     let state = unsafe { STATE.get() };
     state.platform = platform::detect(|leaf| hw::cpuid(leaf, 0));
+    if let Some(khz) = super::hv_tsc_khz(state.platform) {
+        TSC_PER_MS.store(khz, Ordering::Relaxed);
+    }
     let per_ms = TSC_PER_MS.load(Ordering::Relaxed);
     let want = super::auto_choice(state.platform);
     // The platform's paravirtual backend if it sets up and can migrate; else native-watch.
@@ -212,10 +218,14 @@ fn resume(from: &Hooks, before: Option<(Stats, u64)>) -> u32 {
     let pv = pv.filter(|_| why.is_none());
     let to = pv.and_then(|p| hooks(p.backend)).unwrap_or_else(watch);
     (to.adopt)(&programmed);
-    state.stub = entry(pv.map_or_else(|| sym_addr!("previrt_watch_entry"), |p| (p.stub)()));
+    state.stub = entry(pv.map_or_else(|| sym_addr!("previrt_lazy_entry"), |p| (p.stub)()));
+    let restored = state.lazy_from.map(|_| RESTORED.load(Ordering::Relaxed));
     let t1 = hw::rdtsc();
-    // SAFETY: as `safe_point`; the site table and text are mapped as at boot.
-    let stats = unsafe { apply(state, to.encoding, true) };
+    let stats = match pv {
+        None => go_lazy(state),
+        // SAFETY: as `safe_point`; the site table and text are mapped as at boot.
+        Some(_) => unsafe { apply(state, to.encoding, true) },
+    };
     let t2 = hw::rdtsc();
     // SAFETY: as `safe_point`.
     unsafe { *PENDING.get() = (to.encoding.id != to.backend.id).then_some(to.backend) };
@@ -232,6 +242,12 @@ fn resume(from: &Hooks, before: Option<(Stats, u64)>) -> u32 {
         let _ = write!(out, " ({why})");
     }
     counts(out, stats, t2 - t1);
+    if pv.is_none() {
+        let _ = write!(out, " (lazy: routed sites restore at their first call)");
+    }
+    if let Some(n) = restored {
+        let _ = write!(out, " (lazily restored since the last move: {n})");
+    }
     let _ = write!(out, ", resumed in {} us", micros(t2 - t0));
     if let Some((s, c)) = before {
         let _ = write!(out, " (before the suspend: rewritten={} in {} us)", s.rewritten, micros(c));
@@ -289,14 +305,61 @@ fn native_release() {
     hw::outb(0x40, 0xff);
 }
 
-/// Native-watch's dispatcher (only `hlt` sites call it): halt as the hardware would, then one
-/// CPUID look at the platform; another one than at the last resume means the VM was moved.
+/// Sites restored by [`previrt_lazy_dispatch`] since the last lazy move.
+static RESTORED: AtomicU64 = AtomicU64::new(0);
+
+/// The lazy move to native-watch: no site visited, the shared entry already points at
+/// `previrt_lazy_entry` (set by `resume`). The sites keep the encoding they hold (or, after an
+/// earlier lazy move, its mix with restored instructions), which the next eager pass must not
+/// assume is a stub call everywhere (`State::lazy_from`).
+fn go_lazy(state: &mut State) -> Option<Stats> {
+    let sites = state.patcher.as_ref()?.sites;
+    state.lazy_from.get_or_insert(state.active);
+    state.active = &backend::NATIVE_WATCH;
+    RESTORED.store(0, Ordering::Relaxed);
+    Some(Stats { sites, unchanged: sites, ..Default::default() })
+}
+
+/// Native-watch's sites after a lazy move, all calls through the shared entry: a site
+/// native-watch routes (`hlt`) is served by [`halt_and_look`]; any other site gets the bytes
+/// an eager re-patch would have written (its instruction, `sti` last) and the stub returns to
+/// its start, so the instruction runs in place with the registers and flags the site was
+/// called with. Interrupts stay off from the stub's entry to its `popfq`, as for every stub.
 #[no_mangle]
-extern "C" fn previrt_watch_dispatch(regs: &mut Regs) {
-    let Some((op, ool)) = super::enter_site(regs) else {
-        let _ = writeln!(Com1, "previrt: call into the runtime from {:#x}, which is no site", regs.rip.wrapping_sub(5));
+extern "C" fn previrt_lazy_dispatch(regs: &mut Regs) {
+    let entry = (regs.cs, regs.ss, regs.gpr[gpr::RSP]);
+    // SAFETY: single vCPU with interrupts off; the state is written only at safe points.
+    let state = unsafe { STATE.get() };
+    let at = regs.rip.wrapping_sub(CALL_LEN as u64);
+    let found = state.patcher.as_ref().and_then(|p| super::linux::find_site(p, at).map(|(i, alias)| (p, i, alias)));
+    let Some((p, i, alias)) = found else {
+        let _ = writeln!(Com1, "previrt: call into the runtime from {at:#x}, which is no site");
         super::stop()
     };
+    // SAFETY: index entries name records and save slots of the loaded table.
+    let site = unsafe { p.site(&p.index[i]) };
+    if (backend::NATIVE_WATCH.route)(&site.record) == Route::Stub {
+        halt_and_look(regs);
+    } else {
+        let mut bytes = [0u8; MAX_SITE_LEN];
+        // SAFETY: as above.
+        let saved = unsafe { core::slice::from_raw_parts(site.at.save as *const u8, site.record.insn_len as usize) };
+        patch::encode(&site, saved, Route::Original, 0, &mut bytes);
+        let len = site.record.site_len as usize;
+        // SAFETY: no CPU inside the site (this one is in the stub); serialized before the
+        // return re-fetches it.
+        unsafe { super::writing_code(|| core::ptr::copy_nonoverlapping(bytes.as_ptr(), site.at.site as *mut u8, len)) };
+        RESTORED.fetch_add(1, Ordering::Relaxed);
+        regs.rip = site.at.site - alias;
+        regs.iret_rsp = regs.gpr[gpr::RSP];
+    }
+    super::keep_segments(regs, entry);
+}
+
+/// Native-watch's `hlt`: halt as the hardware would, then one CPUID look at the platform;
+/// another one than at the last resume means the VM was moved.
+fn halt_and_look(regs: &mut Regs) {
+    let Some((op, ool)) = super::enter_site(regs) else { return };
     if !op.is_some_and(|op| emulate::emulate(&op, regs, &mut hw::Hardware)) {
         regs.rip = ool;
     }
@@ -308,13 +371,13 @@ extern "C" fn previrt_watch_dispatch(regs: &mut Regs) {
     regs.iret_rsp = regs.gpr[gpr::RSP];
 }
 
-// Native-watch's stub: the trace stub's text with its dispatcher.
+// Native-watch's stub: the trace stub's text with the lazy dispatcher.
 core::arch::global_asm!(
     concat!(
-        ".section .text.previrt_watch, \"ax\", @progbits\n",
-        ".globl previrt_watch_entry\n",
-        "previrt_watch_entry:\n",
-        super::site_stub!("    cli\n", "previrt_watch_dispatch", "    iretq\n"),
+        ".section .text.previrt_lazy, \"ax\", @progbits\n",
+        ".globl previrt_lazy_entry\n",
+        "previrt_lazy_entry:\n",
+        super::site_stub!("    cli\n", "previrt_lazy_dispatch", super::keep_segments_exit!()),
         ".text\n"
     ),
     options(att_syntax, raw)

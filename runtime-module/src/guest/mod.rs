@@ -70,6 +70,9 @@ struct State {
     /// The stub the sites were last patched with (a re-patch with the same route and stub
     /// touches no site).
     patched_stub: u64,
+    /// After a lazy move (guest/migrate.rs): the backend whose encoding the sites still hold,
+    /// except the ones already restored to their instruction at their first call.
+    lazy_from: Option<&'static Backend>,
     /// `previrt.trace=sites`: the exit summary lists every executed site.
     site_profile: bool,
 }
@@ -80,6 +83,7 @@ static STATE: Global<State> = Global(UnsafeCell::new(State {
     platform: Platform::BareMetal,
     stub: 0,
     patched_stub: 0,
+    lazy_from: None,
     site_profile: false,
 }));
 static INDEX: Global<[IndexEntry; MAX_SITES]> =
@@ -108,14 +112,14 @@ fn table() -> (u64, usize) {
 /// TSC ticks per millisecond: the in-tree hypervisor's figure (kHz) when it reports one, which
 /// a loaded host cannot skew, else [`tsc_per_ms`].
 fn tsc_rate(platform: Platform) -> u64 {
+    hv_tsc_khz(platform).unwrap_or_else(tsc_per_ms)
+}
+
+/// The in-tree hypervisor's TSC rate (kHz = ticks per ms) when it reports one.
+fn hv_tsc_khz(platform: Platform) -> Option<u64> {
     use previrt_hv_abi::{CPUID_BASE, CPUID_TSC};
-    if platform == Platform::PrevirtHv && hw::cpuid(CPUID_BASE, 0)[0] >= CPUID_TSC {
-        let khz = hw::cpuid(CPUID_TSC, 0)[0];
-        if khz != 0 {
-            return u64::from(khz);
-        }
-    }
-    tsc_per_ms()
+    let offered = platform == Platform::PrevirtHv && hw::cpuid(CPUID_BASE, 0)[0] >= CPUID_TSC;
+    offered.then(|| u64::from(hw::cpuid(CPUID_TSC, 0)[0])).filter(|&khz| khz != 0)
 }
 
 /// TSC ticks per millisecond, from PIT channel 2 (10 ms, mode 0). 0 if the PIT never fires.
@@ -210,13 +214,31 @@ const LEAN: &[(u32, fn(&crate::patch::Site) -> Option<u64>)] =
 /// through mappings its platform made writable.
 unsafe fn apply(state: &mut State, to: &'static Backend, later: bool) -> Option<crate::patch::Stats> {
     let p = state.patcher.as_ref()?;
+    // After a lazy move the sites hold `from`'s encoding or already their instruction: no
+    // site may be assumed to hold a stub call.
+    let (from, lazy) = state.lazy_from.map_or((state.active, false), |b| (b, true));
     // The same route function, stub and lean entries write the same bytes.
     let lean_kinds = |b: &Backend| LEAN.iter().position(|(id, _)| *id == b.id);
-    let same_stub = state.patched_stub == state.stub && lean_kinds(state.active) == lean_kinds(to);
-    if later && same_stub && core::ptr::fn_addr_eq(state.active.route, to.route) {
+    let same_stub = !lazy && state.patched_stub == state.stub && lean_kinds(from) == lean_kinds(to);
+    if later && same_stub && core::ptr::fn_addr_eq(from.route, to.route) {
         state.active = to;
         return Some(crate::patch::Stats { sites: p.sites, unchanged: p.sites, ..Default::default() });
     }
+    let lean = |s: &crate::patch::Site| LEAN.iter().find(|(id, _)| *id == to.id).and_then(|(_, lean)| lean(s));
+    let stub = |s: &crate::patch::Site| lean(s).unwrap_or(state.stub);
+    let stats = writing_code(|| match later {
+        true => p.repatch_with(from, same_stub, to, &stub),
+        false => p.apply_with(to, &stub),
+    });
+    state.lazy_from = None;
+    state.active = to;
+    state.patched_stub = state.stub;
+    Some(stats)
+}
+
+/// Run `f`, which writes code, then serialize. At CPL 0 code is made writable by clearing
+/// CR0.WP for the duration; a runtime running deprivileged has no CR0 (see [`apply`]).
+unsafe fn writing_code<R>(f: impl FnOnce() -> R) -> R {
     let cs: u64;
     core::arch::asm!("mov {}, cs", out(reg) cs, options(nomem, nostack, preserves_flags));
     let cpl0 = cs & 3 == 0;
@@ -224,19 +246,12 @@ unsafe fn apply(state: &mut State, to: &'static Backend, later: bool) -> Option<
     if cpl0 {
         emulate::Machine::write_cr(&mut hw::Hardware, 0, cr0 & !(1 << 16));
     }
-    let lean = |s: &crate::patch::Site| LEAN.iter().find(|(id, _)| *id == to.id).and_then(|(_, lean)| lean(s));
-    let stub = |s: &crate::patch::Site| lean(s).unwrap_or(state.stub);
-    let stats = match later {
-        true => p.repatch_with(state.active, same_stub, to, &stub),
-        false => p.apply_with(to, &stub),
-    };
+    let r = f();
     if cpl0 {
         emulate::Machine::write_cr(&mut hw::Hardware, 0, cr0);
     }
     serialize();
-    state.active = to;
-    state.patched_stub = state.stub;
-    Some(stats)
+    r
 }
 
 /// Start of day for any boot path: save the originals, build the index and the out-of-line
@@ -430,10 +445,15 @@ extern "C" fn previrt_trace_dispatch(regs: &mut Regs) {
         regs.rip = ool;
     }
     regs.iret_rsp = regs.gpr[gpr::RSP];
-    // Unless the site changed CS or SS, return without reloading them (CS = 0 tells the stub):
-    // an `iretq` would reload both from the GDT, wrong right after a kernel's `lgdt` and
-    // before its own far return (Linux's startup_64). The stub's plain return writes three
-    // words below the target RSP, which must not reach the frame it still reads.
+    keep_segments(regs, entry);
+}
+
+/// Unless the site changed CS or SS, return without reloading them (CS = 0 tells a stub
+/// ending in [`keep_segments_exit`]): an `iretq` would reload both from the GDT, wrong right
+/// after a kernel's `lgdt` and before its own far return (Linux's startup_64). The stub's
+/// plain return writes three words below the target RSP, which must not reach the frame it
+/// still reads. `entry`: CS, SS and RSP of the frame as the stub saved it.
+pub(crate) fn keep_segments(regs: &mut Regs, entry: (u64, u64, u64)) {
     if (regs.cs, regs.ss) == (entry.0, entry.1) && regs.iret_rsp >= entry.2 - 8 {
         regs.cs = 0;
     }
@@ -497,7 +517,7 @@ const _: () = assert!(core::mem::size_of::<Regs>() == 168);
 // stub below (`cli`, `iretq`) and the Xen PV stub (crate::xen) are this text with their own
 // `$off`, dispatcher and `$exit`.
 macro_rules! site_stub {
-    ($off:literal, $dispatch:literal, $exit:literal) => {
+    ($off:literal, $dispatch:literal, $exit:expr) => {
         concat!(
             r#"    leaq -168(%rsp), %rsp
     movq %rax, 0(%rsp)
@@ -559,19 +579,12 @@ macro_rules! site_stub {
 }
 pub(crate) use site_stub;
 
-// The trace stub: real interrupts off for the dispatch. Its exit is `iretq`, or with CS = 0 in
-// the frame (rip, cs, rflags, rsp, ss) a return that keeps CS and SS: RIP, RFLAGS and the
-// saved %rax go below the target RSP, then popq/popfq/ret there (frame fields are read before
-// the slot they share is written).
-core::arch::global_asm!(
-    concat!(
-        ".section .text.previrt_trace, \"ax\", @progbits\n",
-        ".globl previrt_trace_entry\n",
-        "previrt_trace_entry:\n",
-        site_stub!(
-            "    cli\n",
-            "previrt_trace_dispatch",
-            r#"    cmpq $0, 8(%rsp)
+// A site stub's exit: `iretq`, or with CS = 0 in the frame (rip, cs, rflags, rsp, ss) a return
+// that keeps CS and SS: RIP, RFLAGS and the saved %rax go below the target RSP, then
+// popq/popfq/ret there (frame fields are read before the slot they share is written).
+macro_rules! keep_segments_exit {
+    () => {
+        r#"    cmpq $0, 8(%rsp)
     jne 1f
     pushq %rax
     pushq %rbx
@@ -589,7 +602,17 @@ core::arch::global_asm!(
     ret
 1:  iretq
 "#
-        ),
+    };
+}
+pub(crate) use keep_segments_exit;
+
+// The trace stub: real interrupts off for the dispatch.
+core::arch::global_asm!(
+    concat!(
+        ".section .text.previrt_trace, \"ax\", @progbits\n",
+        ".globl previrt_trace_entry\n",
+        "previrt_trace_entry:\n",
+        site_stub!("    cli\n", "previrt_trace_dispatch", keep_segments_exit!()),
         ".text\n"
     ),
     options(att_syntax, raw)
