@@ -193,6 +193,8 @@ pub struct Patcher<'a> {
     pub index: &'a mut [IndexEntry],
     /// Number of valid entries in `index` (sorted by site after [`Patcher::prepare`]).
     pub sites: usize,
+    /// How many of them are flagged INIT (left alone by every later pass).
+    pub init: usize,
 }
 
 impl<'a> Patcher<'a> {
@@ -203,7 +205,7 @@ impl<'a> Patcher<'a> {
     /// The table, the sites and the save slots it names must be mapped and writable.
     pub unsafe fn prepare(start: u64, len: usize, index: &'a mut [IndexEntry]) -> Result<Patcher<'a>, PatchError> {
         let capacity = index.len();
-        let mut n = 0;
+        let (mut n, mut init) = (0, 0);
         let saving = core::cell::Cell::new(false);
         for_each_site(
             start,
@@ -225,6 +227,7 @@ impl<'a> Patcher<'a> {
                         s.record.insn_len as usize,
                     );
                 }
+                init += usize::from(s.record.has(previrt_site_abi::flags::INIT));
                 let slot = index.get_mut(n).ok_or(PatchError::IndexFull { capacity })?;
                 *slot = IndexEntry { site: s.at.site, record_addr: s.record_addr };
                 n += 1;
@@ -232,7 +235,7 @@ impl<'a> Patcher<'a> {
             },
         )?;
         index[..n].sort_unstable_by_key(|e| e.site);
-        Ok(Patcher { start, len, index, sites: n })
+        Ok(Patcher { start, len, index, sites: n, init })
     }
 
     /// Rewrite every site for `backend`; routed sites call `stub`. Sites are written with
@@ -250,7 +253,7 @@ impl<'a> Patcher<'a> {
     /// # Safety
     /// As for [`Patcher::apply`].
     pub unsafe fn apply_with(&self, backend: &Backend, stub: &dyn Fn(&Site) -> u64) -> Stats {
-        self.pass(backend, stub, None)
+        self.pass(backend, stub, None, &mut self.index[..self.sites].iter())
     }
 
     /// A later pass (migration, `previrt_repatch`) from the sites as a pass for `from` left
@@ -270,14 +273,40 @@ impl<'a> Patcher<'a> {
         backend: &Backend,
         stub: &dyn Fn(&Site) -> u64,
     ) -> Stats {
-        self.pass(backend, stub, Some((from, same_stub)))
+        self.pass(backend, stub, Some((from, same_stub)), &mut self.index[..self.sites].iter())
     }
 
-    unsafe fn pass(&self, backend: &Backend, stub: &dyn Fn(&Site) -> u64, from: Option<(&Backend, bool)>) -> Stats {
+    /// As [`Patcher::repatch_with`] (without `same_stub`), visiting only the sites at index
+    /// positions `only`: the caller knows the others already hold what `backend` wants. The
+    /// sites not visited count as unchanged, the INIT ones as left alone.
+    ///
+    /// # Safety
+    /// As for [`Patcher::repatch_with`]; every position is below `self.sites`.
+    pub unsafe fn repatch_only(
+        &self,
+        only: &[u16],
+        from: &Backend,
+        backend: &Backend,
+        stub: &dyn Fn(&Site) -> u64,
+    ) -> Stats {
+        let mut entries = only.iter().map(|&i| &self.index[i as usize]);
+        let mut stats = self.pass(backend, stub, Some((from, false)), &mut entries);
+        stats.init_left = self.init;
+        stats.unchanged = self.sites - stats.rewritten - self.init;
+        stats
+    }
+
+    unsafe fn pass<'e>(
+        &self,
+        backend: &Backend,
+        stub: &dyn Fn(&Site) -> u64,
+        from: Option<(&Backend, bool)>,
+        entries: &mut dyn Iterator<Item = &'e IndexEntry>,
+    ) -> Stats {
         let later = from.is_some();
         let mut stats = Stats { sites: self.sites, ..Default::default() };
         let mut buf = [0u8; MAX_SITE_LEN];
-        for e in &self.index[..self.sites] {
+        for e in entries {
             let site = self.site(e);
             if later && site.record.has(previrt_site_abi::flags::INIT) {
                 stats.init_left += 1;

@@ -305,8 +305,20 @@ fn native_release() {
     hw::outb(0x40, 0xff);
 }
 
-/// Sites restored by [`previrt_lazy_dispatch`] since the last lazy move.
+/// Sites restored by [`previrt_lazy_dispatch`] since the last lazy move, and the index
+/// positions of the first [`LISTED`] of them: the move back to the encoding of before
+/// rewrites only those ([`restored`]).
 static RESTORED: AtomicU64 = AtomicU64::new(0);
+const LISTED: usize = 512;
+static LIST: Global<[u16; LISTED]> = Global(UnsafeCell::new([0; LISTED]));
+
+/// The index positions of the sites restored since the last lazy move; None when there were
+/// more than the list holds (then every site must be compared).
+pub(super) fn restored() -> Option<&'static [u16]> {
+    let n = RESTORED.load(Ordering::Relaxed) as usize;
+    // SAFETY: single vCPU; written only by the lazy dispatcher, not running now.
+    (n <= LISTED).then(|| &unsafe { LIST.get() }[..n])
+}
 
 /// The lazy move to native-watch: no site visited, the shared entry already points at
 /// `previrt_lazy_entry` (set by `resume`). The sites keep the encoding they hold (or, after an
@@ -349,7 +361,11 @@ extern "C" fn previrt_lazy_dispatch(regs: &mut Regs) {
         // SAFETY: no CPU inside the site (this one is in the stub); serialized before the
         // return re-fetches it.
         unsafe { super::writing_code(|| core::ptr::copy_nonoverlapping(bytes.as_ptr(), site.at.site as *mut u8, len)) };
-        RESTORED.fetch_add(1, Ordering::Relaxed);
+        let n = RESTORED.fetch_add(1, Ordering::Relaxed) as usize;
+        if n < LISTED {
+            // SAFETY: single vCPU with interrupts off. Positions fit: MAX_SITES <= 65,536.
+            unsafe { LIST.get()[n] = i as u16 };
+        }
         regs.rip = site.at.site - alias;
         regs.iret_rsp = regs.gpr[gpr::RSP];
     }

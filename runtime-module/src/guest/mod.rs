@@ -219,16 +219,20 @@ unsafe fn apply(state: &mut State, to: &'static Backend, later: bool) -> Option<
     let (from, lazy) = state.lazy_from.map_or((state.active, false), |b| (b, true));
     // The same route function, stub and lean entries write the same bytes.
     let lean_kinds = |b: &Backend| LEAN.iter().position(|(id, _)| *id == b.id);
-    let same_stub = !lazy && state.patched_stub == state.stub && lean_kinds(from) == lean_kinds(to);
-    if later && same_stub && core::ptr::fn_addr_eq(from.route, to.route) {
+    let same_stub = state.patched_stub == state.stub && lean_kinds(from) == lean_kinds(to);
+    let same_encoding = later && same_stub && core::ptr::fn_addr_eq(from.route, to.route);
+    if same_encoding && !lazy {
         state.active = to;
         return Some(crate::patch::Stats { sites: p.sites, unchanged: p.sites, ..Default::default() });
     }
+    // Back to the encoding of before a lazy move: only the sites restored since differ.
+    let only = if same_encoding && lazy { migrate::restored() } else { None };
     let lean = |s: &crate::patch::Site| LEAN.iter().find(|(id, _)| *id == to.id).and_then(|(_, lean)| lean(s));
     let stub = |s: &crate::patch::Site| lean(s).unwrap_or(state.stub);
-    let stats = writing_code(|| match later {
-        true => p.repatch_with(from, same_stub, to, &stub),
-        false => p.apply_with(to, &stub),
+    let stats = writing_code(|| match (later, only) {
+        (true, Some(only)) => p.repatch_only(only, from, to, &stub),
+        (true, None) => p.repatch_with(from, same_stub && !lazy, to, &stub),
+        (false, _) => p.apply_with(to, &stub),
     });
     state.lazy_from = None;
     state.active = to;
