@@ -21,6 +21,8 @@
 #    resume. Sites rewritten / left unchanged are printed per scenario.
 # 4. Emulated instructions: KVM's insn_emulation counter from the restore to the guest's first
 #    VMM exit after an hv -> none move (the UART poll of its first byte): set-up + re-patch.
+# 5. The move back, none -> hv: re-patch and resume of the runtime's line at its next hlt
+#    (after a lazy move it rewrites only the sites restored since).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 runs=${1:-5}
@@ -118,6 +120,23 @@ $bin run --boot pvh "$work/linked.elf" --mem 64M --append "$hv_args" --snapshot 
 $bin restore "$work/c.snap" --abi none --snapshot "$work/x.snap" --snapshot-after 1exits \
   --stats-json "$work/x.json" >/dev/null 2>&1 || true
 python3 -c "import json,sys; k=json.load(open(sys.argv[1]))['kvm']; print(f'\nhv -> none: {k[\"insn_emulation\"]} emulated instructions from the restore to the first console byte (set-up + re-patch)')" "$work/x.json"
+
+# The move back (none -> hv): a forced save under --abi none 300 exits after the restore
+# above, restored under the previrt ABI; the runtime re-patches at its next hlt, only the
+# sites restored lazily on the none leg.
+for _ in $(seq "$runs"); do
+  $bin restore "$work/c.snap" --abi none --snapshot "$work/n.snap" --snapshot-after 300exits >/dev/null 2>&1 || true
+  $bin restore "$work/n.snap" --abi previrt 2>/dev/null | grep -o 'previrt: resumed on previrt-hv.*' >>"$work/back.txt" || true
+done
+python3 - "$work/back.txt" <<'PY'
+import re, statistics, sys
+ls = open(sys.argv[1]).read().splitlines()
+g = lambda pat: [float(re.search(pat, l).group(1)) for l in ls]
+rp, rs = [v / 1000 for v in g(r"re-patched in (\d+) us")], [v / 1000 for v in g(r"resumed in (\d+) us")]
+rw, lz = g(r" rewritten=(\d+)"), g(r"lazily restored since the last move: (\d+)")
+print(f"\nnone -> hv (at the next hlt), {len(ls)} runs, ms median (best): re-patch {statistics.median(rp):.2f} ({min(rp):.2f}),"
+      f" resume {statistics.median(rs):.2f} ({min(rs):.2f}); rewritten {int(min(rw))}-{int(max(rw))} = sites restored lazily {int(min(lz))}-{int(max(lz))}")
+PY
 echo
 echo "re-patch (host process, the guest runtime's patcher):"
 for n in 104 10000; do
