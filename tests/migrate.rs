@@ -609,7 +609,13 @@ fn sigusr1_and_the_control_socket_save_a_running_guest_that_suspends_itself() {
 
 /// `previrt run --boot pvh KERNEL --append CMDLINE EXTRA…`, saved after `after`: (stdout of
 /// the saving run, snapshot path). The guest must have suspended itself.
-fn cooperative_save(d: &Path, kernel: &Path, cmdline: &str, after: &str, extra: &[&str]) -> (String, std::path::PathBuf) {
+fn cooperative_save(
+    d: &Path,
+    kernel: &Path,
+    cmdline: &str,
+    after: &str,
+    extra: &[&str],
+) -> (String, std::path::PathBuf) {
     let snap = d.join("vm.snap");
     let mut args = vec!["run", "--boot", "pvh", kernel.to_str().unwrap(), "--append", cmdline];
     args.extend_from_slice(extra);
