@@ -210,3 +210,42 @@ fn repatch_writes_only_changed_sites_and_leaves_init_sites() {
     let compared = unsafe { p.repatch_with(&TRACE, false, &NATIVE, &|_| stub) };
     assert_eq!((compared.rewritten, compared.unchanged), (0, 23), "{compared:?}");
 }
+
+/// The move back from a lazy restore (`Patcher::repatch_only`) visits only the sites listed as
+/// restored: they call the stub again, an unlisted site that is native too is left as it is,
+/// and every site not visited counts as unchanged.
+#[test]
+fn repatch_only_rewrites_the_listed_sites_and_nothing_else() {
+    let t = table();
+    let base = t.buf.as_ptr() as u64;
+    let start = base + t.table as u64;
+    let stub = base + 3 * SCRATCH as u64;
+    let mut index = vec![IndexEntry::default(); 64];
+    // SAFETY (all patcher calls): table, sites and save slots live in t.buf.
+    let p = unsafe { Patcher::prepare(start, t.len, &mut index) }.unwrap();
+    for (i, (at, ..)) in t.sites.iter().enumerate() {
+        assert_eq!(p.index[i].site, base + *at as u64, "index position {i} is the i-th site");
+    }
+    unsafe { p.apply(&TRACE, stub) };
+    let calls_stub = |i: usize| {
+        let (at, _, len, _) = &t.sites[i];
+        let ins = Decoder::with_ip(64, &t.buf[*at..*at + len], base + *at as u64, DecoderOptions::NONE).decode();
+        (ins.mnemonic(), ins.near_branch64()) == (Mnemonic::Call, stub)
+    };
+    let native = |i: usize| {
+        let (at, orig, ..) = &t.sites[i];
+        t.buf[*at..*at + orig.len()] == orig[..]
+    };
+    // Three routed sites (out, wrmsr, out) restored natively, as the first-call stub does.
+    let restored = [1u16, 3, 9];
+    assert!(restored.iter().all(|&i| calls_stub(i as usize)));
+    let lazy = unsafe { p.repatch_only(&restored, &TRACE, &NATIVE, &|_| stub) };
+    assert_eq!((lazy.rewritten, lazy.unchanged), (3, 21), "{lazy:?}");
+    assert!(restored.iter().all(|&i| native(i as usize)));
+
+    let back = unsafe { p.repatch_only(&restored[..2], &NATIVE, &TRACE, &|_| stub) };
+    assert_eq!((back.rewritten, back.unchanged, back.init_left), (2, 22, 0), "{back:?}");
+    assert!(calls_stub(1) && calls_stub(3), "the listed sites call the stub again");
+    assert!(native(9), "a site not listed is not visited");
+    assert!(calls_stub(0) && calls_stub(17), "sites that kept their calls are untouched");
+}
