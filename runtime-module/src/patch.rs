@@ -276,26 +276,6 @@ impl<'a> Patcher<'a> {
         self.pass(backend, stub, Some((from, same_stub)), &mut self.index[..self.sites].iter())
     }
 
-    /// As [`Patcher::repatch_with`] (without `same_stub`), visiting only the sites at index
-    /// positions `only`: the caller knows the others already hold what `backend` wants. The
-    /// sites not visited count as unchanged, the INIT ones as left alone.
-    ///
-    /// # Safety
-    /// As for [`Patcher::repatch_with`]; every position is below `self.sites`.
-    pub unsafe fn repatch_only(
-        &self,
-        only: &[u16],
-        from: &Backend,
-        backend: &Backend,
-        stub: &dyn Fn(&Site) -> u64,
-    ) -> Stats {
-        let mut entries = only.iter().map(|&i| &self.index[i as usize]);
-        let mut stats = self.pass(backend, stub, Some((from, false)), &mut entries);
-        stats.init_left = self.init;
-        stats.unchanged = self.sites - stats.rewritten - self.init;
-        stats
-    }
-
     unsafe fn pass<'e>(
         &self,
         backend: &Backend,

@@ -305,19 +305,42 @@ fn native_release() {
     hw::outb(0x40, 0xff);
 }
 
-/// Sites restored by [`previrt_lazy_dispatch`] since the last lazy move, and the index
-/// positions of the first [`LISTED`] of them: the move back to the encoding of before
-/// rewrites only those ([`restored`]).
+/// Sites restored by [`previrt_lazy_dispatch`] since the last lazy move, and for the first
+/// [`LOGGED`] of them what each held before (the encoding of before that move): the move back
+/// writes those bytes again ([`undo`]) — no record read, nothing encoded or compared, which
+/// on an instruction-emulated host is most of a re-patch's cost.
 static RESTORED: AtomicU64 = AtomicU64::new(0);
-const LISTED: usize = 512;
-static LIST: Global<[u16; LISTED]> = Global(UnsafeCell::new([0; LISTED]));
+const LOGGED: usize = 256;
+#[derive(Clone, Copy)]
+struct Undo {
+    site: u64,
+    len: u8,
+    bytes: [u8; MAX_SITE_LEN],
+}
+static UNDO: Global<[Undo; LOGGED]> =
+    Global(UnsafeCell::new([Undo { site: 0, len: 0, bytes: [0; MAX_SITE_LEN] }; LOGGED]));
 
-/// The index positions of the sites restored since the last lazy move; None when there were
-/// more than the list holds (then every site must be compared).
-pub(super) fn restored() -> Option<&'static [u16]> {
+/// The move back to the encoding of before the lazy move: the restored sites get their bytes
+/// back; every other site still holds them. None when more sites were restored than the log
+/// holds (then every site must be compared).
+///
+/// # Safety
+/// Code writable (inside `writing_code`), no CPU inside a site, the lazy dispatcher not running.
+pub(super) unsafe fn undo(p: &patch::Patcher) -> Option<Stats> {
     let n = RESTORED.load(Ordering::Relaxed) as usize;
-    // SAFETY: single vCPU; written only by the lazy dispatcher, not running now.
-    (n <= LISTED).then(|| &unsafe { LIST.get() }[..n])
+    if n > LOGGED {
+        return None;
+    }
+    for u in &UNDO.get()[..n] {
+        core::ptr::copy_nonoverlapping(u.bytes.as_ptr(), u.site as *mut u8, u.len as usize);
+    }
+    Some(Stats {
+        sites: p.sites,
+        rewritten: n,
+        unchanged: p.sites - n - p.init,
+        init_left: p.init,
+        ..Default::default()
+    })
 }
 
 /// The lazy move to native-watch: no site visited, the shared entry already points at
@@ -326,9 +349,12 @@ pub(super) fn restored() -> Option<&'static [u16]> {
 /// assume is a stub call everywhere (`State::lazy_from`).
 fn go_lazy(state: &mut State) -> Option<Stats> {
     let sites = state.patcher.as_ref()?.sites;
+    // A second lazy move before the move back keeps the log: its sites still differ.
+    if state.lazy_from.is_none() {
+        RESTORED.store(0, Ordering::Relaxed);
+    }
     state.lazy_from.get_or_insert(state.active);
     state.active = &backend::NATIVE_WATCH;
-    RESTORED.store(0, Ordering::Relaxed);
     Some(Stats { sites, unchanged: sites, ..Default::default() })
 }
 
@@ -358,14 +384,16 @@ extern "C" fn previrt_lazy_dispatch(regs: &mut Regs) {
         let saved = unsafe { core::slice::from_raw_parts(site.at.save as *const u8, site.record.insn_len as usize) };
         patch::encode(&site, saved, Route::Original, 0, &mut bytes);
         let len = site.record.site_len as usize;
+        let n = RESTORED.fetch_add(1, Ordering::Relaxed) as usize;
+        if n < LOGGED {
+            // SAFETY: single vCPU with interrupts off; the site is mapped (it called us).
+            let u = unsafe { &mut UNDO.get()[n] };
+            *u = Undo { site: site.at.site, len: len as u8, bytes: [0; MAX_SITE_LEN] };
+            unsafe { core::ptr::copy_nonoverlapping(site.at.site as *const u8, u.bytes.as_mut_ptr(), len) };
+        }
         // SAFETY: no CPU inside the site (this one is in the stub); serialized before the
         // return re-fetches it.
         unsafe { super::writing_code(|| core::ptr::copy_nonoverlapping(bytes.as_ptr(), site.at.site as *mut u8, len)) };
-        let n = RESTORED.fetch_add(1, Ordering::Relaxed) as usize;
-        if n < LISTED {
-            // SAFETY: single vCPU with interrupts off. Positions fit: MAX_SITES <= 65,536.
-            unsafe { LIST.get()[n] = i as u16 };
-        }
         regs.rip = site.at.site - alias;
         regs.iret_rsp = regs.gpr[gpr::RSP];
     }

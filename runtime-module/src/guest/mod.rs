@@ -225,14 +225,17 @@ unsafe fn apply(state: &mut State, to: &'static Backend, later: bool) -> Option<
         state.active = to;
         return Some(crate::patch::Stats { sites: p.sites, unchanged: p.sites, ..Default::default() });
     }
-    // Back to the encoding of before a lazy move: only the sites restored since differ.
-    let only = if same_encoding && lazy { migrate::restored() } else { None };
+    // Back to the encoding of before a lazy move: only the sites restored since differ, and
+    // the lazy dispatcher logged what they held.
+    let back = same_encoding && lazy;
     let lean = |s: &crate::patch::Site| LEAN.iter().find(|(id, _)| *id == to.id).and_then(|(_, lean)| lean(s));
     let stub = |s: &crate::patch::Site| lean(s).unwrap_or(state.stub);
-    let stats = writing_code(|| match (later, only) {
-        (true, Some(only)) => p.repatch_only(only, from, to, &stub),
-        (true, None) => p.repatch_with(from, same_stub && !lazy, to, &stub),
-        (false, _) => p.apply_with(to, &stub),
+    let stats = writing_code(|| match later {
+        true => back
+            .then(|| migrate::undo(p))
+            .flatten()
+            .unwrap_or_else(|| p.repatch_with(from, same_stub && !lazy, to, &stub)),
+        false => p.apply_with(to, &stub),
     });
     state.lazy_from = None;
     state.active = to;
