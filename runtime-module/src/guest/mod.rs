@@ -613,6 +613,49 @@ macro_rules! keep_segments_exit {
 }
 pub(crate) use keep_segments_exit;
 
+// The exits of the lean interrupt-flag entries (pvm, Xen PV) from their frame: 0 rdx, 8 rax,
+// 16 flags, 24 return address (popf: 32 the popped image). Nothing is written below %rsp: an
+// event may be delivered on this stack at any instruction.
+// pushf, %rax = the virtual IF as RFLAGS bit 9 (nothing else set): the hardware flags with
+// that IF go where the return address was, which moves into the saved flags' slot.
+macro_rules! lean_pushf_exit {
+    () => {
+        r#"    movq 16(%rsp), %rdx
+    andq $-513, %rdx
+    orq %rax, %rdx
+    movq 24(%rsp), %rax
+    movq %rdx, 24(%rsp)
+    movq 16(%rsp), %rdx
+    movq %rax, 16(%rsp)
+    movq 8(%rsp), %rax
+    movq %rdx, 8(%rsp)
+    movq (%rsp), %rdx
+    leaq 8(%rsp), %rsp
+    popfq
+    ret
+"#
+    };
+}
+pub(crate) use lean_pushf_exit;
+
+// popf, the virtual IF already taken from the image: the return address moves onto the
+// popped slot, the rest of the image goes into the hardware flags.
+macro_rules! lean_popf_exit {
+    () => {
+        r#"    movq 32(%rsp), %rax
+    movq %rax, 16(%rsp)
+    movq 24(%rsp), %rax
+    movq %rax, 32(%rsp)
+    popq %rdx
+    popq %rax
+    popfq
+    leaq 8(%rsp), %rsp
+    ret
+"#
+    };
+}
+pub(crate) use lean_popf_exit;
+
 // The trace stub: real interrupts off for the dispatch.
 core::arch::global_asm!(
     concat!(

@@ -764,20 +764,9 @@ previrt_pvm_pushf:
 1:  movl (%rax), %eax
     andl $1, %eax
     shlq $9, %rax
-    movq 16(%rsp), %rdx
-    andq $-513, %rdx
-    orq %rax, %rdx
-    movq 24(%rsp), %rax
-    movq %rdx, 24(%rsp)
-    movq 16(%rsp), %rdx
-    movq %rax, 16(%rsp)
-    movq 8(%rsp), %rax
-    movq %rdx, 8(%rsp)
-    movq (%rsp), %rdx
-    leaq 8(%rsp), %rsp
-    popfq
-    ret
-
+"#,
+        crate::guest::lean_pushf_exit!(),
+        r#"
 // popf: the popped image's IF into `vif`, the rest into the hardware flags; the return
 // address moves onto the popped slot.
 previrt_pvm_popf:
@@ -792,16 +781,9 @@ previrt_pvm_popf:
     testl %edx, %edx
     jz 1f
     pvm_stub_if_due
-1:  movq 32(%rsp), %rax
-    movq %rax, 16(%rsp)
-    movq 24(%rsp), %rax
-    movq %rax, 32(%rsp)
-    popq %rdx
-    popq %rax
-    popfq
-    leaq 8(%rsp), %rsp
-    ret
+1:
 "#,
+        crate::guest::lean_popf_exit!(),
         ".text\n"
     ),
     options(att_syntax, raw)

@@ -202,20 +202,9 @@ previrt_xen_pushf:
     movzbl 1(%rax), %eax
     xorl $1, %eax
     shll $9, %eax
-    movq 16(%rsp), %rdx
-    andq $-513, %rdx
-    orq %rax, %rdx
-    movq 24(%rsp), %rax
-    movq %rdx, 24(%rsp)
-    movq 16(%rsp), %rdx
-    movq %rax, 16(%rsp)
-    movq 8(%rsp), %rax
-    movq %rdx, 8(%rsp)
-    movq (%rsp), %rdx
-    leaq 8(%rsp), %rsp
-    popfq
-    ret
-
+"#,
+        crate::guest::lean_pushf_exit!(),
+        r#"
     /* popf: mask = !(the popped image's IF), the rest into the hardware flags; the return
        address moves onto the popped slot. Stack: 0 rdx, 8 rax, 16 flags, 24 return address,
        32 the image. */
@@ -235,16 +224,9 @@ previrt_xen_popf:
     cmpb $0, (%rax)
     jne xen_lean_stub
 1:  xen_lean_count 3
-    movq 32(%rsp), %rax
-    movq %rax, 16(%rsp)
-    movq 24(%rsp), %rax
-    movq %rax, 32(%rsp)
-    popq %rdx
-    popq %rax
-    popfq
-    leaq 8(%rsp), %rsp
-    ret
-
+"#,
+        crate::guest::lean_popf_exit!(),
+        r#"
     /* Lean byte port I/O through %dx (inb %dx, %al / outb %al, %dx: the kernel's UART and
        PIC accesses), pv::previrt_xen_port_lean does the access on the device models with
        events masked and unmasks them again as they were (delivering what is pending). The
