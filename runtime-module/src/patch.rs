@@ -253,7 +253,7 @@ impl<'a> Patcher<'a> {
     /// # Safety
     /// As for [`Patcher::apply`].
     pub unsafe fn apply_with(&self, backend: &Backend, stub: &dyn Fn(&Site) -> u64) -> Stats {
-        self.pass(backend, stub, None, &mut self.index[..self.sites].iter())
+        self.pass(backend, stub, None)
     }
 
     /// A later pass (migration, `previrt_repatch`) from the sites as a pass for `from` left
@@ -273,20 +273,14 @@ impl<'a> Patcher<'a> {
         backend: &Backend,
         stub: &dyn Fn(&Site) -> u64,
     ) -> Stats {
-        self.pass(backend, stub, Some((from, same_stub)), &mut self.index[..self.sites].iter())
+        self.pass(backend, stub, Some((from, same_stub)))
     }
 
-    unsafe fn pass<'e>(
-        &self,
-        backend: &Backend,
-        stub: &dyn Fn(&Site) -> u64,
-        from: Option<(&Backend, bool)>,
-        entries: &mut dyn Iterator<Item = &'e IndexEntry>,
-    ) -> Stats {
+    unsafe fn pass(&self, backend: &Backend, stub: &dyn Fn(&Site) -> u64, from: Option<(&Backend, bool)>) -> Stats {
         let later = from.is_some();
         let mut stats = Stats { sites: self.sites, ..Default::default() };
         let mut buf = [0u8; MAX_SITE_LEN];
-        for e in entries {
+        for e in &self.index[..self.sites] {
             let site = self.site(e);
             if later && site.record.has(previrt_site_abi::flags::INIT) {
                 stats.init_left += 1;
