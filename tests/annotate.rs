@@ -398,19 +398,7 @@ fn boot_linux(vmlinux: &Path, initrd: &Path, log: &Path) -> String {
 /// says why, and boots to the same init output as the original.
 #[test]
 fn post_link_memory_sites_are_trampolines_in_linux() {
-    let script = common::repo_root().join("scripts/linux-build.sh");
-    let o = Command::new("bash")
-        .arg(script)
-        .arg("--json")
-        .env("PREVIRT_BIN", env!("CARGO_BIN_EXE_previrt"))
-        .output()
-        .expect("bash");
-    assert!(
-        o.status.success(),
-        "scripts/linux-build.sh (see scripts/install-deps.sh): {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    let report: Value = serde_json::from_slice(&o.stdout).unwrap();
+    let report = common::linux_build_report();
     let plain_dir = Path::new(report["boot"]["plain"]["log"].as_str().unwrap()).parent().unwrap().to_path_buf();
     let (vmlinux, initrd) = (plain_dir.join("vmlinux"), plain_dir.parent().unwrap().join("initramfs.cpio"));
 

@@ -5,23 +5,11 @@
 //! cache is missing the script builds (minutes) and a failed build fails the test loudly.
 //! No timing is asserted here: the build-time ratio is in the report.
 
-use std::process::Command;
+mod common;
 
 #[test]
 fn linux_builds_boots_identically_and_is_fully_covered() {
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/linux-build.sh");
-    let out = Command::new("bash")
-        .arg(script)
-        .arg("--json")
-        .env("PREVIRT_BIN", env!("CARGO_BIN_EXE_previrt"))
-        .output()
-        .expect("bash missing");
-    assert!(
-        out.status.success(),
-        "scripts/linux-build.sh failed (prerequisites come from scripts/install-deps.sh):\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let r: serde_json::Value = serde_json::from_slice(&out.stdout).expect("report JSON on stdout");
+    let r = common::linux_build_report();
 
     for b in ["plain", "previrt"] {
         assert!(r["builds"][b]["vmlinux_bytes"].as_u64().unwrap() > 1_000_000, "{b} vmlinux missing");

@@ -21,6 +21,24 @@ pub fn require_tool(tool: &str) {
     assert!(found, "`{tool}` not found on PATH; run scripts/install-deps.sh");
 }
 
+/// The report of scripts/linux-build.sh --json: Linux 6.1 tinyconfig built with plain gcc and
+/// with the previrt toolchain and booted (cached under ~/.cache/previrt, rebuilt when missing
+/// or when the toolchain changed).
+pub fn linux_build_report() -> serde_json::Value {
+    let o = Command::new("bash")
+        .arg(repo_root().join("scripts/linux-build.sh"))
+        .arg("--json")
+        .env("PREVIRT_BIN", env!("CARGO_BIN_EXE_previrt"))
+        .output()
+        .expect("running scripts/linux-build.sh");
+    assert!(
+        o.status.success(),
+        "scripts/linux-build.sh failed (prerequisites come from scripts/install-deps.sh):\n{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    serde_json::from_slice(&o.stdout).expect("report JSON on stdout")
+}
+
 /// Debian's 6.1 kernel cache (`vmlinux`, `modules/`), fetched once by scripts/debian-kernel.sh.
 pub fn debian_kernel() -> PathBuf {
     let o = Command::new("bash")
