@@ -388,7 +388,7 @@ extern "C" fn previrt_lazy_dispatch(regs: &mut Regs) {
         if n < LOGGED {
             // SAFETY: single vCPU with interrupts off; the site is mapped (it called us).
             let u = unsafe { &mut UNDO.get()[n] };
-            *u = Undo { site: site.at.site, len: len as u8, bytes: [0; MAX_SITE_LEN] };
+            (u.site, u.len) = (site.at.site, len as u8);
             unsafe { core::ptr::copy_nonoverlapping(site.at.site as *const u8, u.bytes.as_mut_ptr(), len) };
         }
         // SAFETY: no CPU inside the site (this one is in the stub); serialized before the
