@@ -7,6 +7,8 @@
 .code64
 .text
 .globl _start
+/* For a guest linked with another pvm_compute (bench/pvm_costs.S). */
+.globl putc, puts, putdec, exit, idt
 _start:
     mov 24(%rdi), %rsi              /* hvm_start_info.cmdline_paddr */
     xor %r12d, %r12d
