@@ -87,6 +87,12 @@ void paging_init(void)
 	bool pge = cpuid(1).edx & (1 << 13);
 	u64 flags = PTE_WRITE | (pge ? PTE_GLOBAL : 0);
 	kernel_pml4 = pt_alloc();
+#ifdef PML4_ODD_PAGE
+	/* Build option: the root table on a page whose address has bit 12 set, a placement
+	 * some hypervisors treat specially (a root that ends up there must still work). */
+	if (!((u64)kernel_pml4 & PAGE_SIZE))
+		kernel_pml4 = pt_alloc();
+#endif
 	/* Only the image: everything the kernel touches lives in it, so loaders need map nothing else. */
 	for (u64 pa = (u64)__image_start; pa < ALIGN_UP((u64)__image_end, PAGE_SIZE); pa += PAGE_SIZE)
 		map_page(kernel_pml4, pa, pa, flags);

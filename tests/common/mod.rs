@@ -77,9 +77,14 @@ impl KernelBuild {
 
 /// Builds the example kernel into `out` with `make O=out [CROSS_COMPILE=prefix]`.
 pub fn build_example_kernel(out: &Path, cross_compile: Option<&str>) -> KernelBuild {
+    build_example_kernel_with(out, cross_compile, &[])
+}
+
+/// As [`build_example_kernel`], with more `make` variables (`vars`, e.g. `KCFLAGS=…`).
+pub fn build_example_kernel_with(out: &Path, cross_compile: Option<&str>, vars: &[&str]) -> KernelBuild {
     require_tool("make");
     let mut make = Command::new("make");
-    make.arg("-s").arg("-C").arg(kernel_src()).arg(format!("O={}", out.display()));
+    make.arg("-s").arg("-C").arg(kernel_src()).arg(format!("O={}", out.display())).args(vars);
     if let Some(prefix) = cross_compile {
         make.arg(format!("CROSS_COMPILE={prefix}"));
     }
@@ -236,16 +241,22 @@ pub fn linked_example_kernel() -> &'static Path {
         let base = Path::new(env!("CARGO_TARGET_TMPDIR"));
         remove_dirs_of_dead_processes(base, "linked-kernel-");
         let dir = base.join(format!("linked-kernel-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        let previrt = || Command::new(env!("CARGO_BIN_EXE_previrt"));
-        let tc = dir.join("toolchain");
-        let o = previrt().args(["toolchain", "install", "--prefix"]).arg(&tc).output().expect("previrt");
-        assert!(o.status.success(), "previrt toolchain install: {}", String::from_utf8_lossy(&o.stderr));
-        let prefix = format!("{}/bin/x86_64-previrt-linux-gnu-", tc.display());
-        let build = build_example_kernel(&dir.join("kernel"), Some(&prefix));
-        let elf = dir.join("linked.elf");
-        let o = previrt().arg("link").arg(build.pvh_elf()).arg("-o").arg(&elf).output().expect("previrt");
-        assert!(o.status.success(), "previrt link: {}", String::from_utf8_lossy(&o.stderr));
-        elf
+        link_example_kernel(&dir, &[])
     })
+}
+
+/// The example kernel built with the previrt toolchain and `make` variables `vars`, then
+/// `previrt link`ed, in `dir` (emptied first); the linked ELF's path.
+pub fn link_example_kernel(dir: &Path, vars: &[&str]) -> PathBuf {
+    let _ = std::fs::remove_dir_all(dir);
+    let previrt = || Command::new(env!("CARGO_BIN_EXE_previrt"));
+    let tc = dir.join("toolchain");
+    let o = previrt().args(["toolchain", "install", "--prefix"]).arg(&tc).output().expect("previrt");
+    assert!(o.status.success(), "previrt toolchain install: {}", String::from_utf8_lossy(&o.stderr));
+    let prefix = format!("{}/bin/x86_64-previrt-linux-gnu-", tc.display());
+    let build = build_example_kernel_with(&dir.join("kernel"), Some(&prefix), vars);
+    let elf = dir.join("linked.elf");
+    let o = previrt().arg("link").arg(build.pvh_elf()).arg("-o").arg(&elf).output().expect("previrt");
+    assert!(o.status.success(), "previrt link: {}", String::from_utf8_lossy(&o.stderr));
+    elf
 }

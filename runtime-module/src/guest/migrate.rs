@@ -29,7 +29,7 @@
 use super::{apply, hw, serial::Com1, sym_addr, Global, PvConsole, State, PARAVIRTUAL, STATE};
 use crate::backend::{self, Backend, Route};
 use crate::devices::{Pic, Pit, Programmed};
-use crate::emulate::{self, gpr, Regs};
+use crate::emulate::{self, gpr, Machine as _, Regs};
 use crate::patch::{self, Stats, CALL_LEN, MAX_SITE_LEN};
 use crate::platform;
 use core::cell::UnsafeCell;
@@ -54,16 +54,21 @@ struct Hooks {
     /// On the new platform: undo what this backend left in the virtual hardware that came
     /// with the snapshot.
     release: fn(),
+    /// Whether the backend takes the kernel's CR3 over from where a suspend parked it
+    /// (`crate::pvm::park`: `pvm` syncs its shadow from it); for the others `resume` gives
+    /// the kernel its own CR3 back before it runs.
+    takes_parked_cr3: bool,
 }
 
 static HOOKS: [Hooks; 4] = [
     Hooks {
         backend: &backend::HV,
         encoding: &backend::HV,
-        suspend: crate::hv::suspend,
+        suspend: hv_suspend,
         programmed: crate::hv::programmed,
         adopt: crate::hv::adopt,
         release: || {},
+        takes_parked_cr3: false,
     },
     Hooks {
         backend: &backend::XEN_HVM,
@@ -72,6 +77,7 @@ static HOOKS: [Hooks; 4] = [
         programmed: crate::xen_hvm::programmed,
         adopt: crate::xen_hvm::adopt,
         release: || {},
+        takes_parked_cr3: false,
     },
     Hooks {
         backend: &backend::PVM,
@@ -80,6 +86,7 @@ static HOOKS: [Hooks; 4] = [
         programmed: crate::hv::programmed,
         adopt: crate::pvm::adopt,
         release: || {},
+        takes_parked_cr3: true,
     },
     Hooks {
         backend: &backend::NATIVE_WATCH,
@@ -88,8 +95,21 @@ static HOOKS: [Hooks; 4] = [
         programmed: native_programmed,
         adopt: native_adopt,
         release: native_release,
+        takes_parked_cr3: false,
     },
 ];
+
+/// `hv`'s suspend, off the kernel's root if that is at an odd page (`crate::pvm::park`): a
+/// restore with KVM-PVM's native mode on would run the kernel natively on its own tables
+/// (no U bits) before the runtime could shadow them. Back on it when not resumed elsewhere.
+fn hv_suspend() -> i64 {
+    crate::pvm::park(hw::Hardware.read_cr(3));
+    let r = crate::hv::suspend();
+    if r != suspend::RESUMED {
+        crate::pvm::unpark();
+    }
+    r
+}
 
 fn hooks(b: &Backend) -> Option<&'static Hooks> {
     HOOKS.iter().find(|h| h.backend.id == b.id)
@@ -217,6 +237,10 @@ fn resume(from: &Hooks, before: Option<(Stats, u64)>) -> u32 {
     };
     let pv = pv.filter(|_| why.is_none());
     let to = pv.and_then(|p| hooks(p.backend)).unwrap_or_else(watch);
+    let parked = crate::pvm::parked();
+    if !to.takes_parked_cr3 {
+        crate::pvm::unpark();
+    }
     (to.adopt)(&programmed);
     state.stub = entry(pv.map_or_else(|| sym_addr!("previrt_lazy_entry"), |p| (p.stub)()));
     let restored = state.lazy_from.map(|_| RESTORED.load(Ordering::Relaxed));
@@ -247,6 +271,9 @@ fn resume(from: &Hooks, before: Option<(Stats, u64)>) -> u32 {
     }
     if let Some(n) = restored {
         let _ = write!(out, " (lazily restored since the last move: {n})");
+    }
+    if let Some(cr3) = parked {
+        let _ = write!(out, " (suspended on a copy of the kernel's root {cr3:#x}, which is at an odd page)");
     }
     let _ = write!(out, ", resumed in {} us", micros(t2 - t0));
     if let Some((s, c)) = before {

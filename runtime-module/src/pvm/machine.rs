@@ -136,8 +136,9 @@ pub(crate) fn init(tsc_per_ms: u64) -> Result<(), &'static str> {
 }
 
 /// Migration (guest/migrate.rs): leave the mode first, so the snapshot holds the kernel's
-/// own CR3 and IDT (the ordinary path, which any backend can take over), then the `hv`
-/// suspend; back into the mode when the guest was not resumed elsewhere.
+/// own CR3 (or its root parked at an even page: `park`) and IDT (the ordinary path, which
+/// any backend can take over), then the `hv` suspend; back into the mode when the guest was
+/// not resumed elsewhere.
 pub(crate) fn suspend() -> i64 {
     // SAFETY: at the dispatcher's safe point (single vCPU, `vif` clear).
     let st = unsafe { STATE.get() };
@@ -150,8 +151,9 @@ pub(crate) fn suspend() -> i64 {
 }
 
 /// Migration: bind what the kernel programmed under the previous backend (`hv`'s models).
-/// The mode is entered from the kernel's own CR3 and IDT at the first `pvm` site: the
-/// previous backend's stub, which does not know the mode's selectors, returns first.
+/// The mode is entered from the kernel's own CR3 (the CPU's, or the one its suspend parked)
+/// and IDT at the first `pvm` site: the previous backend's stub, which does not know the
+/// mode's selectors, returns first.
 pub(crate) fn adopt(p: &crate::devices::Programmed) {
     hv::adopt(p);
     // SAFETY: as `suspend`.
@@ -238,9 +240,11 @@ impl State {
         );
     }
 
-    /// Into the mode from the ordinary path: the kernel's CR3 and IDT are the loaded ones.
+    /// Into the mode from the ordinary path: the kernel's IDT is the loaded one, its CR3
+    /// the loaded one unless a suspend parked it (never the park's: `mov from cr3` returns
+    /// what the kernel loaded).
     fn enter(&mut self, pv: &mut Paravirt<Hv>) {
-        self.kernel_cr3 = hw::Hardware.read_cr(3);
+        self.kernel_cr3 = super::park::kernel_cr3();
         let mut idtr = [0u8; 10];
         // SAFETY: stores the IDT register into the buffer.
         unsafe { core::arch::asm!("sidt [{}]", in(reg) idtr.as_mut_ptr(), options(nostack, preserves_flags)) };
@@ -249,9 +253,10 @@ impl State {
         self.sync(pv);
     }
 
-    /// Out of the mode: the kernel's own CR3 (no bit 12: the ordinary path) and IDT.
+    /// Out of the mode: the kernel's own CR3, parked when its root has bit 12 (the mode
+    /// would keep the CPU native on tables without U bits), and its IDT.
     fn leave(&mut self) {
-        hw::Hardware.write_cr(3, self.kernel_cr3);
+        super::park::park(self.kernel_cr3);
         (self.on_copy, self.idt_loaded, self.cr2) = (false, false, None);
         set_lean(false);
         if let Some(t) = self.idt {

@@ -37,9 +37,13 @@ mod fault;
 #[cfg(feature = "guest")]
 mod machine;
 #[cfg(feature = "guest")]
+mod park;
+#[cfg(feature = "guest")]
 mod shadow;
 #[cfg(feature = "guest")]
 pub(crate) use machine::{adopt, init, lean, offered, stub, suspend};
+#[cfg(feature = "guest")]
+pub(crate) use park::{park, parked, unpark};
 
 use previrt_site_abi::Kind;
 
