@@ -348,7 +348,9 @@ fn kernel_lines(out: &str) -> Vec<String> {
 /// Issue 10's migration scenario: a kernel running natively under `pvm` is saved mid-run
 /// (it suspends itself, leaving the mode), restored without the mode (the runtime re-patches
 /// for `hv` on the ordinary path), saved again and restored with the mode (re-patched for
-/// `pvm`, native again). The kernel's lines are those of an uninterrupted run.
+/// `pvm`, native again); the first snapshot is also restored with the mode directly. The
+/// kernel's lines are those of an uninterrupted run. Its root table is at an even page: no
+/// suspend parks.
 #[test]
 fn pvm_guest_moves_to_hv_and_back_re_patching_each_time() {
     let legs = moves_pvm_hv_pvm(common::linked_example_kernel(), "pvm-migrate");
@@ -366,15 +368,16 @@ fn pvm_guest_whose_root_table_is_at_an_odd_page_moves_to_hv_and_back() {
     let d = scratch(&format!("pvm-odd-root-kernel-{}", std::process::id()));
     let kernel = common::link_example_kernel(&d, &["KCFLAGS=-DPML4_ODD_PAGE"]);
     let legs = moves_pvm_hv_pvm(&kernel, "pvm-odd-migrate");
-    for leg in &legs[..2] {
+    for leg in &legs {
         assert!(leg.contains("which is at an odd page)"), "the suspend before this resume parked: {leg}");
     }
 }
 
 /// Runs `kernel` uninterrupted, then saved under `pvm`, resumed under `hv` (`restore --backend
-/// pv`), saved again and resumed under `pvm`; asserts each leg and that the kernel's lines
-/// equal the uninterrupted run's. The two resume lines (hv's, pvm's).
-fn moves_pvm_hv_pvm(kernel: &std::path::Path, name: &str) -> [String; 2] {
+/// pv`), saved again and resumed under `pvm`; and the first snapshot resumed under `pvm`
+/// directly. Asserts each leg and that the kernel's lines equal the uninterrupted run's. The
+/// three resume lines (hv's, pvm's after hv, pvm's from the first snapshot).
+fn moves_pvm_hv_pvm(kernel: &std::path::Path, name: &str) -> [String; 3] {
     const CMDLINE: &str =
         "previrt.backend=auto workloads=timer,cpuid_msr,console repeat=12 hz=100 ticks=20 console_lines=4";
     let d = scratch(&format!("{name}-{}", std::process::id()));
@@ -409,11 +412,15 @@ fn moves_pvm_hv_pvm(kernel: &std::path::Path, name: &str) -> [String; 2] {
     assert_eq!(st, Some(1), "back on pvm: {c}{ce}");
     assert!(c.contains("previrt: resumed on previrt-hv: backend=pvm sites="), "{c}");
     assert!(c.contains("previrt-pvm: native=yes"), "native again after the move back: {c}");
+    let (e, ee, st) = restore(&s1, &["--backend", "native"]);
+    assert_eq!(st, Some(1), "pvm to pvm: {e}{ee}");
+    assert!(e.contains("previrt-pvm: native=yes"), "native after pvm to pvm: {e}");
     let a = stdout(&a);
     assert_eq!(kernel_lines(&format!("{a}{b}{c}")), expected, "three legs != uninterrupted run");
+    assert_eq!(kernel_lines(&format!("{a}{e}")), expected, "pvm, then pvm again != uninterrupted run");
     let resumed = |out: &str| {
         let at = out.find("previrt: resumed on ").unwrap_or(out.len());
         out[at..].lines().next().unwrap_or_default().to_string()
     };
-    [resumed(&b), resumed(&c)]
+    [resumed(&b), resumed(&c), resumed(&e)]
 }
