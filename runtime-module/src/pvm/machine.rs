@@ -20,16 +20,22 @@ const KERNEL_CS: u64 = 0x10;
 const KERNEL_SS: u64 = 0x18;
 /// The mode's DPL3 code segment every IDT gate must name.
 const GATE_CS: u16 = 0x33;
-const PF_VECTOR: usize = 14;
+const PF_VECTOR: u64 = 14;
 
-/// The substitute IDT (256 gates).
+/// The substitute IDT (256 gates, each to its trampoline: the same for any kernel table).
 #[repr(C, align(4096))]
 struct Idt([[u8; 16]; 256]);
 static IDT: Global<Idt> = Global(UnsafeCell::new(Idt([[0; 16]; 256])));
 
-/// Where each vector's trampoline goes: the kernel's handler, or the #PF check.
+/// The kernel's IDT as it loaded it: base and whole gates within its limit. The trampolines
+/// read the gate there at each delivery, so gates the kernel writes after its `lidt` count.
 #[no_mangle]
-static mut previrt_pvm_handlers: [u64; 256] = [0; 256];
+static mut previrt_pvm_idt: [u64; 2] = [0; 2];
+/// Set by the dispatcher when the runtime delivers an event itself (`deliver_pending`,
+/// through the substitute gate): the frame then holds the kernel's IF already (the
+/// trampoline's entry takes `vif` from it instead of the other way round).
+#[no_mangle]
+static mut previrt_pvm_soft: u8 = 0;
 /// Set by every host delivery (it clears the mode's own interrupt flag); the dispatcher
 /// re-opens the flag with one trapping `sti` when the kernel's IF is on.
 #[no_mangle]
@@ -37,10 +43,6 @@ static mut previrt_pvm_masked: u8 = 1;
 /// The shared `vif` the stub saves and clears (set at [`init`]).
 #[no_mangle]
 static mut previrt_pvm_vif: u64 = 0;
-/// Per exception vector, whether the kernel's gate is an interrupt gate (its handler starts
-/// with IF clear): the exception entry then clears `vif` (the substitute is a trap gate).
-#[no_mangle]
-static mut previrt_pvm_clear_if: [u8; 32] = [0; 32];
 /// The #PF stub's verdict: 0 retry, else the kernel's handler to continue in.
 #[no_mangle]
 static mut previrt_pvm_next: u64 = 0;
@@ -67,8 +69,6 @@ struct State {
     shadow: shadow::Cache,
     /// The kernel's IDT as it loaded it; None before its `lidt`.
     idt: Option<DescTable>,
-    /// The kernel's #PF handler (its trampoline goes to the fault check first).
-    kernel_pf: u64,
     /// Set by [`adopt`]: enter the mode at the next site.
     enter_pending: bool,
     /// Whether the hardware CR3 is the live copy's (false after [`State::leave`]).
@@ -100,7 +100,6 @@ static STATE: Global<State> = Global(UnsafeCell::new(State {
     kernel_cr3: 0,
     shadow: shadow::Cache::NEW,
     idt: None,
-    kernel_pf: 0,
     enter_pending: false,
     on_copy: false,
     idt_loaded: false,
@@ -292,11 +291,10 @@ impl State {
     }
 
     /// Once native, the substitute IDT replaces the kernel's (whose gates the mode refuses),
-    /// once: `lidt` traps.
+    /// once: `lidt` traps. It covers every vector: the trampolines check the kernel's limit.
     fn install_idt(&mut self) {
-        if let Some(t) = self.idt.filter(|_| native() && !self.idt_loaded) {
-            let base = IDT.0.get() as u64;
-            hw::Hardware.load_idt(DescTable { limit: t.limit.min(4095), base });
+        if self.idt.is_some() && native() && !self.idt_loaded {
+            hw::Hardware.load_idt(DescTable { limit: 4095, base: IDT.0.get() as u64 });
             self.idt_loaded = true;
         }
     }
@@ -312,51 +310,58 @@ impl State {
         true
     }
 
-    /// Substitute gates for the kernel's table `t`: same vectors, selector 0x33, DPL 3, no
-    /// IST, each through its trampoline. Interrupts keep the kernel's gate type; exceptions
-    /// go through trap gates, so that a fault does not close the mode's own interrupt flag
-    /// (which only a trapping `sti; iretq` reopens: two host traps per fault), and their
-    /// entry gives the kernel an interrupt gate's IF semantics on `vif` instead.
+    /// The kernel's `lidt` of `t`: recorded for the trampolines, which read each gate there
+    /// when it is delivered (a kernel may fill its table after loading it, as Linux does).
+    /// The substitute's gates: selector 0x33, DPL 3, no IST, each vector to its trampoline;
+    /// exceptions through trap gates, so that a fault does not close the mode's own interrupt
+    /// flag (which only a trapping `sti; iretq` reopens: two host traps per fault), other
+    /// vectors through interrupt gates (an external event must close it). The trampolines'
+    /// entry gives the kernel its own gate's semantics on `vif` instead.
     fn build_idt(&mut self, t: DescTable) {
-        // SAFETY: the runtime's own table and the handler slots the trampolines read; no
-        // event is delivered through them while they change (interrupts are off in the kernel
-        // when it loads an IDT, and `vif` is clear in the runtime).
-        let (idt, handlers, clear_if) = unsafe {
-            (
-                &mut IDT.get().0,
-                &mut *core::ptr::addr_of_mut!(previrt_pvm_handlers),
-                &mut *core::ptr::addr_of_mut!(previrt_pvm_clear_if),
-            )
-        };
+        // SAFETY: the runtime's own table (rewritten with the same gates) and the record the
+        // trampolines read; no event is delivered while it changes (interrupts are off in the
+        // kernel when it loads an IDT, and `vif` is clear in the runtime).
+        let (idt, kernel) = unsafe { (&mut IDT.get().0, &mut *core::ptr::addr_of_mut!(previrt_pvm_idt)) };
+        *kernel = [t.base, (u64::from(t.limit) + 1) / 16];
         let tramp = sym_addr!("previrt_pvm_vectors");
         for (v, gate) in idt.iter_mut().enumerate() {
-            let mut g = [0u8; 16];
-            if (v as u64 + 1) * 16 <= t.limit as u64 + 1 {
-                hw::Hardware.read(t.base + v as u64 * 16, &mut g);
-            }
-            if g[5] & 0x80 == 0 {
-                *gate = [0; 16];
-                continue;
-            }
-            handlers[v] = emulate::gate_handler(&g);
             let to = tramp + v as u64 * 16;
-            g[0..2].copy_from_slice(&(to as u16).to_le_bytes());
-            g[2..4].copy_from_slice(&GATE_CS.to_le_bytes());
-            g[4] = 0;
-            if let Some(c) = clear_if.get_mut(v) {
-                *c = u8::from(g[5] & 0x0f == 0xe);
-            }
-            g[5] = 0xe0 | if v < 32 { 0xf } else { g[5] & 0x0f };
-            g[6..8].copy_from_slice(&((to >> 16) as u16).to_le_bytes());
-            g[8..12].copy_from_slice(&((to >> 32) as u32).to_le_bytes());
-            *gate = g;
+            gate[0..2].copy_from_slice(&(to as u16).to_le_bytes());
+            gate[2..4].copy_from_slice(&GATE_CS.to_le_bytes());
+            gate[4] = 0;
+            gate[5] = if v < 32 { 0xef } else { 0xee };
+            gate[6..8].copy_from_slice(&((to >> 16) as u16).to_le_bytes());
+            gate[8..12].copy_from_slice(&((to >> 32) as u32).to_le_bytes());
         }
-        self.kernel_pf = handlers[PF_VECTOR];
-        handlers[PF_VECTOR] = sym_addr!("previrt_pvm_pf");
         self.idt = Some(t);
-        self.idt_loaded = false;
         self.install_idt();
     }
+}
+
+/// The kernel's gate for `vector` as it is now; None when it is beyond the loaded table's
+/// limit or not present.
+fn kernel_gate(vector: u64) -> Option<[u8; 16]> {
+    // SAFETY: written only at `lidt` (`State::build_idt`).
+    let [base, gates] = unsafe { previrt_pvm_idt };
+    let mut g = [0u8; 16];
+    (vector < gates).then(|| hw::Hardware.read(base + vector * 16, &mut g))?;
+    (g[5] & 0x80 != 0).then_some(g)
+}
+
+/// A delivery through a gate the kernel's table does not have (from the trampolines, with
+/// `vif` clear): the CPU would raise #NP (not present) or #GP (beyond the limit), which the
+/// backend does not model; it stops rather than jump to a stale or absent handler.
+#[no_mangle]
+extern "C" fn previrt_pvm_absent(vector: u64) -> ! {
+    // SAFETY: as `kernel_gate`.
+    let gates = unsafe { previrt_pvm_idt[1] };
+    let why = if vector < gates {
+        "which is not present (the CPU raises #NP)"
+    } else {
+        "beyond its limit (the CPU raises #GP)"
+    };
+    hv::machine()
+        .fatal(format_args!("pvm: vector {vector:#x} delivered through the kernel's IDT gate, {why}: not modelled"))
 }
 
 /// The `hv` machine with the mode's rules kept: CR3, `invlpg`, `lidt`, and the interrupt
@@ -518,6 +523,10 @@ fn dispatch(regs: &mut Regs) -> bool {
     }
     pv.tick();
     pv.deliver_pending(regs);
+    if st.idt_loaded && regs.rip == sym_addr!("previrt_pv_deliver") {
+        // SAFETY: single vCPU; read by the trampoline's entry, where this delivery goes.
+        unsafe { previrt_pvm_soft = 1 };
+    }
     reopen(regs.rflags & rflags::IF != 0);
     pv.hv.suspend_requested()
 }
@@ -539,7 +548,8 @@ extern "C" fn previrt_pvm_fault(frame: &mut [u64; 21]) -> u64 {
     let ours = shadow::kernel_allows(st.kernel_cr3, addr, write)
         .is_some_and(|k| shadow::shadow_allows(st.shadow.cr3(), addr, write) != Some(k));
     if !ours {
-        return st.kernel_pf;
+        // The kernel's #PF gate as it is now (the trampoline sent every #PF here).
+        return kernel_gate(PF_VECTOR).map_or_else(|| previrt_pvm_absent(PF_VECTOR), |g| emulate::gate_handler(&g));
     }
     st.sync(pv);
     st.resolved += 1;
@@ -643,62 +653,102 @@ core::arch::global_asm!(
     iretq
 1:  jmpq *previrt_pvm_next(%rip)
 
+// One trampoline per vector (16 bytes each, the substitute's gates): the vector, and whether
+// the CPU pushed an error code, for `pvm_entry`.
     .balign 16
     .globl previrt_pvm_vectors
 previrt_pvm_vectors:
     .set pvm_vector, 0
     .rept 256
     .balign 16
-    .if pvm_vector < 32
-    jmp pvm_exceptions + 128 * pvm_vector
-    .else
-    movb $1, previrt_pvm_masked(%rip)
-    jmpq *(previrt_pvm_handlers + 8 * pvm_vector)(%rip)
-    .endif
-    .set pvm_vector, pvm_vector + 1
-    .endr
-
-// Exception entries (trap gates): the frame's RFLAGS gets the kernel's IF (`vif`; the
-// hardware's reads 1) and its CS/SS the kernel's selectors (through a trap gate the host
-// pushes the hardware's 0x33/0x2b, through an interrupt gate 0x10/0x18: tests/pvm.rs;
-// KERNEL_CS, KERNEL_SS),
-// a #PF's error code says a supervisor access (the host reports the native ring 3's),
-// and `vif` is cleared when the kernel's gate is an interrupt gate, as the CPU would clear
-// IF; then the kernel's handler (or the #PF check), with every register and flag as at the
-// delivery. Frame above the saved flags and registers: the error code (vectors that push
-// one), RIP, CS, RFLAGS, RSP, SS.
-    .balign 128
-pvm_exceptions:
-    .set pvm_vector, 0
-    .rept 32
-    .balign 128
     .set pvm_error, 0
     .if (pvm_vector == 8) || (pvm_vector >= 10 && pvm_vector <= 14) || (pvm_vector == 17) || (pvm_vector == 21) || (pvm_vector >= 29 && pvm_vector <= 30)
     .set pvm_error, 1
     .endif
-    pushfq
-    pushq %rax
-    pushq %rdx
-    movq previrt_pvm_vif(%rip), %rax
-    movl (%rax), %edx
-    andl $1, %edx
-    shll $9, %edx
-    andq $-513, (40 + 8 * pvm_error)(%rsp)
-    orq %rdx, (40 + 8 * pvm_error)(%rsp)
-    movq $0x10, (32 + 8 * pvm_error)(%rsp)
-    movq $0x18, (56 + 8 * pvm_error)(%rsp)
-    .if pvm_vector == 14
-    andq $-5, 24(%rsp)
-    .endif
-    cmpb $0, (previrt_pvm_clear_if + pvm_vector)(%rip)
-    je 1f
-    movl $0, (%rax)
-1:  popq %rdx
-    popq %rax
-    popfq
-    jmpq *(previrt_pvm_handlers + 8 * pvm_vector)(%rip)
+    pushq $(pvm_vector | pvm_error << 8)
+    jmp pvm_entry
     .set pvm_vector, pvm_vector + 1
     .endr
+
+// Every delivery through the substitute, with the kernel's gate read from its table now
+// (`previrt_pvm_idt`). A host delivery's frame gets the kernel's IF (`vif`; the hardware's
+// reads 1) in its RFLAGS and the kernel's selectors (through a trap gate the host pushes the
+// hardware's 0x33/0x2b, through an interrupt gate 0x10/0x18: tests/pvm.rs; KERNEL_CS,
+// KERNEL_SS), a #PF's error code says a supervisor access (the host reports the native ring
+// 3's), and a vector from 32 up notes that the delivery closed the mode's own IF. The
+// runtime's own delivery (`previrt_pvm_soft`) built its frame with the kernel's IF, which
+// `vif` takes instead. Then `vif` is cleared when the kernel's gate is an interrupt gate, as
+// the CPU would clear IF, and the kernel's handler (for #PF the check, `previrt_pvm_pf`) runs
+// with every register and flag as at the delivery: its address replaces the trampoline's
+// word, taken by the final `ret`. A gate that is not present or beyond the kernel's limit
+// stops the kernel (`previrt_pvm_absent`), except #PF, whose check may resolve the fault.
+// Stack: 0 rsi, 8 rdx, 16 rcx, 24 rax, 32 flags, 40 the trampoline's word, 48 the frame
+// (after the error code, if any): RIP, CS, RFLAGS, RSP, SS.
+pvm_entry:
+    pushfq
+    pushq %rax
+    pushq %rcx
+    pushq %rdx
+    pushq %rsi
+    movzbl 40(%rsp), %ecx
+    movzbl 41(%rsp), %eax
+    leaq 48(%rsp, %rax, 8), %rdx
+    movq previrt_pvm_vif(%rip), %rax
+    cmpb $0, previrt_pvm_soft(%rip)
+    jne 2f
+    movl (%rax), %esi
+    andl $1, %esi
+    shll $9, %esi
+    andq $-513, 16(%rdx)
+    orq %rsi, 16(%rdx)
+    movq $0x10, 8(%rdx)
+    movq $0x18, 32(%rdx)
+    cmpl $14, %ecx
+    jne 1f
+    andq $-5, -8(%rdx)
+1:  cmpl $32, %ecx
+    jb 3f
+    movb $1, previrt_pvm_masked(%rip)
+    jmp 3f
+2:  movb $0, previrt_pvm_soft(%rip)
+    movq 16(%rdx), %rsi
+    shrq $9, %rsi
+    andl $1, %esi
+    movl %esi, (%rax)
+3:  cmpq previrt_pvm_idt+8(%rip), %rcx
+    jae 5f
+    movq %rcx, %rsi
+    shlq $4, %rsi
+    addq previrt_pvm_idt(%rip), %rsi
+    testb $0x80, 5(%rsi)
+    jz 5f
+    movb 5(%rsi), %dl
+    andb $0xf, %dl
+    cmpb $0xe, %dl
+    jne 4f
+    movl $0, (%rax)
+4:  movq 4(%rsi), %rax
+    shrq $16, %rax
+    shlq $16, %rax
+    movw (%rsi), %ax
+    cmpl $14, %ecx
+    jne 6f
+5:  cmpl $14, %ecx
+    jne pvm_absent
+    leaq previrt_pvm_pf(%rip), %rax
+6:  movq %rax, 40(%rsp)
+    popq %rsi
+    popq %rdx
+    popq %rcx
+    popq %rax
+    popfq
+    ret
+pvm_absent:
+    movl $0, (%rax)
+    movl %ecx, %edi
+    andq $-16, %rsp
+    cld
+    call previrt_pvm_absent
 
 // Lean interrupt-flag entries (`lean`): each jumps through its `previrt_pvm_lean` slot. The
 // bodies keep every register and the arithmetic flags (saved with pushfq, restored with

@@ -16,11 +16,13 @@
 //!   reaches the hardware's `invlpg`, and a #PF's address is decoded from the faulting
 //!   instruction where it can be (`fault`), each host trap being ~5 µs here.
 //! - IDT: `lidt` records the kernel's table and loads a substitute whose gates use the
-//!   mode's DPL3 code segment 0x33 and go through one trampoline per vector to the kernel's
-//!   handler, or for #PF to the runtime's fault check first: interrupts through the kernel's
-//!   gate type (the trampoline notes that the delivery masked the mode's interrupt flag),
-//!   exceptions through trap gates (the flag stays open) with an entry that shows the
-//!   kernel an interrupt gate's frame and IF. `sidt` returns the kernel's table.
+//!   mode's DPL3 code segment 0x33 and go through one trampoline per vector, which reads the
+//!   kernel's gate in its table at each delivery (gates written after `lidt` count) and goes
+//!   to its handler, or for #PF to the runtime's fault check first: exceptions through trap
+//!   gates (the mode's interrupt flag stays open), other vectors through interrupt gates (the
+//!   entry notes that the delivery masked it); the kernel sees its own gate's frame and IF
+//!   on `vif`. A gate that is not present stops the kernel with a line. `sidt` returns the
+//!   kernel's table.
 //! - Selectors: native code runs on the host's user selectors (0x33/0x2b) while frames the
 //!   host pushes show the kernel's (0x10/0x18); handlers see the kernel's, and every return
 //!   (the stub's own, an emulated `iretq`) goes out with the hardware's.

@@ -1,0 +1,60 @@
+//! The `pvm` backend and the kernel's descriptor tables (docs/pvm.md): gates the kernel writes
+//! into its IDT after `lidt` (tests/runtime_fixtures/pvm_idt.S) and a GDT without the mode's
+//! user segments (tests/runtime_fixtures/pvm_gdt.S). Each fixture runs under QEMU TCG with
+//! previrt.backend=native (the real instructions: the CPU's answer) and under
+//! `previrt run --backend native` with previrt.backend=pvm (natively on this host's KVM-PVM);
+//! their register dumps must be equal.
+
+mod common;
+mod vmm_support;
+use common::{linked_fixture, run_qemu};
+use vmm_support::{run, stderr, stdout};
+
+/// The "D<case> ..." register dumps of a run's output.
+fn dumps(out: &str) -> Vec<String> {
+    out.lines().filter(|l| l.starts_with('D')).map(String::from).collect()
+}
+
+/// The fixture's dumps under QEMU TCG (`count` of them, exit status 0) and its whole output
+/// under pvm, run natively (`previrt-pvm: native=yes`).
+fn cpu_and_pvm(fixture: &str, count: usize) -> (Vec<String>, String, std::process::Output) {
+    let linked = linked_fixture(fixture);
+    let cpu = run_qemu(&linked, "previrt.backend=native");
+    assert_eq!(cpu.status, 0, "QEMU TCG run: {}{}", cpu.stdout, cpu.stderr);
+    let expected = dumps(&cpu.stdout);
+    assert_eq!(expected.len(), count, "{}", cpu.stdout);
+    let o = run(&linked, &["--backend", "native", "--boot", "pvh", "--append", "previrt.backend=pvm"]);
+    (expected, stdout(&o), o)
+}
+
+/// The first dump where `got` differs from `expected`, as an assertion message.
+fn assert_same(expected: &[String], got: &[String], out: &str) {
+    for (i, (a, b)) in expected.iter().zip(got).enumerate() {
+        assert_eq!(a, b, "dump {} (case {}) differs: CPU, then pvm\n{out}", i + 1, &a[..17]);
+    }
+    assert_eq!(got.len(), expected.len(), "pvm run stopped early:\n{out}");
+}
+
+/// Gates written after `lidt` take effect under pvm as on the CPU: #UD and vector 0x80 go to
+/// handlers set after the load, an interrupt-to-trap gate change shows in the IF the handler
+/// runs with (and the frame's IF is the kernel's, IF off and on), a new handler for 0x80 is
+/// the one called. Last, `int $0x81` through a gate made not present after `lidt`: the CPU
+/// raises #NP, the pvm backend stops with one line naming the vector (it does not jump to
+/// the stale handler). Fails with a backend that copies the handlers at `lidt` (each case's
+/// `ud2` reaches `unexpected`: "X", exit 0x3f).
+#[test]
+fn pvm_sees_idt_gates_written_after_lidt_like_the_cpu() {
+    // 2 dumps per case (before, after) + 1 in the handler: 9 cases; case 0x30's first dump
+    // and the #NP handler's.
+    let (expected, out, o) = cpu_and_pvm("pvm_idt", 9 * 3 + 2);
+    assert!(expected.last().is_some_and(|l| l.starts_with("D0000000000000230")), "#NP handler last: {expected:?}");
+    // Up to the case 0x30 dump before the `int $0x81`, then the backend's stop (the
+    // substitute IDT, and so that stop, exists only while the kernel runs natively).
+    assert_same(&expected[..expected.len() - 1], &dumps(&out), &out);
+    assert!(
+        out.contains("FATAL: pvm: vector 0x81 delivered through the kernel's IDT gate, which is not present"),
+        "{out}{}",
+        stderr(&o)
+    );
+    assert_eq!(o.status.code(), Some(4), "stopped by the runtime: {}", stderr(&o));
+}
