@@ -42,12 +42,10 @@ k_emu=${args[1]:-20000}
 work=$(mktemp -d "${TMPDIR:-/tmp}/previrt-bench-pvm.XXXXXX")
 trap 'rm -rf "$work"' EXIT
 
-cargo build --quiet --release --bin previrt
-previrt=target/release/previrt
-as --64 -o "$work/guest.o" bench/pvm_guest.S
-as --64 -o "$work/loop.o" bench/pvm_loop.S
-ld -m elf_x86_64 -z max-page-size=4096 -Ttext=0x100000 -e _start -o "$work/guest" "$work/guest.o" "$work/loop.o"
-gcc -O2 -o "$work/host" bench/pvm_host.c "$work/loop.o"
+. bench/pvm_common.sh
+pvm_build
+pvm_guest "$work/guest" bench/pvm_loop.S
+gcc -O2 -o "$work/host" bench/pvm_host.c "$work/pvm_loop.o"
 
 # in_kvm_ns of one guest run: backend $1, iterations $2; checks the guest's mode line.
 in_kvm() {
@@ -63,30 +61,7 @@ per_iter() { # backend, iterations -> ns per iteration
   echo "$tn $t0 $2" | awk '{ printf "%.3f", ($1 - $2) / $3 }'
 }
 
-# Part 1: the example kernel.
-"$previrt" toolchain install --prefix "$work/tc" >/dev/null
-make -s -C examples/kernel O="$work/plain" >/dev/null
-make -s -C examples/kernel O="$work/pre" CROSS_COMPILE="$work/tc/bin/x86_64-previrt-linux-gnu-" >/dev/null
-"$previrt" link "$work/pre/kernel-pvh.elf" -o "$work/linked.elf" >/dev/null 2>&1
-# The host's TSC rate (KVM guests here and QEMU TCG read the host's TSC unscaled).
-printf '#include <stdio.h>\n#include <time.h>\n#include <x86intrin.h>\nint main(void){struct timespec a,b;clock_gettime(CLOCK_MONOTONIC,&a);unsigned long long t=__rdtsc();struct timespec d={0,200000000};nanosleep(&d,0);unsigned long long u=__rdtsc();clock_gettime(CLOCK_MONOTONIC,&b);printf("%%.6f\\n",(double)(u-t)/((b.tv_sec-a.tv_sec)*1e9+(b.tv_nsec-a.tv_nsec)));return 0;}\n' >"$work/tsc.c"
-gcc -O2 -o "$work/tsc" "$work/tsc.c"
-tsc_per_ns=$("$work/tsc")
-# One kernel run: set-up $1, kernel command line $2; leaves the output in $work/k.out and
-# prints the VMM's exits (0 for QEMU).
-krun() {
-  case $1 in
-    emulated) "$previrt" run --backend pv --boot pvh --append "$2" --stats-json "$work/k.json" "$work/plain/kernel-pvh.elf" ;;
-    hv) "$previrt" run --backend pv --boot pvh --append "previrt.backend=hv $2" --stats-json "$work/k.json" "$work/linked.elf" ;;
-    pvm) "$previrt" run --backend native --boot pvh --append "previrt.backend=pvm $2" --stats-json "$work/k.json" "$work/linked.elf" ;;
-    qemu) echo '{"exits": 0}' >"$work/k.json"; TIMEOUT=300 examples/kernel/run-qemu.sh "$work/plain/kernel-pvh.elf" "$2" ;;
-  esac >"$work/k.out" 2>&1 || true
-  grep -q '^RESULT PASS' "$work/k.out" || { echo "bench/pvm: $1 '$2' did not pass:" >&2; tail -5 "$work/k.out" >&2; exit 1; }
-  [ "$1" != pvm ] || grep -q '^previrt-pvm: native=yes' "$work/k.out" || { echo "bench/pvm: pvm did not run natively" >&2; exit 1; }
-  sed -n 's/^  "exits": *\([0-9]*\).*/\1/p' "$work/k.json"
-}
-# The kernel's own TIMING line for workload $1 of the last run (TSC cycles).
-cycles() { sed -n "s/^TIMING $1 seq=[0-9]* tsc=//p" "$work/k.out"; }
+# Part 1: the example kernel (built by pvm_build).
 setups="emulated hv pvm qemu"
 workloads="pagetable irqflag timer cpuid_msr mmio console compute"
 load_start=$(cut -d' ' -f1 /proc/loadavg)
@@ -101,7 +76,7 @@ done
 # pagetable repeated: "min median" ms per iteration of set-up $1.
 pt_reps() {
   krun "$1" "workloads=pagetable repeat=8 hz=100" >/dev/null
-  sed -n "s/^TIMING pagetable seq=[0-9]* tsc=//p" "$work/k.out" | sort -n |
+  cycles pagetable | sort -n |
     awk -v t="$tsc_per_ns" '{ a[NR] = $1 } END { printf "%.2f %.2f", a[1] / t / 1e6, a[int((NR + 1) / 2)] / t / 1e6 }'
 }
 read -r pt_pvm_min pt_pvm_med <<<"$(pt_reps pvm)"
