@@ -58,3 +58,32 @@ fn pvm_sees_idt_gates_written_after_lidt_like_the_cpu() {
     );
     assert_eq!(o.status.code(), Some(4), "stopped by the runtime: {}", stderr(&o));
 }
+
+/// A GDT with only null, code32, code64 and data descriptors (no 0x2b/0x33 user segments):
+/// the pvm backend runs the kernel natively on a substitute holding the kernel's descriptors
+/// plus those two, while `sgdt` shows the kernel's table, also after the kernel loads another
+/// one. The dumps (sgdt/sidt, sti/cli/pushf/popf, `ud2` and `int $0x80` frames) equal the
+/// CPU's. Fails without the substitute: the backend's first trapping `sti; iretq` is a
+/// #GP(0x30), then a triple fault.
+#[test]
+fn pvm_runs_a_kernel_whose_gdt_lacks_the_user_segments_natively() {
+    // TABLES twice, 9 cases of 2 dumps, 5 of them with a handler's.
+    let (expected, out, o) = cpu_and_pvm("pvm_gdt", 2 + 9 * 2 + 5);
+    assert!(out.contains("previrt-pvm: native=yes"), "{out}{}", stderr(&o));
+    assert_same(&expected, &dumps(&out), &out);
+    assert_eq!(o.status.code(), Some(1), "isa-debug-exit 0: {}", stderr(&o));
+}
+
+/// A GDT whose 0x28/0x30 slots hold other descriptors (ring-0 data and code) cannot get the
+/// mode's user segments there: the pvm backend stops with one line naming the selector
+/// instead of running into the host's #GP (the CPU runs the kernel as usual).
+#[test]
+fn pvm_stops_with_a_line_when_the_kernels_gdt_uses_the_modes_selectors() {
+    let (_, out, o) = cpu_and_pvm("pvm_gdt_taken", 2 + 9 * 2 + 5);
+    assert!(
+        out.contains("FATAL: pvm: the kernel's GDT holds 0x00cf93000000ffff at selector 0x28"),
+        "{out}{}",
+        stderr(&o)
+    );
+    assert_eq!(o.status.code(), Some(4), "stopped by the runtime: {}", stderr(&o));
+}

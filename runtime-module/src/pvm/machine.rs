@@ -22,6 +22,21 @@ const KERNEL_SS: u64 = 0x18;
 const GATE_CS: u16 = 0x33;
 const PF_VECTOR: u64 = 14;
 
+/// The mode's user segments as (GDT index, descriptor as in Linux's GDT): native code runs on
+/// 0x2b/0x33, and the host checks an emulated `iretq`'s target against the guest's GDT (a
+/// table without them: #GP(0x30), then a triple fault; ring-0 descriptors there: a #GP into
+/// the kernel).
+const USER_SEGMENTS: [(usize, u64); 2] = [(5, 0x00cf_f300_0000_ffff), (6, 0x00af_fb00_0000_ffff)];
+/// The descriptor bits that make one of those: type (less accessed), S, DPL, P and L.
+const SEGMENT_KIND: u64 = 0xfe << 40 | 1 << 53;
+/// Entries the substitute GDT holds: a kernel's table that lacks the user segments must fit.
+const GDT_ENTRIES: usize = 32;
+
+/// The substitute GDT: the kernel's descriptors plus the mode's user segments.
+#[repr(C, align(16))]
+struct Gdt([u8; 8 * GDT_ENTRIES]);
+static GDT: Global<Gdt> = Global(UnsafeCell::new(Gdt([0; 8 * GDT_ENTRIES])));
+
 /// The substitute IDT (256 gates, each to its trampoline: the same for any kernel table).
 #[repr(C, align(4096))]
 struct Idt([[u8; 16]; 256]);
@@ -69,6 +84,10 @@ struct State {
     shadow: shadow::Cache,
     /// The kernel's IDT as it loaded it; None before its `lidt`.
     idt: Option<DescTable>,
+    /// The kernel's GDT while the substitute is the loaded one (its own lacks the mode's
+    /// user segments), and whether the loaded one was checked for them (not after `leave`).
+    gdt: Option<DescTable>,
+    gdt_checked: bool,
     /// Set by [`adopt`]: enter the mode at the next site.
     enter_pending: bool,
     /// Whether the hardware CR3 is the live copy's (false after [`State::leave`]).
@@ -100,6 +119,8 @@ static STATE: Global<State> = Global(UnsafeCell::new(State {
     kernel_cr3: 0,
     shadow: shadow::Cache::NEW,
     idt: None,
+    gdt: None,
+    gdt_checked: false,
     enter_pending: false,
     on_copy: false,
     idt_loaded: false,
@@ -261,6 +282,7 @@ impl State {
         if let Some(t) = self.idt {
             hw::Hardware.load_idt(t);
         }
+        self.restore_gdt();
         // Back on the kernel's selectors (the saved state must not keep the mode's).
         // SAFETY: an iretq to the next instruction with the kernel's code and stack segments.
         unsafe {
@@ -276,6 +298,9 @@ impl State {
     /// (PCID tags would let a switch keep the other copies' translations, but this host's
     /// KVM-PVM offers no PCID: docs/pvm.md.)
     fn sync(&mut self, pv: &mut Paravirt<Hv>) {
+        if !self.gdt_checked {
+            self.load_gdt(loaded_gdt(), pv);
+        }
         let Some(l) = self.shadow.load(self.kernel_cr3) else {
             pv.fatal(format_args!("pvm: the kernel's page tables do not fit the shadow pool"))
         };
@@ -299,15 +324,76 @@ impl State {
         }
     }
 
-    /// `sidt` while the substitute is loaded: the kernel's table, as it loaded it (64-bit
-    /// operand: limit, then base). False for anything else (the original runs).
-    fn store_idt(&self, op: &emulate::Op, regs: &Regs, pv: &mut Paravirt<Hv>) -> bool {
-        let Some(t) = self.idt.filter(|_| op.kind == Kind::Sidt && op.flags & flags::MEM != 0 && self.idt_loaded)
-        else {
-            return false;
+    /// `sidt` or `sgdt` while a substitute is loaded: the kernel's table, as it loaded it
+    /// (64-bit operand: limit, then base). False for anything else (the original runs).
+    fn store_table(&self, op: &emulate::Op, regs: &Regs, pv: &mut Paravirt<Hv>) -> bool {
+        let t = match op.kind {
+            Kind::Sidt => self.idt.filter(|_| self.idt_loaded),
+            Kind::Sgdt => self.gdt,
+            _ => None,
         };
+        let Some(t) = t.filter(|_| op.flags & flags::MEM != 0) else { return false };
         pv.write(op.address(regs), &t.image());
         true
+    }
+
+    /// The kernel's `lgdt` of `t` (or, at the first sync, the table it loaded before): loaded
+    /// as it is when it holds the mode's user segments, else a substitute with its
+    /// descriptors plus those two in their empty slots (read at this load: descriptors the
+    /// kernel writes into its table later are not seen). A slot the kernel uses for another
+    /// descriptor stops it with a line.
+    fn load_gdt(&mut self, t: DescTable, pv: &mut Paravirt<Hv>) {
+        self.gdt_checked = true;
+        let mut lacking = false;
+        for (i, want) in USER_SEGMENTS {
+            let mut d = [0u8; 8];
+            if i * 8 + 7 <= usize::from(t.limit) {
+                hw::Hardware.read(t.base + i as u64 * 8, &mut d);
+            }
+            let d = u64::from_le_bytes(d);
+            if d & SEGMENT_KIND == want & SEGMENT_KIND {
+                continue;
+            }
+            if d != 0 {
+                pv.fatal(format_args!(
+                    "pvm: the kernel's GDT holds {d:#018x} at selector {:#x}; KVM-PVM's native mode needs its user segments at 0x28 (data) and 0x30 (64-bit code, DPL 3)",
+                    i * 8
+                ));
+            }
+            lacking = true;
+        }
+        if !lacking {
+            self.gdt = None;
+            return hw::Hardware.load_gdt(t);
+        }
+        let len = usize::from(t.limit) + 1;
+        // SAFETY: the runtime's own table; the CPU reads a descriptor from it only at a
+        // segment load, none of which happens in here.
+        let sub = unsafe { &mut GDT.get().0 };
+        let Some(kernel) = sub.get_mut(..len) else {
+            pv.fatal(format_args!(
+                "pvm: the kernel's GDT ({len} bytes) lacks KVM-PVM's user segments 0x2b/0x33, and a substitute holds {GDT_ENTRIES} entries"
+            ))
+        };
+        hw::Hardware.read(t.base, kernel);
+        sub[len..].fill(0);
+        for (i, want) in USER_SEGMENTS {
+            let slot = &mut sub[i * 8..i * 8 + 8];
+            if u64::from_le_bytes(slot.try_into().unwrap_or_default()) & SEGMENT_KIND != want & SEGMENT_KIND {
+                slot.copy_from_slice(&want.to_le_bytes());
+            }
+        }
+        let limit = t.limit.max(8 * USER_SEGMENTS[1].0 as u16 + 7);
+        hw::Hardware.load_gdt(DescTable { limit, base: sub.as_ptr() as u64 });
+        self.gdt = Some(t);
+    }
+
+    /// The kernel's own GDT back in the CPU if a substitute replaced it (leaving the mode).
+    fn restore_gdt(&mut self) {
+        self.gdt_checked = false;
+        if let Some(t) = self.gdt.take() {
+            hw::Hardware.load_gdt(t);
+        }
     }
 
     /// The kernel's `lidt` of `t`: recorded for the trampolines, which read each gate there
@@ -335,6 +421,17 @@ impl State {
         }
         self.idt = Some(t);
         self.install_idt();
+    }
+}
+
+/// The GDT register as the CPU holds it.
+fn loaded_gdt() -> DescTable {
+    let mut b = [0u8; 10];
+    // SAFETY: stores the GDT register into the buffer.
+    unsafe { core::arch::asm!("sgdt [{}]", in(reg) b.as_mut_ptr(), options(nostack, preserves_flags)) };
+    DescTable {
+        limit: u16::from_le_bytes([b[0], b[1]]),
+        base: u64::from_le_bytes(b[2..].try_into().unwrap_or_default()),
     }
 }
 
@@ -442,7 +539,7 @@ impl Machine for Pvm<'_> {
         self.pv.halt(interrupts)
     }
     fn load_gdt(&mut self, table: DescTable) {
-        self.pv.load_gdt(table)
+        self.st.load_gdt(table, self.pv)
     }
     fn load_idt(&mut self, table: DescTable) {
         self.st.build_idt(table);
@@ -516,7 +613,7 @@ fn dispatch(regs: &mut Regs) -> bool {
         st.summary(pv);
     }
     let done = op.is_some_and(|op| {
-        st.store_idt(&op, regs, pv) || emulate::emulate(&op, regs, &mut Pvm { pv: &mut *pv, st: &mut *st })
+        st.store_table(&op, regs, pv) || emulate::emulate(&op, regs, &mut Pvm { pv: &mut *pv, st: &mut *st })
     });
     if !done {
         regs.rip = ool;

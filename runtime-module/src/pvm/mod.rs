@@ -50,7 +50,7 @@ pub(crate) use park::{park, parked, unpark};
 use previrt_site_abi::Kind;
 
 /// The kinds `pvm` routes besides the `hv` backend's ([`crate::hv::ROUTED`], whose mov cr
-/// covers CR3): `invlpg` (shadow sync), `lidt` (substitute IDT), `sidt` (the kernel's table,
-/// not the substitute) and `cpuid` (the VMM's table). `sgdt` needs nothing: the kernel's GDT
-/// is the loaded one.
-pub const ROUTED: &[Kind] = &[Kind::Invlpg, Kind::Lidt, Kind::Sidt, Kind::Cpuid];
+/// covers CR3): `invlpg` (shadow sync), `lidt` (substitute IDT), `lgdt` (a substitute GDT
+/// when the kernel's lacks the mode's user segments), `sidt`/`sgdt` (the kernel's tables, not
+/// the substitutes) and `cpuid` (the VMM's table).
+pub const ROUTED: &[Kind] = &[Kind::Invlpg, Kind::Lidt, Kind::Lgdt, Kind::Sidt, Kind::Sgdt, Kind::Cpuid];
