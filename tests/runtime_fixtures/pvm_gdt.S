@@ -4,8 +4,9 @@
  * data, as bench/pvm_guest.S without its user segments. With known flags and GPRs it dumps
  * ("D<case> ...", as pvm_lean.S) what `sgdt` and `sidt` store, then runs `sti` (the pvm
  * backend's first trapping `sti; iretq`), `cli`, pushf/popf, `ud2` and `int $0x80` into
- * interrupt-gate handlers (which dump their frame's RIP, CS, RFLAGS less RF and SS), then
- * loads a second GDT with `lgdt` (one more descriptor) and dumps `sgdt` and a `ud2` again.
+ * interrupt-gate handlers (set after `lidt`; they dump their frame's RIP, CS, RFLAGS less RF
+ * and SS), then loads a second GDT with `lgdt` (one more descriptor) and dumps `sgdt` and a
+ * `ud2` again.
  * Under QEMU TCG with previrt.backend=native (the real instructions) and under
  * `previrt run --backend native` with previrt.backend=pvm the dumps must be equal.
  * With SLOTS_TAKEN defined (pvm_gdt_taken.S) its GDT holds ring-0 descriptors at 0x28 and
@@ -13,20 +14,7 @@
  */
 #define CODE64 0x10
 #include "dump.h"
-
-/* Case \n: IF from \if_on, known flags (ZF PF) and registers, dump, \insn, dump. */
-.macro CASE n, if_on, insn:vararg
-	.if \if_on
-	sti
-	.else
-	cli
-	.endif
-	xorl %eax, %eax
-	LOAD \n
-	DUMP \n
-	\insn
-	DUMP \n + 0x100
-.endm
+#include "pvm_tables.h"
 
 /* Case \n: `sgdt` into rbx (limit) and rcx (base), `sidt` into rsi and rdi; dump. */
 .macro TABLES n
@@ -42,20 +30,9 @@
 .endm
 
 long_start:
-	movw $0x18, %ax
-	movw %ax, %ds
-	movw %ax, %es
-	movw %ax, %ss
-	movq $stack_top, %rsp
-	/* 64-bit CR3 load and lidt: sites, after which the pvm backend runs the kernel natively. */
-	movq $pml4, %rax
-	movq %rax, %cr3
-	call idt_init
-	lidt idtr
-	/* Mask both PICs so that sti takes no interrupt (the BIOS left the timer running). */
-	movb $0xff, %al
-	outb %al, $0x21
-	outb %al, $0xa1
+	START
+	GATE 6, ud_handler, 0x8e
+	GATE 0x80, int_handler, 0x8e
 
 	TABLES 0x3
 	CASE 0x10, 0, sti
@@ -76,64 +53,15 @@ long_start:
 2:	hlt
 	jmp 2b
 
-/* Every gate to `unexpected`, #UD's to `ud_handler`, 0x80's to `int_handler` (interrupt
- * gates, selector 0x10). */
-idt_init:
-	leaq idt(%rip), %rdi
-	leaq unexpected(%rip), %rax
-	movl $256, %ecx
-1:	movw %ax, (%rdi)
-	movw $0x10, 2(%rdi)
-	movw $0x8e00, 4(%rdi)
-	movq %rax, %rdx
-	shrq $16, %rdx
-	movw %dx, 6(%rdi)
-	shrq $16, %rdx
-	movl %edx, 8(%rdi)
-	movl $0, 12(%rdi)
-	addq $16, %rdi
-	decl %ecx
-	jnz 1b
-	leaq ud_handler(%rip), %rax
-	movw %ax, idt + 6 * 16
-	shrq $16, %rax
-	movw %ax, idt + 6 * 16 + 6
-	leaq int_handler(%rip), %rax
-	movw %ax, idt + 0x80 * 16
-	shrq $16, %rax
-	movw %ax, idt + 0x80 * 16 + 6
-	ret
-
-/* The frame into registers: RIP rsi, CS rcx, RFLAGS less RF rbx, SS rdx; then dump \n. */
-.macro FRAME n
-	movq (%rsp), %rsi
-	movq 8(%rsp), %rcx
-	movq 16(%rsp), %rbx
-	andq $~0x10000, %rbx
-	movq 32(%rsp), %rdx
-	DUMP \n
-.endm
-
 /* #UD: dump, return past the ud2. */
 ud_handler:
-	FRAME 0x200
+	FRAME 0x200, 0
 	addq $2, (%rsp)
 	iretq
 
 int_handler:
-	FRAME 0x210
+	FRAME 0x210, 0
 	iretq
-
-/* No other exception or interrupt is expected: say so and exit with 0x3f. */
-unexpected:
-	movb $'X', %al
-	call putc
-	movb $'\n', %al
-	call putc
-	movb $0x3f, %al
-	outb %al, $0xf4
-3:	hlt
-	jmp 3b
 
 	.data
 	.balign 16
@@ -163,15 +91,6 @@ gdt2_end:
 gdtr2:
 	.word gdt2_end - gdt2 - 1
 	.quad gdt2
-idtr:
-	.word 256 * 16 - 1
-	.quad idt
 table_buf:
 	.skip 10
 
-	.bss
-	.balign 16
-idt:	.skip 256 * 16
-	.balign 16
-	.skip 16384
-stack_top:
