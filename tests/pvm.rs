@@ -361,12 +361,14 @@ fn pvm_guest_moves_to_hv_and_back_re_patching_each_time() {
 /// loaded as it is, off the shadow, that root would keep the CPU in the mode on tables
 /// without U bits (a triple fault at the first fetch). Each suspend (pvm's and hv's) leaves
 /// through a copy of the root at an even page and says so in the resume line; `hv` gets the
-/// kernel's own CR3 back, `pvm` syncs its shadow from it. Without the park the saving run
-/// ends in a triple fault (checked by loading the kernel's CR3 in `State::leave` again).
+/// kernel's own CR3 back, `pvm` syncs its shadow from it, and after every workload the kernel
+/// checks that CR3 reads back its root (`-DCHECK_CR3_READBACK`: a FAIL line otherwise).
+/// Checked by breaking it: without the park in `pvm`'s leave the saving run triple-faults,
+/// without the one in `hv`'s suspend the restore under `--backend native` does.
 #[test]
 fn pvm_guest_whose_root_table_is_at_an_odd_page_moves_to_hv_and_back() {
     let d = scratch(&format!("pvm-odd-root-kernel-{}", std::process::id()));
-    let kernel = common::link_example_kernel(&d, &["KCFLAGS=-DPML4_ODD_PAGE"]);
+    let kernel = common::link_example_kernel(&d, &["KCFLAGS=-DPML4_ODD_PAGE -DCHECK_CR3_READBACK"]);
     let legs = moves_pvm_hv_pvm(&kernel, "pvm-odd-migrate");
     for leg in &legs {
         assert!(leg.contains("which is at an odd page)"), "the suspend before this resume parked: {leg}");

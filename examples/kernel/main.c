@@ -145,6 +145,12 @@ static bool run_list(u64 *seq)
 		u64 t0 = rdtsc();
 		const char *why = workloads[i].run(&checksum);
 		u64 cycles = rdtsc() - t0;
+#ifdef CHECK_CR3_READBACK
+		/* Build option: each workload ends on the kernel's own page tables, and CR3 reads
+		 * back the root the kernel loaded (whatever runs underneath). */
+		if (!why && (read_cr3() & PTE_ADDR_MASK) != (u64)kernel_pml4)
+			why = "CR3 does not read back the kernel's root table";
+#endif
 		++*seq;
 		if (why) {
 			printk("WORKLOAD %s FAIL seq=%lu reason: %s\n", workloads[i].name, *seq, why);
