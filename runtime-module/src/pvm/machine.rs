@@ -773,8 +773,9 @@ previrt_pvm_vectors:
 // hardware's 0x33/0x2b, through an interrupt gate 0x10/0x18: tests/pvm.rs; KERNEL_CS,
 // KERNEL_SS), a #PF's error code says a supervisor access (the host reports the native ring
 // 3's), and a vector from 32 up notes that the delivery closed the mode's own IF. The
-// runtime's own delivery (`previrt_pvm_soft`) built its frame with the kernel's IF, which
-// `vif` takes instead. Then `vif` is cleared when the kernel's gate is an interrupt gate, as
+// runtime's own delivery (`previrt_pvm_soft`: always an interrupt vector, so that an
+// exception on the way to it, e.g. a #PF on the stack, is not taken for it) built its frame
+// with the kernel's IF, which `vif` takes instead. Then `vif` is cleared when the kernel's gate is an interrupt gate, as
 // the CPU would clear IF, and the kernel's handler (for #PF the check, `previrt_pvm_pf`) runs
 // with every register and flag as at the delivery: its address replaces the trampoline's
 // word, taken by the final `ret`. A gate that is not present or beyond the kernel's limit
@@ -791,9 +792,12 @@ pvm_entry:
     movzbl 41(%rsp), %eax
     leaq 48(%rsp, %rax, 8), %rdx
     movq previrt_pvm_vif(%rip), %rax
+    cmpl $32, %ecx
+    jb 1f
     cmpb $0, previrt_pvm_soft(%rip)
     jne 2f
-    movl (%rax), %esi
+    movb $1, previrt_pvm_masked(%rip)
+1:  movl (%rax), %esi
     andl $1, %esi
     shll $9, %esi
     andq $-513, 16(%rdx)
@@ -801,11 +805,8 @@ pvm_entry:
     movq $0x10, 8(%rdx)
     movq $0x18, 32(%rdx)
     cmpl $14, %ecx
-    jne 1f
+    jne 3f
     andq $-5, -8(%rdx)
-1:  cmpl $32, %ecx
-    jb 3f
-    movb $1, previrt_pvm_masked(%rip)
     jmp 3f
 2:  movb $0, previrt_pvm_soft(%rip)
     movq 16(%rdx), %rsi
