@@ -644,17 +644,21 @@ extern "C" fn previrt_pvm_fault(frame: &mut [u64; 21]) -> u64 {
     let write = frame[15] & 2 != 0;
     let ours = shadow::kernel_allows(st.kernel_cr3, addr, write)
         .is_some_and(|k| shadow::shadow_allows(st.shadow.cr3(), addr, write) != Some(k));
+    // The kernel's IF at the fault (the entry put it into the frame and cleared `vif`).
+    let kernel_if = frame[18] & rflags::IF != 0;
+    // SAFETY: the shared page's `vif`.
+    let set_vif = |on: bool| unsafe { (previrt_pvm_vif as *mut u32).write_volatile(u32::from(on)) };
     if !ours {
-        // The kernel's #PF gate as it is now (the trampoline sent every #PF here).
-        return kernel_gate(PF_VECTOR).map_or_else(|| previrt_pvm_absent(PF_VECTOR), |g| emulate::gate_handler(&g));
+        // The kernel's #PF gate as it is now (read here, not in the entry: see there); its
+        // handler starts with IF clear through an interrupt gate.
+        let Some(g) = kernel_gate(PF_VECTOR) else { previrt_pvm_absent(PF_VECTOR) };
+        set_vif(kernel_if && g[5] & 0xf != 0xe);
+        return emulate::gate_handler(&g);
     }
     st.sync(pv);
     st.resolved += 1;
-    // Retried: the kernel's IF at the fault (the exception entry put it into the frame and
-    // may have cleared `vif`) comes back.
-    let kernel_if = frame[18] & rflags::IF != 0;
-    // SAFETY: the shared page's `vif`.
-    unsafe { (previrt_pvm_vif as *mut u32).write_volatile(u32::from(kernel_if)) };
+    // Retried: the kernel's IF comes back.
+    set_vif(kernel_if);
     reopen(kernel_if);
     (frame[17], frame[20]) = hardware_selectors();
     0
@@ -775,11 +779,13 @@ previrt_pvm_vectors:
 // 3's), and a vector from 32 up notes that the delivery closed the mode's own IF. The
 // runtime's own delivery (`previrt_pvm_soft`: always an interrupt vector, so that an
 // exception on the way to it, e.g. a #PF on the stack, is not taken for it) built its frame
-// with the kernel's IF, which `vif` takes instead. Then `vif` is cleared when the kernel's gate is an interrupt gate, as
-// the CPU would clear IF, and the kernel's handler (for #PF the check, `previrt_pvm_pf`) runs
-// with every register and flag as at the delivery: its address replaces the trampoline's
-// word, taken by the final `ret`. A gate that is not present or beyond the kernel's limit
-// stops the kernel (`previrt_pvm_absent`), except #PF, whose check may resolve the fault.
+// with the kernel's IF, which `vif` takes instead. Then `vif` is cleared when the kernel's
+// gate is an interrupt gate, as the CPU would clear IF, and the kernel's handler runs with
+// every register and flag as at the delivery: its address replaces the trampoline's word,
+// taken by the final `ret`. A gate that is not present or beyond the kernel's limit stops
+// the kernel (`previrt_pvm_absent`). A #PF goes to the check (`previrt_pvm_pf`) with `vif`
+// clear, which reads the kernel's gate itself when the fault is the kernel's (reading it
+// here could fault again while the copy is older than the kernel's mapping of its IDT).
 // Stack: 0 rsi, 8 rdx, 16 rcx, 24 rax, 32 flags, 40 the trampoline's word, 48 the frame
 // (after the error code, if any): RIP, CS, RFLAGS, RSP, SS.
 pvm_entry:
@@ -813,13 +819,15 @@ pvm_entry:
     shrq $9, %rsi
     andl $1, %esi
     movl %esi, (%rax)
-3:  cmpq previrt_pvm_idt+8(%rip), %rcx
-    jae 5f
+3:  cmpl $14, %ecx
+    je 5f
+    cmpq previrt_pvm_idt+8(%rip), %rcx
+    jae pvm_absent
     movq %rcx, %rsi
     shlq $4, %rsi
     addq previrt_pvm_idt(%rip), %rsi
     testb $0x80, 5(%rsi)
-    jz 5f
+    jz pvm_absent
     movb 5(%rsi), %dl
     andb $0xf, %dl
     cmpb $0xe, %dl
@@ -829,10 +837,8 @@ pvm_entry:
     shrq $16, %rax
     shlq $16, %rax
     movw (%rsi), %ax
-    cmpl $14, %ecx
-    jne 6f
-5:  cmpl $14, %ecx
-    jne pvm_absent
+    jmp 6f
+5:  movl $0, (%rax)
     leaq previrt_pvm_pf(%rip), %rax
 6:  movq %rax, 40(%rsp)
     popq %rsi
