@@ -34,21 +34,22 @@ for a in "$@"; do
 done
 n=${args[0]:-2000}
 runs=${args[1]:-5}
-case "$n$runs" in *[!0-9]*|"") echo "usage: $0 [N [RUNS]] [--json]" >&2; exit 2 ;; esac
+case "$n $runs" in *[!0-9\ ]*|0\ *|*\ 0) echo "usage: $0 [N (1-4096) [RUNS]] [--json]" >&2; exit 2 ;; esac
+[ "$n" -le 4096 ] || { echo "$0: N is at most 4096 (bench/pvm_costs.S's sample buffer)" >&2; exit 2; }
 tracing=/sys/kernel/tracing/instances/previrt-floor-$$
 work=$(mktemp -d "${TMPDIR:-/tmp}/previrt-bench-floor.XXXXXX")
 trap 'rm -rf "$work"; [ ! -d "$tracing" ] || rmdir "$tracing"' EXIT
 load_start=$(cut -d' ' -f1 /proc/loadavg)
-
-. bench/pvm_common.sh
-pvm_build
-pvm_guest "$work/costs" bench/pvm_costs.S
 
 # The write-fault count: a tracefs instance that follows this shell's children.
 mkdir "$tracing" 2>/dev/null || { echo "$0: cannot create a tracefs instance under /sys/kernel/tracing (needs root)" >&2; exit 2; }
 echo 1 >"$tracing/options/event-fork"
 echo 1 >"$tracing/events/kvmmmu/kvm_mmu_unsync_page/enable"
 echo $$ >"$tracing/set_event_pid"
+. bench/pvm_common.sh
+pvm_build
+pvm_guest "$work/costs" bench/pvm_costs.S
+
 trace_reset() { : >"$tracing/trace"; }
 # kvm_mmu_unsync_page events since trace_reset; fails if the buffer dropped any.
 trace_count() {
@@ -88,6 +89,13 @@ for c in $classes; do
   [ "${cost[$c]}" -ge 0 ] || cost[$c]=0
 done
 per_sample() { echo "$1 $n" | awk '{ printf "%.2f", $1 / $2 }'; }
+# Each class is one event of its kind: one pf_guest (pf), one invlpg, two pf_fixed (write +
+# touch) and one unsync (write) per sample; a host that counts otherwise breaks the floors'
+# attribution, so say so.
+for c in pf_guest:1 invlpg:1 pf_fixed:2 unsync:1; do
+  echo "$(per_sample "${check[${c%:*}]}") ${c#*:}" | awk '{ exit !($1 < $2 * 0.95 || $1 > $2 * 1.05) }' &&
+    echo "$0: WARNING: the cost guest counts ${c%:*} $(per_sample "${check[${c%:*}]}") per sample, not ${c#*:}: the costs may not be the events they are named after" >&2
+done
 
 # 2. Events per warm iteration, 3. pvm's and TCG's times.
 declare -A cnt ev
