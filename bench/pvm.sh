@@ -31,10 +31,8 @@
 # (page tables, IDT) is taken out. The machine is shared: compare figures from one run.
 set -eu
 cd "$(dirname "$0")/.."
-json=0 args=()
-for a in "$@"; do
-  if [ "$a" = --json ]; then json=1; else args+=("$a"); fi
-done
+. bench/pvm_common.sh
+pvm_args "$@"
 n_native=${args[0]:-200000000}
 n_emu=${args[1]:-2000}
 k_native=${args[0]:-100000000}
@@ -42,7 +40,6 @@ k_emu=${args[1]:-20000}
 work=$(mktemp -d "${TMPDIR:-/tmp}/previrt-bench-pvm.XXXXXX")
 trap 'rm -rf "$work"' EXIT
 
-. bench/pvm_common.sh
 pvm_build
 pvm_guest "$work/guest" bench/pvm_loop.S
 gcc -O2 -o "$work/host" bench/pvm_host.c "$work/pvm_loop.o"

@@ -1,7 +1,15 @@
-# Shared by bench/pvm.sh and bench/pvm_floor.sh (sourced from the repository's root, after
-# the caller has set $work to its scratch directory).
+# Shared by bench/pvm.sh and bench/pvm_floor.sh (sourced from the repository's root; the
+# functions that build or run need $work, the caller's scratch directory).
 
 previrt=target/release/previrt
+
+# Splits the command line: json=1 if --json is in it, the other words in args.
+pvm_args() {
+  json=0 args=()
+  for a in "$@"; do
+    if [ "$a" = --json ]; then json=1; else args+=("$a"); fi
+  done
+}
 
 # The release binary; the example kernel plain ($work/plain/kernel-pvh.elf) and
 # pre-virtualized and linked ($work/linked.elf); the host's TSC rate in $tsc_per_ns (KVM

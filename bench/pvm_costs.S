@@ -6,31 +6,36 @@
 
      CLASS median=M mean=A      TSC cycles for one event (N samples, each timed alone)
 
-   Each sample is one event between `lfence; rdtsc` pairs; everything else the event needs
-   (a new PTE value, the next root) is prepared outside the window. Classes:
-     rdtsc    nothing (the window's own overhead)
+   Each sample is one event between `lfence; rdtsc` pairs (a call of the class's event
+   routine); everything else it needs (a new PTE value, the next root) is prepared outside
+   the window. Classes (the table `classes`):
+     rdtsc    nothing (the window's own overhead, with the call)
      trap     `int $0x1a`: the host answers it as CPUID, the cheapest trap known here
      cr3      `mov %rax, %cr3` alternating between two roots that map the same
      pf       a read of an address whose 4K leaf entry is not present: the host delivers #PF
               through the IDT (a trap gate to 0x33, as the runtime's), the handler moves RIP
               past exactly that read, puts 0x33/0x2b in the frame and `iretq`s
      write    a store that replaces a present entry in a 4K leaf table the host shadows and
-              last synced at the previous `invlpg` (write-protected: the host faults)
+              has synced since the last store (write-protected: the host faults; the
+              previous sample's `touch` re-fault, walking the table, synced it)
      write2   a store into the same table right after (is it still write-protected?)
      invlpg   `invlpg` of the replaced entry's address
      touch    the first read through the replaced entry (checked: it sees the new frame)
-   The last four run in one loop in that order, once per sample, as the runtime does for a
-   replaced entry (its copy's store, its `invlpg`, the kernel's access). */
+   The last four form one group: each sample runs them in that order, as the runtime meets
+   a replaced entry (its copy's store, its `invlpg`, the kernel's access). */
 .code64
 .set MAX_N, 4096
 .set SCRATCH_VA, 0x40000000        /* PDPT slot 1 of pvm_guest.S's map: nothing there */
 .set PTE_LEAF, 0x67                 /* P | RW | U | A | D: as the runtime's copies, no A/D fault */
 .set PTE_TABLE, 0x27                /* P | RW | U | A */
-.set CLASS_SIZE, MAX_N * 4
+.set CLASS_SIZE, MAX_N * 4           /* u32 samples of one class */
+.set ENTRY, 32                      /* a `classes` entry: name, prep, event, last */
+.set MAX_CLASSES, 8
 
 .text
 .globl pvm_compute
-/* %rdi = samples per class (at most MAX_N). */
+/* %rdi = samples per class (at most MAX_N). Registers across the driver: %r15 = N, %r14 =
+   sample, %r12 = the group's first entry, %rbx = the current entry, %r8 = window start. */
 pvm_compute:
     cmp $MAX_N, %rdi
     jbe 1f
@@ -38,7 +43,7 @@ pvm_compute:
 1:  test %rdi, %rdi
     jnz 1f
     mov $1, %edi
-1:  mov %rdi, %r15                  /* N for the whole run */
+1:  mov %rdi, %r15
     lea s_costs(%rip), %rsi
     call puts
     mov %r15, %rax
@@ -47,106 +52,82 @@ pvm_compute:
     call putc
     call map_scratch
     call set_pf_gate
-
-    /* rdtsc: the empty window. */
+    lea classes(%rip), %r12
+group:
+    cmpq $0, (%r12)
+    je 9f
     xor %r14d, %r14d
-1:  call t0
-    call t1_class0
-    inc %r14
-    cmp %r15, %r14
-    jb 1b
-    lea s_rdtsc(%rip), %rsi
-    call report0
-
-    /* trap: int $0x1a (CPUID leaf 0 from the VMM's table). */
-    xor %r14d, %r14d
-1:  xor %eax, %eax
-    xor %ecx, %ecx
+sample:
+    mov %r12, %rbx
+1:  call *8(%rbx)                   /* prep */
     call t0
-    int $0x1a
-    call t1_class0
-    inc %r14
-    cmp %r15, %r14
-    jb 1b
-    lea s_trap(%rip), %rsi
-    call report0
-
-    /* cr3: alternate between the two roots. */
-    xor %r14d, %r14d
-1:  mov %r14, %rax
-    and $1, %eax
-    mov roots(,%rax,8), %rax
-    call t0
-    mov %rax, %cr3
-    call t1_class0
-    inc %r14
-    cmp %r15, %r14
-    jb 1b
-    mov roots(%rip), %rax           /* end on pvm_guest.S's own root */
-    mov %rax, %cr3
-    lea s_cr3(%rip), %rsi
-    call report0
-
-    /* pf: a read through a not-present leaf entry, skipped by pf_handler. */
-    xor %r14d, %r14d
-1:  call t0
-pf_at:
-    mov SCRATCH_VA + 0x1000, %rax
-pf_resume:
-    call t1_class0
-    inc %r14
-    cmp %r15, %r14
-    jb 1b
-    lea s_pf(%rip), %rsi
-    call report0
-
-    /* write, write2, invlpg, touch: replace leaf entry 0 by the other frame each time. */
-    xor %r14d, %r14d
-1:  mov %r14, %rax
-    and $1, %eax
-    mov frame_ptes(,%rax,8), %rbx   /* new value of entry 0 */
-    mov tags(,%rax,8), %rbp         /* what the new frame holds */
-    mov %r14, %rcx
-    and $1, %ecx
-    shl $12, %ecx                   /* entry 511: not present, alternating 0 / 0x1000 */
-    call t0
-    mov %rbx, scratch_pt
-    mov $0, %r13d
+    call *16(%rbx)                  /* the event */
     call t1
-    call t0
-    mov %rcx, scratch_pt + 511 * 8
-    mov $1, %r13d
-    call t1
-    call t0
-    invlpg SCRATCH_VA
-    mov $2, %r13d
-    call t1
-    call t0
-    mov SCRATCH_VA, %rbx
-    mov $3, %r13d
-    call t1
-    cmp %rbp, %rbx
-    jne bad
+    cmpq $0, 24(%rbx)
+    lea ENTRY(%rbx), %rbx
+    je 1b
     inc %r14
     cmp %r15, %r14
-    jb 1b
-    lea s_write(%rip), %rsi
-    xor %r13d, %r13d
-    call report
-    lea s_write2(%rip), %rsi
-    mov $1, %r13d
-    call report
-    lea s_invlpg(%rip), %rsi
-    mov $2, %r13d
-    call report
-    lea s_touch(%rip), %rsi
-    mov $3, %r13d
-    call report
-    xor %eax, %eax
+    jb sample
+2:  call report                     /* the group's classes: %r12 up to %rbx */
+    add $ENTRY, %r12
+    cmp %rbx, %r12
+    jb 2b
+    jmp group
+9:  xor %eax, %eax
     jmp exit
 bad:
     mov $0x3d, %eax
     jmp exit
+
+/* Preps (outside the window) and events (inside it). Neither touches %rbx, %r8, %r12-%r15. */
+nothing:
+    ret
+ev_trap:                            /* CPUID leaf 0 from the VMM's table; cpuid writes %rbx */
+    push %rbx
+    xor %eax, %eax
+    xor %ecx, %ecx
+    int $0x1a
+    pop %rbx
+    ret
+prep_cr3:                           /* the root the last sample did not load */
+    mov %r14, %rax
+    and $1, %eax
+    mov roots(,%rax,8), %rsi
+    ret
+ev_cr3:
+    mov %rsi, %cr3
+    ret
+ev_pf:                              /* pf_handler resumes at pf_resume */
+pf_at:
+    mov SCRATCH_VA + 0x1000, %rax
+pf_resume:
+    ret
+prep_write:                         /* entry 0 -> the other frame; %rbp = what it holds */
+    mov %r14, %rax
+    and $1, %eax
+    mov frame_ptes(,%rax,8), %rsi
+    mov tags(,%rax,8), %rbp
+    ret
+ev_write:
+    mov %rsi, scratch_pt
+    ret
+prep_write2:                        /* entry 511: not present, alternating 0 / 0x1000 */
+    mov %r14, %rdi
+    and $1, %edi
+    shl $12, %edi
+    ret
+ev_write2:
+    mov %rdi, scratch_pt + 511 * 8
+    ret
+ev_invlpg:
+    invlpg SCRATCH_VA
+    ret
+ev_touch:
+    mov SCRATCH_VA, %rax
+    cmp %rbp, %rax
+    jne bad
+    ret
 
 /* Scratch map: PDPT slot 1 -> scratch_pd -> scratch_pt; entry 0 -> frame A, entry 1 not
    present; a second root (bit 12 set) that is a copy of pvm_guest.S's root. */
@@ -208,7 +189,7 @@ pf_handler:
 1:  mov $0x3c, %eax
     jmp exit
 
-/* Window start: TSC in %r8. Keeps every register but %r8. */
+/* Window start: TSC in %r8. Keeps every register but %r8 and the flags. */
 t0:
     push %rax
     push %rdx
@@ -221,10 +202,8 @@ t0:
     pop %rdx
     pop %rax
     ret
-/* Window end: stores now - %r8 as sample %r14 of class %r13 (t1_class0: class 0).
-   Keeps every register but %r8 and the flags. */
-t1_class0:
-    mov $0, %r13d
+/* Window end: stores now - %r8 as sample %r14 of entry %rbx's class. Keeps every register
+   but %r8 and the flags. */
 t1:
     push %rax
     push %rdx
@@ -234,25 +213,28 @@ t1:
     shl $32, %rdx
     or %rax, %rdx
     sub %r8, %rdx
-    mov %r13, %rdi
-    imul $CLASS_SIZE, %rdi
-    lea samples(%rip), %rax
-    add %rax, %rdi
+    mov %rbx, %rax
+    call samples_of
     mov %edx, (%rdi,%r14,4)
     pop %rdi
     pop %rdx
     pop %rax
     ret
+/* %rdi = the samples of the class whose entry is at %rax (clobbers %rax). */
+samples_of:
+    lea classes(%rip), %rdi
+    sub %rdi, %rax
+    imul $CLASS_SIZE / ENTRY, %rax
+    lea samples(%rip), %rdi
+    add %rax, %rdi
+    ret
 
-/* Prints "NAME median=M mean=A" for class %r13 (report0: class 0); NAME at %rsi. */
-report0:
-    xor %r13d, %r13d
+/* Prints "NAME median=M mean=A" for the class whose entry is at %r12. */
 report:
+    mov (%r12), %rsi
     call puts
-    mov %r13, %rdi
-    imul $CLASS_SIZE, %rdi
-    lea samples(%rip), %rax
-    add %rax, %rdi                  /* %rdi = the class's samples */
+    mov %r12, %rax
+    call samples_of
     /* Insertion sort of N u32 (N <= MAX_N: at most ~8M moves, natively milliseconds). */
     mov $1, %ecx
 1:  cmp %r15, %rcx
@@ -307,7 +289,25 @@ s_invlpg: .asciz "invlpg"
 s_touch:  .asciz "touch"
 s_median: .asciz " median="
 s_mean:   .asciz " mean="
+/* The classes, in the order they run: name, prep, event, last of its group. */
+.macro CLASS name, prep, event, last
+    .quad \name, \prep, \event, \last
+.endm
 .balign 8
+classes:
+    CLASS s_rdtsc, nothing, nothing, 1
+    CLASS s_trap, nothing, ev_trap, 1
+    CLASS s_cr3, prep_cr3, ev_cr3, 1
+    CLASS s_pf, nothing, ev_pf, 1
+    CLASS s_write, prep_write, ev_write, 0
+    CLASS s_write2, prep_write2, ev_write2, 0
+    CLASS s_invlpg, nothing, ev_invlpg, 0
+    CLASS s_touch, nothing, ev_touch, 1
+classes_end:
+    .quad 0
+.if (classes_end - classes) / ENTRY > MAX_CLASSES
+.error "more classes than MAX_CLASSES"
+.endif
 tags:       .quad 0x5ca1ab1e0000000a, 0x5ca1ab1e0000000b
 frame_ptes: .quad frames + PTE_LEAF, frames + 4096 + PTE_LEAF
 roots:      .quad 0, 0
@@ -319,5 +319,5 @@ scratch_pt: .fill 4096, 1, 0
 frames:     .fill 8192, 1, 0
 .bss
 .balign 64
-samples: .skip 4 * CLASS_SIZE
+samples: .skip MAX_CLASSES * CLASS_SIZE
 .section .note.GNU-stack, "", @progbits

@@ -28,10 +28,8 @@
 #    beside pvm and TCG, with ratios. The machine's load average (1 min) at start and end.
 set -eu
 cd "$(dirname "$0")/.."
-json=0 args=()
-for a in "$@"; do
-  if [ "$a" = --json ]; then json=1; else args+=("$a"); fi
-done
+. bench/pvm_common.sh
+pvm_args "$@"
 n=${args[0]:-2000}
 runs=${args[1]:-5}
 case "$n $runs" in *[!0-9\ ]*|0\ *|*\ 0) echo "usage: $0 [N (1-4096) [RUNS]] [--json]" >&2; exit 2 ;; esac
@@ -46,7 +44,7 @@ mkdir "$tracing" 2>/dev/null || { echo "$0: cannot create a tracefs instance und
 echo 1 >"$tracing/options/event-fork"
 echo 1 >"$tracing/events/kvmmmu/kvm_mmu_unsync_page/enable"
 echo $$ >"$tracing/set_event_pid"
-. bench/pvm_common.sh
+
 pvm_build
 pvm_guest "$work/costs" bench/pvm_costs.S
 
