@@ -4,9 +4,13 @@
  * changes them from interrupt to trap gates and 0x80 to another handler, and runs `ud2` and
  * `int $0x80` after each change with IF off and on. Each handler dumps ("D<case> ...", as
  * pvm_lean.S) its frame's RIP, RFLAGS (less RF), CS and SS and, in the dump's own RFLAGS,
- * the IF it runs with (an interrupt gate clears it, a trap gate keeps it). Last, `int $0x81`
- * through a gate whose present bit was cleared after `lidt`: the CPU raises #NP (error code
- * 0x81 * 8 + 2), whose handler dumps the error code and exits through isa-debug-exit.
+ * the IF it runs with (an interrupt gate clears it, a trap gate keeps it). Then deliveries
+ * through gates the table does not have: `int $0x81` and `ud2` through gates whose present
+ * bit was cleared after `lidt` raise #NP, `int $0x81` beyond a shorter table's limit #GP
+ * (error code: the vector, the IDT bit, EXT for an event not raised by software; RIP at a
+ * software interrupt); their handlers dump the error code and return past the instruction.
+ * Last, `int $0x81` with the #NP gate cleared too: the CPU raises #DF, whose handler dumps
+ * and exits through isa-debug-exit.
  * Under QEMU TCG with previrt.backend=native (the real instructions) and under
  * `previrt run --backend native` with previrt.backend=pvm the dumps must be equal.
  */
@@ -34,9 +38,19 @@ long_start:
 	CASE 0x24, 1, int $0x80
 
 	GATE 11, np_handler, 0x8e
+	GATE 13, gp_handler, 0x8e
 	movb $0x0e, idt + 0x81 * 16 + 5
 	CASE 0x30, 1, int $0x81
-	/* Not reached: the #NP handler exits. */
+	movb $0x0e, idt + 6 * 16 + 5
+	CASE 0x31, 0, ud2
+	lidt idtr_short
+	CASE 0x32, 1, int $0x81
+	lidt idtr
+
+	GATE 8, df_handler, 0x8e
+	movb $0x0e, idt + 11 * 16 + 5
+	CASE 0x33, 1, int $0x81
+	/* Not reached: the #DF handler exits. */
 	jmp unexpected
 
 /* #UD: dump, return past the ud2. */
@@ -53,10 +67,24 @@ int_b:
 	FRAME 0x220, 0
 	iretq
 
-/* #NP: the error code in rdi, dump, exit with 0. */
+/* #NP, #GP: the error code in rdi, dump, return past the (2-byte) instruction. */
 np_handler:
 	movq (%rsp), %rdi
 	FRAME 0x230, 1
+	addq $8, %rsp
+	addq $2, (%rsp)
+	iretq
+gp_handler:
+	movq (%rsp), %rdi
+	FRAME 0x240, 1
+	addq $8, %rsp
+	addq $2, (%rsp)
+	iretq
+
+/* #DF: the error code in rdi, dump, exit with 0. */
+df_handler:
+	movq (%rsp), %rdi
+	FRAME 0x250, 1
 	cld
 	movb $0, %al
 	outb %al, $0xf4
@@ -78,3 +106,7 @@ gdt_end:
 gdtr:
 	.word gdt_end - gdt - 1
 	.quad gdt
+/* The IDT with its last gate 0x80. */
+idtr_short:
+	.word 0x81 * 16 - 1
+	.quad idt

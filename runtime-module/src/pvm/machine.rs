@@ -20,6 +20,8 @@ const KERNEL_CS: u64 = 0x10;
 const KERNEL_SS: u64 = 0x18;
 /// The mode's DPL3 code segment every IDT gate must name.
 const GATE_CS: u16 = 0x33;
+const NP_VECTOR: u64 = 11;
+const GP_VECTOR: u64 = 13;
 const PF_VECTOR: u64 = 14;
 
 /// The mode's user segments as (GDT index, descriptor as in Linux's GDT): native code runs on
@@ -51,6 +53,10 @@ static mut previrt_pvm_idt: [u64; 2] = [0; 2];
 /// trampoline's entry takes `vif` from it instead of the other way round).
 #[no_mangle]
 static mut previrt_pvm_soft: u8 = 0;
+/// The error code of the #NP or #GP a delivery through a missing gate raised
+/// (`previrt_pvm_absent`), for the trampolines' entry to store.
+#[no_mangle]
+static mut previrt_pvm_error: u64 = 0;
 /// Set by every host delivery (it clears the mode's own interrupt flag); the dispatcher
 /// re-opens the flag with one trapping `sti` when the kernel's IF is on.
 #[no_mangle]
@@ -445,20 +451,64 @@ fn kernel_gate(vector: u64) -> Option<[u8; 16]> {
     (g[5] & 0x80 != 0).then_some(g)
 }
 
-/// A delivery through a gate the kernel's table does not have (from the trampolines, with
-/// `vif` clear): the CPU would raise #NP (not present) or #GP (beyond the limit), which the
-/// backend does not model; it stops rather than jump to a stale or absent handler.
-#[no_mangle]
-extern "C" fn previrt_pvm_absent(vector: u64) -> ! {
+/// The gate the CPU delivers `vector` through: the kernel's own when it is present, else that
+/// of the exception the CPU raises instead (#NP for a gate not present, #GP for one beyond
+/// the limit) with its error code (the vector, the IDT bit, and EXT for an event that software
+/// did not raise). When that gate is missing too the CPU raises #DF: not modelled, the
+/// kernel stops with a line.
+fn deliver_through(vector: u64, ext: bool) -> ([u8; 16], Option<u64>) {
+    if let Some(g) = kernel_gate(vector) {
+        return (g, None);
+    }
     // SAFETY: as `kernel_gate`.
-    let gates = unsafe { previrt_pvm_idt[1] };
-    let why = if vector < gates {
-        "which is not present (the CPU raises #NP)"
+    let (fault, why) = if vector < unsafe { previrt_pvm_idt[1] } {
+        (NP_VECTOR, "not present")
     } else {
-        "beyond its limit (the CPU raises #GP)"
+        (GP_VECTOR, "beyond its limit")
     };
-    hv::machine()
-        .fatal(format_args!("pvm: vector {vector:#x} delivered through the kernel's IDT gate, {why}: not modelled"))
+    match kernel_gate(fault) {
+        Some(g) => (g, Some(vector * 8 + 2 + u64::from(ext))),
+        None => hv::machine().fatal(format_args!(
+            "pvm: the kernel's IDT gate for vector {vector:#x} is {why}, and the gate for the exception the CPU raises then ({fault:#x}) is missing too (#DF: not modelled)"
+        )),
+    }
+}
+
+/// The length of the software interrupt that raised `vector` and ends at `rip` (`int n`, or
+/// `int3` for #BP), which a fault in its delivery points at; 0 for an event software did not
+/// raise (an exception's RIP is already the instruction's, an interrupt's the next one).
+fn software_int(vector: u64, rip: u64) -> u64 {
+    let mut b = [0u8; 2];
+    hw::Hardware.read(rip.wrapping_sub(2), &mut b);
+    match (vector, b) {
+        (3.., [0xcd, n]) if u64::from(n) == vector && (vector == 3 || vector >= 32) => 2,
+        (3, [_, 0xcc]) => 1,
+        _ => 0,
+    }
+}
+
+/// A delivery through a gate the kernel's table does not have (from the trampolines' entry,
+/// with `vif` clear, its stack: rsi rdx rcx rax flags, the trampoline's word, the error code if
+/// one was pushed, then the frame): turned into the #NP or #GP the CPU raises (the frame's
+/// RIP back on a software interrupt, the error code for the entry to store: one slot more
+/// when the event pushed none). The handler to go to, with `vif` as its gate gives it.
+#[no_mangle]
+extern "C" fn previrt_pvm_absent(stack: &mut [u64; 12]) -> u64 {
+    let (vector, pushed) = (stack[5] & 0xff, (stack[5] >> 8 & 1) as usize);
+    let rip = &mut stack[6 + pushed];
+    let soft = software_int(vector, *rip);
+    *rip -= soft;
+    let (g, error) = deliver_through(vector, soft == 0);
+    // SAFETY: single vCPU; read by the entry right after this returns.
+    unsafe { previrt_pvm_error = error.unwrap_or_default() };
+    set_vif(stack[8 + pushed] & rflags::IF != 0 && g[5] & 0xf != 0xe);
+    emulate::gate_handler(&g)
+}
+
+/// The kernel's interrupt flag as the shared `vif`.
+fn set_vif(on: bool) {
+    // SAFETY: the shared page's `vif` (its address is set at `init`).
+    unsafe { (previrt_pvm_vif as *mut u32).write_volatile(u32::from(on)) }
 }
 
 /// The `hv` machine with the mode's rules kept: CR3, `invlpg`, `lidt`, and the interrupt
@@ -646,12 +696,12 @@ extern "C" fn previrt_pvm_fault(frame: &mut [u64; 21]) -> u64 {
         .is_some_and(|k| shadow::shadow_allows(st.shadow.cr3(), addr, write) != Some(k));
     // The kernel's IF at the fault (the entry put it into the frame and cleared `vif`).
     let kernel_if = frame[18] & rflags::IF != 0;
-    // SAFETY: the shared page's `vif`.
-    let set_vif = |on: bool| unsafe { (previrt_pvm_vif as *mut u32).write_volatile(u32::from(on)) };
     if !ours {
-        // The kernel's #PF gate as it is now (read here, not in the entry: see there); its
+        // The kernel's #PF gate as it is now (read here, not in the entry: see there), or
+        // the #NP/#GP the CPU raises instead, with its error code in the #PF's place; the
         // handler starts with IF clear through an interrupt gate.
-        let Some(g) = kernel_gate(PF_VECTOR) else { previrt_pvm_absent(PF_VECTOR) };
+        let (g, error) = deliver_through(PF_VECTOR, true);
+        frame[15] = error.unwrap_or(frame[15]);
         set_vif(kernel_if && g[5] & 0xf != 0xe);
         return emulate::gate_handler(&g);
     }
@@ -782,10 +832,11 @@ previrt_pvm_vectors:
 // with the kernel's IF, which `vif` takes instead. Then `vif` is cleared when the kernel's
 // gate is an interrupt gate, as the CPU would clear IF, and the kernel's handler runs with
 // every register and flag as at the delivery: its address replaces the trampoline's word,
-// taken by the final `ret`. A gate that is not present or beyond the kernel's limit stops
-// the kernel (`previrt_pvm_absent`). A #PF goes to the check (`previrt_pvm_pf`) with `vif`
-// clear, which reads the kernel's gate itself when the fault is the kernel's (reading it
-// here could fault again while the copy is older than the kernel's mapping of its IDT).
+// taken by the final `ret`. A gate that is not present or beyond the kernel's limit raises
+// the #NP or #GP the CPU would (`pvm_absent`). A #PF goes to the check (`previrt_pvm_pf`)
+// with `vif` clear, which reads the kernel's gate itself when the fault is the kernel's
+// (reading it here could fault again while the copy is older than the kernel's mapping of
+// its IDT).
 // Stack: 0 rsi, 8 rdx, 16 rcx, 24 rax, 32 flags, 40 the trampoline's word, 48 the frame
 // (after the error code, if any): RIP, CS, RFLAGS, RSP, SS.
 pvm_entry:
@@ -847,12 +898,44 @@ pvm_entry:
     popq %rax
     popfq
     ret
+// A gate the kernel's table does not have: `previrt_pvm_absent` (the caller-saved registers
+// the entry did not save around it) picks the #NP/#GP gate; its error code goes where the
+// event's was, or into a slot inserted below the frame (the saved registers and the word
+// move down one).
 pvm_absent:
     movl $0, (%rax)
-    movl %ecx, %edi
+    pushq %rdi
+    pushq %r8
+    pushq %r9
+    pushq %r10
+    pushq %r11
+    pushq %rbp
+    movq %rsp, %rbp
+    leaq 48(%rsp), %rdi
     andq $-16, %rsp
     cld
     call previrt_pvm_absent
+    movq %rbp, %rsp
+    popq %rbp
+    popq %r11
+    popq %r10
+    popq %r9
+    popq %r8
+    popq %rdi
+    testb $1, 41(%rsp)
+    jnz 7f
+    pushq (%rsp)
+    movq 16(%rsp), %rsi
+    movq %rsi, 8(%rsp)
+    movq 24(%rsp), %rsi
+    movq %rsi, 16(%rsp)
+    movq 32(%rsp), %rsi
+    movq %rsi, 24(%rsp)
+    movq 40(%rsp), %rsi
+    movq %rsi, 32(%rsp)
+7:  movq previrt_pvm_error(%rip), %rsi
+    movq %rsi, 48(%rsp)
+    jmp 6b
 
 // Lean interrupt-flag entries (`lean`): each jumps through its `previrt_pvm_lean` slot. The
 // bodies keep every register and the arithmetic flags (saved with pushfq, restored with
