@@ -39,24 +39,28 @@ fn assert_same(expected: &[String], got: &[String], out: &str) {
 /// handlers set after the load, an interrupt-to-trap gate change shows in the IF the handler
 /// runs with (and the frame's IF is the kernel's, IF off and on), a new handler for 0x80 is
 /// the one called. Deliveries through gates the table does not have raise what the CPU
-/// raises: #NP for `int $0x81` and `ud2` through gates made not present after `lidt`, #GP for
+/// raises: #NP for `int $0x81`, `ud2` and `int3` through gates made not present after `lidt`, #GP for
 /// `int $0x81` beyond a shorter table's limit (error codes with and without EXT, RIP back on
 /// the `int`). Last, with the #NP gate gone too, the CPU's #DF, which the backend does not
 /// model: it stops with one line naming the vector. Fails with a backend that copies the
 /// handlers at `lidt` (each case's `ud2` reaches `unexpected`: "X", exit 0x3f).
 #[test]
 fn pvm_sees_idt_gates_written_after_lidt_like_the_cpu() {
-    // 2 dumps per case (before, after) + 1 in the handler: 12 cases; case 0x33's first dump
+    // 2 dumps per case (before, after) + 1 in the handler: 13 cases; case 0x33's first dump
     // and the #DF handler's.
-    let (mut expected, out, o) = cpu_and_pvm("pvm_idt", 12 * 3 + 2);
+    let (mut expected, out, o) = cpu_and_pvm("pvm_idt", 13 * 3 + 2);
     // The #NP, #GP and #DF handlers' error codes (rdi). QEMU TCG leaves EXT clear for the
     // `ud2` (case 0x31: 0x32), where the SDM's error code has it set ("an event external to
     // the program, such as an interrupt or an earlier exception"): the backend follows the
     // SDM, so that dump and the next (rdi is the handler's) are compared with 0x33.
     let rdi = |l: &String| l.split(' ').nth(7).unwrap_or_default().to_string();
     let codes: Vec<String> = expected.iter().filter(|l| l.starts_with("D00000000000002")).map(rdi).collect();
-    let want = ["000000000000040a", "0000000000000032", "000000000000040a", "0000000000000000"];
-    assert_eq!(codes[codes.len() - 4..], want, "#NP (int, ud2), #GP and #DF error codes on the CPU: {expected:?}");
+    let want = ["000000000000040a", "0000000000000032", "000000000000040a", "000000000000001a", "0000000000000000"];
+    assert_eq!(
+        codes[codes.len() - 5..],
+        want,
+        "#NP (int, ud2), #GP, #NP (int3), #DF error codes on the CPU: {expected:?}"
+    );
     let at = expected.iter().position(|l| l.starts_with("D0000000000000031")).expect("case 0x31");
     for l in &mut expected[at + 1..at + 3] {
         *l = l.replace(" 0000000000000032 ", " 0000000000000033 ");

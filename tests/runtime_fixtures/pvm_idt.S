@@ -6,7 +6,8 @@
  * pvm_lean.S) its frame's RIP, RFLAGS (less RF), CS and SS and, in the dump's own RFLAGS,
  * the IF it runs with (an interrupt gate clears it, a trap gate keeps it). Then deliveries
  * through gates the table does not have: `int $0x81` and `ud2` through gates whose present
- * bit was cleared after `lidt` raise #NP, `int $0x81` beyond a shorter table's limit #GP
+ * bit was cleared after `lidt` raise #NP (also `int3`), `int $0x81` beyond a shorter table's
+ * limit #GP
  * (error code: the vector, the IDT bit, EXT for an event not raised by software; RIP at a
  * software interrupt); their handlers dump the error code and return past the instruction.
  * Last, `int $0x81` with the #NP gate cleared too: the CPU raises #DF, whose handler dumps
@@ -17,6 +18,12 @@
 #define CODE64 0x10
 #include "dump.h"
 #include "pvm_tables.h"
+
+/* `int3`, then one byte the #NP handler's return (2 bytes on) skips. */
+.macro INT3_NOP
+	int3
+	nop
+.endm
 
 long_start:
 	START
@@ -46,6 +53,8 @@ long_start:
 	lidt idtr_short
 	CASE 0x32, 1, int $0x81
 	lidt idtr
+	movb $0x0e, idt + 3 * 16 + 5
+	CASE 0x34, 1, INT3_NOP
 
 	GATE 8, df_handler, 0x8e
 	movb $0x0e, idt + 11 * 16 + 5

@@ -481,7 +481,7 @@ fn software_int(vector: u64, rip: u64) -> u64 {
     let mut b = [0u8; 2];
     hw::Hardware.read(rip.wrapping_sub(2), &mut b);
     match (vector, b) {
-        (3.., [0xcd, n]) if u64::from(n) == vector && (vector == 3 || vector >= 32) => 2,
+        (3 | 32.., [0xcd, n]) if u64::from(n) == vector => 2,
         (3, [_, 0xcc]) => 1,
         _ => 0,
     }
