@@ -21,8 +21,10 @@
 //!   to its handler, or for #PF to the runtime's fault check first: exceptions through trap
 //!   gates (the mode's interrupt flag stays open), other vectors through interrupt gates (the
 //!   entry notes that the delivery masked it); the kernel sees its own gate's frame and IF
-//!   on `vif`. A gate that is not present stops the kernel with a line. `sidt` returns the
-//!   kernel's table.
+//!   on `vif`. A gate that is not present raises the #NP (beyond the limit: #GP) the CPU
+//!   would. `sidt` returns the kernel's table.
+//! - GDT: a kernel's table without the mode's user segments (0x2b/0x33) is replaced by a
+//!   substitute with its descriptors plus those two; `sgdt` returns the kernel's table.
 //! - Selectors: native code runs on the host's user selectors (0x33/0x2b) while frames the
 //!   host pushes show the kernel's (0x10/0x18); handlers see the kernel's, and every return
 //!   (the stub's own, an emulated `iretq`) goes out with the hardware's.
