@@ -104,3 +104,72 @@ fn pvm_stops_with_a_line_when_the_kernels_gdt_uses_the_modes_selectors() {
     );
     assert_eq!(o.status.code(), Some(4), "stopped by the runtime: {}", stderr(&o));
 }
+
+/// `previrt run`/`restore` of `args` whose stdout the test reads: returned once a "P" line (the
+/// fixture's loop of sites is running) has been printed, then saved with SIGUSR1 (the guest
+/// suspends itself); its whole stdout, stderr and exit status.
+fn saved_in_the_loop(args: &[&str]) -> (String, String, Option<i32>) {
+    use std::io::{BufRead, Read};
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_previrt"))
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn previrt");
+    let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut seen = String::new();
+    while !seen.ends_with("P\n") {
+        assert!(out.read_line(&mut seen).unwrap() > 0, "ended before its loop: {seen}");
+    }
+    let kill = std::process::Command::new("kill").args(["-USR1", &child.id().to_string()]).status().unwrap();
+    assert!(kill.success());
+    out.read_to_string(&mut seen).unwrap();
+    let mut err = String::new();
+    child.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+    (seen, err, child.wait().unwrap().code())
+}
+
+/// A run's output without the runtime's "previrt: resumed on …" lines, which may land in
+/// the middle of a kernel line.
+fn without_resume_lines(s: &str) -> String {
+    let mut parts = s.split("previrt: resumed on ");
+    let first = parts.next().unwrap_or_default().to_string();
+    parts.fold(first, |acc, p| acc + p.split_once('\n').map_or("", |(_, rest)| rest))
+}
+
+/// The substitute GDT across a migration: a kernel whose GDT lacks the user segments is saved
+/// under pvm in a loop of sites, resumed under `hv` on the ordinary path (which must see the
+/// kernel's own GDT: the loop's `sgdt` checks the limit on every platform), saved again and
+/// resumed under pvm, which builds the substitute again and runs natively; the dumps equal an
+/// uninterrupted pvm run's. Fails when leaving the mode keeps the substitute loaded (the hv
+/// leg's `sgdt` shows it: "X", exit 0x3f).
+#[test]
+fn pvm_gdt_substitute_is_left_for_hv_and_rebuilt_after_a_migration() {
+    let linked = linked_fixture("pvm_gdt_migrate");
+    let kernel = linked.to_str().unwrap();
+    let pvm = ["--backend", "native", "--boot", "pvh", "--append", "previrt.backend=auto"];
+    let full = run(&linked, &pvm);
+    let expected = dumps(&stdout(&full));
+    assert_eq!(full.status.code(), Some(1), "uninterrupted: {}{}", stdout(&full), stderr(&full));
+    assert!(stdout(&full).contains("previrt-pvm: native=yes") && expected.len() == 2 + 9 * 2 + 5, "{}", stdout(&full));
+
+    let d = vmm_support::scratch(&format!("pvm-gdt-migrate-{}", std::process::id()));
+    let (s1, s2) = (d.join("pvm.snap"), d.join("hv.snap"));
+    let (s1, s2) = (s1.to_str().unwrap(), s2.to_str().unwrap());
+    let (a, ae, st) = saved_in_the_loop(&[&["run", kernel, "--snapshot", s1][..], &pvm].concat());
+    assert_eq!(st, Some(0), "pvm leg: {a}{ae}");
+    assert!(ae.contains("cooperative: guest suspended after"), "{ae}");
+    let (b, be, st) =
+        saved_in_the_loop(&["restore", s1, "--backend", "pv", "--snapshot", s2, "--snapshot-after", "600000ms"]);
+    assert_eq!(st, Some(0), "hv leg: {b}{be}");
+    assert!(b.contains("previrt: resumed on previrt-hv: backend=hv "), "{b}{be}");
+    let c = std::process::Command::new(env!("CARGO_BIN_EXE_previrt"))
+        .args(["restore", s2, "--backend", "native"])
+        .output()
+        .unwrap();
+    let c_out = stdout(&c);
+    assert_eq!(c.status.code(), Some(1), "pvm again: {c_out}{}", stderr(&c));
+    assert!(c_out.contains("previrt-pvm: native=yes"), "{c_out}");
+    let legs = without_resume_lines(&format!("{a}{b}{c_out}"));
+    assert_same(&expected, &dumps(&legs), &legs);
+}

@@ -10,7 +10,9 @@
  * Under QEMU TCG with previrt.backend=native (the real instructions) and under
  * `previrt run --backend native` with previrt.backend=pvm the dumps must be equal.
  * With SLOTS_TAKEN defined (pvm_gdt_taken.S) its GDT holds ring-0 descriptors at 0x28 and
- * 0x30, the mode's selectors.
+ * 0x30, the mode's selectors; with MIGRATE (pvm_gdt_migrate.S) it spends ~2 s in a loop of
+ * sites before the second GDT, checking `sgdt` and printing a "P" line every 2^27 TSC
+ * cycles.
  */
 #define CODE64 0x10
 #include "dump.h"
@@ -43,6 +45,36 @@ long_start:
 	CASE 0x15, 1, ud2
 	CASE 0x16, 1, int $0x80
 	CASE 0x17, 0, int $0x80
+#ifdef MIGRATE
+	/* 2^32 TSC cycles of sites to be migrated in, a "P" line every 2^27; `sgdt` must show
+	 * the kernel's table on every platform (else `unexpected`). */
+	rdtsc
+	shlq $32, %rdx
+	orq %rdx, %rax
+	movq %rax, %r12
+	movq %rax, %r13
+9:	sgdt table_buf
+	cmpw $gdt_end - gdt - 1, table_buf
+	jne unexpected
+	cli
+	sti
+	rdtsc
+	shlq $32, %rdx
+	orq %rdx, %rax
+	movq %rax, %r14
+	subq %r12, %rax
+	shrq $32, %rax
+	jnz 8f
+	cmpq %r13, %r14
+	jb 9b
+	addq $1 << 27, %r13
+	movb $'P', %al
+	call putc
+	movb $'\n', %al
+	call putc
+	jmp 9b
+8:
+#endif
 	lgdt gdtr2
 	TABLES 0x4
 	CASE 0x18, 1, ud2
