@@ -184,7 +184,7 @@ mod tests {
     #[test]
     fn cpp_line_markers_place_preprocessed_assembly() {
         let mut a = annotated();
-        let mut feed = |a: &mut LineAnnotations, line: &str| a.input_line(line.as_bytes());
+        let feed = |a: &mut LineAnnotations, line: &str| a.input_line(line.as_bytes());
         feed(&mut a, "# 18 \"/src/include/mm.h\" 1\n");
         feed(&mut a, "\n"); // line 18
         assert_eq!(a.memory_site("movq", &["%rbx", "(%rax)"]), None);
