@@ -580,6 +580,13 @@ impl Machine for Pvm<'_> {
                 st.flushes += 1;
                 hw::Hardware.invlpg(addr);
             }
+            Some(shadow::Change::ReplacedTable) => {
+                // Every translation under the replaced entry may be stale: reload the copy.
+                st.updates += 1;
+                st.flushes += 1;
+                st.cr3_loads += 1;
+                hw::Hardware.write_cr(3, st.shadow.cr3());
+            }
             Some(shadow::Change::Filled) => st.updates += 1,
             Some(shadow::Change::None) => st.unchanged += 1,
             None => st.sync(self.pv),

@@ -68,6 +68,10 @@ pub enum Change {
     Filled,
     /// A present entry changed: the caller must flush.
     Replaced,
+    /// A present intermediate entry changed (another kernel table below it, or other
+    /// flags): translations of every address under it may be stale, so the caller must flush
+    /// them all (the kernel's own `invlpg`s of those addresses find the copy current).
+    ReplacedTable,
 }
 
 impl Change {
@@ -272,13 +276,13 @@ impl Loaded {
 
 /// After the kernel's `invlpg va`: bring the live copy in line with the
 /// kernel's tables for `va`, in place, as a kernel edits its own live tables: the leaf entry
-/// (or a large page) is rewritten, a level the copy lacks is copied whole. Intermediate
-/// entries present in both are taken to point at the same kernel table (they change only
-/// with a CR3 load, which rebuilds). What changed: only [`Change::Replaced`] needs the
-/// hardware `invlpg` (every replacement is flushed by the caller when made, so nothing
-/// stale is in the TLB otherwise: a kernel's repeated `invlpg` of one page, or one after a
-/// new mapping, need not reach the hardware); None when the pool is full (the caller
-/// rebuilds).
+/// (or a large page) is rewritten, a level the copy lacks is copied whole, and so is one
+/// whose kernel entry now points at another table or has other flags (linked after it is
+/// complete; the old subtree stays unused until the copy is rebuilt). What changed: only
+/// [`Change::Replaced`] needs the hardware `invlpg` and [`Change::ReplacedTable`] a full
+/// flush (every replacement is flushed by the caller when made, so nothing stale is in the
+/// TLB otherwise: a kernel's repeated `invlpg` of one page, or one after a new mapping, need
+/// not reach the hardware); None when the pool is full (the caller rebuilds).
 pub fn update(cache: &mut Cache, kernel_cr3: u64, va: u64) -> Option<Change> {
     let slot = cache.live;
     let c = &mut cache.slots[slot].1;
@@ -299,16 +303,18 @@ pub fn update(cache: &mut Cache, kernel_cr3: u64, va: u64) -> Option<Change> {
             }
             return Some(change);
         }
-        if live & PRESENT == 0 {
+        let current = (live & (PRESENT | HUGE) == PRESENT)
+            .then(|| fill.index(live & ADDR))
+            .flatten()
+            .filter(|&c| fill.sources[c] == e & ADDR && (live ^ e) & !(ADDR | USER | ACCESSED | DIRTY) == 0);
+        let Some(child) = current else {
             let child = fill.alloc()?;
             fill.copy(e & ADDR, child, level - 1)?;
             fill.tables[dst][i] = (e & !ADDR) | gpa(fill.tables[child].as_ptr() as u64) | USER;
             c.used = fill.used;
-            return Some(Change::Filled);
-        }
-        let child_gpa = live & ADDR;
-        dst = fill.tables.iter().position(|t| gpa(t.as_ptr() as u64) == child_gpa)?;
-        src = e & ADDR;
+            return Some(if live & PRESENT == 0 { Change::Filled } else { Change::ReplacedTable });
+        };
+        (src, dst) = (e & ADDR, child);
     }
     Some(Change::None)
 }
