@@ -1,5 +1,5 @@
 /*
- * Shared by the register-dump fixtures (regdump.S, pvm_lean.S; #included after
+ * Shared by the register-dump fixtures (regdump.S, the pvm_*.S; #included after
  * `#define CODE64 <selector>`): the PVH note; a 32-bit entry that identity-maps the first GiB
  * (2 MiB pages, root on an even page: a root at an odd one would make KVM-PVM's native mode
  * run the 32-bit code natively, docs/pvm.md), loads the fixture's `gdtr` and enters 64-bit

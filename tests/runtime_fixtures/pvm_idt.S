@@ -94,27 +94,10 @@ gp_handler:
 df_handler:
 	movq (%rsp), %rdi
 	FRAME 0x250, 1
-	cld
-	movb $0, %al
-	outb %al, $0xf4
-2:	hlt
-	jmp 2b
+	EXIT 0
 
+	LINUX_GDT
 	.data
-	.balign 16
-/* The example kernel's (Linux's) layout, with the user segments the mode runs on. */
-gdt:
-	.quad 0
-	.quad 0
-	.quad 0x00af9a000000ffff        /* 0x10 code64 */
-	.quad 0x00cf92000000ffff        /* 0x18 data */
-	.quad 0
-	.quad 0x00cff3000000ffff        /* 0x2b user data */
-	.quad 0x00affb000000ffff        /* 0x33 user code64 */
-gdt_end:
-gdtr:
-	.word gdt_end - gdt - 1
-	.quad gdt
 /* The IDT with its last gate 0x80. */
 idtr_short:
 	.word 0x81 * 16 - 1

@@ -10,91 +10,36 @@
  * instructions) and under `previrt run --backend native` with previrt.backend=pvm it must
  * print the same lines.
  *
- * Flags are set without pushf/popf (those are the sites under test): OF by an add that
- * overflows (or xor clearing it), SF ZF AF PF CF by sahf, DF by std/cld; the GPRs after that
- * by movabs, which leaves the flags alone.
+ * Flags are set without pushf/popf (those are the sites under test: pvm_tables.h's FLAGS);
+ * the GPRs after that by movabs, which leaves the flags alone.
  */
 #define CODE64 0x10
 #include "dump.h"
-
-/* Arithmetic flags from \ah (sahf: SF ZF AF PF CF), OF from \of, DF from \df. */
-.macro FLAGS ah, of, df
-	.if \of
-	movb $0x7f, %al
-	addb $1, %al
-	.else
-	xorl %eax, %eax
-	.endif
-	movb $\ah, %ah
-	sahf
-	.if \df
-	std
-	.else
-	cld
-	.endif
-.endm
-
-/* Case \n: IF from \if_on, flags, registers, dump, the instruction(s), dump. */
-.macro CASE n, if_on, ah, of, df, insn:vararg
-	.if \if_on
-	sti
-	.else
-	cli
-	.endif
-	FLAGS \ah, \of, \df
-	LOAD \n
-	DUMP \n
-	\insn
-	DUMP \n + 0x100
-.endm
-
-/* Case \n: a page fault in \insn with %rdi = `unmapped` (the first byte past the mapped
- * first GiB), %rcx = 3, %r15 where to resume; the #PF handler dumps CR2 and the error code. */
-	.set unmapped, 0x40000000
-.macro FAULT n, insn:vararg
-	FLAGS 0x00, 0, 0
-	LOAD \n
-	movq $unmapped, %rdi
-	movl $3, %ecx
-	leaq 1f(%rip), %r15
-	\insn
-1:
-.endm
+#include "pvm_tables.h"
 
 /* Every instruction under test with flag pattern \ah/\of/\df and IF on and off; cases from \base. */
 .macro PATTERN base, ah, of, df, img
-	CASE \base + 0, 0, \ah, \of, \df, cli
-	CASE \base + 1, 1, \ah, \of, \df, cli
-	CASE \base + 2, 0, \ah, \of, \df, sti
-	CASE \base + 3, 1, \ah, \of, \df, sti
-	CASE \base + 4, 0, \ah, \of, \df, pushfq; popq %rbx
-	CASE \base + 5, 1, \ah, \of, \df, pushfq; popq %rbx
-	CASE \base + 6, 0, \ah, \of, \df, pushq $\img; popfq
-	CASE \base + 7, 1, \ah, \of, \df, pushq $\img; popfq
-	CASE \base + 8, 0, \ah, \of, \df, pushq $\img | 0x200; popfq
-	CASE \base + 9, 1, \ah, \of, \df, pushq $\img | 0x200; popfq
-	CASE \base + 10, 1, \ah, \of, \df, pushfw; popw %bx
-	CASE \base + 11, 0, \ah, \of, \df, pushw $(\img & 0xffff) | 0x200; popfw
-	CASE \base + 12, 1, \ah, \of, \df, pushw $\img & 0xfdff; popfw
-	CASE \base + 13, 0, \ah, \of, \df, ud2
-	CASE \base + 14, 1, \ah, \of, \df, ud2
+	FLAGS_CASE \base + 0, 0, \ah, \of, \df, cli
+	FLAGS_CASE \base + 1, 1, \ah, \of, \df, cli
+	FLAGS_CASE \base + 2, 0, \ah, \of, \df, sti
+	FLAGS_CASE \base + 3, 1, \ah, \of, \df, sti
+	FLAGS_CASE \base + 4, 0, \ah, \of, \df, pushfq; popq %rbx
+	FLAGS_CASE \base + 5, 1, \ah, \of, \df, pushfq; popq %rbx
+	FLAGS_CASE \base + 6, 0, \ah, \of, \df, pushq $\img; popfq
+	FLAGS_CASE \base + 7, 1, \ah, \of, \df, pushq $\img; popfq
+	FLAGS_CASE \base + 8, 0, \ah, \of, \df, pushq $\img | 0x200; popfq
+	FLAGS_CASE \base + 9, 1, \ah, \of, \df, pushq $\img | 0x200; popfq
+	FLAGS_CASE \base + 10, 1, \ah, \of, \df, pushfw; popw %bx
+	FLAGS_CASE \base + 11, 0, \ah, \of, \df, pushw $(\img & 0xffff) | 0x200; popfw
+	FLAGS_CASE \base + 12, 1, \ah, \of, \df, pushw $\img & 0xfdff; popfw
+	FLAGS_CASE \base + 13, 0, \ah, \of, \df, ud2
+	FLAGS_CASE \base + 14, 1, \ah, \of, \df, ud2
 .endm
 
 long_start:
-	movw $0x18, %ax
-	movw %ax, %ds
-	movw %ax, %es
-	movw %ax, %ss
-	movq $stack_top, %rsp
-	/* 64-bit CR3 load and lidt: sites, after which the pvm backend runs the kernel natively. */
-	movq $pml4, %rax
-	movq %rax, %cr3
-	call idt_init
-	lidt idtr
-	/* Mask both PICs so that sti takes no interrupt (the BIOS left the timer running). */
-	movb $0xff, %al
-	outb %al, $0x21
-	outb %al, $0xa1
+	START
+	GATE 6, ud_handler, 0x8e
+	GATE 14, pf_dump, 0x8e
 
 	/* sidt and sgdt show the kernel's tables (not a substitute the backend loaded). */
 	FLAGS 0x00, 0, 0
@@ -126,46 +71,7 @@ long_start:
 	FAULT 0x407, pushq 0x20(%rdi)
 	FAULT 0x408, movq -4(%rdi), %rax
 
-	cld
-	movb $0, %al
-	outb %al, $0xf4
-2:	hlt
-	jmp 2b
-
-/* Every gate to `unexpected` (interrupt gate, selector 0x10), #UD's to `ud_handler`. */
-idt_init:
-	leaq idt(%rip), %rdi
-	leaq unexpected(%rip), %rax
-	movl $256, %ecx
-1:	movw %ax, (%rdi)
-	movw $0x10, 2(%rdi)
-	movw $0x8e00, 4(%rdi)
-	movq %rax, %rdx
-	shrq $16, %rdx
-	movw %dx, 6(%rdi)
-	shrq $16, %rdx
-	movl %edx, 8(%rdi)
-	movl $0, 12(%rdi)
-	addq $16, %rdi
-	decl %ecx
-	jnz 1b
-	leaq ud_handler(%rip), %rax
-	movw %ax, idt + 6 * 16
-	shrq $16, %rax
-	movw %ax, idt + 6 * 16 + 6
-	leaq pf_handler(%rip), %rax
-	movw %ax, idt + 14 * 16
-	shrq $16, %rax
-	movw %ax, idt + 14 * 16 + 6
-	ret
-
-/* #PF: CR2 in rbx, the error code in rcx, dump, resume at %r15. */
-pf_handler:
-	movq %cr2, %rbx
-	popq %rcx
-	movq %r15, (%rsp)
-	DUMP 0x500
-	iretq
+	EXIT 0
 
 /* #UD (interrupt gate): dump what the handler sees (IF clear, the interrupted flags
  * otherwise) with the frame's RFLAGS (less RF, which only faults may set) in rbx and its
@@ -179,44 +85,7 @@ ud_handler:
 	addq $2, (%rsp)
 	iretq
 
-/* No exception or interrupt is expected: say so and exit with 0x3f. */
-unexpected:
-	movb $'X', %al
-	call putc
-	movb $'\n', %al
-	call putc
-	movb $0x3f, %al
-	outb %al, $0xf4
-3:	hlt
-	jmp 3b
-
+	LINUX_GDT
 	.data
-	.balign 16
-/* The example kernel's (Linux's) layout: 0x10/0x18 kernel code/data, which the pvm backend
- * shows handlers, and 0x2b/0x33 user data/code, which KVM-PVM's native mode runs the kernel
- * on: the host checks an emulated iretq's target and a gate's selector against this table
- * (without them the first trapping `sti; iretq` is a #GP(0x30), then a triple fault). */
-gdt:
-	.quad 0
-	.quad 0
-	.quad 0x00af9a000000ffff        /* 0x10 code64 */
-	.quad 0x00cf92000000ffff        /* 0x18 data */
-	.quad 0
-	.quad 0x00cff3000000ffff        /* 0x2b user data */
-	.quad 0x00affb000000ffff        /* 0x33 user code64 */
-gdt_end:
-gdtr:
-	.word gdt_end - gdt - 1
-	.quad gdt
-idtr:
-	.word 256 * 16 - 1
-	.quad idt
 table_buf:
 	.skip 10
-
-	.bss
-	.balign 16
-idt:	.skip 256 * 16
-	.balign 16
-	.skip 16384
-stack_top:
