@@ -1,6 +1,7 @@
-//! The `pvm` backend and the kernel's descriptor tables (docs/pvm.md): gates the kernel writes
-//! into its IDT after `lidt` (tests/runtime_fixtures/pvm_idt.S) and a GDT without the mode's
-//! user segments (tests/runtime_fixtures/pvm_gdt.S). Each fixture runs under QEMU TCG with
+//! The `pvm` backend and the kernel's descriptor and page tables (docs/pvm.md): gates the
+//! kernel writes into its IDT after `lidt` (tests/runtime_fixtures/pvm_idt.S), a GDT without
+//! the mode's user segments (pvm_gdt.S), mappings made without `invlpg` (pvm_retry.S) and an
+//! intermediate entry moved to another table or made read-only (pvm_subtree.S). Each fixture runs under QEMU TCG with
 //! previrt.backend=native (the real instructions: the CPU's answer) and under
 //! `previrt run --backend native` with previrt.backend=pvm (natively on this host's KVM-PVM);
 //! their register dumps must be equal.
@@ -219,4 +220,19 @@ fn pvm_gdt_substitute_is_left_for_hv_and_rebuilt_after_a_migration() {
     assert!(c_out.contains("previrt-pvm: native=yes"), "{c_out}");
     let legs = without_resume_lines(&format!("{a}{b}{c_out}"));
     assert_same(&expected, &dumps(&legs), &legs);
+}
+
+/// A PD entry of the live address space moved to another page table (one `invlpg`, of the
+/// only page read before), then made read-only (every page under it `invlpg`d, CR0.WP set):
+/// the pvm backend's copy follows the new table and the new flags as the CPU does. Fails with
+/// a backend that brings only the leaf of the old copied subtree in line (checked: the three
+/// pages never read show table A's frames, and the write through the read-only entry does not
+/// fault).
+#[test]
+fn pvm_follows_an_intermediate_entry_moved_to_another_table_or_made_read_only() {
+    // Cases 0x10-0x13 and the #PF handler's dump.
+    let (expected, out, o) = cpu_and_pvm("pvm_subtree", 5);
+    assert!(out.contains("previrt-pvm: native=yes"), "{out}{}", stderr(&o));
+    assert_same(&expected, &dumps(&out), &out);
+    assert_eq!(o.status.code(), Some(1), "isa-debug-exit 0: {}", stderr(&o));
 }

@@ -761,7 +761,9 @@ core::arch::global_asm!(
     iretq
 "#
         ),
-        // #PF: save the GPRs, ask `previrt_pvm_fault`, then retry or go to the kernel.
+        // #PF: save the GPRs and the flags, ask `previrt_pvm_fault`, then retry or go to the
+        // kernel's handler with every register and flag as at the fault (through one jump, so
+        // that no compare after the flags are back changes them).
         r#"previrt_pvm_pf:
     pushq %rax
     pushq %rbx
@@ -778,13 +780,18 @@ core::arch::global_asm!(
     pushq %r13
     pushq %r14
     pushq %r15
-    movq %rsp, %rdi
+    pushfq
+    leaq 8(%rsp), %rdi
     movq %rsp, %rbx
     andq $-16, %rsp
     cld
     call previrt_pvm_fault
     movq %rbx, %rsp
-    movq %rax, previrt_pvm_next(%rip)
+    testq %rax, %rax
+    jnz 1f
+    leaq pvm_pf_retry(%rip), %rax
+1:  movq %rax, previrt_pvm_next(%rip)
+    popfq
     popq %r15
     popq %r14
     popq %r13
@@ -800,8 +807,8 @@ core::arch::global_asm!(
     popq %rcx
     popq %rbx
     popq %rax
-    cmpq $0, previrt_pvm_next(%rip)
-    jne 1f
+    jmpq *previrt_pvm_next(%rip)
+pvm_pf_retry:
     addq $8, %rsp
     cmpb $0, previrt_pvm_sti(%rip)
     jne 2f
@@ -809,7 +816,6 @@ core::arch::global_asm!(
 2:  movb $0, previrt_pvm_sti(%rip)
     sti
     iretq
-1:  jmpq *previrt_pvm_next(%rip)
 
 // One trampoline per vector (16 bytes each, the substitute's gates): the vector, and whether
 // the CPU pushed an error code, for `pvm_entry`.
