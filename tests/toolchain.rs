@@ -157,6 +157,15 @@ fn macro_bodies_are_rewritten_once_per_expansion() {
     assert_eq!((r["found"].as_u64(), r["covered"].as_u64()), (Some(2), Some(2)));
     let elf = Elf::parse(&obj).unwrap();
     assert_eq!(elf.section_by_name(".text").unwrap().size, 2 * (5 + 1) + 2, "nop_safe_regs is not padded");
+
+    // A parameter passed on to another macro (OUTER hands its \insn to INNER, as the
+    // fixtures' CASE macros do): a site for every mnemonic either is given, through both
+    // levels. (It was a plain, uncovered `cli`.)
+    let src = ".macro INNER insn:vararg\n\t\\insn\n.endm\n.macro OUTER n, insn:vararg\n\tINNER \\insn\n.endm\n\t.text\n\tINNER sti\n\tOUTER 1, cli\n\tOUTER 2, nop\n";
+    let (_, log) = assemble(&dir, src, &["--64"]);
+    let r = &log["object_report"];
+    assert_eq!((r["sites"]["sti"].as_u64(), r["sites"]["cli"].as_u64()), (Some(1), Some(1)), "{log}");
+    assert_eq!((r["found"].as_u64(), r["covered"].as_u64()), (Some(2), Some(2)), "{log}");
 }
 
 /// Every sensitive form the text table knows, in one file, through our `as`: every sensitive

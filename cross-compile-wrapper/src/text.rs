@@ -201,9 +201,14 @@ impl Rewriter {
     }
 
     /// First pass: which sensitive mnemonics are passed to which macro parameters, so that a
-    /// body statement `\op` can become a site for exactly those (`.ifc` in the body).
+    /// body statement `\op` can become a site for exactly those (`.ifc` in the body). A body
+    /// that passes its own parameter on (`INNER \op` inside `.macro OUTER op`) hands INNER's
+    /// parameter every mnemonic OUTER's gets, through any depth of forwarding.
     fn prescan(&mut self, input: &[u8]) {
         let mut in_comment = false;
+        let mut enclosing: Option<String> = None;
+        // (OUTER, its parameter) -> (INNER, the parameter it is passed to).
+        let mut forwards: Vec<((String, String), (String, String))> = Vec::new();
         for line in input.split_inclusive(|&b| b == b'\n') {
             let Some(lexed) = lex_line(line, &mut in_comment) else { continue };
             for st in &lexed.statements {
@@ -216,7 +221,10 @@ impl Rewriter {
                         .iter()
                         .map(|p| p.split(['=', ':']).next().unwrap_or("").to_string())
                         .collect();
+                    enclosing = Some(name.to_ascii_lowercase());
                     self.macros.insert(name.to_ascii_lowercase(), params);
+                } else if word == ".endm" {
+                    enclosing = None;
                 } else if let Some(params) = self.macros.get(&word) {
                     for (i, arg) in macro_words(rest).iter().enumerate() {
                         let (param, value) = match arg.split_once('=') {
@@ -224,13 +232,23 @@ impl Rewriter {
                             None => (params.get(i).cloned().unwrap_or_default(), *arg),
                         };
                         let value = value.trim_matches('"');
-                        if let Some(mnemonics::Rule::Fixed(kind)) = mnemonics::rule(&value.to_ascii_lowercase()) {
-                            let seen = self.macro_mnemonics.entry((word.clone(), param)).or_default();
-                            if !seen.iter().any(|(m, _)| m == value) {
-                                seen.push((value.to_string(), kind));
-                            }
+                        if let (Some(outer), Some(own)) = (&enclosing, value.strip_prefix('\\')) {
+                            let own = own.trim_end_matches("\\()").to_string();
+                            forwards.push(((outer.clone(), own), (word.clone(), param)));
+                        } else if let Some(mnemonics::Rule::Fixed(kind)) = mnemonics::rule(&value.to_ascii_lowercase()) {
+                            add_choice(&mut self.macro_mnemonics, (word.clone(), param), (value.to_string(), kind));
                         }
                     }
+                }
+            }
+        }
+        // Forwarded parameters get what the forwarding one gets, until nothing changes.
+        let mut changed = true;
+        while changed {
+            changed = false;
+            for (from, to) in &forwards {
+                for choice in self.macro_mnemonics.get(from).cloned().unwrap_or_default() {
+                    changed |= add_choice(&mut self.macro_mnemonics, to.clone(), choice);
                 }
             }
         }
@@ -468,6 +486,20 @@ enum Parsed {
 enum Edit {
     Site(Kind),
     Choice(String, Vec<(String, Kind)>),
+}
+
+/// Record that `choice` is passed for a macro parameter; whether it is new.
+fn add_choice(
+    choices: &mut HashMap<(String, String), Vec<(String, Kind)>>,
+    param: (String, String),
+    choice: (String, Kind),
+) -> bool {
+    let seen = choices.entry(param).or_default();
+    let new = !seen.iter().any(|(m, _)| *m == choice.0);
+    if new {
+        seen.push(choice);
+    }
+    new
 }
 
 /// Macro parameters or arguments: separated by commas, or by blanks when there is no comma.
