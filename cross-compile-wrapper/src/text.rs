@@ -235,7 +235,8 @@ impl Rewriter {
                         if let (Some(outer), Some(own)) = (&enclosing, value.strip_prefix('\\')) {
                             let own = own.trim_end_matches("\\()").to_string();
                             forwards.push(((outer.clone(), own), (word.clone(), param)));
-                        } else if let Some(mnemonics::Rule::Fixed(kind)) = mnemonics::rule(&value.to_ascii_lowercase()) {
+                        } else if let Some(mnemonics::Rule::Fixed(kind)) = mnemonics::rule(&value.to_ascii_lowercase())
+                        {
                             add_choice(&mut self.macro_mnemonics, (word.clone(), param), (value.to_string(), kind));
                         }
                     }
