@@ -116,6 +116,20 @@ impl DescTable {
         b[2..].copy_from_slice(&self.base.to_le_bytes());
         b
     }
+
+    /// The table an [`image`](Self::image) describes.
+    pub fn from_image(b: &[u8; 10]) -> DescTable {
+        DescTable {
+            limit: u16::from_le_bytes([b[0], b[1]]),
+            base: u64::from_le_bytes([b[2], b[3], b[4], b[5], b[6], b[7], b[8], b[9]]),
+        }
+    }
+}
+
+/// Whether a 64-bit IDT gate descriptor is an interrupt gate (the CPU clears IF through it),
+/// not a trap gate.
+pub fn interrupt_gate(g: &[u8; 16]) -> bool {
+    g[5] & 0xf == 0xe
 }
 
 /// The handler address a 64-bit IDT gate descriptor names (offset bits 0-15, 16-31, 32-63).

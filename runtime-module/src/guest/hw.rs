@@ -73,11 +73,21 @@ pub fn outb(port: u16, v: u8) {
     Hardware.port_out(port, 1, v as u32)
 }
 
-fn table_image(t: DescTable) -> [u8; 10] {
+/// The GDT register as the CPU holds it (`sgdt`, which runs natively or traps but never
+/// faults).
+pub fn loaded_gdt() -> DescTable {
     let mut b = [0u8; 10];
-    b[..2].copy_from_slice(&t.limit.to_le_bytes());
-    b[2..].copy_from_slice(&t.base.to_le_bytes());
-    b
+    // SAFETY: stores the GDT register into the buffer.
+    unsafe { asm!("sgdt [{}]", in(reg) b.as_mut_ptr(), options(nostack, preserves_flags)) };
+    DescTable::from_image(&b)
+}
+
+/// The IDT register as the CPU holds it (`sidt`).
+pub fn loaded_idt() -> DescTable {
+    let mut b = [0u8; 10];
+    // SAFETY: stores the IDT register into the buffer.
+    unsafe { asm!("sidt [{}]", in(reg) b.as_mut_ptr(), options(nostack, preserves_flags)) };
+    DescTable::from_image(&b)
 }
 
 // SAFETY (all asm below): the runtime runs at CPL 0 and performs exactly the operation the
@@ -170,11 +180,11 @@ impl Machine for Hardware {
         }
     }
     fn load_gdt(&mut self, t: DescTable) {
-        let img = table_image(t);
+        let img = t.image();
         unsafe { asm!("lgdt [{}]", in(reg) img.as_ptr(), options(readonly, nostack, preserves_flags)) };
     }
     fn load_idt(&mut self, t: DescTable) {
-        let img = table_image(t);
+        let img = t.image();
         unsafe { asm!("lidt [{}]", in(reg) img.as_ptr(), options(readonly, nostack, preserves_flags)) };
     }
     fn load_tr(&mut self, selector: u16) {

@@ -176,11 +176,8 @@ impl<H: Hypervisor> Paravirt<H> {
         if regs.rflags & rflags::IF == 0 || self.vector == 0 || !self.hv.timer_pending() {
             return;
         }
-        let mut idtr = [0u8; 10];
-        // SAFETY: stores the IDT register into the buffer.
-        unsafe { core::arch::asm!("sidt [{}]", in(reg) idtr.as_mut_ptr(), options(nostack, preserves_flags)) };
-        let limit = u16::from_le_bytes([idtr[0], idtr[1]]) as u64;
-        let base = u64::from_le_bytes(idtr[2..].try_into().unwrap_or_default());
+        let DescTable { limit, base } = hw::loaded_idt();
+        let limit = u64::from(limit);
         let v = self.vector as u64;
         if (v + 1) * 16 > limit + 1 {
             self.fatal(format_args!("event vector {v:#x} is beyond the kernel's IDT"));
@@ -195,7 +192,7 @@ impl<H: Hypervisor> Paravirt<H> {
         unsafe { previrt_pv_frame = [regs.rip, regs.cs, regs.rflags, regs.gpr[gpr::RSP], regs.ss, handler] };
         regs.rip = sym_addr!("previrt_pv_deliver");
         regs.cs = u16::from_le_bytes([g[2], g[3]]) as u64;
-        let interrupt_gate = g[5] & 0xf == 0xe;
+        let interrupt_gate = emulate::interrupt_gate(&g);
         regs.rflags &= !(rflags::TF | rflags::NT | rflags::RF | if interrupt_gate { rflags::IF } else { 0 });
         // As the platform does on injection: no further event until the kernel's IF is back.
         self.hv.set_vif(false);

@@ -235,10 +235,7 @@ fn set_deadline(pv: &Paravirt<Hv>) {
 
 /// The code segment now: RPL 3 once the CPU runs natively (the mode's rules are met).
 fn native() -> bool {
-    let cs: u64;
-    // SAFETY: reads a segment register.
-    unsafe { core::arch::asm!("mov {}, cs", out(reg) cs, options(nomem, nostack, preserves_flags)) };
-    cs & 3 == 3
+    hardware_selectors().0 & 3 == 3
 }
 
 /// The hardware selectors to return with: the current CS/SS.
@@ -271,11 +268,7 @@ impl State {
     /// what the kernel loaded).
     fn enter(&mut self, pv: &mut Paravirt<Hv>) {
         self.kernel_cr3 = super::park::kernel_cr3();
-        let mut idtr = [0u8; 10];
-        // SAFETY: stores the IDT register into the buffer.
-        unsafe { core::arch::asm!("sidt [{}]", in(reg) idtr.as_mut_ptr(), options(nostack, preserves_flags)) };
-        let base = u64::from_le_bytes(idtr[2..].try_into().unwrap_or_default());
-        self.build_idt(DescTable { limit: u16::from_le_bytes([idtr[0], idtr[1]]), base });
+        self.build_idt(hw::loaded_idt());
         self.sync(pv);
     }
 
@@ -305,7 +298,7 @@ impl State {
     /// KVM-PVM offers no PCID: docs/pvm.md.)
     fn sync(&mut self, pv: &mut Paravirt<Hv>) {
         if !self.gdt_checked {
-            self.load_gdt(loaded_gdt(), pv);
+            self.load_gdt(hw::loaded_gdt(), pv);
         }
         let Some(l) = self.shadow.load(self.kernel_cr3) else {
             pv.fatal(format_args!("pvm: the kernel's page tables do not fit the shadow pool"))
@@ -430,17 +423,6 @@ impl State {
     }
 }
 
-/// The GDT register as the CPU holds it.
-fn loaded_gdt() -> DescTable {
-    let mut b = [0u8; 10];
-    // SAFETY: stores the GDT register into the buffer.
-    unsafe { core::arch::asm!("sgdt [{}]", in(reg) b.as_mut_ptr(), options(nostack, preserves_flags)) };
-    DescTable {
-        limit: u16::from_le_bytes([b[0], b[1]]),
-        base: u64::from_le_bytes(b[2..].try_into().unwrap_or_default()),
-    }
-}
-
 /// The kernel's gate for `vector` as it is now; None when it is beyond the loaded table's
 /// limit or not present.
 fn kernel_gate(vector: u64) -> Option<[u8; 16]> {
@@ -501,7 +483,7 @@ extern "C" fn previrt_pvm_absent(stack: &mut [u64; 12]) -> u64 {
     let (g, error) = deliver_through(vector, soft == 0);
     // SAFETY: single vCPU; read by the entry right after this returns.
     unsafe { previrt_pvm_error = error.unwrap_or_default() };
-    set_vif(stack[8 + pushed] & rflags::IF != 0 && g[5] & 0xf != 0xe);
+    set_vif(stack[8 + pushed] & rflags::IF != 0 && !emulate::interrupt_gate(&g));
     emulate::gate_handler(&g)
 }
 
@@ -637,8 +619,9 @@ extern "C" fn previrt_pvm_dispatch(regs: &mut Regs) {
     if dispatch(regs) {
         guest::migrate::safe_point();
     }
-    if native() {
-        (regs.cs, regs.ss) = hardware_selectors();
+    let (cs, ss) = hardware_selectors();
+    if cs & 3 == 3 {
+        (regs.cs, regs.ss) = (cs, ss);
     } else if regs.cs & 3 == 3 {
         // The mode was left (a migration) after an event frame took the substitute gate's
         // selector: the ordinary path returns to the kernel's.
@@ -709,7 +692,7 @@ extern "C" fn previrt_pvm_fault(frame: &mut [u64; 21]) -> u64 {
         // handler starts with IF clear through an interrupt gate.
         let (g, error) = deliver_through(PF_VECTOR, true);
         frame[15] = error.unwrap_or(frame[15]);
-        set_vif(kernel_if && g[5] & 0xf != 0xe);
+        set_vif(kernel_if && !emulate::interrupt_gate(&g));
         return emulate::gate_handler(&g);
     }
     st.sync(pv);

@@ -107,7 +107,7 @@ impl Fill {
             } else {
                 let child = self.alloc()?;
                 self.copy(e & ADDR, child, level - 1)?;
-                (e & !ADDR) | gpa(self.tables[child].as_ptr() as u64) | USER
+                self.link(e, child)
             };
             self.tables[dst][i] = v;
         }
@@ -130,11 +130,7 @@ impl Fill {
             } else if level == 1 || e & HUGE != 0 {
                 leaf(e)
             } else {
-                let same = (live & (PRESENT | HUGE) == PRESENT)
-                    .then(|| self.index(live & ADDR))
-                    .flatten()
-                    .filter(|&c| self.sources[c] == e & ADDR);
-                let child = match same {
+                let child = match self.copy_of(live, e) {
                     Some(c) => {
                         self.refresh(e & ADDR, c, level - 1)?;
                         c
@@ -145,7 +141,7 @@ impl Fill {
                         c
                     }
                 };
-                (e & !ADDR) | gpa(self.tables[child].as_ptr() as u64) | USER
+                self.link(e, child)
             };
             match Change::of(live, v) {
                 Change::None => {}
@@ -161,6 +157,21 @@ impl Fill {
     /// The pool page at guest-physical `table`.
     fn index(&self, table: u64) -> Option<usize> {
         self.tables.iter().position(|t| gpa(t.as_ptr() as u64) == table)
+    }
+
+    /// The copy of the kernel's intermediate entry `e`: its flags and U, linking pool page
+    /// `child`.
+    fn link(&self, e: u64, child: usize) -> u64 {
+        (e & !ADDR) | gpa(self.tables[child].as_ptr() as u64) | USER
+    }
+
+    /// The pool page the copy's intermediate entry `live` links, when it copies the table the
+    /// kernel's entry `e` points at.
+    fn copy_of(&self, live: u64, e: u64) -> Option<usize> {
+        (live & (PRESENT | HUGE) == PRESENT)
+            .then(|| self.index(live & ADDR))
+            .flatten()
+            .filter(|&c| self.sources[c] == e & ADDR)
     }
 }
 
@@ -247,15 +258,14 @@ impl Cache {
         c.cr3 = (c.cr3 & ADDR) | (kernel_cr3 & 0x18);
         self.slots[i].2 = self.clock;
         self.live = i;
-        Some(Loaded { cr3: c.cr3, slot: i, built: refreshed.is_none(), replaced, switched: c.cr3 != before })
+        Some(Loaded { cr3: c.cr3, built: refreshed.is_none(), replaced, switched: c.cr3 != before })
     }
 }
 
 /// What [`Cache::load`] did.
 pub struct Loaded {
-    /// The CR3 value of the copy, and its slot.
+    /// The CR3 value of the copy.
     pub cr3: u64,
-    pub slot: usize,
     /// Built whole (a miss), not brought up to date: translations the CPU holds for the
     /// slot's previous copy are stale.
     pub built: bool,
@@ -303,14 +313,11 @@ pub fn update(cache: &mut Cache, kernel_cr3: u64, va: u64) -> Option<Change> {
             }
             return Some(change);
         }
-        let current = (live & (PRESENT | HUGE) == PRESENT)
-            .then(|| fill.index(live & ADDR))
-            .flatten()
-            .filter(|&c| fill.sources[c] == e & ADDR && (live ^ e) & !(ADDR | USER | ACCESSED | DIRTY) == 0);
+        let current = fill.copy_of(live, e).filter(|_| (live ^ e) & !(ADDR | USER | ACCESSED | DIRTY) == 0);
         let Some(child) = current else {
             let child = fill.alloc()?;
             fill.copy(e & ADDR, child, level - 1)?;
-            fill.tables[dst][i] = (e & !ADDR) | gpa(fill.tables[child].as_ptr() as u64) | USER;
+            fill.tables[dst][i] = fill.link(e, child);
             c.used = fill.used;
             return Some(if live & PRESENT == 0 { Change::Filled } else { Change::ReplacedTable });
         };

@@ -5,7 +5,7 @@ use super::{abi, console, devices, gdt, mmu};
 
 use crate::backend;
 use crate::emulate::{self, gpr, rflags, DescTable, Handler, Machine, Op, Regs};
-use crate::guest::{self, link_value, Global};
+use crate::guest::{self, hw, link_value, Global};
 use crate::platform::{self, Platform};
 use abi::{Hypercall, VcpuInfo};
 use core::cell::UnsafeCell;
@@ -707,15 +707,11 @@ fn store_table(op: &Op, regs: &mut Regs, m: &mut dyn Machine) -> bool {
     }
     // SAFETY: dispatch runs with events masked.
     let x = unsafe { XEN.get() };
-    let mut b = [0u8; 10];
-    match if op.kind == Kind::Sgdt { x.gdt } else { x.idt } {
-        Some(t) => b = t.image(),
-        // SAFETY: stores 10 bytes into `b`.
-        None if op.kind == Kind::Sgdt => unsafe { core::arch::asm!("sgdt [{}]", in(reg) b.as_mut_ptr()) },
-        // SAFETY: as above.
-        None => unsafe { core::arch::asm!("sidt [{}]", in(reg) b.as_mut_ptr()) },
-    }
-    m.write(op.address(regs), &b);
+    let t = match op.kind {
+        Kind::Sgdt => x.gdt.unwrap_or_else(hw::loaded_gdt),
+        _ => x.idt.unwrap_or_else(hw::loaded_idt),
+    };
+    m.write(op.address(regs), &t.image());
     true
 }
 
@@ -926,7 +922,7 @@ impl Machine for Xen {
             // SAFETY: the trampolines read this table with events masked.
             unsafe { previrt_xen_vectors[v as usize] = handler };
             let gate_dpl = (g[5] >> 5) & 3;
-            let interrupt_gate = g[5] & 0xf == 0xe;
+            let interrupt_gate = emulate::interrupt_gate(&g);
             let address = if v == 14 {
                 addr_of_sym!("previrt_xen_page_fault_entry")
             } else {
