@@ -76,19 +76,18 @@ int_b:
 	FRAME 0x220, 0
 	iretq
 
-/* #NP, #GP: the error code in rdi, dump, return past the (2-byte) instruction. */
+/* #NP, #GP: the error code in rdi, dump \n, return past the (2-byte) instruction. */
+.macro ERROR_HANDLER n
+	movq (%rsp), %rdi
+	FRAME \n, 1
+	addq $8, %rsp
+	addq $2, (%rsp)
+	iretq
+.endm
 np_handler:
-	movq (%rsp), %rdi
-	FRAME 0x230, 1
-	addq $8, %rsp
-	addq $2, (%rsp)
-	iretq
+	ERROR_HANDLER 0x230
 gp_handler:
-	movq (%rsp), %rdi
-	FRAME 0x240, 1
-	addq $8, %rsp
-	addq $2, (%rsp)
-	iretq
+	ERROR_HANDLER 0x240
 
 /* #DF: the error code in rdi, dump, exit with 0. */
 df_handler:
